@@ -1,0 +1,286 @@
+"""Moving events between services: the relay (store → Kafka), the two kinds of source a
+subscription reads from (Kafka, or the store itself in the embedded mode), and the
+subscription runner that applies each event exactly once in effect.
+
+Both sources give the same guarantees to the code above them: every committed event is
+delivered at least once, in store order per stream; the runner records what it applied
+in the same transaction as the effect, so a redelivery changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Protocol
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # type: ignore[import-untyped]
+from aiokafka.errors import CommitFailedError, KafkaError  # type: ignore[import-untyped]
+from aiokafka.structs import TopicPartition  # type: ignore[import-untyped]
+
+from libs.events.aggregate import DomainError, UnitOfWork
+from libs.events.envelope import Envelope
+from libs.events.store import AlreadyApplied, Commit, ConcurrencyError, EventStore, Meta
+
+log = logging.getLogger(__name__)
+
+
+def topic_for(store_name: str) -> str:
+    return f"closedloop.{store_name}"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def holder_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{id(object())}"
+
+
+# -- publishing ----------------------------------------------------------------------
+
+
+class Publisher(Protocol):
+    async def publish(self, batch: Sequence[Envelope]) -> None:
+        """Returns once the broker acknowledged every event of the batch."""
+
+
+class KafkaPublisher:
+    """aiokafka's idempotent producer: acks from all in-sync replicas, no duplicates from
+    its own retries, order kept per partition (the key is the stream id)."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=bootstrap, enable_idempotence=True, acks="all",
+            linger_ms=5, request_timeout_ms=15000,
+        )
+
+    async def start(self) -> None:
+        await self._producer.start()
+
+    async def stop(self) -> None:
+        await self._producer.stop()
+
+    async def publish(self, batch: Sequence[Envelope]) -> None:
+        futures = [
+            await self._producer.send(
+                topic_for(env.store), value=env.to_json(), key=env.stream_id.encode(),
+                headers=[("type", env.type.encode())],
+            )
+            for env in batch
+        ]
+        await asyncio.gather(*futures)
+
+
+class Relay:
+    """Publishes one store's events in store order. Only the holder of the store's lease
+    publishes; the checkpoint moves only after the broker acknowledged, and only while the
+    lease is still held (so a paused, expired relay cannot move it backwards or forwards)."""
+
+    def __init__(
+        self, store: EventStore, publisher: Publisher, *, holder: str | None = None,
+        ttl_ms: int = 5000, batch: int = 500, idle_wait: float = 0.05,
+    ) -> None:
+        self.store = store
+        self.publisher = publisher
+        self.name = f"relay:{store.name}"
+        self.holder = holder or holder_id()
+        self.ttl_ms = ttl_ms
+        self.batch = batch
+        self.idle_wait = idle_wait
+        self.published = 0
+
+    async def run_once(self) -> int:
+        if not await self.store.acquire_lease(self.name, self.holder, self.ttl_ms, now_ms()):
+            return 0
+        after = await self.store.checkpoint(self.name)
+        events = await self.store.read_all(after, self.batch)
+        if not events:
+            return 0
+        await self.publisher.publish(events)
+        if not await self.store.advance_checkpoint_if_holder(
+            self.name, self.holder, events[-1].position, now_ms()
+        ):
+            log.warning("%s lost its lease before checkpointing; the next holder resends", self.name)
+            return 0
+        self.published += len(events)
+        return len(events)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                sent = await self.run_once()
+            except (KafkaError, OSError) as exc:
+                log.warning("%s: publish failed (%s); retrying", self.name, exc)
+                sent = 0
+                await asyncio.sleep(0.5)
+            if sent == 0:
+                head = await self.store.head()
+                await self.store.wait_for_append(head, self.idle_wait)
+        await self.store.release_lease(self.name, self.holder)
+
+
+# -- consuming -----------------------------------------------------------------------
+
+
+class Source(Protocol):
+    def batches(self, stop: asyncio.Event) -> AsyncIterator[list[Envelope]]:
+        """Batches of events, each in order per stream."""
+
+    async def done(self, batch: list[Envelope]) -> None:
+        """The batch's effects are committed: the source may forget it."""
+
+    def checkpoint_name(self, env: Envelope) -> str | None:
+        """Where the consumer records its position with the effect, if the source resumes
+        from the consumer's own store rather than from broker offsets."""
+
+
+class StoreTailSource:
+    """The embedded bus: read the producing store in position order, resuming from the
+    checkpoint that the consumer commits with each effect. Durable with no broker."""
+
+    def __init__(self, source: EventStore, target: EventStore, consumer: str,
+                 page: int = 200, idle_wait: float = 0.2) -> None:
+        self.source = source
+        self.target = target
+        self.name = f"{consumer}<-{source.name}"
+        self.page = page
+        self.idle_wait = idle_wait
+
+    async def batches(self, stop: asyncio.Event) -> AsyncIterator[list[Envelope]]:
+        after = await self.target.checkpoint(self.name)
+        while not stop.is_set():
+            batch = await self.source.read_all(after, self.page)
+            if batch:
+                after = batch[-1].position
+                yield batch
+            else:
+                await self.source.wait_for_append(after, self.idle_wait)
+
+    async def done(self, batch: list[Envelope]) -> None:
+        return None
+
+    def checkpoint_name(self, env: Envelope) -> str | None:
+        return self.name
+
+
+class KafkaSource:
+    """A consumer group member. Offsets are committed only after the batch's database
+    commits; a rebalance in between means a redelivery, which tracking makes harmless."""
+
+    def __init__(self, bootstrap: str, stores: Sequence[str], group: str) -> None:
+        self._consumer = AIOKafkaConsumer(
+            *[topic_for(s) for s in stores], bootstrap_servers=bootstrap, group_id=group,
+            enable_auto_commit=False, auto_offset_reset="earliest",
+            isolation_level="read_committed", max_poll_records=500,
+        )
+        self._offsets: dict[TopicPartition, int] = {}
+
+    async def start(self) -> None:
+        await self._consumer.start()
+
+    async def stop(self) -> None:
+        await self._consumer.stop()
+
+    async def batches(self, stop: asyncio.Event) -> AsyncIterator[list[Envelope]]:
+        while not stop.is_set():
+            records = await self._consumer.getmany(timeout_ms=200)
+            batch: list[Envelope] = []
+            self._offsets = {}
+            for tp, msgs in records.items():
+                for msg in msgs:
+                    batch.append(Envelope.from_json(msg.value))
+                    self._offsets[tp] = msg.offset + 1
+            if batch:
+                yield batch
+
+    async def done(self, batch: list[Envelope]) -> None:
+        if not self._offsets:
+            return
+        try:
+            await self._consumer.commit(dict(self._offsets))
+        except CommitFailedError:
+            log.info("offset commit lost to a rebalance; the new owner redelivers, tracking dedups")
+
+    def checkpoint_name(self, env: Envelope) -> str | None:
+        return None
+
+
+Handler = Callable[[Envelope, UnitOfWork], Awaitable[None]]
+ALL_TYPES = "*"
+
+
+class Subscription:
+    """Applies events of chosen types to a consumer's store, each exactly once in effect."""
+
+    def __init__(
+        self, name: str, store: EventStore, handlers: dict[str, Handler], source: Source
+    ) -> None:
+        self.name = name
+        self.store = store
+        self.handlers = handlers
+        self.source = source
+        self.applied = 0
+        self.duplicates = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        async for batch in self.source.batches(stop):
+            await self.process(batch)
+            await self.source.done(batch)
+
+    async def process(self, batch: list[Envelope]) -> None:
+        last_checkpointed: int | None = None
+        for env in batch:
+            handler = self.handlers.get(env.type) or self.handlers.get(ALL_TYPES)
+            if handler is None:
+                continue
+            await self._apply(env, handler)
+            last_checkpointed = env.position
+        tail = batch[-1]
+        cp = self.source.checkpoint_name(tail)
+        if cp is not None and last_checkpointed != tail.position:
+            # Only uninteresting events after the last effect: move past them.
+            await self.store.commit(Commit(meta=self._meta(tail), checkpoint=(cp, tail.position)))
+
+    def _meta(self, env: Envelope) -> Meta:
+        return Meta(actor=f"system:{self.name}", role="system",
+                    correlation_id=env.correlation_id, causation_id=str(env.event_id))
+
+    async def _apply(self, env: Envelope, handler: Handler) -> None:
+        if await self.store.is_applied(self.name, str(env.event_id)):
+            self.duplicates += 1
+            return
+        cp = self.source.checkpoint_name(env)
+        delay = 0.05
+        while True:
+            uow = UnitOfWork(
+                self.store, self._meta(env), tracking=(self.name, str(env.event_id)),
+                checkpoint=(cp, env.position) if cp else None,
+            )
+            try:
+                await handler(env, uow)
+                await uow.commit()
+                self.applied += 1
+                return
+            except AlreadyApplied:
+                self.duplicates += 1
+                return
+            except ConcurrencyError:
+                continue
+            except DomainError as refusal:
+                # The event stands; the consumer's domain declines to act on it. Record
+                # that it was seen so the stream moves on; the refusal is logged.
+                log.warning("%s declined %s %s: %s", self.name, env.type, env.event_id, refusal)
+                uow = UnitOfWork(self.store, self._meta(env), tracking=(self.name, str(env.event_id)),
+                                 checkpoint=(cp, env.position) if cp else None)
+                with contextlib.suppress(AlreadyApplied):
+                    await uow.commit()
+                return
+            except Exception:
+                log.exception("%s failed on %s %s; retrying", self.name, env.type, env.event_id)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)

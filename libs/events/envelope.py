@@ -1,0 +1,104 @@
+"""The envelope every event travels in, and the hash that chains it to the one before.
+
+The hash covers every field but itself, in a canonical JSON form, so a stored event
+that is edited afterwards (payload, actor, time, order) no longer matches its hash or
+breaks the link to the next event.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+
+GENESIS_HASH = "0" * 64
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def iso(ts: datetime) -> str:
+    """RFC 3339 text that keeps the sender's offset (a crew phone's +08:00 stays visible)."""
+    if ts.tzinfo is None:
+        raise ValueError("naive datetimes are refused: every time needs its offset")
+    return ts.isoformat()
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+class Envelope(BaseModel):
+    """An event as stored and as published: contract payload plus who, when, where from."""
+
+    model_config = ConfigDict(frozen=True)
+
+    event_id: UUID
+    type: str
+    schema_version: int
+    store: str
+    stream_id: str
+    stream_version: int
+    position: int
+    occurred_at: str = Field(description="the actor's clock (e.g. the crew phone), RFC 3339")
+    recorded_at: str = Field(description="the server's clock when the store committed it")
+    actor: str
+    role: str
+    correlation_id: str
+    causation_id: str | None = None
+    payload: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+    def hashed_fields(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude={"hash"})
+
+    def compute_hash(self) -> str:
+        return event_hash(self.hashed_fields())
+
+    def to_json(self) -> bytes:
+        return canonical_json(self.model_dump(mode="json")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Envelope:
+        return cls.model_validate_json(raw)
+
+
+def event_hash(fields: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(fields).encode()).hexdigest()
+
+
+class ChainBreak(BaseModel):
+    store: str
+    position: int
+    event_id: str
+    reason: str
+
+
+def verify_chain(events: list[Envelope], prev_hash: str = GENESIS_HASH) -> ChainBreak | None:
+    """The first broken link in a run of consecutive store events, or None."""
+    expected_position: int | None = None
+    for ev in events:
+        if expected_position is not None and ev.position != expected_position:
+            return ChainBreak(
+                store=ev.store, position=ev.position, event_id=str(ev.event_id),
+                reason=f"position {expected_position} is missing",
+            )
+        if ev.prev_hash != prev_hash:
+            return ChainBreak(
+                store=ev.store, position=ev.position, event_id=str(ev.event_id),
+                reason="prev_hash does not match the previous event's hash",
+            )
+        if ev.compute_hash() != ev.hash:
+            return ChainBreak(
+                store=ev.store, position=ev.position, event_id=str(ev.event_id),
+                reason="content does not match its hash (edited after it was written)",
+            )
+        prev_hash = ev.hash
+        expected_position = ev.position + 1
+    return None

@@ -1,0 +1,563 @@
+"""The event store: one implementation over SQLAlchemy Core, for PostgreSQL and SQLite.
+
+Every append of a store runs under one store-wide lock that is held until commit
+(PostgreSQL: a transaction-scoped advisory lock; SQLite: BEGIN IMMEDIATE). Positions
+are assigned under that lock, so transactions commit in position order and a reader
+that sees position N has already been able to see every position below N. That is
+what keeps readers from skipping an event whose transaction committed late (the gap
+bug of sequence-numbered event tables), and it is what lets each event carry the hash
+of the one before it. The `eventsourcing` library's PostgreSQL recorder makes the same
+trade (a table lock on insert).
+
+The same transaction also writes the aggregate state rows (the service's own lists),
+the consumer's tracking row and the Idempotency-Key record: an effect and the proof
+that it happened commit together or not at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import zlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import uuid4
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    and_,
+    event,
+    func,
+    insert,
+    select,
+    text,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from libs.events.contracts import Event
+from libs.events.envelope import GENESIS_HASH, ChainBreak, Envelope, event_hash, iso, utcnow
+from libs.events.envelope import verify_chain as verify_run
+
+metadata = MetaData()
+
+events_table = Table(
+    "events",
+    metadata,
+    Column("position", BigInteger, primary_key=True, autoincrement=False),
+    Column("event_id", String(36), nullable=False, unique=True),
+    Column("stream_id", String(200), nullable=False),
+    Column("stream_version", Integer, nullable=False),
+    Column("type", String(100), nullable=False),
+    Column("schema_version", Integer, nullable=False),
+    Column("occurred_at", String(40), nullable=False),
+    Column("recorded_at", String(40), nullable=False),
+    Column("actor", String(200), nullable=False),
+    Column("role", String(50), nullable=False),
+    Column("correlation_id", String(200), nullable=False),
+    Column("causation_id", String(200)),
+    # The payload is kept as the exact canonical text that was hashed.
+    Column("payload", Text, nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    UniqueConstraint("stream_id", "stream_version", name="uq_stream_version"),
+)
+
+aggregates_table = Table(
+    "aggregates",
+    metadata,
+    Column("stream_id", String(200), primary_key=True),
+    Column("kind", String(50), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("status", String(50)),
+    Column("ref", String(200)),
+    Column("state", Text, nullable=False),
+    Column("updated_position", BigInteger, nullable=False),
+    Index("ix_aggregates_kind_status", "kind", "status"),
+    Index("ix_aggregates_kind_ref", "kind", "ref"),
+)
+
+tracking_table = Table(
+    "tracking",
+    metadata,
+    Column("consumer", String(100), primary_key=True),
+    Column("event_id", String(36), primary_key=True),
+)
+
+checkpoints_table = Table(
+    "checkpoints",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("position", BigInteger, nullable=False),
+)
+
+leases_table = Table(
+    "leases",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("holder", String(100), nullable=False),
+    Column("expires_at", BigInteger, nullable=False),  # epoch milliseconds
+)
+
+idempotency_table = Table(
+    "idempotency",
+    metadata,
+    Column("key", String(200), primary_key=True),
+    Column("request_hash", String(64), nullable=False),
+    Column("status_code", Integer, nullable=False),
+    Column("body", Text, nullable=False),
+)
+
+
+class ConcurrencyError(Exception):
+    """Somebody else appended to the stream since it was read."""
+
+    def __init__(self, stream_id: str, expected: int, actual: int) -> None:
+        super().__init__(f"stream {stream_id}: expected version {expected}, found {actual}")
+        self.stream_id = stream_id
+        self.expected = expected
+        self.actual = actual
+
+
+class AlreadyApplied(Exception):
+    """The consumer's tracking row exists: this delivery was applied before."""
+
+
+class IdempotencyKeyTaken(Exception):
+    """A concurrent request with the same Idempotency-Key committed first."""
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    event: Event
+    occurred_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class StreamAppend:
+    stream_id: str
+    expected_version: int
+    events: Sequence[NewEvent]
+
+
+@dataclass(frozen=True)
+class StateRow:
+    stream_id: str
+    kind: str
+    version: int
+    status: str | None
+    ref: str | None
+    state: str
+
+
+@dataclass(frozen=True)
+class Meta:
+    actor: str
+    role: str
+    correlation_id: str
+    causation_id: str | None = None
+
+
+@dataclass(frozen=True)
+class IdempotencyRecord:
+    key: str
+    request_hash: str
+    status_code: int
+    body: str
+
+
+Write = Callable[[AsyncConnection], Awaitable[None]]
+
+
+@dataclass
+class Commit:
+    meta: Meta
+    appends: list[StreamAppend] = field(default_factory=list)
+    states: list[StateRow] = field(default_factory=list)
+    tracking: tuple[str, str] | None = None  # (consumer, event_id)
+    checkpoint: tuple[str, int] | None = None  # (name, position)
+    idempotency: IdempotencyRecord | None = None
+    writes: list[Write] = field(default_factory=list)
+
+
+def _row_to_envelope(store: str, row: Any) -> Envelope:
+    return Envelope(
+        event_id=row.event_id,
+        type=row.type,
+        schema_version=row.schema_version,
+        store=store,
+        stream_id=row.stream_id,
+        stream_version=row.stream_version,
+        position=row.position,
+        occurred_at=row.occurred_at,
+        recorded_at=row.recorded_at,
+        actor=row.actor,
+        role=row.role,
+        correlation_id=row.correlation_id,
+        causation_id=row.causation_id,
+        payload=json.loads(row.payload),
+        prev_hash=row.prev_hash,
+        hash=row.hash,
+    )
+
+
+class EventStore:
+    """One service's store: its events (the outbox too), state rows and bookkeeping."""
+
+    def __init__(self, name: str, engine: AsyncEngine) -> None:
+        self.name = name
+        self.engine = engine
+        self.is_sqlite = engine.dialect.name == "sqlite"
+        # Within one process, appends queue here rather than spin on the database lock.
+        self._append_lock = asyncio.Lock()
+        self._appended = asyncio.Condition()
+        self._lock_key = zlib.crc32(f"closedloop-store-{name}".encode())
+
+    @classmethod
+    def from_url(cls, name: str, url: str, **engine_kw: Any) -> EventStore:
+        if url.startswith("sqlite"):
+            engine = create_async_engine(url, connect_args={"timeout": 30}, **engine_kw)
+            _sqlite_transactions(engine)
+        else:
+            engine_kw.setdefault("pool_size", 20)
+            engine_kw.setdefault("max_overflow", 20)
+            engine = create_async_engine(url, **engine_kw)
+        return cls(name, engine)
+
+    async def create_schema(self, extra: MetaData | None = None) -> None:
+        async with self.engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+            if extra is not None:
+                await conn.run_sync(extra.create_all)
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    # -- writing -----------------------------------------------------------------
+
+    async def commit(self, commit: Commit) -> list[Envelope]:
+        """Append, update states and bookkeeping in one transaction. All or nothing."""
+        async with self._append_lock:
+            written = await self._commit(commit)
+        if written:
+            async with self._appended:
+                self._appended.notify_all()
+        return written
+
+    async def append(
+        self, stream_id: str, expected_version: int, events: Sequence[Event], meta: Meta
+    ) -> list[Envelope]:
+        appends = [StreamAppend(stream_id, expected_version, [NewEvent(e) for e in events])]
+        return await self.commit(Commit(meta=meta, appends=appends))
+
+    async def _commit(self, commit: Commit) -> list[Envelope]:
+        conn_cm = self.engine.connect()
+        async with conn_cm as conn:
+            if self.is_sqlite:
+                conn = await conn.execution_options(sqlite_begin="BEGIN IMMEDIATE")
+            async with conn.begin():
+                if commit.tracking is not None:
+                    consumer, event_id = commit.tracking
+                    try:
+                        async with conn.begin_nested():
+                            await conn.execute(
+                                insert(tracking_table).values(consumer=consumer, event_id=event_id)
+                            )
+                    except IntegrityError as exc:
+                        raise AlreadyApplied(f"{consumer} applied {event_id} before") from exc
+                written: list[Envelope] = []
+                if commit.appends:
+                    if not self.is_sqlite:
+                        await conn.execute(
+                            text("SELECT pg_advisory_xact_lock(:k)"), {"k": self._lock_key}
+                        )
+                    written = await self._append_locked(conn, commit)
+                last_position = written[-1].position if written else None
+                for st in commit.states:
+                    await self._upsert_state(conn, st, last_position)
+                if commit.checkpoint is not None:
+                    await self._set_checkpoint(conn, *commit.checkpoint)
+                for write in commit.writes:
+                    await write(conn)
+                if commit.idempotency is not None:
+                    rec = commit.idempotency
+                    try:
+                        async with conn.begin_nested():
+                            await conn.execute(
+                                insert(idempotency_table).values(
+                                    key=rec.key, request_hash=rec.request_hash,
+                                    status_code=rec.status_code, body=rec.body,
+                                )
+                            )
+                    except IntegrityError as exc:
+                        raise IdempotencyKeyTaken(rec.key) from exc
+            return written
+
+    async def _append_locked(self, conn: AsyncConnection, commit: Commit) -> list[Envelope]:
+        head = (
+            await conn.execute(
+                select(events_table.c.position, events_table.c.hash)
+                .order_by(events_table.c.position.desc())
+                .limit(1)
+            )
+        ).first()
+        position, prev_hash = (head.position, head.hash) if head else (0, GENESIS_HASH)
+        recorded_at = iso(utcnow())
+        rows: list[dict[str, Any]] = []
+        written: list[Envelope] = []
+        for app in commit.appends:
+            current = await self._stream_version(conn, app.stream_id)
+            if current != app.expected_version:
+                raise ConcurrencyError(app.stream_id, app.expected_version, current)
+            for offset, new in enumerate(app.events, start=1):
+                position += 1
+                ev = new.event
+                fields = {
+                    "event_id": str(uuid4()),
+                    "type": ev.event_type,
+                    "schema_version": ev.schema_version,
+                    "store": self.name,
+                    "stream_id": app.stream_id,
+                    "stream_version": current + offset,
+                    "position": position,
+                    "occurred_at": iso(new.occurred_at) if new.occurred_at else recorded_at,
+                    "recorded_at": recorded_at,
+                    "actor": commit.meta.actor,
+                    "role": commit.meta.role,
+                    "correlation_id": commit.meta.correlation_id,
+                    "causation_id": commit.meta.causation_id,
+                    "payload": ev.model_dump(mode="json"),
+                    "prev_hash": prev_hash,
+                }
+                digest = event_hash(fields)
+                env = Envelope(**fields, hash=digest)
+                written.append(env)
+                row = env.model_dump(mode="json", exclude={"store"})
+                row["payload"] = json.dumps(fields["payload"], sort_keys=True, ensure_ascii=False)
+                rows.append(row)
+                prev_hash = digest
+        if rows:
+            try:
+                await conn.execute(insert(events_table), rows)
+            except IntegrityError as exc:  # the lock makes this unreachable; the constraint stays
+                raise ConcurrencyError(commit.appends[0].stream_id, -1, -1) from exc
+        return written
+
+    async def _stream_version(self, conn: AsyncConnection, stream_id: str) -> int:
+        v = await conn.scalar(
+            select(func.max(events_table.c.stream_version)).where(
+                events_table.c.stream_id == stream_id
+            )
+        )
+        return int(v or 0)
+
+    async def _upsert_state(self, conn: AsyncConnection, st: StateRow, position: int | None) -> None:
+        values = {
+            "kind": st.kind, "version": st.version, "status": st.status, "ref": st.ref,
+            "state": st.state, "updated_position": position or 0,
+        }
+        updated = await conn.execute(
+            aggregates_table.update()
+            .where(aggregates_table.c.stream_id == st.stream_id)
+            .values(**values)
+        )
+        if updated.rowcount == 0:
+            await conn.execute(insert(aggregates_table).values(stream_id=st.stream_id, **values))
+
+    async def _set_checkpoint(self, conn: AsyncConnection, name: str, position: int) -> None:
+        updated = await conn.execute(
+            checkpoints_table.update()
+            .where(checkpoints_table.c.name == name)
+            .values(position=position)
+        )
+        if updated.rowcount == 0:
+            await conn.execute(insert(checkpoints_table).values(name=name, position=position))
+
+    # -- reading -----------------------------------------------------------------
+
+    async def read_stream(self, stream_id: str, after_version: int = 0) -> list[Envelope]:
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(events_table)
+                .where(
+                    and_(
+                        events_table.c.stream_id == stream_id,
+                        events_table.c.stream_version > after_version,
+                    )
+                )
+                .order_by(events_table.c.stream_version)
+            )
+            return [_row_to_envelope(self.name, r) for r in rows]
+
+    async def read_all(self, after_position: int = 0, limit: int = 500) -> list[Envelope]:
+        """Events in store order after a position. Never skips: see the module docstring."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(
+                select(events_table)
+                .where(events_table.c.position > after_position)
+                .order_by(events_table.c.position)
+                .limit(limit)
+            )
+            return [_row_to_envelope(self.name, r) for r in rows]
+
+    async def head(self) -> int:
+        async with self.engine.connect() as conn:
+            return int(await conn.scalar(select(func.max(events_table.c.position))) or 0)
+
+    async def wait_for_append(self, after_position: int, timeout: float) -> None:
+        """Returns when this process appended past the position, or after the timeout
+        (other processes' appends are found by polling)."""
+        async with self._appended:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._appended.wait(), timeout)
+
+    async def verify(self, page: int = 1000) -> ChainBreak | None:
+        prev, after = GENESIS_HASH, 0
+        while True:
+            batch = await self.read_all(after, page)
+            if not batch:
+                return None
+            if batch[0].position != after + 1:
+                ev = batch[0]
+                return ChainBreak(store=self.name, position=ev.position,
+                                  event_id=str(ev.event_id), reason=f"position {after + 1} is missing")
+            broken = verify_run(batch, prev)
+            if broken is not None:
+                return broken
+            prev, after = batch[-1].hash, batch[-1].position
+
+    async def load_state(self, stream_id: str) -> tuple[int, str] | None:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(aggregates_table.c.version, aggregates_table.c.state).where(
+                        aggregates_table.c.stream_id == stream_id
+                    )
+                )
+            ).first()
+            return (row.version, row.state) if row else None
+
+    async def query_states(
+        self, kind: str, *, status: Sequence[str] | None = None, ref: str | None = None,
+        limit: int = 1000, offset: int = 0,
+    ) -> list[str]:
+        q = select(aggregates_table.c.state).where(aggregates_table.c.kind == kind)
+        if status is not None:
+            q = q.where(aggregates_table.c.status.in_(list(status)))
+        if ref is not None:
+            q = q.where(aggregates_table.c.ref == ref)
+        q = q.order_by(aggregates_table.c.updated_position, aggregates_table.c.stream_id)
+        async with self.engine.connect() as conn:
+            return [r.state for r in await conn.execute(q.limit(limit).offset(offset))]
+
+    async def checkpoint(self, name: str) -> int:
+        async with self.engine.connect() as conn:
+            v = await conn.scalar(
+                select(checkpoints_table.c.position).where(checkpoints_table.c.name == name)
+            )
+            return int(v or 0)
+
+    async def is_applied(self, consumer: str, event_id: str) -> bool:
+        async with self.engine.connect() as conn:
+            hit = await conn.scalar(
+                select(func.count()).select_from(tracking_table).where(
+                    and_(tracking_table.c.consumer == consumer, tracking_table.c.event_id == event_id)
+                )
+            )
+            return bool(hit)
+
+    async def idempotent_response(self, key: str) -> IdempotencyRecord | None:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(select(idempotency_table).where(idempotency_table.c.key == key))
+            ).first()
+            if row is None:
+                return None
+            return IdempotencyRecord(row.key, row.request_hash, row.status_code, row.body)
+
+    # -- the relay's lease ---------------------------------------------------------
+
+    async def acquire_lease(self, name: str, holder: str, ttl_ms: int, now_ms: int) -> bool:
+        """Take or renew the named lease; True when this holder has it."""
+        async with self.engine.begin() as conn:
+            row = (
+                await conn.execute(select(leases_table).where(leases_table.c.name == name))
+            ).first()
+            if row is None:
+                try:
+                    async with conn.begin_nested():
+                        await conn.execute(
+                            insert(leases_table).values(
+                                name=name, holder=holder, expires_at=now_ms + ttl_ms
+                            )
+                        )
+                    return True
+                except IntegrityError:
+                    return False
+            res = await conn.execute(
+                leases_table.update()
+                .where(
+                    and_(
+                        leases_table.c.name == name,
+                        (leases_table.c.holder == holder) | (leases_table.c.expires_at < now_ms),
+                    )
+                )
+                .values(holder=holder, expires_at=now_ms + ttl_ms)
+            )
+            return res.rowcount == 1
+
+    async def release_lease(self, name: str, holder: str) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                leases_table.delete().where(
+                    and_(leases_table.c.name == name, leases_table.c.holder == holder)
+                )
+            )
+
+    async def advance_checkpoint_if_holder(
+        self, name: str, holder: str, position: int, now_ms: int
+    ) -> bool:
+        """Fenced checkpoint: only the lease holder whose lease is live may move it."""
+        async with self.engine.begin() as conn:
+            held = await conn.scalar(
+                select(func.count()).select_from(leases_table).where(
+                    and_(
+                        leases_table.c.name == name,
+                        leases_table.c.holder == holder,
+                        leases_table.c.expires_at >= now_ms,
+                    )
+                )
+            )
+            if not held:
+                return False
+            await self._set_checkpoint(conn, name, position)
+            return True
+
+
+def _sqlite_transactions(engine: AsyncEngine) -> None:
+    """Let SQLAlchemy, not the sqlite3 module, decide when transactions begin, so that
+    writers can take the write lock up front (BEGIN IMMEDIATE) and WAL lets readers on."""
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _begin(conn: Any) -> None:
+        conn.exec_driver_sql(conn.get_execution_options().get("sqlite_begin", "BEGIN"))

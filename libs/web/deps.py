@@ -1,0 +1,115 @@
+"""Dependencies every route module uses: the service's store, the acting identity,
+Idempotency-Key replay."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import Depends, Header, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from libs.events.aggregate import StateConflict, UnitOfWork, with_retry
+from libs.events.envelope import canonical_json
+from libs.events.store import EventStore, IdempotencyKeyTaken, IdempotencyRecord, Meta
+
+Remember = Callable[[UnitOfWork, int, Any], None]
+
+
+class Actor(BaseModel):
+    subject: str
+    role: str
+
+
+def actor_from_headers(
+    x_actor: Annotated[str | None, Header()] = None,
+    x_role: Annotated[str | None, Header()] = None,
+) -> Actor:
+    # Until verified tokens arrive (issue 7) the caller names itself; every event records it.
+    return Actor(subject=x_actor or "anonymous", role=x_role or "dispatcher")
+
+
+ActorDep = Annotated[Actor, Depends(actor_from_headers)]
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
+
+
+def store_dep(service: str) -> Callable[[Request], EventStore]:
+    def get(request: Request) -> EventStore:
+        store: EventStore = request.app.state.stores[service]
+        return store
+
+    return get
+
+
+def meta_for(actor: Actor, correlation_id: str) -> Meta:
+    return Meta(actor=actor.subject, role=actor.role, correlation_id=correlation_id)
+
+
+def request_hash(body: BaseModel | dict[str, Any] | None) -> str:
+    data = body.model_dump(mode="json") if isinstance(body, BaseModel) else body
+    return hashlib.sha256(canonical_json(data).encode()).hexdigest()
+
+
+async def idempotent(
+    store: EventStore,
+    key: str | None,
+    scope: str,
+    body: BaseModel | dict[str, Any] | None,
+    run: Callable[[Remember], Awaitable[tuple[int, Any]]],
+) -> JSONResponse:
+    """Run a command once per Idempotency-Key. The stored response commits in the same
+    transaction as the command's events, so a replay returns exactly what the first call
+    got and creates nothing; the same key with another body is a 409."""
+    full_key = f"{scope}:{key}" if key else None
+    digest = request_hash(body)
+
+    async def replay() -> JSONResponse | None:
+        if full_key is None:
+            return None
+        rec = await store.idempotent_response(full_key)
+        if rec is None:
+            return None
+        if rec.request_hash != digest:
+            raise StateConflict("idempotency_key_reused",
+                                "this Idempotency-Key was used with a different request",
+                                "该幂等键已用于不同的请求")
+        return JSONResponse(json.loads(rec.body), status_code=rec.status_code,
+                            headers={"Idempotent-Replayed": "true"})
+
+    hit = await replay()
+    if hit is not None:
+        return hit
+
+    def remember(uow: UnitOfWork, status: int, response: Any) -> None:
+        if full_key is not None:
+            uow.idempotency = IdempotencyRecord(full_key, digest, status, canonical_json(response))
+
+    try:
+        status, response = await run(remember)
+    except IdempotencyKeyTaken:
+        again = await replay()
+        assert again is not None
+        return again
+    return JSONResponse(response, status_code=status)
+
+
+
+async def command_response(
+    store: EventStore, actor: Actor, *, key: str | None, scope: str, body: BaseModel | None,
+    correlation_id: str, status: int, work: Callable[[UnitOfWork], Awaitable[dict[str, Any]]],
+) -> JSONResponse:
+    """The shape of every write route: idempotency, optimistic retry, one commit."""
+
+    async def run(remember: Remember) -> tuple[int, dict[str, Any]]:
+        async def step(uow: UnitOfWork) -> dict[str, Any]:
+            view = await work(uow)
+            remember(uow, status, view)
+            return view
+
+        view, _ = await with_retry(lambda: UnitOfWork(store, meta_for(actor, correlation_id)), step)
+        return status, view
+
+    return await idempotent(store, key, scope, body, run)

@@ -1,0 +1,171 @@
+"""What the dispatch API accepts. Field checks answer 422 naming the field."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import StrEnum
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+
+from libs.events.catalog.common import Location
+
+IDENT = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
+_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+_ID_CHECK = "10X98765432"
+_MOBILE = re.compile(r"^1[3-9]\d{9}$")
+_LANDLINE = re.compile(r"^0\d{2,3}-?\d{7,8}$")
+
+
+def resident_id_ok(number: str) -> bool:
+    """GB 11643-1999: 17 digits, then a check character from the weighted sum mod 11."""
+    if not re.fullmatch(r"\d{17}[\dX]", number):
+        return False
+    try:
+        datetime.strptime(number[6:14], "%Y%m%d")
+    except ValueError:
+        return False
+    total = sum(int(d) * w for d, w in zip(number[:17], _ID_WEIGHTS, strict=True))
+    return _ID_CHECK[total % 11] == number[17]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class FacilityRole(StrEnum):
+    fever_clinic = "fever_clinic"
+    designated = "designated"
+    sub_designated = "sub_designated"
+    backup = "backup"
+    fangcang = "fangcang"
+    temporary_emergency = "temporary_emergency"
+    specialty_cardio_cerebro = "specialty_cardio_cerebro"
+    maternity = "maternity"
+    county_hospital = "county_hospital"
+    isolation_site = "isolation_site"
+
+
+class FacilityIn(Strict):
+    id: str = Field(pattern=IDENT)
+    name: str = Field(min_length=1, max_length=200)
+    roles: list[FacilityRole] = Field(min_length=1)
+    location: Location
+    fever_clinic_capacity: int | None = Field(default=None, ge=0, le=100_000)
+    backup_ids: list[str] = []
+    overflow_threshold: float = Field(default=0.8, gt=0, le=1)
+
+
+class LoadIn(Strict):
+    fever_clinic_occupied: int = Field(ge=0, le=100_000)
+    reported_at: AwareDatetime
+
+
+class VehicleKind(StrEnum):
+    negative_pressure_ambulance = "negative_pressure_ambulance"
+    ambulance = "ambulance"
+    dedicated_vehicle = "dedicated_vehicle"
+
+
+class VehicleIn(Strict):
+    id: str = Field(pattern=IDENT)
+    plate: str = Field(min_length=1, max_length=20)
+    kind: VehicleKind
+    dedicated_pool: bool
+    life_support: bool = False
+    station: str = Field(min_length=1, max_length=200)
+    location: Location
+
+
+class Patient(Strict):
+    name: str = Field(min_length=1, max_length=100)
+    id_number: str | None = None
+    phone: str | None = None
+
+    @field_validator("id_number")
+    @classmethod
+    def _id_number(cls, v: str | None) -> str | None:
+        if v is not None and not resident_id_ok(v.upper()):
+            raise ValueError("not a valid 18-digit resident id number (GB 11643 check digit)")
+        return v.upper() if v else v
+
+    @field_validator("phone")
+    @classmethod
+    def _phone(cls, v: str | None) -> str | None:
+        if v is not None and not (_MOBILE.match(v) or _LANDLINE.match(v)):
+            raise ValueError("not a mainland mobile (11 digits) or landline number")
+        return v
+
+
+class RiskCategory(StrEnum):
+    isolation_site = "isolation_site"
+    sealed_area = "sealed_area"
+    controlled_area = "controlled_area"
+    precaution_area = "precaution_area"
+    home_monitoring = "home_monitoring"
+    confirmed = "confirmed"
+    suspected = "suspected"
+    fever_clinic = "fever_clinic"
+    fangcang = "fangcang"
+
+
+class CriticalKind(StrEnum):
+    stroke = "stroke"
+    chest_pain = "chest_pain"
+    severe_trauma = "severe_trauma"
+    shock = "shock"
+    high_fever = "high_fever"
+    childbirth = "childbirth"
+
+
+class Condition(Strict):
+    fever: bool = False
+    critical: bool = False
+    covid_symptoms: bool = False
+    kind: CriticalKind | None = None
+    severity: str | None = Field(default=None, max_length=50)
+
+
+class Place(Strict):
+    kind: str = Field(min_length=1, max_length=50)
+    name: str = Field(min_length=1, max_length=200)
+    location: Location
+    facility_id: str | None = None
+
+
+class Purpose(StrEnum):
+    outpatient_visit = "outpatient_visit"
+    admission = "admission"
+    transfer_to_designated = "transfer_to_designated"
+    scheduled_care = "scheduled_care"
+    emergency = "emergency"
+    return_leg = "return_leg"
+
+
+class Channel(StrEnum):
+    console = "console"
+    isolation_site = "isolation_site"
+    community = "community"
+    hospital_his = "hospital_his"
+    direct_call = "direct_call"
+
+
+class RequestedBy(Strict):
+    channel: Channel
+    org: str | None = Field(default=None, max_length=200)
+    name: str | None = Field(default=None, max_length=100)
+
+
+class TransferIn(Strict):
+    patient: Patient
+    risk_category: RiskCategory
+    condition: Condition = Condition()
+    origin: Place
+    purpose: Purpose
+    return_required: bool = False
+    requested_by: RequestedBy
+
+
+class AssignIn(Strict):
+    vehicle_id: str = Field(pattern=IDENT)
+    override_reason: str | None = Field(default=None, max_length=500)

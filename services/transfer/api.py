@@ -1,0 +1,55 @@
+"""The transfer service's REST routes (/api/v1): trips, crew steps, handover."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import JSONResponse
+
+from libs.events.aggregate import UnitOfWork
+from libs.events.store import EventStore
+from libs.web.deps import ActorDep, IdempotencyKey, command_response, store_dep
+from services.transfer import handlers
+from services.transfer.domain import Trip
+from services.transfer.schemas import HandoverIn, StepIn
+
+router = APIRouter(tags=["transfer"])
+Store = Annotated[EventStore, Depends(store_dep("transfer"))]
+
+
+@router.get("/trips")
+async def list_trips(store: Store, vehicle_id: str | None = None, status: str | None = None,
+                     limit: Annotated[int, Query(ge=1, le=500)] = 100,
+                     offset: Annotated[int, Query(ge=0)] = 0) -> list[dict[str, Any]]:
+    found = await UnitOfWork.reading(store).find(
+        Trip, ref=vehicle_id, status=[status] if status else None, limit=limit, offset=offset)
+    return [handlers.trip_view(t) for t in found]
+
+
+@router.get("/trips/{trip_id}")
+async def get_trip(trip_id: str, store: Store) -> dict[str, Any]:
+    return handlers.trip_view(await UnitOfWork.reading(store).require(Trip, trip_id, "trip"))
+
+
+@router.post("/trips/{trip_id}/steps")
+async def post_step(trip_id: str, body: StepIn, store: Store, actor: ActorDep,
+                    key: IdempotencyKey = None) -> JSONResponse:
+    async def work(uow: UnitOfWork) -> dict[str, Any]:
+        trip, applied = await handlers.report_step(uow, trip_id, body)
+        return {**handlers.trip_view(trip), "applied": applied}
+
+    trip = await UnitOfWork.reading(store).require(Trip, trip_id, "trip")
+    return await command_response(store, actor, key=key, scope=f"POST /trips/{trip_id}/steps",
+                                  body=body, correlation_id=trip.transfer_id, status=200, work=work)
+
+
+@router.post("/trips/{trip_id}/handover")
+async def post_handover(trip_id: str, body: HandoverIn, store: Store, actor: ActorDep,
+                        key: IdempotencyKey = None) -> JSONResponse:
+    async def work(uow: UnitOfWork) -> dict[str, Any]:
+        return handlers.trip_view(await handlers.hand_over(uow, trip_id, body, actor.role))
+
+    trip = await UnitOfWork.reading(store).require(Trip, trip_id, "trip")
+    return await command_response(store, actor, key=key, scope=f"POST /trips/{trip_id}/handover",
+                                  body=body, correlation_id=trip.transfer_id, status=200, work=work)

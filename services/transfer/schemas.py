@@ -1,0 +1,36 @@
+"""What the transfer API accepts."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from libs.events.catalog.common import Location
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class Step(StrEnum):
+    acknowledged = "acknowledged"
+    en_route = "en_route"
+    at_pickup = "at_pickup"
+    patient_aboard = "patient_aboard"
+    at_destination = "at_destination"
+    handed_over = "handed_over"
+
+
+class StepIn(Strict):
+    step: Step
+    at: AwareDatetime
+    client_event_id: str = Field(min_length=1, max_length=100)
+    position: Location | None = None
+    received_by: str | None = Field(default=None, max_length=100)
+
+
+class HandoverIn(Strict):
+    facility_id: str = Field(min_length=1, max_length=64)
+    received_by: str = Field(min_length=1, max_length=100)
+    at: AwareDatetime
