@@ -1,0 +1,183 @@
+"""One contract, every store backend: SQLite (embedded) and PostgreSQL (distributed)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from libs.events.contracts import Event, registry
+from libs.events.store import (
+    AlreadyApplied,
+    Commit,
+    ConcurrencyError,
+    EventStore,
+    IdempotencyKeyTaken,
+    IdempotencyRecord,
+    Meta,
+    NewEvent,
+    StreamAppend,
+)
+
+MakeStore = Callable[..., Awaitable[EventStore]]
+META = Meta(actor="tester", role="dispatcher", correlation_id="corr-1")
+
+
+@registry.register
+class ThingHappened(Event):
+    n: int
+    note: str = ""
+
+
+def things(*ns: int) -> list[ThingHappened]:
+    return [ThingHappened(n=n, note="中文 ✓") for n in ns]
+
+
+async def test_append_and_read_back(make_store: MakeStore) -> None:
+    store = await make_store()
+    written = await store.append("thing-1", 0, things(1, 2), META)
+    assert [e.stream_version for e in written] == [1, 2]
+    assert [e.position for e in written] == [1, 2]
+    back = await store.read_stream("thing-1")
+    assert back == written
+    first = back[0]
+    assert first.type == "ThingHappened" and first.schema_version == 1
+    assert first.payload == {"n": 1, "note": "中文 ✓"}
+    assert (first.actor, first.role, first.correlation_id) == ("tester", "dispatcher", "corr-1")
+    assert first.store == "test" and first.recorded_at.endswith("+00:00")
+    assert back[1].prev_hash == first.hash
+    assert await store.read_stream("thing-1", after_version=1) == [back[1]]
+    assert await store.read_stream("nothing") == []
+
+
+async def test_expected_version_conflict_is_refused(make_store: MakeStore) -> None:
+    store = await make_store()
+    await store.append("thing-1", 0, things(1), META)
+    with pytest.raises(ConcurrencyError) as err:
+        await store.append("thing-1", 0, things(2), META)
+    assert (err.value.expected, err.value.actual) == (0, 1)
+    assert len(await store.read_stream("thing-1")) == 1
+
+
+async def test_a_commit_is_all_or_nothing(make_store: MakeStore) -> None:
+    store = await make_store()
+    await store.append("thing-b", 0, things(1), META)
+    commit = Commit(meta=META, appends=[
+        StreamAppend("thing-a", 0, [NewEvent(e) for e in things(1)]),
+        StreamAppend("thing-b", 0, [NewEvent(e) for e in things(2)]),  # stale: b is at 1
+    ])
+    with pytest.raises(ConcurrencyError):
+        await store.commit(commit)
+    assert await store.read_stream("thing-a") == []
+    assert await store.head() == 1
+
+
+async def test_read_all_pages_in_store_order(make_store: MakeStore) -> None:
+    store = await make_store()
+    for i in range(1, 8):
+        await store.append(f"thing-{i % 3}", len(await store.read_stream(f"thing-{i % 3}")),
+                           things(i), META)
+    page1 = await store.read_all(0, 3)
+    page2 = await store.read_all(page1[-1].position, 3)
+    page3 = await store.read_all(page2[-1].position, 3)
+    assert [e.position for e in page1 + page2 + page3] == list(range(1, 8))
+    assert [e.payload["n"] for e in page1 + page2 + page3] == list(range(1, 8))
+
+
+async def test_concurrent_writers_one_stream_exactly_one_wins_each_version(make_store: MakeStore) -> None:
+    replicas = [await make_store() for _ in range(4)]  # four replicas, one database
+
+    async def writer(i: int) -> int:
+        store = replicas[i % len(replicas)]
+        while True:
+            version = len(await store.read_stream("contended"))
+            try:
+                await store.append("contended", version, things(i), META)
+                return version + 1
+            except ConcurrencyError:
+                await asyncio.sleep(0)
+
+    versions = await asyncio.gather(*[writer(i) for i in range(16)])
+    assert sorted(versions) == list(range(1, 17))
+    events = await replicas[0].read_stream("contended")
+    assert sorted(e.payload["n"] for e in events) == list(range(16))
+    assert await replicas[0].verify() is None
+
+
+async def test_hash_chain_verifies_and_catches_an_edit(make_store: MakeStore) -> None:
+    store = await make_store()
+    for i in range(5):
+        await store.append(f"thing-{i}", 0, things(i), META)
+    assert await store.verify(page=2) is None
+    async with store.engine.begin() as conn:
+        await conn.execute(text("UPDATE events SET payload = :p WHERE position = 3"),
+                           {"p": json.dumps({"n": 99, "note": ""})})
+    broken = await store.verify(page=2)
+    assert broken is not None and broken.position == 3 and "edited" in broken.reason
+
+
+async def test_hash_chain_catches_a_deleted_event(make_store: MakeStore) -> None:
+    store = await make_store()
+    for i in range(4):
+        await store.append(f"thing-{i}", 0, things(i), META)
+    async with store.engine.begin() as conn:
+        await conn.execute(text("DELETE FROM events WHERE position = 2"))
+    broken = await store.verify()
+    assert broken is not None and broken.position in (2, 3)
+
+
+async def test_tracking_makes_a_redelivery_change_nothing(make_store: MakeStore) -> None:
+    store = await make_store()
+
+    def effect() -> Commit:
+        return Commit(meta=META, tracking=("consumer-x", "event-1"),
+                      appends=[StreamAppend("effect-1", 0, [NewEvent(e) for e in things(1)])])
+
+    await store.commit(effect())
+    assert await store.is_applied("consumer-x", "event-1")
+    with pytest.raises((AlreadyApplied, ConcurrencyError)):
+        await store.commit(effect())
+    dup = Commit(meta=META, tracking=("consumer-x", "event-1"))
+    with pytest.raises(AlreadyApplied):
+        await store.commit(dup)
+    assert len(await store.read_stream("effect-1")) == 1
+
+
+async def test_writes_run_in_the_same_transaction(make_store: MakeStore) -> None:
+    store = await make_store()
+
+    async def fail(conn: AsyncConnection) -> None:
+        raise RuntimeError("the effect failed")
+
+    with pytest.raises(RuntimeError):
+        await store.commit(Commit(meta=META, tracking=("c", "e"), writes=[fail],
+                                  appends=[StreamAppend("s", 0, [NewEvent(things(1)[0])])]))
+    assert await store.head() == 0
+    assert not await store.is_applied("c", "e")
+
+
+async def test_idempotency_record_is_kept_once(make_store: MakeStore) -> None:
+    store = await make_store()
+    rec = IdempotencyRecord("k1", "hash", 201, '{"id": "t1"}')
+    await store.commit(Commit(meta=META, idempotency=rec,
+                              appends=[StreamAppend("s-1", 0, [NewEvent(things(1)[0])])]))
+    assert await store.idempotent_response("k1") == rec
+    with pytest.raises(IdempotencyKeyTaken):
+        await store.commit(Commit(meta=META, idempotency=rec,
+                                  appends=[StreamAppend("s-2", 0, [NewEvent(things(2)[0])])]))
+    assert await store.read_stream("s-2") == []
+
+
+async def test_lease_has_one_holder_and_expires(make_store: MakeStore) -> None:
+    a, b = await make_store(), await make_store()
+    assert await a.acquire_lease("relay:x", "a", ttl_ms=1000, now_ms=10_000)
+    assert not await b.acquire_lease("relay:x", "b", ttl_ms=1000, now_ms=10_500)
+    assert await a.acquire_lease("relay:x", "a", ttl_ms=1000, now_ms=10_900)  # renew
+    assert await a.advance_checkpoint_if_holder("relay:x", "a", 5, now_ms=11_000)
+    assert await b.acquire_lease("relay:x", "b", ttl_ms=1000, now_ms=12_000)  # a expired
+    assert not await a.advance_checkpoint_if_holder("relay:x", "a", 9, now_ms=12_001)  # fenced
+    assert await a.checkpoint("relay:x") == 5
