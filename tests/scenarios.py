@@ -171,7 +171,8 @@ async def drive_to_handover(c: httpx.AsyncClient, trip_id: str, prefix: str) -> 
 async def disinfect(c: httpx.AsyncClient, cycle_id: str, sample_id: str) -> None:
     ok(await c.post(f"{API}/disinfection/cycles/{cycle_id}/stages", json=INITIAL), 201)
     ok(await c.post(f"{API}/disinfection/cycles/{cycle_id}/stages", json=TERMINAL), 201)
-    ok(await c.post(f"{API}/disinfection/cycles/{cycle_id}/swabs", json={**SWAB, "sample_id": sample_id}), 201)
+    swab = {**SWAB, "sample_id": sample_id}
+    ok(await c.post(f"{API}/disinfection/cycles/{cycle_id}/swabs", json=swab), 201)
 
 
 def patient(i: int) -> dict[str, Any]:

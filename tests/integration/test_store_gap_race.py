@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.events.contracts import Event, registry
-from libs.events.store import Commit, EventStore, Meta, NewEvent, StreamAppend
+from libs.events.store import Commit, Meta, NewEvent, StreamAppend
 from tests.conftest import PG_DSN, pg_store
 
 pytestmark = pytest.mark.postgres
