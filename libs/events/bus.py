@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Protocol
 
@@ -38,7 +39,8 @@ def now_ms() -> int:
 
 
 def holder_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{id(object())}"
+    """Unique per relay, even for several relays in one process."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 # -- publishing ----------------------------------------------------------------------
