@@ -90,17 +90,21 @@ class Runtime:
                     tail = StoreTailSource(self.stores[source], self.stores[name], name)
                     self.subscriptions.append(Subscription(name, self.stores[name], handlers, tail))
         else:
-            await ensure_topics(self.settings, [topic_for(s) for s in SERVICES if SERVICES[s].publishes])
+            await ensure_topics(self.settings, [topic_for(s, self.settings.topic_prefix)
+                                                for s in SERVICES if SERVICES[s].publishes])
             for name in self.services:
                 spec = SERVICES[name]
                 if spec.publishes:
-                    publisher = KafkaPublisher(self.settings.kafka_bootstrap)
+                    publisher = KafkaPublisher(self.settings.kafka_bootstrap,
+                                               self.settings.topic_prefix)
                     await publisher.start()
                     self._closers.append(publisher.stop)
                     self.relays.append(Relay(self.stores[name], publisher,
                                              ttl_ms=self.settings.relay_lease_ms))
                 merged = {t: h for handlers in spec.consumes.values() for t, h in handlers.items()}
-                kafka = KafkaSource(self.settings.kafka_bootstrap, list(spec.consumes), group=name)
+                kafka = KafkaSource(self.settings.kafka_bootstrap, list(spec.consumes),
+                                    group=f"{self.settings.topic_prefix}.{name}",
+                                    topic_prefix=self.settings.topic_prefix)
                 await kafka.start()
                 self._closers.append(kafka.stop)
                 self.subscriptions.append(Subscription(name, self.stores[name], merged, kafka))

@@ -16,6 +16,7 @@ class Settings(BaseSettings):
     # {service} is replaced by the service's name: a database per service.
     pg_url: str = "postgresql+asyncpg://closedloop@127.0.0.1:55432/{service}"
     kafka_bootstrap: str = "127.0.0.1:59092"
+    topic_prefix: str = "closedloop"
     kafka_partitions: int = 3
     kafka_replication: int = 1
     relay_lease_ms: int = 5000

@@ -30,8 +30,8 @@ from libs.events.store import AlreadyApplied, Commit, ConcurrencyError, EventSto
 log = logging.getLogger(__name__)
 
 
-def topic_for(store_name: str) -> str:
-    return f"closedloop.{store_name}"
+def topic_for(store_name: str, prefix: str = "closedloop") -> str:
+    return f"{prefix}.{store_name}"
 
 
 def now_ms() -> int:
@@ -55,7 +55,8 @@ class KafkaPublisher:
     """aiokafka's idempotent producer: acks from all in-sync replicas, no duplicates from
     its own retries, order kept per partition (the key is the stream id)."""
 
-    def __init__(self, bootstrap: str) -> None:
+    def __init__(self, bootstrap: str, topic_prefix: str = "closedloop") -> None:
+        self.topic_prefix = topic_prefix
         self._producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap, enable_idempotence=True, acks="all",
             linger_ms=5, request_timeout_ms=15000,
@@ -70,7 +71,7 @@ class KafkaPublisher:
     async def publish(self, batch: Sequence[Envelope]) -> None:
         futures = [
             await self._producer.send(
-                topic_for(env.store), value=env.to_json(), key=env.stream_id.encode(),
+                topic_for(env.store, self.topic_prefix), value=env.to_json(), key=env.stream_id.encode(),
                 headers=[("type", env.type.encode())],
             )
             for env in batch
@@ -174,9 +175,10 @@ class KafkaSource:
     """A consumer group member. Offsets are committed only after the batch's database
     commits; a rebalance in between means a redelivery, which tracking makes harmless."""
 
-    def __init__(self, bootstrap: str, stores: Sequence[str], group: str) -> None:
+    def __init__(self, bootstrap: str, stores: Sequence[str], group: str,
+                 topic_prefix: str = "closedloop") -> None:
         self._consumer = AIOKafkaConsumer(
-            *[topic_for(s) for s in stores], bootstrap_servers=bootstrap, group_id=group,
+            *[topic_for(s, topic_prefix) for s in stores], bootstrap_servers=bootstrap, group_id=group,
             enable_auto_commit=False, auto_offset_reset="earliest",
             isolation_level="read_committed", max_poll_records=500,
         )

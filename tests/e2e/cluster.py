@@ -1,0 +1,141 @@
+"""Runs the services as separate processes on PostgreSQL and Kafka, as `make up` does,
+with fresh databases and topics, and routes one client to them like a gateway would."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg  # type: ignore[import-untyped]
+import httpx
+
+from tests.conftest import KAFKA, PG_DSN
+
+SERVICES = ("dispatch", "transfer", "disinfection", "projection")
+ROUTES = (("/api/v1/trips", "transfer"), ("/api/v1/disinfection", "disinfection"),
+          ("/api/v1/audit", "projection"), ("/", "dispatch"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RoutingTransport(httpx.AsyncBaseTransport):
+    """Sends each path to the service that owns it."""
+
+    def __init__(self, ports: dict[str, int]) -> None:
+        self.ports = ports
+        self.inner = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        service = next(s for prefix, s in ROUTES if request.url.path.startswith(prefix))
+        request.url = request.url.copy_with(host="127.0.0.1", port=self.ports[service])
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@dataclass
+class Cluster:
+    run_id: str
+    log_dir: Path
+    ports: dict[str, int] = field(default_factory=dict)
+    procs: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
+
+    @property
+    def env(self) -> dict[str, str]:
+        base = PG_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+        return {**os.environ, "CLOSEDLOOP_MODE": "distributed",
+                "CLOSEDLOOP_PG_URL": f"{base}/{{service}}_{self.run_id}",
+                "CLOSEDLOOP_KAFKA_BOOTSTRAP": KAFKA, "CLOSEDLOOP_TOPIC_PREFIX": f"e2e{self.run_id}"}
+
+    async def start(self, service: str) -> None:
+        port = self.ports.setdefault(service, free_port())
+        log = open(self.log_dir / f"{service}.log", "ab")  # noqa: SIM115 (owned by the process)
+        self.procs[service] = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.runtime", "--service", service, "--port", str(port),
+            env=self.env, stdout=log, stderr=log)
+        await self.ready(service)
+
+    async def ready(self, service: str, timeout: float = 60) -> None:
+        deadline = asyncio.get_running_loop().time() + timeout
+        async with httpx.AsyncClient() as c:
+            while True:
+                proc = self.procs[service]
+                if proc.returncode is not None:
+                    raise RuntimeError(f"{service} exited: {self.tail(service)}")
+                try:
+                    r = await c.get(f"http://127.0.0.1:{self.ports[service]}/readyz")
+                    if r.status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                if asyncio.get_running_loop().time() > deadline:
+                    raise RuntimeError(f"{service} not ready: {self.tail(service)}")
+                await asyncio.sleep(0.1)
+
+    async def kill(self, service: str) -> None:
+        proc = self.procs.pop(service)
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+
+    async def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.returncode is None:
+                proc.terminate()
+        for proc in self.procs.values():
+            try:
+                await asyncio.wait_for(proc.wait(), 15)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+    def tail(self, service: str, lines: int = 40) -> str:
+        path = self.log_dir / f"{service}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def client(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=RoutingTransport(self.ports), base_url="http://cluster",
+                                 timeout=30)
+
+
+async def create_databases(run_id: str) -> None:
+    conn = await asyncpg.connect(PG_DSN)
+    try:
+        for service in SERVICES:
+            await conn.execute(f'CREATE DATABASE "{service}_{run_id}"')
+    finally:
+        await conn.close()
+
+
+async def drop_databases(run_id: str) -> None:
+    conn = await asyncpg.connect(PG_DSN)
+    try:
+        for service in SERVICES:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{service}_{run_id}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@asynccontextmanager
+async def running_cluster(log_dir: Path) -> AsyncIterator[Cluster]:
+    run_id = uuid.uuid4().hex[:8]
+    await create_databases(run_id)
+    cluster = Cluster(run_id, log_dir)
+    try:
+        await asyncio.gather(*[cluster.start(s) for s in SERVICES])
+        yield cluster
+    finally:
+        await cluster.stop()
+        await drop_databases(run_id)

@@ -1,0 +1,59 @@
+"""The same scenarios as test_embedded, against the services as separate processes on
+PostgreSQL and Kafka."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests import scenarios
+from tests.e2e.cluster import Cluster, running_cluster
+
+pytestmark = [pytest.mark.postgres, pytest.mark.kafka]
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    async with running_cluster(tmp_path) as c:
+        yield c
+
+
+@pytest.fixture
+async def client(cluster: Cluster) -> AsyncIterator[httpx.AsyncClient]:
+    async with cluster.client() as c:
+        yield c
+
+
+async def test_walking_skeleton(client: httpx.AsyncClient, cluster: Cluster) -> None:
+    await scenarios.walking_skeleton(client)
+    verify = (await client.get("/api/v1/audit/verify")).json()
+    assert verify["ok"], verify
+    assert {"copy:dispatch", "copy:transfer", "copy:disinfection"} <= set(verify["chains"])
+
+
+async def test_r1_exactly_one_concurrent_assignment_wins(client: httpx.AsyncClient) -> None:
+    await scenarios.r1_concurrent_assignments(client)
+
+
+async def test_r2_vehicle_not_assignable_before_release(client: httpx.AsyncClient) -> None:
+    await scenarios.r2_not_assignable_before_release(client)
+
+
+async def test_a_killed_service_resumes_and_misses_nothing(
+    client: httpx.AsyncClient, cluster: Cluster
+) -> None:
+    """SIGKILL the disinfection service while a trip completes; restarted, it opens the
+    cycle from the events it had not yet applied."""
+    await scenarios.load_reference_data(client)
+    transfer = scenarios.ok(await client.post("/api/v1/transfers", json=scenarios.patient(1)), 201)
+    trip = await scenarios.trip_of(client, "nx-120-07", transfer["id"])
+    await cluster.kill("disinfection")
+    await scenarios.drive_to_handover(client, trip["id"], "kill")
+    await cluster.start("disinfection")
+    cycle = await scenarios.open_cycle(client, "nx-120-07")
+    cycles = scenarios.ok(await client.get("/api/v1/disinfection/cycles",
+                                           params={"vehicle_id": "nx-120-07"}))
+    assert [c["id"] for c in cycles] == [cycle["id"]]  # one cycle, not two
