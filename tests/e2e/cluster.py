@@ -62,7 +62,7 @@ class Cluster:
 
     async def start(self, service: str) -> None:
         port = self.ports.setdefault(service, free_port())
-        log = open(self.log_dir / f"{service}.log", "ab")  # noqa: SIM115 (owned by the process)
+        log = open(self.log_dir / f"{service}.log", "ab")  # noqa: SIM115 (the process owns it)
         self.procs[service] = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "services.runtime", "--service", service, "--port", str(port),
             env=self.env, stdout=log, stderr=log)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from uuid import uuid4
 
 import pytest
@@ -119,3 +120,13 @@ def test_the_catalogue_exports_json_schema() -> None:
     assert "VehicleAssigned" in schema and "SwabResultRecorded" in schema
     assert schema["TripStepReported"]["x-schema-version"] == 1
     assert "client_event_id" in schema["TripStepReported"]["properties"]
+
+
+def test_the_committed_catalogue_is_current(tmp_path: Path) -> None:
+    """docs/events/ is what other teams read: `make catalog` must have been run."""
+    from libs.events.catalogue import write
+
+    write(tmp_path)
+    committed = Path(__file__).parents[2] / "docs" / "events"
+    for name in ("asyncapi.json", "schemas.json"):
+        assert (tmp_path / name).read_text() == (committed / name).read_text(), f"run `make catalog` ({name})"

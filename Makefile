@@ -1,0 +1,42 @@
+# The two commands that matter: `make run` (the embedded default) and `make test`.
+# Both install what they need on a fresh machine.
+SHELL := /bin/bash
+UV := uv
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-unit lint catalog up down bench clean
+
+install:
+	@command -v $(UV) >/dev/null 2>&1 || python3 -m pip install --quiet --disable-pip-version-check "uv==0.13.9"
+	@$(UV) sync --frozen --quiet
+
+run: install  ## embedded: one process, SQLite, in-process bus, on 127.0.0.1:8000
+	$(UV) run --frozen python -m services.runtime --host 127.0.0.1 --port 8000 --seed-sample-region
+
+lint: install
+	$(UV) run --frozen ruff check libs services tests
+	$(UV) run --frozen mypy --strict libs services
+
+test-unit: install
+	$(UV) run --frozen pytest tests/unit $(PYTEST_ARGS)
+
+test: install lint  ## every tier, PostgreSQL and Kafka started (and stopped) by the project's scripts
+	@start=$$(date +%s); \
+	CI=$${CI:-} bash deploy/local/with-infra.sh $(UV) run --frozen pytest -p no:cacheprovider -ra $(PYTEST_ARGS); \
+	status=$$?; echo "make test: $$(( $$(date +%s) - start )) s, exit $$status"; exit $$status
+
+catalog: install  ## the event catalogue as JSON Schema and AsyncAPI, in docs/events/
+	$(UV) run --frozen python -m libs.events.catalogue docs/events
+
+up: install  ## distributed: PostgreSQL, Kafka, and each service as its own process (8001-8004)
+	bash deploy/local/postgres.sh start
+	bash deploy/local/kafka.sh start $(if $(NODES),--nodes $(NODES),)
+	bash deploy/local/services.sh start
+
+down:
+	-bash deploy/local/services.sh stop
+	-bash deploy/local/kafka.sh stop
+	-bash deploy/local/postgres.sh stop
+
+clean: down
+	rm -rf .run

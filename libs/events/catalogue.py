@@ -1,0 +1,63 @@
+"""Exports the event catalogue: a JSON Schema per contract and an AsyncAPI document with
+a channel per producing service's topic. `make catalog` writes them to docs/events/."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import libs.events.catalog  # noqa: F401  (registers every contract)
+from libs.events.bus import topic_for
+from libs.events.contracts import registry
+from libs.events.envelope import Envelope
+
+
+def producer_of(cls: type) -> str:
+    return cls.__module__.rsplit(".", 1)[-1]
+
+
+def asyncapi() -> dict[str, Any]:
+    types = registry.types()
+    schemas: dict[str, Any] = {"Envelope": Envelope.model_json_schema()}
+    messages: dict[str, Any] = {}
+    channels: dict[str, Any] = {}
+    for name, cls in sorted(types.items()):
+        schemas[name] = cls.model_json_schema()
+        messages[name] = {
+            "name": name, "title": name, "summary": (cls.__doc__ or "").strip().split("\n")[0],
+            "contentType": "application/json",
+            "headers": {"type": "object", "properties": {"type": {"const": name}}},
+            "payload": {"allOf": [
+                {"$ref": "#/components/schemas/Envelope"},
+                {"type": "object", "properties": {
+                    "type": {"const": name}, "schema_version": {"const": cls.schema_version},
+                    "payload": {"$ref": f"#/components/schemas/{name}"}}},
+            ]},
+            "x-schema-version": cls.schema_version,
+        }
+        producer = producer_of(cls)
+        topic = topic_for(producer)
+        channel = channels.setdefault(topic, {
+            "address": topic, "messages": {},
+            "description": f"every event of the {producer} store, keyed by stream id"})
+        channel["messages"][name] = {"$ref": f"#/components/messages/{name}"}
+    return {
+        "asyncapi": "3.0.0",
+        "info": {"title": "closedloop events", "version": "1",
+                 "description": "Events of the closed-loop transfer system (点对点闭环转运)."},
+        "channels": channels,
+        "components": {"schemas": schemas, "messages": messages},
+    }
+
+
+def write(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "asyncapi.json").write_text(json.dumps(asyncapi(), indent=2, ensure_ascii=False) + "\n")
+    (out / "schemas.json").write_text(
+        json.dumps(registry.json_schema(), indent=2, ensure_ascii=False) + "\n")
+
+
+if __name__ == "__main__":
+    write(Path(sys.argv[1] if len(sys.argv) > 1 else "docs/events"))
