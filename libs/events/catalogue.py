@@ -10,8 +10,14 @@ from typing import Any
 
 import libs.events.catalog  # noqa: F401  (registers every contract)
 from libs.events.bus import topic_for
-from libs.events.contracts import registry
+from libs.events.contracts import Event, registry
 from libs.events.envelope import Envelope
+
+
+def published() -> dict[str, type[Event]]:
+    """The contracts of libs/events/catalog/ (not, say, a test's own event types)."""
+    return {n: c for n, c in registry.types().items()
+            if c.__module__.startswith("libs.events.catalog.")}
 
 
 def producer_of(cls: type) -> str:
@@ -19,7 +25,7 @@ def producer_of(cls: type) -> str:
 
 
 def asyncapi() -> dict[str, Any]:
-    types = registry.types()
+    types = published()
     schemas: dict[str, Any] = {"Envelope": Envelope.model_json_schema()}
     messages: dict[str, Any] = {}
     channels: dict[str, Any] = {}
@@ -55,8 +61,9 @@ def asyncapi() -> dict[str, Any]:
 def write(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "asyncapi.json").write_text(json.dumps(asyncapi(), indent=2, ensure_ascii=False) + "\n")
-    (out / "schemas.json").write_text(
-        json.dumps(registry.json_schema(), indent=2, ensure_ascii=False) + "\n")
+    schemas = {name: {"x-schema-version": cls.schema_version, **cls.model_json_schema()}
+               for name, cls in sorted(published().items())}
+    (out / "schemas.json").write_text(json.dumps(schemas, indent=2, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":

@@ -70,14 +70,5 @@ class Registry:
         _, current = self.upcast(event_type, version, payload)
         return self._types[event_type].model_validate(current)
 
-    def json_schema(self) -> dict[str, Any]:
-        return {
-            name: {
-                "x-schema-version": cls.schema_version,
-                **cls.model_json_schema(),
-            }
-            for name, cls in sorted(self._types.items())
-        }
-
 
 registry = Registry()
