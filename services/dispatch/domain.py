@@ -208,6 +208,10 @@ class Vehicle(Aggregate):
             and self.dedicated_pool == needs.dedicated_pool
         )
 
+    def over_equipped_for(self, needs: VehicleNeeds) -> int:
+        return int(self.negative_pressure and not needs.negative_pressure) + int(
+            self.life_support and not needs.life_support)
+
     def reserve(self, transfer_id: str) -> None:
         if self.status == "assigned":
             raise RuleRefused(
@@ -369,7 +373,9 @@ def rank_vehicles(
     needs = vehicle_needs(transfer.risk_category, transfer.condition)
     pickup = transfer.origin_location
     fitting = [v for v in vehicles if v.status == "available" and v.fits(needs)]
-    fitting.sort(key=lambda v: eta.minutes(v.location, pickup))
+    # A negative-pressure or life-support vehicle that this patient does not need stays
+    # free for one who does: least over-equipped first, then nearest.
+    fitting.sort(key=lambda v: (v.over_equipped_for(needs), eta.minutes(v.location, pickup)))
     considered = [
         {"vehicle_id": v.id, "eta_min": round(eta.minutes(v.location, pickup), 1),
          "fits": v.fits(needs), "status": v.status}

@@ -17,6 +17,7 @@ from services.dispatch.domain import (
     Vehicle,
     choose_destination,
     patient_class,
+    rank_vehicles,
     triage,
     vehicle_needs,
 )
@@ -88,6 +89,20 @@ def test_r5_negative_pressure_for_fever_from_isolation_and_for_cases() -> None:
     assert not vehicle_needs("home_monitoring", {}).negative_pressure
     assert not vehicle("dedicated_vehicle", False).fits(vehicle_needs("isolation_site", {"fever": True}))
     assert vehicle().fits(vehicle_needs("isolation_site", {"fever": True}))
+
+
+def test_r5_home_monitoring_rides_the_dedicated_vehicle_not_the_nearer_npa() -> None:
+    npa = vehicle()
+    bus = Vehicle.register(ev.VehicleRegistered(
+        vehicle_id="bus", plate="宁A", kind="dedicated_vehicle", dedicated_pool=True,
+        life_support=False, station="s", location=Location(lat=38.20, lon=106.25)))  # farther
+    t = Transfer.request(ev.TransferRequested(
+        transfer_id="t-1", patient={"name": "x"}, risk_category="home_monitoring", condition={},
+        origin={"kind": "home", "name": "h", "location": {"lat": 38.28, "lon": 106.25}},
+        purpose="outpatient_visit", return_required=True, requested_by={"channel": "community"}),
+        requested_at="2022-11-20T01:00:00+00:00")
+    fitting, _ = rank_vehicles(t, [npa, bus], StraightLineEta())
+    assert [v.id for v in fitting] == ["bus", "v1"]
 
 
 def test_r6_cardio_cerebro_emergencies_go_to_the_specialty_hospital() -> None:
