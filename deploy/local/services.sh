@@ -9,14 +9,17 @@ mkdir -p "$run_dir/pids" "$run_dir/logs"
 declare -A PORTS=([dispatch]=8001 [transfer]=8002 [disinfection]=8003 [projection]=8004)
 
 start() {
+  cd "$root"
+  [[ -x .venv/bin/python ]] || { echo "no .venv: run 'make install' first" >&2; exit 1; }
   export CLOSEDLOOP_MODE=distributed
   export CLOSEDLOOP_PG_URL="${CLOSEDLOOP_PG_URL:-postgresql+asyncpg://closedloop@127.0.0.1:${CLOSEDLOOP_PG_PORT:-55432}/{service}}"
   export CLOSEDLOOP_KAFKA_BOOTSTRAP="${CLOSEDLOOP_KAFKA_BOOTSTRAP:-$(bash "$here/kafka.sh" bootstrap)}"
   for svc in dispatch transfer disinfection projection; do
     pidfile="$run_dir/pids/$svc.pid"
     if [[ -f $pidfile ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then continue; fi
-    (cd "$root" && nohup uv run --frozen python -m services.runtime --service "$svc" \
-      --port "${PORTS[$svc]}" >>"$run_dir/logs/$svc.log" 2>&1 & echo $! >"$pidfile")
+    nohup "$root/.venv/bin/python" -m services.runtime --service "$svc" --port "${PORTS[$svc]}" \
+      </dev/null >>"$run_dir/logs/$svc.log" 2>&1 &
+    echo $! >"$pidfile"
   done
   for svc in dispatch transfer disinfection projection; do
     for _ in $(seq 1 300); do
@@ -35,7 +38,6 @@ stop() {
     [[ -f $pidfile ]] || continue
     pid="$(cat "$pidfile")"
     if kill -0 "$pid" 2>/dev/null; then
-      pkill -TERM -P "$pid" 2>/dev/null || true
       kill -TERM "$pid" 2>/dev/null || true
       for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
       kill -KILL "$pid" 2>/dev/null || true
