@@ -110,20 +110,12 @@ class Cluster:
                                  timeout=30)
 
 
-async def create_databases(run_id: str) -> None:
+async def for_each_database(run_id: str, sql: str) -> None:
+    """Runs `sql` (with {db}) for each service's database of this run."""
     conn = await asyncpg.connect(PG_DSN)
     try:
         for service in SERVICES:
-            await conn.execute(f'CREATE DATABASE "{service}_{run_id}"')
-    finally:
-        await conn.close()
-
-
-async def drop_databases(run_id: str) -> None:
-    conn = await asyncpg.connect(PG_DSN)
-    try:
-        for service in SERVICES:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{service}_{run_id}" WITH (FORCE)')
+            await conn.execute(sql.format(db=f"{service}_{run_id}"))
     finally:
         await conn.close()
 
@@ -131,11 +123,11 @@ async def drop_databases(run_id: str) -> None:
 @asynccontextmanager
 async def running_cluster(log_dir: Path) -> AsyncIterator[Cluster]:
     run_id = uuid.uuid4().hex[:8]
-    await create_databases(run_id)
+    await for_each_database(run_id, 'CREATE DATABASE "{db}"')
     cluster = Cluster(run_id, log_dir)
     try:
         await asyncio.gather(*[cluster.start(s) for s in SERVICES])
         yield cluster
     finally:
         await cluster.stop()
-        await drop_databases(run_id)
+        await for_each_database(run_id, 'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
