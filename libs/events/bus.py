@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # type: ignore[import-untyped]
-from aiokafka.errors import CommitFailedError, KafkaError  # type: ignore[import-untyped]
+from aiokafka.errors import CommitFailedError  # type: ignore[import-untyped]
 from aiokafka.structs import TopicPartition  # type: ignore[import-untyped]
 
 from libs.events.aggregate import DomainError, UnitOfWork
@@ -36,6 +36,20 @@ def topic_for(store_name: str, prefix: str = "closedloop") -> str:
 
 def now_ms() -> int:
     return int(time.time() * 1000)
+
+
+class Backoff:
+    """Exponential wait between retries of something that failed, reset by a success."""
+
+    def __init__(self, first: float = 0.05, most: float = 5.0) -> None:
+        self.first, self.most, self.delay = first, most, first
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+    async def wait(self) -> None:
+        await asyncio.sleep(self.delay)
+        self.delay = min(self.delay * 2, self.most)
 
 
 def holder_id() -> str:
@@ -114,17 +128,20 @@ class Relay:
         return len(events)
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Publish until stopped. A broker or database outage is waited out, never fatal:
+        the checkpoint did not move, so the next round resends from it."""
+        backoff = Backoff()
         while not stop.is_set():
             try:
                 sent = await self.run_once()
-            except (KafkaError, OSError) as exc:
-                log.warning("%s: publish failed (%s); retrying", self.name, exc)
-                sent = 0
-                await asyncio.sleep(0.5)
-            if sent == 0:
-                head = await self.store.head()
-                await self.store.wait_for_append(head, self.idle_wait)
-        await self.store.release_lease(self.name, self.holder)
+                backoff.reset()
+                if sent == 0:
+                    await self.store.wait_for_append(self.idle_wait)
+            except Exception as exc:
+                log.warning("%s: round failed (%s: %s); retrying", self.name, type(exc).__name__, exc)
+                await backoff.wait()
+        with contextlib.suppress(Exception):
+            await self.store.release_lease(self.name, self.holder)
 
 
 # -- consuming -----------------------------------------------------------------------
@@ -140,6 +157,9 @@ class Source(Protocol):
     def checkpoint_name(self, env: Envelope) -> str | None:
         """Where the consumer records its position with the effect, if the source resumes
         from the consumer's own store rather than from broker offsets."""
+
+    async def rewind(self) -> None:
+        """The last batch failed part-way: deliver it again from its start."""
 
 
 class StoreTailSource:
@@ -162,13 +182,16 @@ class StoreTailSource:
                 after = batch[-1].position
                 yield batch
             else:
-                await self.source.wait_for_append(after, self.idle_wait)
+                await self.source.wait_for_append(self.idle_wait)
 
     async def done(self, batch: list[Envelope]) -> None:
         return None
 
     def checkpoint_name(self, env: Envelope) -> str | None:
         return self.name
+
+    async def rewind(self) -> None:
+        return None  # a new batches() starts again from the committed checkpoint
 
 
 class KafkaSource:
@@ -183,6 +206,7 @@ class KafkaSource:
             isolation_level="read_committed", max_poll_records=500,
         )
         self._offsets: dict[TopicPartition, int] = {}
+        self._starts: dict[TopicPartition, int] = {}
 
     async def start(self) -> None:
         await self._consumer.start()
@@ -194,10 +218,11 @@ class KafkaSource:
         while not stop.is_set():
             records = await self._consumer.getmany(timeout_ms=200)
             batch: list[Envelope] = []
-            self._offsets = {}
+            self._offsets, self._starts = {}, {}
             for tp, msgs in records.items():
                 for msg in msgs:
                     batch.append(Envelope.from_json(msg.value))
+                    self._starts.setdefault(tp, msg.offset)
                     self._offsets[tp] = msg.offset + 1
             if batch:
                 yield batch
@@ -212,6 +237,13 @@ class KafkaSource:
 
     def checkpoint_name(self, env: Envelope) -> str | None:
         return None
+
+    async def rewind(self) -> None:
+        assigned = self._consumer.assignment()
+        for tp, offset in self._starts.items():
+            if tp in assigned:  # a partition lost to a rebalance is the new owner's now
+                self._consumer.seek(tp, offset)
+        self._starts, self._offsets = {}, {}
 
 
 Handler = Callable[[Envelope, UnitOfWork], Awaitable[None]]
@@ -232,9 +264,20 @@ class Subscription:
         self.duplicates = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        async for batch in self.source.batches(stop):
-            await self.process(batch)
-            await self.source.done(batch)
+        """Apply until stopped. A failure (database down, broker gone) rewinds the source
+        to the failed batch and tries again: tracking makes the replay harmless."""
+        backoff = Backoff()
+        while not stop.is_set():
+            try:
+                async for batch in self.source.batches(stop):
+                    await self.process(batch)
+                    await self.source.done(batch)
+                    backoff.reset()
+            except Exception as exc:
+                log.warning("%s: batch failed (%s: %s); rewinding", self.name, type(exc).__name__, exc)
+                with contextlib.suppress(Exception):
+                    await self.source.rewind()
+                await backoff.wait()
 
     async def process(self, batch: list[Envelope]) -> None:
         last_checkpointed: int | None = None
@@ -259,7 +302,7 @@ class Subscription:
             self.duplicates += 1
             return
         cp = self.source.checkpoint_name(env)
-        delay = 0.05
+        backoff = Backoff()
         while True:
             uow = UnitOfWork(
                 self.store, self._meta(env), tracking=(self.name, str(env.event_id)),
@@ -286,5 +329,4 @@ class Subscription:
                 return
             except Exception:
                 log.exception("%s failed on %s %s; retrying", self.name, env.type, env.event_id)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await backoff.wait()

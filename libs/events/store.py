@@ -248,7 +248,11 @@ class EventStore:
 
     async def commit(self, commit: Commit) -> list[Envelope]:
         """Append, update states and bookkeeping in one transaction. All or nothing."""
-        async with self._append_lock:
+        if commit.appends or self.is_sqlite:
+            # Appends serialize anyway (the store lock); SQLite has one writer at a time.
+            async with self._append_lock:
+                written = await self._commit(commit)
+        else:
             written = await self._commit(commit)
         if written:
             async with self._appended:
@@ -415,9 +419,9 @@ class EventStore:
         async with self.engine.connect() as conn:
             return int(await conn.scalar(select(func.max(events_table.c.position))) or 0)
 
-    async def wait_for_append(self, after_position: int, timeout: float) -> None:
-        """Returns when this process appended past the position, or after the timeout
-        (other processes' appends are found by polling)."""
+    async def wait_for_append(self, timeout: float) -> None:
+        """Returns when this process appends to the store, or after the timeout (other
+        processes' appends are found by polling)."""
         async with self._appended:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._appended.wait(), timeout)

@@ -236,3 +236,29 @@ async def test_a_rebalance_mid_stream_is_harmless(source: EventStore, sink: Even
     assert len(counts) == total and set(counts.values()) == {1}
     async with sink.engine.connect() as conn:
         assert await conn.scalar(select(func.count()).select_from(effects)) == total
+
+
+async def test_a_failed_batch_is_delivered_again_after_rewind(source: EventStore) -> None:
+    await fill(source, 60)
+    publisher = KafkaPublisher(KAFKA)
+    await publisher.start()
+    relay = Relay(source, publisher)
+    while await relay.run_once():
+        pass
+    await publisher.stop()
+    kafka = KafkaSource(KAFKA, [source.name], group=f"g-{uuid.uuid4().hex[:6]}")
+    await kafka.start()
+    stop = asyncio.Event()
+    batches = kafka.batches(stop)
+    try:
+        failed = {e.event_id for e in await anext(batches)}  # pretend it failed part-way
+        await kafka.rewind()
+        seen: set[uuid.UUID] = set()
+        async with asyncio.timeout(30):
+            while not failed <= seen:
+                seen |= {e.event_id for e in await anext(batches)}
+        assert failed <= seen
+    finally:
+        stop.set()
+        await batches.aclose()
+        await kafka.stop()
