@@ -15,8 +15,12 @@ import pytest
 
 from libs.events.store import EventStore
 
-PG_DSN = os.environ.get("CLOSEDLOOP_TEST_PG_DSN", "postgresql://closedloop@127.0.0.1:55432/test")
-KAFKA = os.environ.get("CLOSEDLOOP_KAFKA_BOOTSTRAP", "127.0.0.1:59092")
+# The same ports as deploy/local/*.sh, so that a second checkout can run its own instances.
+PG_DSN = os.environ.get(
+    "CLOSEDLOOP_TEST_PG_DSN",
+    f"postgresql://closedloop@127.0.0.1:{os.environ.get('CLOSEDLOOP_PG_PORT', '55432')}/test")
+KAFKA = os.environ.get(
+    "CLOSEDLOOP_KAFKA_BOOTSTRAP", f"127.0.0.1:{os.environ.get('CLOSEDLOOP_KAFKA_PORT', '59092')}")
 
 
 def sqlalchemy_url(dsn: str) -> str:

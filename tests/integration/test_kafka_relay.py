@@ -22,7 +22,7 @@ from libs.events.bus import KafkaPublisher, KafkaSource, Relay, Subscription, to
 from libs.events.contracts import Event, registry
 from libs.events.envelope import Envelope
 from libs.events.store import EventStore, Meta
-from tests.conftest import KAFKA, fresh_pg_schema, pg_store
+from tests.conftest import KAFKA, PG_DSN, fresh_pg_schema, pg_store
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 META = Meta(actor="test", role="system", correlation_id="relay-test")
@@ -144,8 +144,7 @@ async def test_relay_killed_mid_batch_resumes_and_consumers_apply_once(
 ) -> None:
     total = 1200
     await fill(source, total)
-    env = {**os.environ, "CLOSEDLOOP_TEST_PG_DSN": os.environ.get(
-        "CLOSEDLOOP_TEST_PG_DSN", "postgresql://closedloop@127.0.0.1:55432/test")}
+    env = {**os.environ, "CLOSEDLOOP_TEST_PG_DSN": PG_DSN}
     args = [sys.executable, "-m", "tests.integration.relay_proc", source.name,
             source.schema, KAFKA]  # type: ignore[attr-defined]
     kills = 0
