@@ -14,7 +14,7 @@ run: install  ## embedded: one process, SQLite, in-process bus, on 127.0.0.1:800
 	$(UV) run --frozen python -m services.runtime --host 127.0.0.1 --port 8000 --seed-sample-region
 
 lint: install
-	$(UV) run --frozen ruff check libs services tests
+	$(UV) run --frozen ruff check libs services tests bench
 	$(UV) run --frozen mypy --strict libs services
 
 test-unit: install
@@ -27,6 +27,9 @@ test: install lint  ## every tier, PostgreSQL and Kafka started (and stopped) by
 
 catalog: install  ## the event catalogue as JSON Schema and AsyncAPI, in docs/events/
 	$(UV) run --frozen python -m libs.events.catalogue docs/events
+
+bench: install  ## every bench/bench_*.py (or BENCH="bench_x ..."), PostgreSQL and Kafka up
+	bash deploy/local/with-infra.sh $(UV) run --frozen python -m bench $(BENCH)
 
 up: install  ## distributed: PostgreSQL, Kafka, and each service as its own process (8001-8004)
 	bash deploy/local/postgres.sh start
