@@ -12,7 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +37,7 @@ from services.disinfection import api as disinfection_api
 from services.disinfection import handlers as disinfection_handlers
 from services.dispatch import api as dispatch_api
 from services.dispatch import consumers as dispatch_consumers
+from services.dispatch import scheduler as dispatch_scheduler
 from services.projection import api as projection_api
 from services.projection import consumers as projection_consumers
 from services.projection import read_models
@@ -47,21 +48,28 @@ from services.transfer import handlers as transfer_handlers
 log = logging.getLogger("closedloop")
 
 
+Consumes = dict[str, dict[str, Handler]]  # source store -> event type -> handler
+Background = Callable[[EventStore, asyncio.Event], Coroutine[Any, Any, None]]
+
+
 @dataclass(frozen=True)
 class ServiceSpec:
     name: str
     router: APIRouter
-    consumes: dict[str, dict[str, Handler]]
+    consumers: dict[str, Consumes]  # consumer name (its tracking and Kafka group) -> what it reads
     publishes: bool = True
     tables: MetaData | None = None
+    background: tuple[Background, ...] = ()
 
 
 SERVICES: dict[str, ServiceSpec] = {
-    "dispatch": ServiceSpec("dispatch", dispatch_api.router, dispatch_consumers.CONSUMES),
-    "transfer": ServiceSpec("transfer", transfer_api.router, transfer_handlers.CONSUMES),
+    "dispatch": ServiceSpec("dispatch", dispatch_api.router, dispatch_consumers.CONSUMERS,
+                            background=(dispatch_scheduler.run,)),
+    "transfer": ServiceSpec("transfer", transfer_api.router, {"transfer": transfer_handlers.CONSUMES}),
     "disinfection": ServiceSpec("disinfection", disinfection_api.router,
-                                disinfection_handlers.CONSUMES),
-    "projection": ServiceSpec("projection", projection_api.router, projection_consumers.CONSUMES,
+                                {"disinfection": disinfection_handlers.CONSUMES}),
+    "projection": ServiceSpec("projection", projection_api.router,
+                              {"projection": projection_consumers.CONSUMES},
                               publishes=False, tables=read_models.metadata),
 }
 PORTS = {"dispatch": 8001, "transfer": 8002, "disinfection": 8003, "projection": 8004}
@@ -86,9 +94,11 @@ class Runtime:
             self.stores[name] = store
         if embedded:
             for name in self.services:
-                for source, handlers in SERVICES[name].consumes.items():
-                    tail = StoreTailSource(self.stores[source], self.stores[name], name)
-                    self.subscriptions.append(Subscription(name, self.stores[name], handlers, tail))
+                for consumer, consumes in SERVICES[name].consumers.items():
+                    for source, handlers in consumes.items():
+                        tail = StoreTailSource(self.stores[source], self.stores[name], consumer)
+                        self.subscriptions.append(
+                            Subscription(consumer, self.stores[name], handlers, tail))
         else:
             await ensure_topics(self.settings, [topic_for(s, self.settings.topic_prefix)
                                                 for s in SERVICES if SERVICES[s].publishes])
@@ -101,13 +111,16 @@ class Runtime:
                     self._closers.append(publisher.stop)
                     self.relays.append(Relay(self.stores[name], publisher,
                                              ttl_ms=self.settings.relay_lease_ms))
-                merged = {t: h for handlers in spec.consumes.values() for t, h in handlers.items()}
-                kafka = KafkaSource(self.settings.kafka_bootstrap, list(spec.consumes),
-                                    group=f"{self.settings.topic_prefix}.{name}",
-                                    topic_prefix=self.settings.topic_prefix)
-                await kafka.start()
-                self._closers.append(kafka.stop)
-                self.subscriptions.append(Subscription(name, self.stores[name], merged, kafka))
+                for consumer, consumes in spec.consumers.items():
+                    merged = {t: h for handlers in consumes.values() for t, h in handlers.items()}
+                    kafka = KafkaSource(self.settings.kafka_bootstrap, list(consumes),
+                                        group=f"{self.settings.topic_prefix}.{consumer}",
+                                        topic_prefix=self.settings.topic_prefix)
+                    await kafka.start()
+                    self._closers.append(kafka.stop)
+                    self.subscriptions.append(Subscription(consumer, self.stores[name], merged, kafka))
+        self._tasks += [asyncio.create_task(task(self.stores[name], self._stop))
+                        for name in self.services for task in SERVICES[name].background]
         self._tasks += [asyncio.create_task(r.run(self._stop)) for r in self.relays]
         self._tasks += [asyncio.create_task(s.run(self._stop)) for s in self.subscriptions]
 

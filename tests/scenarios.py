@@ -180,13 +180,16 @@ def patient(i: int) -> dict[str, Any]:
 
 
 async def r1_concurrent_assignments(c: httpx.AsyncClient, n: int = 24) -> None:
-    """R1: n transfers wait; n dispatchers assign the one free vehicle to them at once.
-    Exactly one wins; every other gets 409 naming R1."""
+    """R1: n fever patients from an isolation site wait (they need a negative-pressure
+    ambulance, R5); the only vehicle is a dedicated car, so auto-assignment leaves them
+    queued. n dispatchers then assign that car at once, each overriding R5 with a reason.
+    Exactly one wins; every other gets 409 naming R1: an override never breaks R1."""
     ids = [ok(await c.post(f"{API}/transfers", json=patient(i)), 201)["id"] for i in range(n)]
-    assert len(ok(await c.get(f"{API}/queue"))) == n  # no vehicle yet: all queued
-    ok(await c.post(f"{API}/vehicles", json=VEHICLES[0]), 201)
+    ok(await c.post(f"{API}/vehicles", json=VEHICLES[1]), 201)
+    assert len(ok(await c.get(f"{API}/queue"))) == n  # the car does not fit: all still queued
+    body = {"vehicle_id": "yn-bus-02", "override_reason": "负压车全部在途，家属同意"}
     responses = await asyncio.gather(*[
-        c.post(f"{API}/transfers/{tid}/assign", json={"vehicle_id": "nx-120-07"}) for tid in ids
+        c.post(f"{API}/transfers/{tid}/assign", json=body) for tid in ids
     ])
     codes = sorted(r.status_code for r in responses)
     assert codes == [200] + [409] * (n - 1), codes
@@ -197,9 +200,10 @@ async def r1_concurrent_assignments(c: httpx.AsyncClient, n: int = 24) -> None:
             assert r.headers["content-type"].startswith("application/problem+json")
             assert problem["message_zh"]
     winner = next(r.json() for r in responses if r.status_code == 200)
-    vehicle = ok(await c.get(f"{API}/vehicles/nx-120-07"))
+    assert winner["overrides"] == [{"rule": "R5", "reason": body["override_reason"]}]
+    vehicle = ok(await c.get(f"{API}/vehicles/yn-bus-02"))
     assert vehicle["status"] == "assigned" and vehicle["transfer_id"] == winner["id"]
-    assigned = [t for t in ok(await c.get(f"{API}/transfers")) if t["vehicle_id"] == "nx-120-07"]
+    assigned = [t for t in ok(await c.get(f"{API}/transfers")) if t["vehicle_id"] == "yn-bus-02"]
     assert [t["id"] for t in assigned] == [winner["id"]]
 
 

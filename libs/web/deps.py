@@ -100,16 +100,20 @@ async def idempotent(
 async def command_response(
     store: EventStore, actor: Actor, *, key: str | None, scope: str, body: BaseModel | None,
     correlation_id: str, status: int, work: Callable[[UnitOfWork], Awaitable[dict[str, Any]]],
+    status_of: Callable[[dict[str, Any]], int] | None = None,
 ) -> JSONResponse:
-    """The shape of every write route: idempotency, optimistic retry, one commit."""
+    """The shape of every write route: idempotency, optimistic retry, one commit.
+    `status_of` picks the status from the result when it varies (201 created, 200 found)."""
 
     async def run(remember: Remember) -> tuple[int, dict[str, Any]]:
-        async def step(uow: UnitOfWork) -> dict[str, Any]:
+        async def step(uow: UnitOfWork) -> tuple[int, dict[str, Any]]:
             view = await work(uow)
-            remember(uow, status, view)
-            return view
+            code = status_of(view) if status_of else status
+            remember(uow, code, view)
+            return code, view
 
-        view, _ = await with_retry(lambda: UnitOfWork(store, meta_for(actor, correlation_id)), step)
-        return status, view
+        (code, view), _ = await with_retry(
+            lambda: UnitOfWork(store, meta_for(actor, correlation_id)), step)
+        return code, view
 
     return await idempotent(store, key, scope, body, run)

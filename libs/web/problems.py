@@ -19,10 +19,16 @@ log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
 
 
+RESERVED = ("type", "title", "status", "detail", "code", "message_zh", "instance")
+
+
 def problem(status: int, code: str, title: str, detail: str, message_zh: str,
             **extra: Any) -> JSONResponse:
-    body = {"type": f"https://closedloop.example/problems/{code}", "title": title,
-            "status": status, "detail": detail, "code": code, "message_zh": message_zh, **extra}
+    """Extras ride beside the standard members; one that would shadow a standard member is
+    renamed (`status` -> `current_status`), never allowed to break the answer."""
+    body: dict[str, Any] = {f"current_{k}" if k in RESERVED else k: v for k, v in extra.items()}
+    body.update({"type": f"https://closedloop.example/problems/{code}", "title": title,
+                 "status": status, "detail": detail, "code": code, "message_zh": message_zh})
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
 
 

@@ -1,4 +1,4 @@
-"""Dispatch's REST routes (/api/v1): transfers, queue, vehicles, facilities."""
+"""Dispatch's REST routes (/api/v1): transfers, queue, vehicles, facilities, care series."""
 
 from __future__ import annotations
 
@@ -12,8 +12,21 @@ from libs.events.aggregate import UnitOfWork
 from libs.events.store import EventStore
 from libs.web.deps import ActorDep, IdempotencyKey, command_response, store_dep
 from services.dispatch import handlers
-from services.dispatch.domain import Facility, Transfer, Vehicle
-from services.dispatch.schemas import AssignIn, FacilityIn, LoadIn, TransferIn, VehicleIn
+from services.dispatch.domain import CareSeries, Facility, Transfer, Vehicle
+from services.dispatch.schemas import (
+    AssignIn,
+    CancelIn,
+    CareSeriesIn,
+    DutyIn,
+    FacilityIn,
+    LoadIn,
+    OutOfServiceIn,
+    PositionIn,
+    RedirectIn,
+    ReprioritizeIn,
+    TransferIn,
+    VehicleIn,
+)
 
 router = APIRouter(tags=["dispatch"])
 Store = Annotated[EventStore, Depends(store_dep("dispatch"))]
@@ -24,13 +37,17 @@ Offset = Annotated[int, Query(ge=0)]
 @router.post("/transfers", status_code=201)
 async def post_transfer(body: TransferIn, store: Store, actor: ActorDep,
                         key: IdempotencyKey = None) -> JSONResponse:
+    """201 with the new transfer; 200 with the live one when this person already has one."""
     transfer_id = str(uuid4())
 
     async def work(uow: UnitOfWork) -> dict[str, Any]:
-        return handlers.transfer_view(await handlers.request_transfer(uow, transfer_id, body))
+        transfer, created = await handlers.request_transfer(uow, transfer_id, body)
+        view = handlers.transfer_view(transfer)
+        return view if created else {**view, "existing": True}
 
     return await command_response(store, actor, key=key, scope="POST /transfers", body=body,
-                                  correlation_id=transfer_id, status=201, work=work)
+                                  correlation_id=transfer_id, status=201, work=work,
+                                  status_of=lambda v: 200 if v.get("existing") else 201)
 
 
 @router.get("/transfers")
@@ -50,19 +67,53 @@ async def get_transfer(transfer_id: str, store: Store) -> dict[str, Any]:
 @router.post("/transfers/{transfer_id}/assign")
 async def assign(transfer_id: str, body: AssignIn, store: Store, actor: ActorDep,
                  key: IdempotencyKey = None) -> JSONResponse:
+    """Manual assignment; a soft rule the vehicle breaks needs `override_reason` (R1 never)."""
     async def work(uow: UnitOfWork) -> dict[str, Any]:
-        return handlers.transfer_view(await handlers.assign_manually(uow, transfer_id, body))
+        return handlers.transfer_view(
+            await handlers.assign_manually(uow, transfer_id, body, actor.role))
 
     return await command_response(store, actor, key=key, scope=f"POST /transfers/{transfer_id}/assign",
                                   body=body, correlation_id=transfer_id, status=200, work=work)
 
 
+@router.post("/transfers/{transfer_id}/priority")
+async def post_priority(transfer_id: str, body: ReprioritizeIn, store: Store, actor: ActorDep,
+                        key: IdempotencyKey = None) -> JSONResponse:
+    async def work(uow: UnitOfWork) -> dict[str, Any]:
+        return handlers.transfer_view(await handlers.reprioritize(uow, transfer_id, body))
+
+    return await command_response(store, actor, key=key, scope=f"POST /transfers/{transfer_id}/priority",
+                                  body=body, correlation_id=transfer_id, status=200, work=work)
+
+
+@router.post("/transfers/{transfer_id}/redirect")
+async def post_redirect(transfer_id: str, body: RedirectIn, store: Store, actor: ActorDep,
+                        key: IdempotencyKey = None) -> JSONResponse:
+    async def work(uow: UnitOfWork) -> dict[str, Any]:
+        return handlers.transfer_view(await handlers.redirect(uow, transfer_id, body))
+
+    return await command_response(store, actor, key=key, scope=f"POST /transfers/{transfer_id}/redirect",
+                                  body=body, correlation_id=transfer_id, status=200, work=work)
+
+
+@router.post("/transfers/{transfer_id}/cancel")
+async def post_cancel(transfer_id: str, body: CancelIn, store: Store, actor: ActorDep,
+                      key: IdempotencyKey = None) -> JSONResponse:
+    async def work(uow: UnitOfWork) -> dict[str, Any]:
+        return handlers.transfer_view(await handlers.cancel(uow, transfer_id, body))
+
+    return await command_response(store, actor, key=key, scope=f"POST /transfers/{transfer_id}/cancel",
+                                  body=body, correlation_id=transfer_id, status=200, work=work)
+
+
 @router.get("/queue")
 async def queue(store: Store) -> list[dict[str, Any]]:
-    waiting = await UnitOfWork.reading(store).find(Transfer, status=["queued"])
+    """Waiting transfers in dispatch order: priority (R4), then request time."""
+    waiting = await UnitOfWork.reading(store).find(Transfer, status=["queued"], limit=10_000)
     waiting.sort(key=lambda t: (t.priority, t.requested_at))
     return [
-        {"position": i, "why": f"priority {t.priority}: {t.priority_reason}; then request time",
+        {"position": i, "why": f"priority {t.priority} ({t.priority_reason}), then request time "
+                               f"{t.requested_at}; waiting because {t.status_reason}",
          **handlers.transfer_view(t)}
         for i, t in enumerate(waiting, start=1)
     ]
@@ -92,6 +143,39 @@ async def get_vehicle(vehicle_id: str, store: Store) -> dict[str, Any]:
         await UnitOfWork.reading(store).require(Vehicle, vehicle_id, "vehicle"))
 
 
+@router.post("/vehicles/{vehicle_id}/duty")
+async def post_duty(vehicle_id: str, body: DutyIn, store: Store, actor: ActorDep,
+                    key: IdempotencyKey = None) -> JSONResponse:
+    async def work(uow: UnitOfWork) -> dict[str, Any]:
+        return handlers.vehicle_view(await handlers.set_duty(uow, vehicle_id, body))
+
+    return await command_response(store, actor, key=key, scope=f"POST /vehicles/{vehicle_id}/duty",
+                                  body=body, correlation_id=vehicle_id, status=200, work=work)
+
+
+@router.post("/vehicles/{vehicle_id}/out-of-service")
+async def post_out_of_service(vehicle_id: str, body: OutOfServiceIn, store: Store, actor: ActorDep,
+                              key: IdempotencyKey = None) -> JSONResponse:
+    async def work(uow: UnitOfWork) -> dict[str, Any]:
+        return handlers.vehicle_view(await handlers.take_out_of_service(uow, vehicle_id, body))
+
+    return await command_response(store, actor, key=key,
+                                  scope=f"POST /vehicles/{vehicle_id}/out-of-service", body=body,
+                                  correlation_id=vehicle_id, status=200, work=work)
+
+
+@router.post("/vehicles/{vehicle_id}/position", status_code=202)
+async def post_position(vehicle_id: str, body: PositionIn, store: Store, actor: ActorDep,
+                        key: IdempotencyKey = None) -> JSONResponse:
+    """202: taken; `recorded` says whether it moved the track (see handlers.report_position)."""
+    async def work(uow: UnitOfWork) -> dict[str, Any]:
+        vehicle, recorded = await handlers.report_position(uow, vehicle_id, body)
+        return {**handlers.vehicle_view(vehicle), "recorded": recorded}
+
+    return await command_response(store, actor, key=key, scope=f"POST /vehicles/{vehicle_id}/position",
+                                  body=body, correlation_id=vehicle_id, status=202, work=work)
+
+
 @router.post("/facilities", status_code=201)
 async def post_facility(body: FacilityIn, store: Store, actor: ActorDep,
                         key: IdempotencyKey = None) -> JSONResponse:
@@ -116,3 +200,31 @@ async def post_load(facility_id: str, body: LoadIn, store: Store, actor: ActorDe
 
     return await command_response(store, actor, key=key, scope=f"POST /facilities/{facility_id}/load",
                                   body=body, correlation_id=facility_id, status=200, work=work)
+
+
+@router.post("/care-series", status_code=201)
+async def post_care_series(body: CareSeriesIn, store: Store, actor: ActorDep,
+                           key: IdempotencyKey = None) -> JSONResponse:
+    """Recurring care (dialysis, chemotherapy, pregnancy checks): each occurrence becomes a
+    transfer `lead_minutes` before the appointment."""
+    async def work(uow: UnitOfWork) -> dict[str, Any]:
+        return handlers.care_view(await handlers.schedule_care(uow, body))
+
+    return await command_response(store, actor, key=key, scope="POST /care-series", body=body,
+                                  correlation_id=str(uuid4()), status=201, work=work)
+
+
+@router.get("/care-series")
+async def list_care_series(store: Store, status: str | None = None) -> list[dict[str, Any]]:
+    found = await UnitOfWork.reading(store).find(CareSeries, status=[status] if status else None)
+    return [handlers.care_view(s) for s in found]
+
+
+@router.post("/care-series/{series_id}/cancel")
+async def post_cancel_care(series_id: str, body: CancelIn, store: Store, actor: ActorDep,
+                           key: IdempotencyKey = None) -> JSONResponse:
+    async def work(uow: UnitOfWork) -> dict[str, Any]:
+        return handlers.care_view(await handlers.cancel_care(uow, series_id, body))
+
+    return await command_response(store, actor, key=key, scope=f"POST /care-series/{series_id}/cancel",
+                                  body=body, correlation_id=series_id, status=200, work=work)

@@ -1,14 +1,35 @@
-"""What dispatch learns from the other services' events."""
+"""What dispatch learns from events: the trip's progress and the vehicle's disinfection
+(consumer "dispatch"), and 报备 delivery to the health bureau (consumer "dispatch-reports",
+apart so that a slow bureau endpoint never holds up dispatch)."""
 
 from __future__ import annotations
+
+import asyncio
+import logging
+
+import httpx
 
 from libs.events.aggregate import UnitOfWork, decode
 from libs.events.bus import Handler
 from libs.events.catalog import disinfection as dis
+from libs.events.catalog import dispatch as dsp
 from libs.events.catalog import transfer as tr
-from libs.events.envelope import Envelope
+from libs.events.envelope import Envelope, canonical_json
+from libs.web.webhooks import EVENT_ID_HEADER, SIGNATURE_HEADER, sign
+from services.dispatch.config import settings
 from services.dispatch.domain import Transfer, Vehicle
-from services.dispatch.handlers import serve_queue
+from services.dispatch.handlers import serve_queue, transfer_view
+
+log = logging.getLogger(__name__)
+
+
+async def on_step(env: Envelope, uow: UnitOfWork) -> None:
+    e = decode(env)
+    assert isinstance(e, tr.TripStepReported)
+    if e.step == "patient_aboard" and e.transfer_id:
+        transfer = await uow.require(Transfer, e.transfer_id, "transfer")
+        trip_vehicle = env.payload.get("vehicle_id") or transfer.vehicle_id or ""
+        transfer.picked_up(e.trip_id, trip_vehicle)
 
 
 async def on_trip_completed(env: Envelope, uow: UnitOfWork) -> None:
@@ -30,8 +51,7 @@ async def on_vehicle_released(env: Envelope, uow: UnitOfWork) -> None:
     assert isinstance(e, dis.VehicleReleased)
     vehicle = await uow.require(Vehicle, e.vehicle_id, "vehicle")
     vehicle.released(e.trip_id, e.cycle_id)
-    if vehicle.status == "available":
-        await serve_queue(uow, vehicle)
+    await serve_queue(uow, vehicle)
 
 
 async def on_vehicle_quarantined(env: Envelope, uow: UnitOfWork) -> None:
@@ -41,8 +61,44 @@ async def on_vehicle_quarantined(env: Envelope, uow: UnitOfWork) -> None:
     vehicle.take_out_of_service(f"positive surface swab {e.sample_id}", rule="R9")
 
 
-CONSUMES: dict[str, dict[str, Handler]] = {
-    "transfer": {"TripCompleted": on_trip_completed, "PatientHandedOver": on_patient_handed_over},
-    "disinfection": {"VehicleReleased": on_vehicle_released,
-                     "VehicleQuarantined": on_vehicle_quarantined},
+async def deliver_report(env: Envelope, uow: UnitOfWork) -> None:
+    """报备 (R10): POST the report, signed, retried with backoff; the outcome is an event."""
+    cfg = settings()
+    if not cfg.report_webhook_url:
+        log.info("no 报备 endpoint (CLOSEDLOOP_DISPATCH_REPORT_WEBHOOK_URL): kept as an event only")
+        return
+    e = decode(env)
+    assert isinstance(e, dsp.TransferReported)
+    transfer = await uow.require(Transfer, e.transfer_id, "transfer")
+    body = canonical_json({
+        "event_id": str(env.event_id), "reported_at": env.recorded_at, "reported_by": e.reported_by,
+        "reported_to": e.reported_to, "transfer": transfer_view(transfer),
+    }).encode()
+    error, delay = "", cfg.report_retry_base_s
+    async with httpx.AsyncClient(timeout=10) as client:
+        for attempt in range(1, cfg.report_max_attempts + 1):
+            try:
+                resp = await client.post(cfg.report_webhook_url, content=body, headers={
+                    "Content-Type": "application/json", EVENT_ID_HEADER: str(env.event_id),
+                    SIGNATURE_HEADER: sign(cfg.report_webhook_secret, body)})
+                if resp.status_code < 300:
+                    transfer.report_delivered(cfg.report_webhook_url, attempt, resp.status_code)
+                    return
+                error = f"HTTP {resp.status_code}"
+            except httpx.HTTPError as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            if attempt < cfg.report_max_attempts:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60)
+    transfer.report_failed(cfg.report_webhook_url, cfg.report_max_attempts, error)
+
+
+CONSUMERS: dict[str, dict[str, dict[str, Handler]]] = {
+    "dispatch": {
+        "transfer": {"TripStepReported": on_step, "TripCompleted": on_trip_completed,
+                     "PatientHandedOver": on_patient_handed_over},
+        "disinfection": {"VehicleReleased": on_vehicle_released,
+                         "VehicleQuarantined": on_vehicle_quarantined},
+    },
+    "dispatch-reports": {"dispatch": {"TransferReported": deliver_report}},
 }

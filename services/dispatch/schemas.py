@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
+from datetime import date, datetime
 from enum import StrEnum
+from typing import Annotated
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
@@ -53,7 +55,7 @@ class FacilityIn(Strict):
     location: Location
     fever_clinic_capacity: int | None = Field(default=None, ge=0, le=100_000)
     backup_ids: list[str] = []
-    overflow_threshold: float = Field(default=0.8, gt=0, le=1)
+    overflow_threshold: float | None = Field(default=None, gt=0, le=1)  # the region's default
 
 
 class LoadIn(Strict):
@@ -164,8 +166,67 @@ class TransferIn(Strict):
     purpose: Purpose
     return_required: bool = False
     requested_by: RequestedBy
+    destination_wish: str | None = Field(default=None, pattern=IDENT)
+
+
+Reason = Annotated[str, Field(min_length=1, max_length=500)]
 
 
 class AssignIn(Strict):
     vehicle_id: str = Field(pattern=IDENT)
-    override_reason: str | None = Field(default=None, max_length=500)
+    override_reason: Reason | None = None
+
+
+class ReprioritizeIn(Strict):
+    priority: int = Field(ge=1, le=4)
+    reason: Reason
+
+
+class RedirectIn(Strict):
+    reason: Reason
+    facility_id: str | None = Field(default=None, pattern=IDENT)
+    condition: Condition | None = None
+
+
+class CancelIn(Strict):
+    reason: Reason
+
+
+class DutyIn(Strict):
+    on_duty: bool
+    reason: str = Field(default="", max_length=500)
+
+
+class OutOfServiceIn(Strict):
+    reason: Reason
+
+
+class PositionIn(Strict):
+    location: Location
+    at: AwareDatetime
+
+
+class CareSeriesIn(Strict):
+    transfer: TransferIn
+    weekdays: list[int] = Field(min_length=1, max_length=7)
+    time: str = Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    timezone: str = "Asia/Shanghai"
+    starts_on: date
+    until: date | None = None
+    lead_minutes: int = Field(default=60, ge=0, le=1440)
+
+    @field_validator("weekdays")
+    @classmethod
+    def _weekdays(cls, v: list[int]) -> list[int]:
+        if any(d < 1 or d > 7 for d in v):
+            raise ValueError("weekdays are ISO numbers: Monday 1 to Sunday 7")
+        return sorted(set(v))
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {v}") from exc
+        return v

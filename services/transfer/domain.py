@@ -76,7 +76,8 @@ class Trip(Aggregate):
             )
         self.record(
             ev.TripStepReported(trip_id=self.id, step=step, client_event_id=client_event_id,
-                                device_at=iso(device_at), position=position),
+                                device_at=iso(device_at), position=position,
+                                transfer_id=self.transfer_id),
             occurred_at=device_at,
         )
         if step == "handed_over" and self.status != "completed":
@@ -117,3 +118,26 @@ class Trip(Aggregate):
 
     def _on_TripCompleted(self, e: ev.TripCompleted) -> None:
         self.status = "completed"
+
+    def redirect(self, destination_id: str, reason: str) -> None:
+        if self.status == "open" and destination_id != self.destination_id:
+            self.record(ev.TripRedirected(trip_id=self.id, transfer_id=self.transfer_id,
+                                          destination_id=destination_id, reason=reason))
+
+    def _on_TripRedirected(self, e: ev.TripRedirected) -> None:
+        self.destination_id = e.destination_id
+
+    def abort(self, reason: str) -> None:
+        """Ends a trip that will not hand over. A vehicle that had the patient aboard still
+        needs disinfection, so its trip completes rather than aborts (issue 4 decides more)."""
+        if self.status != "open":
+            return
+        if self._reached("patient_aboard"):
+            self.record(ev.TripCompleted(trip_id=self.id, transfer_id=self.transfer_id,
+                                         vehicle_id=self.vehicle_id))
+            return
+        self.record(ev.TripAborted(trip_id=self.id, transfer_id=self.transfer_id,
+                                   vehicle_id=self.vehicle_id, reason=reason))
+
+    def _on_TripAborted(self, e: ev.TripAborted) -> None:
+        self.status = "aborted"

@@ -34,7 +34,36 @@ async def on_vehicle_assigned(env: Envelope, uow: UnitOfWork) -> None:
     uow.add(Trip.open(e.transfer_id, e.vehicle_id, e.destination_id, e.origin, e.return_required))
 
 
-CONSUMES: dict[str, dict[str, Handler]] = {"dispatch": {"VehicleAssigned": on_vehicle_assigned}}
+async def on_vehicle_withdrawn(env: Envelope, uow: UnitOfWork) -> None:
+    e = decode(env)
+    assert isinstance(e, dsp.VehicleWithdrawn)
+    trip = await uow.get(Trip, trip_id_for(e.transfer_id, e.vehicle_id))
+    if trip is not None:
+        trip.abort(f"vehicle withdrawn: {e.reason}")
+
+
+async def on_transfer_cancelled(env: Envelope, uow: UnitOfWork) -> None:
+    e = decode(env)
+    assert isinstance(e, dsp.TransferCancelled)
+    for trip in await uow.find(Trip, status=["open"], limit=10_000):
+        if trip.transfer_id == e.transfer_id:
+            loaded = await uow.require(Trip, trip.id, "trip")
+            loaded.abort(f"transfer cancelled: {e.reason}")
+
+
+async def on_transfer_redirected(env: Envelope, uow: UnitOfWork) -> None:
+    e = decode(env)
+    assert isinstance(e, dsp.TransferRedirected)
+    for trip in await uow.find(Trip, status=["open"], limit=10_000):
+        if trip.transfer_id == e.transfer_id:
+            loaded = await uow.require(Trip, trip.id, "trip")
+            loaded.redirect(e.to_facility_id, e.reason)
+
+
+CONSUMES: dict[str, dict[str, Handler]] = {"dispatch": {
+    "VehicleAssigned": on_vehicle_assigned, "VehicleWithdrawn": on_vehicle_withdrawn,
+    "TransferCancelled": on_transfer_cancelled, "TransferRedirected": on_transfer_redirected,
+}}
 
 
 def trip_view(t: Trip) -> dict[str, Any]:

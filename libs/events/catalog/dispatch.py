@@ -71,6 +71,47 @@ class VehicleTakenOutOfService(Event):
 
 
 @registry.register
+class VehicleDutyChanged(Event):
+    vehicle_id: str
+    on_duty: bool
+    reason: str = ""
+
+
+@registry.register
+class VehiclePositionReported(Event):
+    vehicle_id: str
+    location: Location
+    at: str
+
+
+@registry.register
+class VehicleStoodDown(Event):
+    """Freed from a transfer it never carried (cancelled, or reassigned elsewhere)."""
+
+    vehicle_id: str
+    transfer_id: str
+    reason: str
+
+
+@registry.register
+class BackupsActivated(Event):
+    """R7: the facility's load passed its threshold; its backups take new patients."""
+
+    facility_id: str
+    backup_ids: list[str]
+    load_ratio: float
+    threshold: float
+
+
+@registry.register
+class BackupsStoodDown(Event):
+    facility_id: str
+    backup_ids: list[str]
+    load_ratio: float
+    threshold: float
+
+
+@registry.register
 class TransferRequested(Event):
     transfer_id: str
     patient: dict[str, Any]
@@ -80,12 +121,23 @@ class TransferRequested(Event):
     purpose: str
     return_required: bool
     requested_by: dict[str, Any]
+    destination_wish: str | None = None
+    series_id: str | None = None
+    return_of: str | None = None
 
 
 @registry.register
 class TransferPrioritized(Event):
     transfer_id: str
     priority: int
+    reason: str
+
+
+@registry.register
+class TransferReprioritized(Event):
+    transfer_id: str
+    priority: int
+    previous: int
     reason: str
 
 
@@ -116,6 +168,104 @@ class VehicleAssigned(Event):
     override_reason: str | None = None
     reason: str
     candidates: list[dict[str, Any]] = []
+
+
+@registry.register
+class RuleOverridden(Event):
+    """A dispatcher or supervisor chose to break a soft rule, with a reason (an audit finding)."""
+
+    rule: str
+    transfer_id: str
+    vehicle_id: str | None
+    reason: str
+    detail: str
+
+
+@registry.register
+class VehicleWithdrawn(Event):
+    """The assigned vehicle cannot go on (breakdown before pickup): the transfer needs another."""
+
+    transfer_id: str
+    vehicle_id: str
+    reason: str
+
+
+@registry.register
+class TransferPickedUp(Event):
+    transfer_id: str
+    trip_id: str
+    vehicle_id: str
+
+
+@registry.register
+class TransferRedirected(Event):
+    transfer_id: str
+    from_facility_id: str | None
+    to_facility_id: str
+    reason: str
+    candidates: list[dict[str, Any]] = []
+    condition: dict[str, Any] | None = None
+
+
+@registry.register
+class TransferCancelled(Event):
+    transfer_id: str
+    reason: str
+
+
+@registry.register
+class DestinationUnresolved(Event):
+    """No open facility fits this patient now: the vehicle still goes for the patient, and
+    the dispatcher names a destination (redirect) before arrival."""
+
+    transfer_id: str
+    reason: str
+    candidates: list[dict[str, Any]] = []
+
+
+@registry.register
+class ReportDelivered(Event):
+    """报备 reached the county health bureau's system (R10)."""
+
+    transfer_id: str
+    url: str
+    attempts: int
+    status_code: int
+
+
+@registry.register
+class ReportDeliveryFailed(Event):
+    transfer_id: str
+    url: str
+    attempts: int
+    error: str
+
+
+@registry.register
+class CareSeriesScheduled(Event):
+    """Recurring care that must not lapse (dialysis, chemotherapy, pregnancy checks)."""
+
+    series_id: str
+    template: dict[str, Any]
+    weekdays: list[int]
+    time: str
+    timezone: str
+    starts_on: str
+    until: str | None
+    lead_minutes: int
+
+
+@registry.register
+class CareOccurrenceRequested(Event):
+    series_id: str
+    appointment_at: str
+    transfer_id: str
+
+
+@registry.register
+class CareSeriesCancelled(Event):
+    series_id: str
+    reason: str
 
 
 @registry.register

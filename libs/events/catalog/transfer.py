@@ -27,6 +27,7 @@ class TripStepReported(Event):
     client_event_id: str
     device_at: str
     position: Location | None = None
+    transfer_id: str = ""
 
 
 @registry.register
@@ -47,6 +48,24 @@ class HandoverConfirmed(Event):
     facility_id: str
     received_by: str
     confirmed_by: str
+
+
+@registry.register
+class TripRedirected(Event):
+    trip_id: str
+    transfer_id: str
+    destination_id: str
+    reason: str
+
+
+@registry.register
+class TripAborted(Event):
+    """The trip ends without a handover (the vehicle was withdrawn, the transfer cancelled)."""
+
+    trip_id: str
+    transfer_id: str
+    vehicle_id: str
+    reason: str
 
 
 @registry.register

@@ -1,0 +1,251 @@
+"""Dispatch's pure domain, rule by rule (R1-R7, R10), no I/O."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import pytest
+
+from libs.events.aggregate import RuleRefused, StateConflict
+from libs.events.catalog import dispatch as ev
+from libs.events.catalog.common import Location
+from services.dispatch.config import region
+from services.dispatch.domain import (
+    CareSeries,
+    Facility,
+    StraightLineEta,
+    Transfer,
+    Vehicle,
+    choose_destination,
+    patient_class,
+    patient_key,
+    rank_vehicles,
+    triage,
+    vehicle_needs,
+)
+from services.dispatch.schemas import resident_id_ok
+
+ETA = StraightLineEta()
+HOME = Location(lat=38.28, lon=106.24)
+
+
+def vehicle(vid: str = "v1", kind: str = "negative_pressure_ambulance", life_support: bool = True,
+            pool: bool = True, lat: float = 38.28) -> Vehicle:
+    return Vehicle.register(ev.VehicleRegistered(
+        vehicle_id=vid, plate="宁A", kind=kind, dedicated_pool=pool, life_support=life_support,
+        station="s", location=Location(lat=lat, lon=106.25)))
+
+
+def facility(fid: str, roles: list[str], lat: float, capacity: int | None = 100,
+             backups: list[str] | None = None) -> Facility:
+    return Facility.register(ev.FacilityRegistered(
+        facility_id=fid, name=fid, roles=roles, location=Location(lat=lat, lon=106.23),
+        fever_clinic_capacity=capacity, backup_ids=backups or []))
+
+
+def transfer(category: str = "isolation_site", condition: dict[str, object] | None = None,
+             channel: str = "console", purpose: str = "outpatient_visit") -> Transfer:
+    return Transfer.request(ev.TransferRequested(
+        transfer_id="t-1", patient={"name": "张三", "id_number": "640121198001011231"},
+        risk_category=category, condition=condition or {"fever": True},
+        origin={"kind": "isolation_site", "name": "o", "location": {"lat": 38.275, "lon": 106.24}},
+        purpose=purpose, return_required=True, requested_by={"channel": channel, "org": "社区"}),
+        requested_at="2022-11-20T01:00:00+00:00")
+
+
+def route(pclass: str, facilities: list[Facility], critical: bool = False,
+          wish: str | None = None) -> str | None:
+    r = choose_destination(HOME, pclass, region().roles[pclass], facilities, ETA,
+                           critical=critical, wish=wish)
+    return r.facility.id if r.facility else None
+
+
+def test_gb11643_check_digit() -> None:
+    assert resident_id_ok("640121198001011231")
+    assert not resident_id_ok("640121198001011230")  # the example's bad id
+    assert not resident_id_ok("640121198013011231")  # no 13th month
+    assert not resident_id_ok("64012119800101123")
+
+
+def test_one_live_transfer_per_person_is_keyed_by_id_number_else_phone() -> None:
+    assert patient_key({"name": "a", "id_number": "X"}) == "id:X"
+    assert patient_key({"name": "a", "phone": "138"}) == "phone:a:138"
+    assert patient_key({"name": "a"}) is None
+
+
+def test_r1_a_vehicle_carries_one_patient_even_with_an_override() -> None:
+    v = vehicle()
+    v.reserve("t-1")
+    with pytest.raises(RuleRefused) as refused:
+        v.reserve("t-2", frozenset({"R2", "R3", "R5"}))
+    assert refused.value.rule == "R1"
+
+
+def test_r2_not_assignable_until_released_unless_a_supervisor_overrides() -> None:
+    v = vehicle()
+    v.reserve("t-0")
+    v.trip_completed("trip-0")
+    t = transfer()
+    with pytest.raises(RuleRefused) as refused:
+        t.assign(v, [], "x", [])
+    assert refused.value.rule == "R2"
+    with pytest.raises(RuleRefused):  # a dispatcher's reason is not enough for R2
+        t.assign(v, [], "x", [], override_reason="urgent", role="dispatcher")
+    t.assign(v, [], "x", [], override_reason="no other vehicle, stroke", role="supervisor")
+    overridden = [p.event for p in t.pending() if isinstance(p.event, ev.RuleOverridden)]
+    assert [o.rule for o in overridden] == ["R2"] and v.status == "assigned"
+
+
+def test_r2_a_release_that_overtakes_the_trip_end_is_kept() -> None:
+    v = vehicle()
+    v.reserve("t-1")
+    v.released("trip-1", "cycle-1")
+    assert v.status == "assigned"
+    v.trip_completed("trip-1")
+    assert v.status == "available"
+
+
+def test_r3_r5_an_unfit_vehicle_needs_a_reason_and_the_override_is_an_event() -> None:
+    bus = vehicle("bus", kind="dedicated_vehicle", life_support=False, pool=False)
+    t = transfer("isolation_site", {"fever": True})
+    unmet = bus.unmet(vehicle_needs(t.risk_category, t.condition))
+    assert [u.rule for u in unmet] == ["R5", "R3"]
+    with pytest.raises(RuleRefused) as refused:
+        t.assign(bus, unmet, "manual", [])
+    assert refused.value.rule == "R5"
+    t.assign(bus, unmet, "manual", [], manual=True, override_reason="负压车全部在途")
+    rules = [p.event.rule for p in t.pending() if isinstance(p.event, ev.RuleOverridden)]
+    assert rules == ["R3", "R5"] and t.overrides[0]["reason"] == "负压车全部在途"
+
+
+def test_r4_critical_first_then_fever_then_others_then_scheduled() -> None:
+    assert triage("home_monitoring", {"critical": True, "kind": "stroke"}, "emergency")[0] == 1
+    assert triage("isolation_site", {"fever": True}, "outpatient_visit")[0] == 2
+    assert triage("confirmed", {}, "admission")[0] == 2
+    assert triage("home_monitoring", {}, "outpatient_visit")[0] == 3
+    assert triage("home_monitoring", {}, "scheduled_care")[0] == 4
+
+
+def test_r4_a_dispatcher_can_reprioritise_with_a_reason() -> None:
+    t = transfer("home_monitoring", {})
+    t.reprioritize(1, "family reports chest pain")
+    assert t.priority == 1 and "chest pain" in t.priority_reason
+
+
+def test_r5_negative_pressure_for_fever_from_isolation_and_for_cases() -> None:
+    assert vehicle_needs("isolation_site", {"fever": True}).negative_pressure
+    assert vehicle_needs("sealed_area", {"covid_symptoms": True}).negative_pressure
+    assert vehicle_needs("confirmed", {}).negative_pressure
+    assert not vehicle_needs("home_monitoring", {}).negative_pressure
+    assert vehicle_needs("home_monitoring", {"critical": True}).life_support
+
+
+def test_r5_home_monitoring_rides_the_dedicated_vehicle_not_the_nearer_npa() -> None:
+    npa, bus = vehicle("npa"), vehicle("bus", kind="dedicated_vehicle", life_support=False, lat=38.20)
+    fitting, _ = rank_vehicles(vehicle_needs("home_monitoring", {}), HOME, [npa, bus], ETA)
+    assert [v.id for v in fitting] == ["bus", "npa"]
+
+
+def test_r6_roles_by_patient_class() -> None:
+    places = [facility("fever", ["fever_clinic"], 38.30),
+              facility("cardio", ["specialty_cardio_cerebro"], 38.49),
+              facility("cabin", ["fangcang"], 38.35), facility("designated", ["designated"], 38.45)]
+    stroke = patient_class("home_monitoring", {"critical": True, "kind": "stroke"})
+    assert route(stroke, places, critical=True) == "cardio"
+    assert route(patient_class("isolation_site", {"fever": True}), places) == "fever"
+    assert route(patient_class("confirmed", {"severity": "mild"}), places) == "cabin"
+    assert route(patient_class("confirmed", {"severity": "severe"}), places) == "designated"
+
+
+def test_r6_the_wish_is_honoured_when_eligible_but_not_before_urgency() -> None:
+    near, far = facility("near", ["fever_clinic"], 38.30), facility("far", ["fever_clinic"], 38.49)
+    assert route("fever", [near, far], wish="far") == "far"
+    assert route("fever", [near, far], wish="nx-cardio") == "near"  # not eligible
+    assert route("critical", [facility("d1", ["designated"], 38.30), facility("d2", ["designated"], 38.49)],
+                 critical=True, wish="d2") == "d1"
+
+
+def test_r7_overflow_past_the_threshold_activates_backups_and_they_stand_down() -> None:
+    first = facility("first", ["fever_clinic", "designated"], 38.40, backups=["second"])
+    second = facility("second", ["fever_clinic", "backup"], 38.49, capacity=80)
+    assert route("fever", [first, second]) == "first"  # a standing-down backup takes no one
+    first.report_load(80, "2022-11-20T09:00:00+08:00")  # exactly 80%: not past
+    assert route("fever", [first, second]) == "first"
+    first.report_load(85, "2022-11-20T09:10:00+08:00")
+    assert route("fever", [first, second]) == "second"
+    first.report_load(50, "2022-11-20T10:00:00+08:00")
+    assert route("fever", [first, second]) == "first"
+    kinds = [p.event.event_type for p in first.pending()]
+    assert kinds.count("BackupsActivated") == 1 and kinds.count("BackupsStoodDown") == 1
+
+
+def test_r10_every_transfer_is_reported_once_and_120_files_direct_calls() -> None:
+    t = transfer(channel="direct_call")
+    t.report()
+    t.report()
+    reports = [p.event for p in t.pending() if isinstance(p.event, ev.TransferReported)]
+    assert len(reports) == 1 and reports[0].reported_by == "120"
+    t2 = transfer(channel="community")
+    t2.report()
+    report = next(p.event for p in t2.pending() if isinstance(p.event, ev.TransferReported))
+    assert report.reported_by == "社区"
+
+
+def test_cancel_frees_the_vehicle_before_pickup_and_is_refused_after() -> None:
+    v, t = vehicle(), transfer()
+    t.assign(v, [], "auto", [])
+    assert t.cancel("patient refused") == "v1"
+    v.stand_down("t-1", "cancelled")
+    assert v.status == "available" and t.status == "cancelled"
+    v2, t2 = vehicle("v2"), transfer()
+    t2.assign(v2, [], "auto", [])
+    t2.picked_up("trip-9", "v2")
+    with pytest.raises(StateConflict):
+        t2.cancel("too late")
+
+
+def test_breakdown_before_pickup_puts_the_transfer_back_for_another_vehicle() -> None:
+    v, t = vehicle(), transfer()
+    t.assign(v, [], "auto", [])
+    v.take_out_of_service("engine failure")
+    assert t.withdraw_vehicle("engine failure") == "v1"
+    assert t.status == "requested" and t.vehicle_id is None
+    t.assign(vehicle("v2"), [], "auto", [])
+    assert t.vehicle_id == "v2"
+
+
+def test_duty_and_quarantine() -> None:
+    v = vehicle()
+    v.set_duty(False, "shift over")
+    assert v.status == "off_duty"
+    v.set_duty(True, "shift start")
+    assert v.status == "available"
+    v.take_out_of_service("positive swab", rule="R9")
+    with pytest.raises(RuleRefused) as refused:
+        v.set_duty(True, "try")
+    assert refused.value.rule == "R9"
+
+
+def test_redirect_a_worsening_patient_raises_priority() -> None:
+    t = transfer("home_monitoring", {})
+    t.redirect(facility("cardio", ["specialty_cardio_cerebro"], 38.49), "worsened en route", [],
+               {"critical": True, "kind": "stroke"})
+    assert t.destination_id == "cardio" and t.priority == 1 and t.condition["kind"] == "stroke"
+
+
+def test_care_series_requests_each_appointment_once_ahead_of_time() -> None:
+    series = CareSeries.schedule(ev.CareSeriesScheduled(
+        series_id="s1", template={}, weekdays=[1, 3, 5], time="08:00", timezone="Asia/Shanghai",
+        starts_on="2022-11-21", until="2022-11-27", lead_minutes=60))
+    monday_0659 = datetime.fromisoformat("2022-11-21T06:59:00+08:00")
+    monday_0700 = datetime.fromisoformat("2022-11-21T07:00:00+08:00")
+    since = datetime.fromisoformat("2022-11-20T00:00:00+08:00")
+    assert series.due(monday_0659, since) == []
+    due = series.due(monday_0700.replace(second=1), since)
+    assert [d.isoformat() for d in due] == ["2022-11-21T08:00:00+08:00"]
+    series.mark_requested(due[0], "t-x")
+    assert series.due(monday_0700.replace(second=1), since) == []
+    week = series.appointments(since, datetime.fromisoformat("2022-12-01T00:00:00+08:00"))
+    assert [a.day for a in week] == [21, 23, 25]  # Mon, Wed, Fri; until the 27th
+    series.cancel("treatment finished")
+    assert series.due(datetime.fromisoformat("2022-11-23T07:30:00+08:00"), since) == []

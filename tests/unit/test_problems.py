@@ -1,0 +1,25 @@
+"""Problem details never break on what a refusal carries."""
+
+from __future__ import annotations
+
+import json
+
+from libs.web.problems import problem
+from libs.web.webhooks import sign, verify
+
+
+def test_an_extra_named_like_a_standard_member_is_renamed_not_fatal() -> None:
+    resp = problem(409, "transfer_closed", "Conflict", "closed", "已结束", status="cancelled", type="x")
+    body = json.loads(resp.body)
+    assert body["status"] == 409 and body["current_status"] == "cancelled"
+    assert body["type"].endswith("/transfer_closed") and body["current_type"] == "x"
+
+
+def test_webhook_signatures_verify_and_refuse_tampering_and_replay() -> None:
+    body = b'{"transfer_id": "t-1"}'
+    header = sign("s3cret", body, timestamp=1_700_000_000)
+    assert verify("s3cret", body, header, now=1_700_000_100)
+    assert not verify("s3cret", body + b" ", header, now=1_700_000_100)  # tampered
+    assert not verify("wrong", body, header, now=1_700_000_100)
+    assert not verify("s3cret", body, header, now=1_700_000_000 + 301)  # replayed late
+    assert not verify("s3cret", body, "garbage", now=1_700_000_000)
