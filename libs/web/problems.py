@@ -23,10 +23,11 @@ RESERVED = ("type", "title", "status", "detail", "code", "message_zh", "instance
 
 
 def problem(status: int, code: str, title: str, detail: str, message_zh: str,
-            **extra: Any) -> JSONResponse:
+            extra: dict[str, Any] | None = None) -> JSONResponse:
     """Extras ride beside the standard members; one that would shadow a standard member is
     renamed (`status` -> `current_status`), never allowed to break the answer."""
-    body: dict[str, Any] = {f"current_{k}" if k in RESERVED else k: v for k, v in extra.items()}
+    body: dict[str, Any] = {
+        f"current_{k}" if k in RESERVED else k: v for k, v in (extra or {}).items()}
     body.update({"type": f"https://closedloop.example/problems/{code}", "title": title,
                  "status": status, "detail": detail, "code": code, "message_zh": message_zh})
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
@@ -48,7 +49,7 @@ def install(app: FastAPI) -> None:
             extra["errors"] = [{"field": exc.field, "code": exc.code, "detail": exc.detail}]
         title = {409: "Conflict", 404: "Not found", 422: "Unprocessable content"}.get(
             exc.status, "Refused")
-        return problem(exc.status, exc.code, title, exc.detail, exc.message_zh, **extra)
+        return problem(exc.status, exc.code, title, exc.detail, exc.message_zh, extra)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -60,12 +61,12 @@ def install(app: FastAPI) -> None:
         first = errors[0]["field"] if errors else "body"
         return problem(422, "validation_failed", "Unprocessable content",
                        f"invalid field: {first}", f"字段无效：{first}",
-                       field=first, errors=errors)
+                       {"field": first, "errors": errors})
 
     @app.exception_handler(ConcurrencyError)
     async def concurrent(_: Request, exc: ConcurrencyError) -> JSONResponse:
         return problem(409, "concurrent_update", "Conflict", str(exc),
-                       "数据已被他人同时修改，请重试", stream_id=exc.stream_id)
+                       "数据已被他人同时修改，请重试", {"stream_id": exc.stream_id})
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -9,7 +9,8 @@ from libs.web.webhooks import sign, verify
 
 
 def test_an_extra_named_like_a_standard_member_is_renamed_not_fatal() -> None:
-    resp = problem(409, "transfer_closed", "Conflict", "closed", "已结束", status="cancelled", type="x")
+    resp = problem(409, "transfer_closed", "Conflict", "closed", "已结束",
+                   {"status": "cancelled", "type": "x"})
     body = json.loads(resp.body)
     assert body["status"] == 409 and body["current_status"] == "cancelled"
     assert body["type"].endswith("/transfer_closed") and body["current_type"] == "x"
@@ -23,3 +24,19 @@ def test_webhook_signatures_verify_and_refuse_tampering_and_replay() -> None:
     assert not verify("wrong", body, header, now=1_700_000_100)
     assert not verify("s3cret", body, header, now=1_700_000_000 + 301)  # replayed late
     assert not verify("s3cret", body, "garbage", now=1_700_000_000)
+
+
+def test_a_domain_refusal_carrying_a_status_answers_409_not_500() -> None:
+    import asyncio
+
+    from fastapi import FastAPI
+
+    from libs.events.aggregate import StateConflict
+    from libs.web import problems
+
+    app = FastAPI()
+    problems.install(app)
+    handler = app.exception_handlers[problems.DomainError]
+    refusal = StateConflict("transfer_closed", "closed", "已结束", status="cancelled")
+    resp = asyncio.run(handler(None, refusal))  # type: ignore[arg-type]
+    assert resp.status_code == 409 and json.loads(resp.body)["current_status"] == "cancelled"
