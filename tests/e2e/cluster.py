@@ -50,6 +50,7 @@ class RoutingTransport(httpx.AsyncBaseTransport):
 class Cluster:
     run_id: str
     log_dir: Path
+    extra_env: dict[str, str] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
     procs: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
 
@@ -58,7 +59,8 @@ class Cluster:
         base = PG_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
         return {**os.environ, "CLOSEDLOOP_MODE": "distributed",
                 "CLOSEDLOOP_PG_URL": f"{base}/{{service}}_{self.run_id}",
-                "CLOSEDLOOP_KAFKA_BOOTSTRAP": KAFKA, "CLOSEDLOOP_TOPIC_PREFIX": f"e2e{self.run_id}"}
+                "CLOSEDLOOP_KAFKA_BOOTSTRAP": KAFKA, "CLOSEDLOOP_TOPIC_PREFIX": f"e2e{self.run_id}",
+                **self.extra_env}
 
     async def start(self, service: str) -> None:
         port = self.ports.setdefault(service, free_port())
@@ -121,10 +123,10 @@ async def for_each_database(run_id: str, sql: str) -> None:
 
 
 @asynccontextmanager
-async def running_cluster(log_dir: Path) -> AsyncIterator[Cluster]:
+async def running_cluster(log_dir: Path, env: dict[str, str] | None = None) -> AsyncIterator[Cluster]:
     run_id = uuid.uuid4().hex[:8]
     await for_each_database(run_id, 'CREATE DATABASE "{db}"')
-    cluster = Cluster(run_id, log_dir)
+    cluster = Cluster(run_id, log_dir, env or {})
     try:
         await asyncio.gather(*[cluster.start(s) for s in SERVICES])
         yield cluster

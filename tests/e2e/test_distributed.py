@@ -9,15 +9,24 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests import scenarios
+from tests import scenarios, scenarios_dispatch
 from tests.e2e.cluster import Cluster, running_cluster
+from tests.e2e.receiver import Receiver, dispatch_env
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka]
 
 
 @pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    async with running_cluster(tmp_path) as c:
+async def receiver() -> AsyncIterator[Receiver]:
+    r = Receiver(fail_first=1)
+    await r.start()
+    yield r
+    await r.stop()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, receiver: Receiver) -> AsyncIterator[Cluster]:
+    async with running_cluster(tmp_path, dispatch_env(receiver)) as c:
         yield c
 
 
@@ -57,3 +66,19 @@ async def test_a_killed_service_resumes_and_misses_nothing(
     cycles = scenarios.ok(await client.get("/api/v1/disinfection/cycles",
                                            params={"vehicle_id": "nx-120-07"}))
     assert [c["id"] for c in cycles] == [cycle["id"]]  # one cycle, not two
+
+
+async def test_intake_validation_and_one_live_transfer_per_person(client: httpx.AsyncClient) -> None:
+    await scenarios_dispatch.intake_validation(client)
+
+
+async def test_queue_overflow_and_fleet(client: httpx.AsyncClient) -> None:
+    await scenarios_dispatch.queue_overflow_and_fleet(client)
+
+
+async def test_report_delivery(client: httpx.AsyncClient, receiver: Receiver) -> None:
+    await scenarios_dispatch.report_delivery(client, receiver)
+
+
+async def test_recurring_care(client: httpx.AsyncClient) -> None:
+    await scenarios_dispatch.recurring_care(client)

@@ -8,18 +8,33 @@ from pathlib import Path
 import httpx
 import pytest
 
+from services.dispatch import config
 from services.runtime import create_app
 from services.settings import Settings
-from tests import scenarios
+from tests import scenarios, scenarios_dispatch
+from tests.e2e.receiver import Receiver, dispatch_env
 
 
 @pytest.fixture
-async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+async def receiver() -> AsyncIterator[Receiver]:
+    r = Receiver(fail_first=1)
+    await r.start()
+    yield r
+    await r.stop()
+
+
+@pytest.fixture
+async def client(tmp_path: Path, receiver: Receiver,
+                 monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[httpx.AsyncClient]:
+    for name, value in dispatch_env(receiver).items():
+        monkeypatch.setenv(name, value)
+    config.settings.cache_clear()
     app = create_app(settings=Settings(mode="embedded", data_dir=tmp_path))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://embedded") as c:
             yield c
+    config.settings.cache_clear()
 
 
 async def test_walking_skeleton(client: httpx.AsyncClient) -> None:
@@ -36,3 +51,19 @@ async def test_r1_exactly_one_concurrent_assignment_wins(client: httpx.AsyncClie
 
 async def test_r2_vehicle_not_assignable_before_release(client: httpx.AsyncClient) -> None:
     await scenarios.r2_not_assignable_before_release(client)
+
+
+async def test_intake_validation_and_one_live_transfer_per_person(client: httpx.AsyncClient) -> None:
+    await scenarios_dispatch.intake_validation(client)
+
+
+async def test_queue_overflow_and_fleet(client: httpx.AsyncClient) -> None:
+    await scenarios_dispatch.queue_overflow_and_fleet(client)
+
+
+async def test_report_delivery(client: httpx.AsyncClient, receiver: Receiver) -> None:
+    await scenarios_dispatch.report_delivery(client, receiver)
+
+
+async def test_recurring_care(client: httpx.AsyncClient) -> None:
+    await scenarios_dispatch.recurring_care(client)

@@ -179,6 +179,15 @@ def test_r7_overflow_past_the_threshold_activates_backups_and_they_stand_down() 
     assert kinds.count("BackupsActivated") == 1 and kinds.count("BackupsStoodDown") == 1
 
 
+def test_r7_a_backup_takes_only_the_patients_its_primary_would_have_taken() -> None:
+    first = facility("first", ["fever_clinic"], 38.40, backups=["second"])
+    second = facility("second", ["fever_clinic", "backup"], 38.49)
+    cardio = facility("cardio", ["specialty_cardio_cerebro"], 38.60)
+    first.report_load(90, "2022-11-20T09:00:00+08:00")
+    assert route("fever", [first, second, cardio]) == "second"
+    assert route("cardio_cerebro", [first, second, cardio], critical=True) == "cardio"
+
+
 def test_r10_every_transfer_is_reported_once_and_120_files_direct_calls() -> None:
     t = transfer(channel="direct_call")
     t.report()

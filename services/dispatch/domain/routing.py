@@ -89,8 +89,10 @@ class Routing:
 
 def eligible_facilities(roles: list[str], facilities: list[Facility]) -> list[tuple[Facility, str]]:
     """Facilities whose role fits (R6), less those past their threshold, plus the backups
-    that an overflowing facility activated (R7). A backup takes no one while it stands down."""
-    activated = {b for f in facilities if f.overflowing for b in f.backup_ids}
+    that an overflowing facility of a fitting role activated (R7): a backup takes the
+    patients its primary would have taken, and no one while it stands down."""
+    activated = {b for f in facilities if f.overflowing and set(f.roles) & set(roles)
+                 for b in f.backup_ids}
     out: list[tuple[Facility, str]] = []
     for f in facilities:
         if f.overflowing:
