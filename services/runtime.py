@@ -96,6 +96,8 @@ class Runtime:
             for name in self.services:
                 for consumer, consumes in SERVICES[name].consumers.items():
                     for source, handlers in consumes.items():
+                        if source not in self.stores:
+                            continue  # not hosted here: nothing to tail
                         tail = StoreTailSource(self.stores[source], self.stores[name], consumer)
                         self.subscriptions.append(
                             Subscription(consumer, self.stores[name], handlers, tail))

@@ -177,10 +177,24 @@ class UnitOfWork:
         self, cls: type[A], *, status: list[str] | None = None, ref: str | None = None,
         limit: int = 1000, offset: int = 0,
     ) -> list[A]:
-        """Current states from the service's own list (not tracked: get() what you change)."""
+        """Current states from the service's own list. Read-only snapshots, shared between
+        callers and reused while their version is unchanged: get() what you change."""
         rows = await self.store.query_states(
             cls.__name__, status=status, ref=ref, limit=limit, offset=offset)
-        return [cls.model_validate_json(r) for r in rows]
+        cache = self.store.parsed
+        out: list[A] = []
+        for stream_id, version, state in rows:
+            hit = cache.get(stream_id)
+            if hit is not None and hit[0] == version and isinstance(hit[1], cls):
+                cache.move_to_end(stream_id)
+                out.append(hit[1])
+                continue
+            parsed = cls.model_validate_json(state)
+            cache[stream_id] = (version, parsed)
+            if len(cache) > self.store.parsed_limit:
+                cache.popitem(last=False)
+            out.append(parsed)
+        return out
 
     async def require(self, cls: type[A], ident: str, what: str) -> A:
         agg = await self.get(cls, ident)

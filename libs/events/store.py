@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import zlib
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -223,6 +224,10 @@ class EventStore:
         self._append_lock = asyncio.Lock()
         self._appended = asyncio.Condition()
         self._lock_key = zlib.crc32(f"closedloop-store-{name}".encode())
+        # Parsed aggregate states by stream, reused while their version is unchanged (see
+        # UnitOfWork.find); bounded, oldest dropped first.
+        self.parsed: OrderedDict[str, tuple[int, Any]] = OrderedDict()
+        self.parsed_limit = 200_000
 
     @classmethod
     def from_url(cls, name: str, url: str, **engine_kw: Any) -> EventStore:
@@ -455,15 +460,18 @@ class EventStore:
     async def query_states(
         self, kind: str, *, status: Sequence[str] | None = None, ref: str | None = None,
         limit: int = 1000, offset: int = 0,
-    ) -> list[str]:
-        q = select(aggregates_table.c.state).where(aggregates_table.c.kind == kind)
+    ) -> list[tuple[str, int, str]]:
+        """(stream id, version, state) of the aggregates of a kind, in update order."""
+        q = select(aggregates_table.c.stream_id, aggregates_table.c.version,
+                   aggregates_table.c.state).where(aggregates_table.c.kind == kind)
         if status is not None:
             q = q.where(aggregates_table.c.status.in_(list(status)))
         if ref is not None:
             q = q.where(aggregates_table.c.ref == ref)
         q = q.order_by(aggregates_table.c.updated_position, aggregates_table.c.stream_id)
         async with self.engine.connect() as conn:
-            return [r.state for r in await conn.execute(q.limit(limit).offset(offset))]
+            rows = await conn.execute(q.limit(limit).offset(offset))
+            return [(r.stream_id, r.version, r.state) for r in rows]
 
     async def checkpoint(self, name: str) -> int:
         async with self.engine.connect() as conn:

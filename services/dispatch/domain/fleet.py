@@ -3,6 +3,7 @@ R3 and R5 (what may carry whom), and the overrides a dispatcher may make with a 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,15 +190,26 @@ class Vehicle(Aggregate):
         self.location, self.position_at = e.location, e.at
 
 
+def _planar(a: Location, b: Location) -> float:
+    """Orders by distance as the great circle does, over a city, at a fraction of the cost."""
+    dlat, dlon = a.lat - b.lat, (a.lon - b.lon) * math.cos(math.radians((a.lat + b.lat) / 2))
+    return dlat * dlat + dlon * dlon
+
+
 def rank_vehicles(
-    needs: VehicleNeeds, pickup: Location, vehicles: list[Vehicle], eta: StraightLineEta
+    needs: VehicleNeeds, pickup: Location, vehicles: list[Vehicle], eta: StraightLineEta,
+    shown: int = 10,
 ) -> tuple[list[Vehicle], list[dict[str, Any]]]:
-    """The free vehicles that may carry this patient: least over-equipped, then nearest."""
+    """The free vehicles that may carry this patient: least over-equipped, then nearest; and
+    what the decision considered: the first `shown` with their ETA, and how many others."""
     fitting = [v for v in vehicles if v.status == "available" and v.fits(needs)]
-    fitting.sort(key=lambda v: (v.over_equipped_for(needs), eta.minutes(v.location, pickup)))
-    considered = [
+    fitting.sort(key=lambda v: (v.over_equipped_for(needs), _planar(v.location, pickup)))
+    considered: list[dict[str, Any]] = [
         {"vehicle_id": v.id, "eta_min": round(eta.minutes(v.location, pickup), 1),
-         "fits": v.fits(needs), "status": v.status}
-        for v in vehicles
+         "over_equipped": v.over_equipped_for(needs)}
+        for v in fitting[:shown]
     ]
+    if len(vehicles) > len(considered):
+        considered.append({"others": {"fitting_free": max(len(fitting) - shown, 0),
+                                      "not_fitting_or_busy": len(vehicles) - len(fitting)}})
     return fitting, considered

@@ -1,0 +1,169 @@
+"""Issue 3: dispatch decision time with 1,000 vehicles, 100 facilities and 5,000 queued
+transfers (request in, routed, assignment decided and appended), p50 and p99, on SQLite and
+PostgreSQL, and requests/s through the HTTP API; the target is p99 under 10 ms."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import socket
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import asyncpg  # type: ignore[import-untyped]
+import httpx
+import uvicorn
+
+from bench.report import Row, table
+from libs.events.aggregate import UnitOfWork
+from libs.events.catalog import dispatch as ev
+from libs.events.catalog.common import Location
+from libs.events.store import EventStore, Meta
+from services.dispatch import handlers
+from services.dispatch.domain import Facility, Transfer, Vehicle
+from services.dispatch.schemas import TransferIn
+from services.runtime import create_app
+from services.settings import Settings
+
+VEHICLES, FACILITIES, QUEUED, DECISIONS = 1000, 100, 5000, 400
+PG_DSN = f"postgresql://closedloop@127.0.0.1:{os.environ.get('CLOSEDLOOP_PG_PORT', '55432')}/test"
+META = Meta(actor="bench", role="dispatcher", correlation_id="bench")
+rng = random.Random(3)
+
+
+def spot() -> dict[str, float]:
+    return {"lat": 38.2 + rng.random() * 0.4, "lon": 106.0 + rng.random() * 0.4}
+
+
+def request(name: str, critical: bool) -> TransferIn:
+    return TransferIn.model_validate({
+        "patient": {"name": name}, "risk_category": "home_monitoring",
+        "condition": {"critical": True, "kind": "shock"} if critical else {},
+        "origin": {"kind": "home", "name": "家", "location": spot()}, "purpose": "outpatient_visit",
+        "requested_by": {"channel": "community"}})
+
+
+async def seed(store: EventStore) -> None:
+    """100 facilities; 1,000 dedicated cars, free; 5,000 critical patients queued (they need
+    life support, which no free vehicle has), so each decision scans a full fleet and queue."""
+    await store.create_schema()
+    uow = UnitOfWork(store, META)
+    roles = ["fever_clinic", "designated", "county_hospital", "specialty_cardio_cerebro", "fangcang"]
+    for i in range(FACILITIES):
+        uow.add(Facility.register(ev.FacilityRegistered(
+            facility_id=f"f{i:03d}", name=f"医院{i}", roles=[roles[i % len(roles)]],
+            location=Location(**spot()), fever_clinic_capacity=100)))
+    for i in range(VEHICLES):
+        uow.add(Vehicle.register(ev.VehicleRegistered(
+            vehicle_id=f"v{i:04d}", plate=f"宁A{i}", kind="dedicated_vehicle", dedicated_pool=True,
+            life_support=False, station="站", location=Location(**spot()))))
+    await uow.commit()
+    for batch in range(QUEUED // 500):
+        uow = UnitOfWork(store, META)
+        for i in range(500):
+            body = request(f"危重{batch}-{i}", critical=True).model_dump(mode="json", exclude_none=True)
+            t = Transfer.request(ev.TransferRequested(
+                transfer_id=str(uuid.uuid4()), patient=body["patient"], risk_category=body["risk_category"],
+                condition=body["condition"], origin=body["origin"], purpose=body["purpose"],
+                return_required=False, requested_by=body["requested_by"]),
+                requested_at=f"2022-11-20T01:{batch:02d}:{i % 60:02d}+00:00")
+            t.queue("bench: needs life support")
+            uow.add(t)
+        await uow.commit()
+
+
+async def decide(store: EventStore, n: int) -> list[float]:
+    timings = []
+    for i in range(n):
+        started = time.perf_counter()
+        uow = UnitOfWork(store, META)
+        transfer, _ = await handlers.request_transfer(uow, str(uuid.uuid4()), request(f"居家{i}", False))
+        await uow.commit()
+        timings.append((time.perf_counter() - started) * 1000)
+        assert transfer.vehicle_id is not None
+    return timings
+
+
+@asynccontextmanager
+async def pg_store() -> AsyncIterator[EventStore]:
+    schema = f"bench_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(PG_DSN)
+    await conn.execute(f"CREATE SCHEMA {schema}")
+    store = EventStore.from_url("dispatch", PG_DSN.replace("postgresql://", "postgresql+asyncpg://"),
+                                connect_args={"server_settings": {"search_path": schema}})
+    try:
+        yield store
+    finally:
+        await store.close()
+        await conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        await conn.close()
+
+
+@asynccontextmanager
+async def sqlite_store() -> AsyncIterator[EventStore]:
+    with tempfile.TemporaryDirectory() as d:
+        store = EventStore.from_url("dispatch", f"sqlite+aiosqlite:///{d}/dispatch.db")
+        yield store
+        await store.close()
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[int(q) - 1]
+
+
+async def http_rate(seconds: float = 10.0, concurrency: int = 16) -> tuple[float, float]:
+    """Requests/s and p99 of POST /transfers through real HTTP to the embedded app (SQLite),
+    seeded the same way."""
+    with tempfile.TemporaryDirectory() as d:
+        seeded = EventStore.from_url("dispatch", f"sqlite+aiosqlite:///{d}/dispatch.db")
+        await seed(seeded)
+        await seeded.close()
+        app = create_app(["dispatch"], Settings(mode="embedded", data_dir=Path(d)))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        task = asyncio.create_task(server.serve())
+        while not server.started:  # noqa: ASYNC110 (uvicorn exposes a flag, not an event)
+            await asyncio.sleep(0.05)
+        latencies: list[float] = []
+        deadline = time.perf_counter() + seconds
+
+        async def worker(w: int) -> None:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}/api/v1", timeout=30) as c:
+                i = 0
+                while time.perf_counter() < deadline:
+                    started = time.perf_counter()
+                    r = await c.post("/transfers", json=request(f"w{w}-{i}", False).model_dump(mode="json"))
+                    assert r.status_code in (200, 201), r.text
+                    latencies.append((time.perf_counter() - started) * 1000)
+                    i += 1
+
+        began = time.perf_counter()
+        await asyncio.gather(*[worker(w) for w in range(concurrency)])
+        elapsed = time.perf_counter() - began
+        server.should_exit = True
+        await task
+        return len(latencies) / elapsed, pct(latencies, 99)
+
+
+async def main() -> str:
+    rows = [Row("target: p99 decision", 10.0, "ms")]
+    for name, opened in (("SQLite", sqlite_store), ("PostgreSQL", pg_store)):
+        async with opened() as store:
+            await seed(store)
+            await decide(store, 20)  # warm up
+            t = await decide(store, DECISIONS)
+        rows += [Row(f"{name}: decision p50", statistics.median(t), "ms", peer="target: p99 decision"),
+                 Row(f"{name}: decision p99", pct(t, 99), "ms", peer="target: p99 decision")]
+    rate, p99 = await http_rate()
+    rows += [Row("HTTP POST /transfers (embedded, 16 clients)", rate, "req/s"),
+             Row("HTTP POST /transfers p99 (16 clients)", p99, "ms", peer="target: p99 decision")]
+    return table(f"Dispatch decisions: {VEHICLES} vehicles, {FACILITIES} facilities, {QUEUED} queued, "
+                 f"{DECISIONS} decisions (`make bench BENCH=bench_dispatch`)", rows, higher_is_better=False)
