@@ -227,6 +227,10 @@ class Vehicle(Aggregate):
                 f"车辆{self.id}尚未完成洗消，一车一消",
                 vehicle_id=self.id,
             )
+        if self.status == "quarantined":
+            raise RuleRefused("R9", "vehicle_quarantined",
+                              f"vehicle {self.id} is quarantined after a positive surface swab",
+                              f"车辆{self.id}因物表核酸阳性已停用", vehicle_id=self.id)
         if self.status != "available":
             raise StateConflict(
                 "vehicle_not_available", f"vehicle {self.id} is {self.status}",
@@ -250,10 +254,17 @@ class Vehicle(Aggregate):
             self.released(trip_id, cycle_id="released-before-trip-end")
 
     def _on_VehicleAwaitingDisinfection(self, e: ev.VehicleAwaitingDisinfection) -> None:
-        self.status, self.transfer_id = "awaiting_disinfection", None
+        if self.status != "quarantined":  # a trip under way when the quarantine began
+            self.status = "awaiting_disinfection"
+        self.transfer_id = None
         self.awaiting_trips = [*self.awaiting_trips, e.trip_id]
 
-    def released(self, trip_id: str, cycle_id: str) -> None:
+    def released(self, trip_id: str, cycle_id: str, quarantine_lifted: bool = False) -> None:
+        if quarantine_lifted:
+            if self.status == "quarantined":
+                self.record(ev.VehicleReturnedToService(
+                    vehicle_id=self.id, trip_id=trip_id, cycle_id=cycle_id, quarantine_lifted=True))
+            return
         if trip_id not in self.awaiting_trips:
             self.released_early = [*self.released_early, trip_id]
             return
@@ -266,6 +277,10 @@ class Vehicle(Aggregate):
         self.status = "quarantined" if e.rule == "R9" else "out_of_service"
 
     def _on_VehicleReturnedToService(self, e: ev.VehicleReturnedToService) -> None:
+        if e.quarantine_lifted:
+            # The re-disinfection was done on the parked vehicle after all its trips.
+            self.status, self.awaiting_trips, self.released_early = "available", [], []
+            return
         self.awaiting_trips = [t for t in self.awaiting_trips if t != e.trip_id]
         self.released_early = [t for t in self.released_early if t != e.trip_id]
         if not self.awaiting_trips and self.status == "awaiting_disinfection":

@@ -58,9 +58,13 @@ class VehicleAwaitingDisinfection(Event):
 
 @registry.register
 class VehicleReturnedToService(Event):
+    """Disinfection released it. `quarantine_lifted`: a re-disinfection ended its
+    quarantine (R9), which covers every trip it had completed."""
+
     vehicle_id: str
     trip_id: str
     cycle_id: str
+    quarantine_lifted: bool = False
 
 
 @registry.register
