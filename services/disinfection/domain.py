@@ -293,7 +293,7 @@ class Cycle(Aggregate):
         self.swabs = [*self.swabs, {
             "sample_id": e.sample_id, "sites": e.sites, "collected_by": e.collected_by,
             "collected_at": e.collected_at, "due_at": e.due_at, "result": None, "lab": None,
-            "reported_at": None, "overdue": False}]
+            "reported_at": None, "turnaround_minutes": None, "overdue": False}]
 
     def result_of(self, sample_id: str) -> str | None:
         result: str | None = self._swab(sample_id)["result"]
@@ -338,7 +338,8 @@ class Cycle(Aggregate):
         return True
 
     def _on_SwabResultRecorded(self, e: ev.SwabResultRecorded) -> None:
-        self.swabs = [{**s, "result": e.result, "lab": e.lab, "reported_at": e.reported_at}
+        self.swabs = [{**s, "result": e.result, "lab": e.lab, "reported_at": e.reported_at,
+                       "turnaround_minutes": e.turnaround_minutes}
                       if s["sample_id"] == e.sample_id else s for s in self.swabs]
 
     def _on_VehicleQuarantined(self, e: ev.VehicleQuarantined) -> None:
