@@ -12,7 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +34,9 @@ from libs.events.bus import (
 from libs.events.store import EventStore
 from libs.web import health, problems
 from services.disinfection import api as disinfection_api
+from services.disinfection import contacts as disinfection_contacts
 from services.disinfection import handlers as disinfection_handlers
+from services.disinfection import sla as disinfection_sla
 from services.dispatch import api as dispatch_api
 from services.dispatch import consumers as dispatch_consumers
 from services.projection import api as projection_api
@@ -47,6 +49,9 @@ from services.transfer import handlers as transfer_handlers
 log = logging.getLogger("closedloop")
 
 
+Background = Callable[[EventStore, asyncio.Event], Coroutine[Any, Any, None]]
+
+
 @dataclass(frozen=True)
 class ServiceSpec:
     name: str
@@ -54,13 +59,15 @@ class ServiceSpec:
     consumes: dict[str, dict[str, Handler]]
     publishes: bool = True
     tables: MetaData | None = None
+    background: tuple[Background, ...] = ()
 
 
 SERVICES: dict[str, ServiceSpec] = {
     "dispatch": ServiceSpec("dispatch", dispatch_api.router, dispatch_consumers.CONSUMES),
     "transfer": ServiceSpec("transfer", transfer_api.router, transfer_handlers.CONSUMES),
     "disinfection": ServiceSpec("disinfection", disinfection_api.router,
-                                disinfection_handlers.CONSUMES),
+                                disinfection_handlers.CONSUMES, tables=disinfection_contacts.metadata,
+                                background=(disinfection_sla.run,)),
     "projection": ServiceSpec("projection", projection_api.router, projection_consumers.CONSUMES,
                               publishes=False, tables=read_models.metadata),
 }
@@ -108,6 +115,8 @@ class Runtime:
                 await kafka.start()
                 self._closers.append(kafka.stop)
                 self.subscriptions.append(Subscription(name, self.stores[name], merged, kafka))
+        self._tasks += [asyncio.create_task(task(self.stores[name], self._stop))
+                        for name in self.services for task in SERVICES[name].background]
         self._tasks += [asyncio.create_task(r.run(self._stop)) for r in self.relays]
         self._tasks += [asyncio.create_task(s.run(self._stop)) for s in self.subscriptions]
 
