@@ -333,7 +333,7 @@ class Cycle(Aggregate):
                 cycle_id=self.id, vehicle_id=self.vehicle_id, sample_id=sample_id,
                 reason=f"positive surface swab {sample_id} (R9)",
                 redisinfection_cycle_id=redisinfection_cycle_id), occurred_at=reported_at)
-        elif result == "negative" and not self.released:
+        elif result == "negative" and not self.released and self.superseded_by is None:
             self._release(rules)  # a negative result satisfies every policy
         return True
 

@@ -360,12 +360,17 @@ def test_r9_positive_quarantines_and_the_redisinfection_waits_for_a_negative_res
     assert redo.status == "closed" and not redo.holds_quarantine
 
 
-def test_a_superseded_redisinfection_no_longer_holds_the_vehicle() -> None:
+def test_a_superseded_redisinfection_no_longer_holds_nor_releases_the_vehicle() -> None:
     redo = Cycle.open_redisinfection(swabbed(), "S-1", SWAB_AT)
+    redo.log_stage(stage("initial"))
+    redo.log_stage(stage("terminal", T0 + timedelta(minutes=50)))
+    redo.collect_swab("S-R", SITES, "赵六", SWAB_AT)
     redo.supersede(redisinfection_id_for("S-2"), "S-2")
     assert redo.status == "superseded" and not redo.holds_quarantine
+    redo.record_result("S-R", "negative", "lab", SWAB_AT + timedelta(hours=1))  # kept on record
+    assert "VehicleReleased" not in types(redo) and redo.status == "superseded"
     with pytest.raises(StateConflict):
-        redo.log_stage(stage("initial"))
+        redo.collect_swab("S-R2", SITES, "赵六", SWAB_AT)
 
 
 # -- R9: the exposure window -------------------------------------------------------------------
