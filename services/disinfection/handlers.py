@@ -19,8 +19,10 @@ from services.disinfection.schemas import EarlyReleaseIn, ResultIn, StageIn, Swa
 
 async def log_stage(uow: UnitOfWork, cycle_id: str, cmd: StageIn, rules: Rules, now: datetime) -> Cycle:
     rules.check_not_future("ended_at", cmd.ended_at, now)
-    cycle = await uow.require(Cycle, cycle_id, "cycle")
     air = cmd.air
+    if air is not None:
+        rules.check_not_future("air.ended_at", air.ended_at, now)
+    cycle = await uow.require(Cycle, cycle_id, "cycle")
     cycle.log_stage(StageRecord(
         stage=cmd.stage.value, disinfectant=cmd.disinfectant,
         concentration_mg_per_l=cmd.concentration_mg_per_l, method=cmd.method,
@@ -62,6 +64,7 @@ async def quarantine(uow: UnitOfWork, cycle: Cycle, sample_id: str, cmd: ResultI
     re-disinfection still holding the vehicle gives way to the new one, which answers for
     both positives (its stream version guards against it releasing meanwhile)."""
     history = await history_of(uow, cycle.vehicle_id)
+    history.log_cycle(cycle)  # a no-op, unless the cycle predates the vehicle's history
     redo = Cycle.open_redisinfection(cycle, sample_id, cmd.reported_at)
     cycle.record_result(sample_id, "positive", cmd.lab, cmd.reported_at, rules,
                         redisinfection_cycle_id=redo.id)

@@ -20,7 +20,6 @@ SURFACE = "surface"
 AIR = "air"
 AFTER_SWAB_COLLECTED = "after_swab_collected"
 AFTER_NEGATIVE_RESULT = "after_negative_result"
-RELEASE_POLICIES = (AFTER_SWAB_COLLECTED, AFTER_NEGATIVE_RESULT)
 
 
 @dataclass(frozen=True)

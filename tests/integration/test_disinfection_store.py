@@ -178,3 +178,17 @@ async def test_r9_a_second_positive_racing_the_redisinfections_release_keeps_the
         assert len(holding) == 1 and holding[0].after_sample_id == f"{v.vid}-S2"
         old = next(c for c in cycles if c.id == redo_id)
         assert old.status in ("superseded", "closed")
+
+
+async def test_r9_a_cycle_older_than_the_vehicles_history_still_gets_its_exposure_list(
+        make_store: MakeStore) -> None:
+    v = await setup(make_store)
+    legacy = Cycle.open(v.vid, "old-trip", "old-t", "opened before histories were kept")
+
+    async def add(uow: UnitOfWork) -> None:
+        uow.add(legacy)
+    await run(v.store, add)
+    await v.disinfect(legacy.id, "S-OLD")
+    await v.result("S-OLD", "positive", hours=3)
+    exposure = await load(v.store, Exposure, "S-OLD")
+    assert [t["transfer_id"] for t in exposure.transfers] == ["old-t"]
