@@ -34,7 +34,9 @@ from libs.events.bus import (
 from libs.events.store import EventStore
 from libs.web import health, problems
 from services.disinfection import api as disinfection_api
+from services.disinfection import contacts as disinfection_contacts
 from services.disinfection import handlers as disinfection_handlers
+from services.disinfection import sla as disinfection_sla
 from services.dispatch import api as dispatch_api
 from services.dispatch import consumers as dispatch_consumers
 from services.dispatch import scheduler as dispatch_scheduler
@@ -67,7 +69,9 @@ SERVICES: dict[str, ServiceSpec] = {
                             background=(dispatch_scheduler.run,)),
     "transfer": ServiceSpec("transfer", transfer_api.router, {"transfer": transfer_handlers.CONSUMES}),
     "disinfection": ServiceSpec("disinfection", disinfection_api.router,
-                                {"disinfection": disinfection_handlers.CONSUMES}),
+                                {"disinfection": disinfection_handlers.CONSUMES},
+                                tables=disinfection_contacts.metadata,
+                                background=(disinfection_sla.run,)),
     "projection": ServiceSpec("projection", projection_api.router,
                               {"projection": projection_consumers.CONSUMES},
                               publishes=False, tables=read_models.metadata),

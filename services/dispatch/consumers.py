@@ -50,7 +50,7 @@ async def on_vehicle_released(env: Envelope, uow: UnitOfWork) -> None:
     e = decode(env)
     assert isinstance(e, dis.VehicleReleased)
     vehicle = await uow.require(Vehicle, e.vehicle_id, "vehicle")
-    vehicle.released(e.trip_id, e.cycle_id)
+    vehicle.released(e.trip_id, e.cycle_id, e.quarantine_lifted)
     await serve_queue(uow, vehicle)
 
 

@@ -96,13 +96,16 @@ def test_r2_not_assignable_until_released_unless_a_supervisor_overrides() -> Non
     assert [o.rule for o in overridden] == ["R2"] and v.status == "assigned"
 
 
-def test_r2_a_release_that_overtakes_the_trip_end_is_kept() -> None:
+def test_r2_a_release_that_overtakes_the_trip_end_is_kept_as_an_event() -> None:
     v = vehicle()
     v.reserve("t-1")
-    v.released("trip-1", "cycle-1")
+    v.mark_loaded()
+    v.released("trip-1", "cycle-1")  # from disinfection, before transfer's TripCompleted
     assert v.status == "assigned"
-    v.trip_completed("trip-1")
-    assert v.status == "available"
+    assert [p.event.event_type for p in v.pending()] == ["VehicleReleaseReceivedEarly"]
+    reloaded = Vehicle.model_validate_json(v.model_dump_json())  # what the store keeps
+    reloaded.trip_completed("trip-1")
+    assert reloaded.status == "available"
 
 
 def test_r3_r5_an_unfit_vehicle_needs_a_reason_and_the_override_is_an_event() -> None:

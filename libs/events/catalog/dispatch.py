@@ -57,10 +57,24 @@ class VehicleAwaitingDisinfection(Event):
 
 
 @registry.register
-class VehicleReturnedToService(Event):
+class VehicleReleaseReceivedEarly(Event):
+    """Disinfection's release of a trip reached dispatch before that trip's end did (they
+    come from two services); kept so the trip's end finds it."""
+
     vehicle_id: str
     trip_id: str
     cycle_id: str
+
+
+@registry.register
+class VehicleReturnedToService(Event):
+    """Disinfection released it. `quarantine_lifted`: a re-disinfection ended its
+    quarantine (R9), which covers every trip it had completed."""
+
+    vehicle_id: str
+    trip_id: str
+    cycle_id: str
+    quarantine_lifted: bool = False
 
 
 @registry.register

@@ -56,6 +56,7 @@ class Vehicle(Aggregate):
     transfer_id: str | None = None
     awaiting_trips: list[str] = []
     released_early: list[str] = []
+    early_cycle: dict[str, str] = {}
     out_reason: str | None = None
 
     @classmethod
@@ -137,7 +138,7 @@ class Vehicle(Aggregate):
         self.record(ev.VehicleAwaitingDisinfection(vehicle_id=self.id, trip_id=trip_id))
         if trip_id in self.released_early:
             # The release overtook the trip's end on its way here; the cycle is done.
-            self.released(trip_id, cycle_id="released-before-trip-end")
+            self.released(trip_id, cycle_id=self.early_cycle.get(trip_id, ""))
 
     def _on_VehicleAwaitingDisinfection(self, e: ev.VehicleAwaitingDisinfection) -> None:
         if self.status in ("assigned", "available"):
@@ -145,14 +146,29 @@ class Vehicle(Aggregate):
         self.transfer_id = None
         self.awaiting_trips = [*self.awaiting_trips, e.trip_id]
 
-    def released(self, trip_id: str, cycle_id: str) -> None:
+    def released(self, trip_id: str, cycle_id: str, quarantine_lifted: bool = False) -> None:
+        if quarantine_lifted:  # R9: the re-disinfection after a positive swab released it
+            if self.status == "quarantined":
+                self.record(ev.VehicleReturnedToService(
+                    vehicle_id=self.id, trip_id=trip_id, cycle_id=cycle_id, quarantine_lifted=True))
+            return
         if trip_id not in self.awaiting_trips:
             if trip_id not in self.released_early:
-                self.released_early = [*self.released_early, trip_id]
+                self.record(ev.VehicleReleaseReceivedEarly(vehicle_id=self.id, trip_id=trip_id,
+                                                           cycle_id=cycle_id))
             return
         self.record(ev.VehicleReturnedToService(vehicle_id=self.id, trip_id=trip_id, cycle_id=cycle_id))
 
+    def _on_VehicleReleaseReceivedEarly(self, e: ev.VehicleReleaseReceivedEarly) -> None:
+        self.released_early = [*self.released_early, e.trip_id]
+        self.early_cycle = {**self.early_cycle, e.trip_id: e.cycle_id}
+
     def _on_VehicleReturnedToService(self, e: ev.VehicleReturnedToService) -> None:
+        if e.quarantine_lifted:
+            # The re-disinfection was done on the parked vehicle after all its trips.
+            self.status, self.awaiting_trips, self.released_early = "available", [], []
+            self.out_reason = None
+            return
         self.awaiting_trips = [t for t in self.awaiting_trips if t != e.trip_id]
         self.released_early = [t for t in self.released_early if t != e.trip_id]
         if not self.awaiting_trips and self.status == "awaiting_disinfection":
