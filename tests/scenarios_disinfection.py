@@ -180,7 +180,7 @@ async def full_cycle_negative_result_policy(c: httpx.AsyncClient) -> None:
     await eventually(flagged, "the overdue flag (R14)")
     invalid = await result(c, "STRICT-1", "invalid", 0)
     assert (invalid["status"], invalid["next_action"]) == ("resample_required", "swab")
-    assert ok(await c.get(f"{API}/vehicles/{NPA}"))["status"] == "awaiting_disinfection"
+    await vehicle_status(c, NPA, "awaiting_disinfection")  # dispatch learns of the trip end in its own time
     await swab(c, cycle["id"], "STRICT-2", 1)
     negative = await result(c, "STRICT-2", "negative", 1)
     assert negative["status"] == "closed" and negative["release"]["policy"] == "after_negative_result"

@@ -18,6 +18,7 @@ from libs.events.store import (
     IdempotencyRecord,
     Meta,
     NewEvent,
+    StateIndex,
     StateRow,
     StreamAppend,
     Write,
@@ -177,24 +178,22 @@ class UnitOfWork:
         self, cls: type[A], *, status: list[str] | None = None, ref: str | None = None,
         limit: int = 1000, offset: int = 0,
     ) -> list[A]:
-        """Current states from the service's own list. Read-only snapshots, shared between
-        callers and reused while their version is unchanged: get() what you change."""
-        rows = await self.store.query_states(
-            cls.__name__, status=status, ref=ref, limit=limit, offset=offset)
-        cache = self.store.parsed
-        out: list[A] = []
-        for stream_id, version, state in rows:
-            hit = cache.get(stream_id)
-            if hit is not None and hit[0] == version and isinstance(hit[1], cls):
-                cache.move_to_end(stream_id)
-                out.append(hit[1])
-                continue
-            parsed = cls.model_validate_json(state)
-            cache[stream_id] = (version, parsed)
-            if len(cache) > self.store.parsed_limit:
-                cache.popitem(last=False)
-            out.append(parsed)
-        return out
+        """Current states from the service's own list, in update order. Read-only snapshots
+        shared between callers: get() what you change. The list lives in memory and is
+        brought up to date with only what changed since the last call."""
+        index = self.store.indexes.setdefault(cls.__name__, StateIndex())
+        async with index.lock:
+            for change in await self.store.states_changed_since(cls.__name__, index.synced):
+                held = index.entries.get(change.stream_id)
+                if held is None or held[0].version != change.version:
+                    index.entries[change.stream_id] = (change, cls.model_validate_json(change.state))
+                index.synced = max(index.synced, change.position)
+        matched = [
+            (c.position, c.stream_id, agg) for c, agg in index.entries.values()
+            if (status is None or c.status in status) and (ref is None or c.ref == ref)
+        ]
+        matched.sort(key=lambda m: (m[0], m[1]))
+        return [agg for _, _, agg in matched[offset:offset + limit]]
 
     async def require(self, cls: type[A], ident: str, what: str) -> A:
         agg = await self.get(cls, ident)

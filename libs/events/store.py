@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import json
 import zlib
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -44,6 +43,8 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -119,6 +120,26 @@ idempotency_table = Table(
     Column("status_code", Integer, nullable=False),
     Column("body", Text, nullable=False),
 )
+
+
+@dataclass(frozen=True)
+class StateChange:
+    stream_id: str
+    version: int
+    status: str | None
+    ref: str | None
+    state: str
+    position: int
+
+
+@dataclass
+class StateIndex:
+    """One aggregate kind's current states, parsed once per version, with the store position
+    they are complete up to."""
+
+    synced: int = 0
+    entries: dict[str, tuple[StateChange, Any]] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class ConcurrencyError(Exception):
@@ -224,10 +245,9 @@ class EventStore:
         self._append_lock = asyncio.Lock()
         self._appended = asyncio.Condition()
         self._lock_key = zlib.crc32(f"closedloop-store-{name}".encode())
-        # Parsed aggregate states by stream, reused while their version is unchanged (see
-        # UnitOfWork.find); bounded, oldest dropped first.
-        self.parsed: OrderedDict[str, tuple[int, Any]] = OrderedDict()
-        self.parsed_limit = 200_000
+        # The service's lists, kept in memory per aggregate kind and refreshed with what
+        # changed since (see UnitOfWork.find).
+        self.indexes: dict[str, StateIndex] = {}
 
     @classmethod
     def from_url(cls, name: str, url: str, **engine_kw: Any) -> EventStore:
@@ -325,8 +345,9 @@ class EventStore:
         recorded_at = iso(utcnow())
         rows: list[dict[str, Any]] = []
         written: list[Envelope] = []
+        versions = await self._stream_versions(conn, [a.stream_id for a in commit.appends])
         for app in commit.appends:
-            current = await self._stream_version(conn, app.stream_id)
+            current = versions.get(app.stream_id, 0)
             if current != app.expected_version:
                 raise ConcurrencyError(app.stream_id, app.expected_version, current)
             for offset, new in enumerate(app.events, start=1):
@@ -363,26 +384,23 @@ class EventStore:
                 raise ConcurrencyError(commit.appends[0].stream_id, -1, -1) from exc
         return written
 
-    async def _stream_version(self, conn: AsyncConnection, stream_id: str) -> int:
-        v = await conn.scalar(
-            select(func.max(events_table.c.stream_version)).where(
-                events_table.c.stream_id == stream_id
-            )
+    async def _stream_versions(self, conn: AsyncConnection, stream_ids: list[str]) -> dict[str, int]:
+        rows = await conn.execute(
+            select(events_table.c.stream_id, func.max(events_table.c.stream_version))
+            .where(events_table.c.stream_id.in_(stream_ids))
+            .group_by(events_table.c.stream_id)
         )
-        return int(v or 0)
+        return {r[0]: int(r[1]) for r in rows}
 
     async def _upsert_state(self, conn: AsyncConnection, st: StateRow, position: int | None) -> None:
         values = {
             "kind": st.kind, "version": st.version, "status": st.status, "ref": st.ref,
             "state": st.state, "updated_position": position or 0,
         }
-        updated = await conn.execute(
-            aggregates_table.update()
-            .where(aggregates_table.c.stream_id == st.stream_id)
-            .values(**values)
-        )
-        if updated.rowcount == 0:
-            await conn.execute(insert(aggregates_table).values(stream_id=st.stream_id, **values))
+        # One statement either way: both dialects speak INSERT ... ON CONFLICT DO UPDATE.
+        upsert = (sqlite_insert if self.is_sqlite else pg_insert)(aggregates_table).values(
+            stream_id=st.stream_id, **values)
+        await conn.execute(upsert.on_conflict_do_update(index_elements=["stream_id"], set_=values))
 
     async def _set_checkpoint(self, conn: AsyncConnection, name: str, position: int) -> None:
         updated = await conn.execute(
@@ -457,21 +475,19 @@ class EventStore:
             ).first()
             return (row.version, row.state) if row else None
 
-    async def query_states(
-        self, kind: str, *, status: Sequence[str] | None = None, ref: str | None = None,
-        limit: int = 1000, offset: int = 0,
-    ) -> list[tuple[str, int, str]]:
-        """(stream id, version, state) of the aggregates of a kind, in update order."""
-        q = select(aggregates_table.c.stream_id, aggregates_table.c.version,
-                   aggregates_table.c.state).where(aggregates_table.c.kind == kind)
-        if status is not None:
-            q = q.where(aggregates_table.c.status.in_(list(status)))
-        if ref is not None:
-            q = q.where(aggregates_table.c.ref == ref)
-        q = q.order_by(aggregates_table.c.updated_position, aggregates_table.c.stream_id)
+    async def states_changed_since(self, kind: str, position: int) -> list[StateChange]:
+        """The aggregates of a kind whose state changed after a store position. Complete up
+        to the highest position returned, for the reason in the module docstring: states
+        commit with their events, in position order."""
+        q = (select(aggregates_table.c.stream_id, aggregates_table.c.version,
+                    aggregates_table.c.status, aggregates_table.c.ref, aggregates_table.c.state,
+                    aggregates_table.c.updated_position)
+             .where((aggregates_table.c.kind == kind)
+                    & (aggregates_table.c.updated_position > position))
+             .order_by(aggregates_table.c.updated_position))
         async with self.engine.connect() as conn:
-            rows = await conn.execute(q.limit(limit).offset(offset))
-            return [(r.stream_id, r.version, r.state) for r in rows]
+            return [StateChange(r.stream_id, r.version, r.status, r.ref, r.state, r.updated_position)
+                    for r in await conn.execute(q)]
 
     async def checkpoint(self, name: str) -> int:
         async with self.engine.connect() as conn:
