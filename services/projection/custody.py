@@ -86,28 +86,34 @@ def custody(data: AuditData, vehicle_id: str, findings: list[Finding]) -> dict[s
     }
 
 
+def _server(ref: dict[str, Any] | None) -> datetime | None:
+    return ts(ref.get("recorded_at")) if ref else None
+
+
 def exposures(data: AuditData, vehicle_id: str | None = None) -> list[dict[str, Any]]:
     """For each positive swab: every transfer the vehicle carried since its last negative
-    swab collected before the positive one, through the quarantine (trips done while the
-    result was pending count too)."""
+    swab, through the positive result (trips done while the result was pending count
+    too), plus the trip whose cycle took the sample. The window is in server time on
+    both ends, so a skewed phone or lab clock cannot move a trip out of it."""
     data = data.indexed()
     out: list[dict[str, Any]] = []
     for swab in positives(data):
         vid = swab.get("vehicle_id") or ""
         if vehicle_id and vid != vehicle_id:
             continue
-        collected = ts(swab.get("collected_at"))
+        collected = _server(swab.get("collected"))
         result = swab["result"]
-        ended = ts(result.get("reported_at")) or ts(result["at"])
+        ended = _server(result)
         negatives = [s for s in data.swabs.values()
                      if s.get("vehicle_id") == vid and (s.get("result") or {}).get("result") == "negative"
-                     and collected and (ts(s.get("collected_at")) or collected) < collected]
-        last_negative = max(negatives, key=lambda s: ts(s.get("collected_at")) or datetime.min, default=None)
-        since = ts(last_negative.get("collected_at")) if last_negative else None
+                     and collected and (_server(s.get("collected")) or collected) < collected]
+        last_negative = max(negatives, key=lambda s: _server(s.get("collected")) or collected,
+                            default=None)
+        since = _server(last_negative.get("collected")) if last_negative else None
         own_cycle = data.cycles.get(swab.get("cycle_id") or "") or {}
         exposed = []
         for trip in data.trips_of_vehicle(vid):
-            opened = ts((trip.get("opened") or {}).get("at"))
+            opened = _server(trip.get("opened"))
             own = trip["trip_id"] == own_cycle.get("trip_id")
             in_window = opened is not None and (since is None or opened > since) and \
                 (ended is None or opened <= ended)
@@ -118,7 +124,7 @@ def exposures(data: AuditData, vehicle_id: str | None = None) -> list[dict[str, 
             patient = request.get("patient") or {}
             exposed.append({
                 "transfer_id": trip.get("transfer_id"), "trip_id": trip["trip_id"],
-                "trip_opened_at": (trip.get("opened") or {}).get("at"),
+                "trip_opened_at": (trip.get("opened") or {}).get("recorded_at"),
                 "patient": {k: patient.get(k) for k in ("name", "id_number", "phone")},
                 "origin": (request.get("origin") or {}).get("name"),
                 "destination_id": t.get("destination_id"),
@@ -127,7 +133,6 @@ def exposures(data: AuditData, vehicle_id: str | None = None) -> list[dict[str, 
             "vehicle_id": vid, "sample_id": swab["sample_id"], "collected_at": swab.get("collected_at"),
             "result_at": result.get("reported_at"), "result_event_id": result["event_id"],
             "since_negative_sample": last_negative["sample_id"] if last_negative else None,
-            "since": last_negative.get("collected_at") if last_negative else None,
             "transfers": exposed,
         })
     return out
