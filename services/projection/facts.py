@@ -217,10 +217,10 @@ def facts_of(ev: Ev) -> list[Fact]:
                "VehicleTakenOutOfService") or (ev.stream_id.startswith("vehicle-") and "vehicle_id" in p):
         out.append(_vehicle_log(ev, p))
         if t == "VehicleAwaitingDisinfection" and p.get("trip_id"):
-            out.append(Fact("trips", (p["trip_id"],), {"awaiting": ref(ev)}))
+            out.append(Fact("trips", (p["trip_id"],), {"awaiting": ref(ev, vehicle_id=p.get("vehicle_id"))}))
         elif t == "VehicleReturnedToService" and p.get("trip_id"):
             out.append(Fact("trips", (p["trip_id"],), {
-                "returned": ref(ev, cycle_id=p.get("cycle_id"))}))
+                "returned": ref(ev, cycle_id=p.get("cycle_id"), vehicle_id=p.get("vehicle_id"))}))
     elif t == "FacilityRegistered":
         out.append(Fact("facilities", (p["facility_id"],), {
             "name": p.get("name"),

@@ -466,17 +466,18 @@ def r8_returned_without_terminal(data: AuditData, now: datetime) -> Iterator[Fin
         if not returned:
             continue
         cycles = data.cycles_of_trip(trip["trip_id"])
+        vid = trip.get("vehicle_id") or returned.get("vehicle_id")
         terminals = [c["terminal"] for c in cycles if c.get("terminal")]
         if any(not _after(t["recorded_at"], returned["recorded_at"]) for t in terminals):
             continue
         yield Finding(
             "R8", "returned_without_terminal", "violation", returned["recorded_at"],
-            f"vehicle {trip.get('vehicle_id')} returned to service after trip {trip['trip_id']} with no "
+            f"vehicle {vid} returned to service after trip {trip['trip_id']} with no "
             "terminal disinfection on record",
-            f"车辆{trip.get('vehicle_id')}未完成终末消毒即恢复可派状态",
+            f"车辆{vid}未完成终末消毒即恢复可派状态",
             (_ev(returned, "VehicleReturnedToService"),
              *(_ev(c.get("opened"), "CycleOpened") for c in cycles if c.get("opened"))),
-            transfer_id=trip.get("transfer_id"), vehicle_id=trip.get("vehicle_id"))
+            transfer_id=trip.get("transfer_id"), vehicle_id=vid)
 
 
 # -- R9 swabs and positives ---------------------------------------------------------------
@@ -752,3 +753,11 @@ def rules_status(known_types: set[str]) -> list[dict[str, Any]]:
                     "summary": "fever/COVID-like patients from risk areas in a negative-pressure ambulance",
                     "status": "checked"})
     return out
+
+
+def registry_types() -> set[str]:
+    """The event types the catalogue has registered: what decides which checks run."""
+    import libs.events.catalog  # noqa: F401  (registers them)
+    from libs.events.contracts import registry
+
+    return set(registry.types())
