@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from services.projection.data import AuditData, ts
@@ -86,6 +86,9 @@ def custody(data: AuditData, vehicle_id: str, findings: list[Finding]) -> dict[s
     }
 
 
+EPOCH = datetime.fromtimestamp(0, UTC)
+
+
 def _server(ref: dict[str, Any] | None) -> datetime | None:
     return ts(ref.get("recorded_at")) if ref else None
 
@@ -107,8 +110,7 @@ def exposures(data: AuditData, vehicle_id: str | None = None) -> list[dict[str, 
         negatives = [s for s in data.swabs.values()
                      if s.get("vehicle_id") == vid and (s.get("result") or {}).get("result") == "negative"
                      and collected and (_server(s.get("collected")) or collected) < collected]
-        last_negative = max(negatives, key=lambda s: _server(s.get("collected")) or collected,
-                            default=None)
+        last_negative = max(negatives, key=lambda s: (_server(s.get("collected")) or EPOCH), default=None)
         since = _server(last_negative.get("collected")) if last_negative else None
         own_cycle = data.cycles.get(swab.get("cycle_id") or "") or {}
         exposed = []
