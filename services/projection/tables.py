@@ -12,12 +12,12 @@
 
 from __future__ import annotations
 
-import json
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -37,8 +37,9 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from libs.events.contracts import registry
 from libs.events.envelope import Envelope, iso, utcnow
-from services.projection.facts import JSON_COLUMNS, SPECS, Buffer, Ev, upcast
+from services.projection.facts import JSON_COLUMNS, SPECS, Buffer, Ev, dump, upcast
 
 metadata = MetaData()
 
@@ -218,6 +219,25 @@ async def flush(conn: AsyncConnection, gen: Generation, buffer: Buffer, chunk: i
             await conn.execute(stmt, full[i:i + chunk])
 
 
+async def bulk_insert(conn: AsyncConnection, gen: Generation, buffer: Buffer) -> None:
+    """Plain inserts of rows known to be new (a rebuild's first write of a table): COPY on
+    PostgreSQL, executemany on SQLite."""
+    for name, rows in buffer.rows.items():
+        if not rows:
+            continue
+        spec = SPECS[name]
+        columns = [*spec.key, *spec.columns]
+        if conn.dialect.name == "postgresql":
+            raw = await conn.get_raw_connection()
+            records = [(*key, *(row.get(c) for c in spec.columns)) for key, row in rows.items()]
+            await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
+                gen[name].name, records=records, columns=columns)
+        else:
+            full = [{**dict(zip(spec.key, key, strict=True)), **{c: row.get(c) for c in spec.columns}}
+                    for key, row in rows.items()]
+            await conn.execute(insert(gen[name]), full)
+
+
 # -- the archive ------------------------------------------------------------------------
 
 
@@ -236,21 +256,36 @@ async def next_seq(conn: AsyncConnection) -> int:
 
 def archive_row(env: Envelope, seq: int) -> dict[str, Any]:
     row = env.model_dump(mode="json", exclude={"payload"})
-    row["payload"] = json.dumps(env.payload, sort_keys=True, ensure_ascii=False)
+    row["payload"] = dump(env.payload)
     row["event_id"] = str(env.event_id)
     return {**row, "seq": seq, "archived_at": iso(utcnow()), **links(env)}
 
 
-def ev_of(env: Envelope) -> Ev:
+def ev_of(env: Envelope, raw: str | None = None) -> Ev:
+    payload = upcast(env.type, env.schema_version, env.payload)
     return Ev(str(env.event_id), env.type, env.store, env.stream_id, env.stream_version,
-              env.position, env.occurred_at, env.recorded_at, env.actor, env.role,
-              upcast(env.type, env.schema_version, env.payload), env.schema_version)
+              env.position, env.occurred_at, env.recorded_at, env.actor, env.role, payload,
+              env.schema_version, raw if payload is env.payload else None)
 
 
-def ev_of_row(row: Any) -> Ev:
-    payload = upcast(row.type, row.schema_version, json.loads(row.payload))
-    return Ev(row.event_id, row.type, row.store, row.stream_id, row.stream_version, row.position,
-              row.occurred_at, row.recorded_at, row.actor, row.role, payload, row.schema_version)
+def _current_versions() -> dict[str, int]:
+    return {name: cls.schema_version for name, cls in registry.types().items()}
+
+
+def ev_of_row(row: Any, current: dict[str, int] | None = None) -> Ev:
+    """From an archive row in ARCHIVE_COLUMNS order (a SQLAlchemy row or an asyncpg
+    record): by position, and without the upcaster when the version is current, because
+    a rebuild does this a million times."""
+    (_, event_id, store, position, stream_id, stream_version, type_, schema_version,
+     occurred_at, recorded_at, actor, role, text_) = row
+    payload = orjson.loads(text_)
+    if (current or _current_versions()).get(type_) != schema_version:
+        upcasted = upcast(type_, schema_version, payload)
+        if upcasted is not payload:
+            return Ev(event_id, type_, store, stream_id, stream_version, position, occurred_at,
+                      recorded_at, actor, role, upcasted, schema_version, None)
+    return Ev(event_id, type_, store, stream_id, stream_version, position, occurred_at, recorded_at,
+              actor, role, payload, schema_version, text_)
 
 
 def envelope_of_row(row: Any) -> Envelope:
@@ -259,7 +294,7 @@ def envelope_of_row(row: Any) -> Envelope:
         stream_id=row.stream_id, stream_version=row.stream_version, position=row.position,
         occurred_at=row.occurred_at, recorded_at=row.recorded_at, actor=row.actor, role=row.role,
         correlation_id=row.correlation_id, causation_id=row.causation_id,
-        payload=json.loads(row.payload), prev_hash=row.prev_hash, hash=row.hash,
+        payload=orjson.loads(row.payload), prev_hash=row.prev_hash, hash=row.hash,
     )
 
 
@@ -269,8 +304,9 @@ async def apply_live(conn: AsyncConnection, env: Envelope) -> int:
     await lock_archive(conn)
     gen = await ensure_active(conn)
     seq = await next_seq(conn)
-    await conn.execute(insert(archive).values(**archive_row(env, seq)))
+    row = archive_row(env, seq)
+    await conn.execute(insert(archive).values(**row))
     buffer = Buffer()
-    buffer.add_event(ev_of(env))
+    buffer.add_event(ev_of(env, row["payload"]))
     await flush(conn, gen, buffer)
     return seq
