@@ -13,7 +13,6 @@ PostgreSQL, in a schema of its own that it drops afterwards.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 import uuid
@@ -29,6 +28,7 @@ from libs.events.bus import StoreTailSource, Subscription
 from libs.events.catalog import dispatch as dsp
 from libs.events.store import EventStore, Meta
 from services.projection.consumers import CONSUMES
+from services.projection.facts import dump
 from services.projection.kpis import percentile
 from services.projection.rebuild import rebuild
 from services.projection.tables import ARCHIVE_COLUMNS, archive, metadata
@@ -90,7 +90,8 @@ def history(n: int) -> list[tuple[str, str, str, dict[str, Any]]]:
         ("transfer", f"trip-{trip}", "PatientHandedOver", {
             "trip_id": trip, "transfer_id": tid, "facility_id": "yc-second", "received_by": "李医生",
             "confirmed_by": "crew"}),
-        ("transfer", f"trip-{trip}", "TripCompleted", {"trip_id": trip, "transfer_id": tid, "vehicle_id": vid}),
+        ("transfer", f"trip-{trip}", "TripCompleted",
+         {"trip_id": trip, "transfer_id": tid, "vehicle_id": vid}),
         ("dispatch", f"transfer-{tid}", "TransferHandedOver", {"transfer_id": tid, "trip_id": trip,
                                                                 "facility_id": "yc-second"}),
         ("dispatch", f"vehicle-{vid}", "VehicleAwaitingDisinfection", {"vehicle_id": vid, "trip_id": trip}),
@@ -129,9 +130,10 @@ def archive_records(total: int) -> Iterator[tuple[Any, ...]]:
             versions[stream] = versions.get(stream, 0) + 1
             at = (T0 + timedelta(minutes=n, seconds=seq % 60)).isoformat()
             tid = payload.get("transfer_id") or f"t{n}"
-            yield (seq, str(uuid.uuid4()), store, positions[store], stream, versions[stream], type_, 1, at, at,
-                   now, "bench", "system", tid, None, json.dumps(payload, sort_keys=True, ensure_ascii=False),
-                   FILL, FILL, tid, payload.get("trip_id"), payload.get("cycle_id"), payload.get("vehicle_id"))
+            yield (seq, str(uuid.uuid4()), store, positions[store], stream, versions[stream], type_, 1,
+                   at, at, now, "bench", "system", tid, None, dump(payload),
+                   FILL, FILL, tid, payload.get("trip_id"), payload.get("cycle_id"),
+                   payload.get("vehicle_id"))
         n += 1
 
 
@@ -176,7 +178,8 @@ async def raw_read_asyncpg(schema: str, page: int) -> float:
     conn = await asyncpg.connect(PG, server_settings={"search_path": schema})
     started, after, n = time.perf_counter(), 0, 0
     try:
-        query = f"SELECT {', '.join(ARCHIVE_COLUMNS)} FROM audit_archive WHERE seq > $1 ORDER BY seq LIMIT {page}"
+        query = (f"SELECT {', '.join(ARCHIVE_COLUMNS)} FROM audit_archive WHERE seq > $1 "
+                 f"ORDER BY seq LIMIT {page}")
         while rows := await conn.fetch(query, after):
             n += len(rows)
             after = rows[-1]["seq"]
@@ -219,8 +222,8 @@ async def lag(schema_src: str, schema_proj: str) -> tuple[list[float], int, floa
             if len(rows) >= sent:
                 break
             await asyncio.sleep(0.1)
-        lags = [(datetime.fromisoformat(r.archived_at) - datetime.fromisoformat(r.recorded_at)).total_seconds()
-                for r in rows]
+        lags = [(datetime.fromisoformat(r.archived_at)
+                 - datetime.fromisoformat(r.recorded_at)).total_seconds() for r in rows]
         return lags, sent, sent / appended_in
     finally:
         stop.set()
