@@ -102,7 +102,8 @@ async def violations(
     wait for events other services do not emit yet."""
     lo, hi = _bound(from_, "from"), _bound(to, "to")
     now = utcnow()
-    found = findings_view.evaluate(await _data(store), now, _known_types())
+    failed: list[dict[str, str]] = []
+    found = findings_view.evaluate(await _data(store), now, _known_types(), failed)
     selected = [
         f for f in found
         if (rule is None or f.rule == rule or (rule == "R5" and f.check == "negative_pressure_required"))
@@ -115,7 +116,7 @@ async def violations(
     return disclose({
         "as_of": now.isoformat(), "total": len(selected),
         "findings": [f.view() for f in selected[offset:offset + limit]],
-        "rules": findings_view.rules_status(_known_types()),
+        "rules": findings_view.rules_status(_known_types()), "failed_checks": failed,
     }, actor.role)
 
 

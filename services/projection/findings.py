@@ -16,12 +16,15 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from services.projection.data import AuditData, seconds, ts
+
+log = logging.getLogger(__name__)
 
 # SLAs and protocols, restated from DOMAIN.md and the seeds (issue 5 makes the protocols
 # configurable on the command side; these are the audit's own copy on purpose).
@@ -732,13 +735,21 @@ def active_checks(known_types: set[str]) -> tuple[list[CheckSpec], list[CheckSpe
     return running, waiting
 
 
-def evaluate(data: AuditData, now: datetime, known_types: set[str]) -> list[Finding]:
+def evaluate(data: AuditData, now: datetime, known_types: set[str],
+             failed: list[dict[str, str]] | None = None) -> list[Finding]:
+    """Every running check over the data. A check that trips over odd data is reported in
+    `failed` (and logged), never allowed to hide the others' findings."""
     indexed = data.indexed()
     running, _ = active_checks(known_types)
     found: dict[str, Finding] = {}
     for check in running:
-        for f in check.run(indexed, now):
-            found.setdefault(f.id, f)
+        try:
+            for f in check.run(indexed, now):
+                found.setdefault(f.id, f)
+        except Exception as exc:
+            log.exception("check %s %s failed", check.rule, check.code)
+            if failed is not None:
+                failed.append({"rule": check.rule, "check": check.code, "error": repr(exc)})
     return sorted(found.values(), key=lambda f: (f.at, f.rule, f.id))
 
 

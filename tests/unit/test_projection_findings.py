@@ -384,3 +384,26 @@ def test_masking_everywhere_and_one_unmask_decision() -> None:
     assert privacy.disclose(view, "dispatcher") == masked  # identities unverified until issue 7
     assert privacy.disclose(view, "dispatcher", identity_verified=True) == view
     assert privacy.disclose(view, "auditor", identity_verified=True) == masked
+
+
+def test_a_malformed_known_event_is_skipped_not_fatal() -> None:
+    h = History()
+    h.add("dispatch", "transfer-x", "TransferRequested", note="no transfer_id in this payload")
+    request(h, "t1")
+    buf = Buffer()
+    for ev in h.events:
+        buf.add_event(ev)
+    assert buf.unreadable == 1 and list(buf.rows["transfers"]) == [("t1",)]
+
+
+def test_a_failing_check_does_not_hide_the_others() -> None:
+    h = History()
+    vehicle(h, "v1")
+    h.add("dispatch", "vehicle-v1", "VehicleReserved", vehicle_id="v1", transfer_id="t1")
+    h.add("dispatch", "vehicle-v1", "VehicleReserved", vehicle_id="v1", transfer_id="t2")
+    data = h.data()
+    data.trips["broken"] = {"trip_id": "broken", "vehicle_id": "v1", "opened": {"recorded_at": "not a time"}}
+    failed: list[dict[str, str]] = []
+    found = findings.evaluate(data, h.clock, KNOWN, failed)
+    assert ("R1", "vehicle_reserved_twice") in codes(found)
+    assert failed and all(f["error"] for f in failed)
