@@ -62,9 +62,9 @@ def _day(value: str | None, field: str) -> str | None:
     return bound.astimezone(REGION_TZ).date().isoformat() if bound else None
 
 
-async def _data(store: EventStore) -> Any:
+async def _data(store: EventStore, **scope: Any) -> Any:
     async with store.engine.connect() as conn:
-        return await queries.load(conn)
+        return await queries.load(conn, **scope)
 
 
 @router.get("/transfers/{transfer_id}/timeline")
@@ -81,7 +81,7 @@ async def transfer_timeline(transfer_id: str, store: Store, actor: ActorDep) -> 
 
 @router.get("/vehicles/{vehicle_id}/custody")
 async def vehicle_custody(vehicle_id: str, store: Store, actor: ActorDep) -> Any:
-    data = await _data(store)
+    data = await _data(store, vehicle_id=vehicle_id)
     found = findings_view.evaluate(data, utcnow(), _known_types())
     view = custody_view.custody(data, vehicle_id, found)
     if view is None:
@@ -123,13 +123,16 @@ async def violations(
 @router.get("/exposures")
 async def exposures(store: Store, actor: ActorDep, vehicle_id: str | None = None) -> Any:
     """The transfers and patients exposed to each positive vehicle."""
-    return disclose({"exposures": custody_view.exposures(await _data(store), vehicle_id)}, actor.role)
+    data = await _data(store, vehicle_id=vehicle_id) if vehicle_id else await _data(store)
+    return disclose({"exposures": custody_view.exposures(data, vehicle_id)}, actor.role)
 
 
 @router.get("/kpis")
 async def kpis(store: Store, from_: Annotated[str | None, Query(alias="from")] = None,
                to: str | None = None, clock: Literal["device", "server"] = "device") -> Any:
-    return kpis_view.indicators(await _data(store), utcnow(), clock, _day(from_, "from"), _day(to, "to"))
+    day_from, day_to = _day(from_, "from"), _day(to, "to")
+    data = await _data(store, day_from=day_from, day_to=day_to)
+    return kpis_view.indicators(data, utcnow(), clock, day_from, day_to)
 
 
 @router.get("/ledger", response_model=None)
@@ -141,8 +144,8 @@ async def ledger(store: Store, actor: ActorDep, date: str | None = None,
     if date is not None:
         day_from = _day(date, "date")
         day_to = (datetime.fromisoformat(day_from or "") + timedelta(days=1)).date().isoformat()
-    rows: list[dict[str, Any]] = disclose(ledger_view.rows(await _data(store), day_from, day_to),
-                                          actor.role)
+    data = await _data(store, day_from=day_from, day_to=day_to)
+    rows: list[dict[str, Any]] = disclose(ledger_view.rows(data, day_from, day_to), actor.role)
     name = f"ledger-{day_from or 'all'}"
     if format == "csv":
         return Response(ledger_view.to_csv(rows), media_type="text/csv; charset=utf-8",

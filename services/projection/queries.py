@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.events.envelope import GENESIS_HASH, ChainBreak, Envelope, verify_chain
@@ -31,20 +31,52 @@ async def current(conn: AsyncConnection) -> Generation | None:
     return generation(number) if number is not None else None
 
 
-async def load(conn: AsyncConnection, gen: Generation | None = None) -> AuditData:
+async def load(conn: AsyncConnection, gen: Generation | None = None, *, day_from: str | None = None,
+               day_to: str | None = None, vehicle_id: str | None = None) -> AuditData:
+    """The fact rows the views read: all of them, or those of the transfers requested in
+    [day_from, day_to) (local days), or those of one vehicle's trips and cycles. The
+    scoped loads read a day's or a vehicle's rows, not the whole history."""
     gen = gen or await current(conn)
     data = AuditData()
     if gen is None:
         return data
+    t, tr, cy, sw = gen["transfers"], gen["trips"], gen["cycles"], gen["swabs"]
+    where: dict[str, Any] = {}
+    if day_from is not None or day_to is not None or vehicle_id is not None:
+        if vehicle_id is not None:
+            trip_ids = select(tr.c.trip_id).where(tr.c.vehicle_id == vehicle_id).scalar_subquery()
+            transfer_ids = select(tr.c.transfer_id).where(tr.c.vehicle_id == vehicle_id).scalar_subquery()
+            where["trips"] = tr.c.vehicle_id == vehicle_id
+            where["cycles"] = cy.c.vehicle_id == vehicle_id
+            where["swabs"] = sw.c.vehicle_id == vehicle_id
+            where["vehicle_log"] = gen["vehicle_log"].c.vehicle_id == vehicle_id
+            where["vehicles"] = gen["vehicles"].c.vehicle_id == vehicle_id
+        else:
+            cond = []
+            if day_from is not None:
+                cond.append(t.c.day >= day_from)
+            if day_to is not None:
+                cond.append(t.c.day < day_to)
+            transfer_ids = select(t.c.transfer_id).where(and_(*cond)).scalar_subquery()
+            trip_ids = select(tr.c.trip_id).where(tr.c.transfer_id.in_(transfer_ids)).scalar_subquery()
+            where["trips"] = tr.c.transfer_id.in_(transfer_ids)
+            where["cycles"] = cy.c.trip_id.in_(trip_ids)
+            cycle_ids = select(cy.c.cycle_id).where(cy.c.trip_id.in_(trip_ids)).scalar_subquery()
+            where["swabs"] = sw.c.cycle_id.in_(cycle_ids)
+            where["vehicle_log"] = gen["vehicle_log"].c.transfer_id.in_(transfer_ids)
+        where["transfers"] = t.c.transfer_id.in_(transfer_ids)
+        where["decisions"] = gen["decisions"].c.transfer_id.in_(transfer_ids)
     for name in KEYED:
         key = SPECS[name].key[0]
         target: dict[str, dict[str, Any]] = getattr(data, name)
-        for row in await conn.execute(select(gen[name])):
+        q = select(gen[name]) if name not in where else select(gen[name]).where(where[name])
+        for row in await conn.execute(q):
             parsed = _parse(row)
             target[parsed[key]] = parsed
     for name in LISTED:
         listed: list[dict[str, Any]] = getattr(data, name)
-        listed.extend(_parse(r) for r in await conn.execute(select(gen[name])))
+        q = select(gen[name]) if name not in where else select(gen[name]).where(where[name])
+        listed.extend(_parse(r) for r in await conn.execute(q))
     return data
 
 
