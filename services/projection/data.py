@@ -112,7 +112,7 @@ class _Indexed(AuditData):
 def from_rows(rows: dict[str, dict[tuple[Any, ...], dict[str, Any]]]) -> AuditData:
     """AuditData straight from folded fact rows (facts.Buffer.rows), with no database:
     what the unit tests and the benchmarks evaluate views on."""
-    import json
+    import orjson
 
     from services.projection.facts import JSON_COLUMNS, SPECS
 
@@ -123,7 +123,7 @@ def from_rows(rows: dict[str, dict[tuple[Any, ...], dict[str, Any]]]) -> AuditDa
             full = {**dict(zip(spec.key, key, strict=True)), **{c: row.get(c) for c in spec.columns}}
             for k, v in full.items():
                 if k in JSON_COLUMNS and k != "data" and isinstance(v, str):
-                    full[k] = json.loads(v)
+                    full[k] = orjson.loads(v)
             target = getattr(data, name)
             if isinstance(target, dict):
                 target[key[0]] = full

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import json
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import orjson
 
 from services.projection.data import AuditData, seconds, ts
 
@@ -140,16 +141,31 @@ def r1_reserved_twice(data: AuditData, now: datetime) -> Iterator[Finding]:
                 holding = None
 
 
+# Ends of a trip other than TripCompleted (issue 4's abort), read when they exist.
+TRIP_ENDS = {"TripAborted"}
+
+
+def _trip_ends(data: AuditData) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for row in data.others:
+        if row["type"] in TRIP_ENDS:
+            p = orjson.loads(row["data"]) if isinstance(row["data"], str) else row["data"]
+            if p.get("trip_id"):
+                out.setdefault(p["trip_id"], row["recorded_at"])
+    return out
+
+
 def r1_overlapping_trips(data: AuditData, now: datetime) -> Iterator[Finding]:
     """Independent of dispatch's stream: two trips of one vehicle open at once."""
     by: dict[str, list[dict[str, Any]]] = {}
     for trip in data.trips.values():
         if trip.get("opened") and trip.get("vehicle_id"):
             by.setdefault(trip["vehicle_id"], []).append(trip)
+    ended = _trip_ends(data)
     for vehicle_id, trips in by.items():
         trips.sort(key=lambda t: (t["opened"]["recorded_at"], t["trip_id"]))
         for i, first in enumerate(trips):
-            end = (first.get("completed") or {}).get("recorded_at")
+            end = (first.get("completed") or {}).get("recorded_at") or ended.get(first["trip_id"])
             for later in trips[i + 1:]:
                 if end is not None and not _after(end, later["opened"]["recorded_at"]):
                     break
@@ -230,7 +246,7 @@ def needs_negative_pressure(risk_category: str | None, condition: dict[str, Any]
 def _assignments(data: AuditData) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
     for d in data.decisions:
         if d["type"] == "VehicleAssigned":
-            yield d, json.loads(d["data"]) if isinstance(d["data"], str) else d["data"]
+            yield d, orjson.loads(d["data"]) if isinstance(d["data"], str) else d["data"]
 
 
 def _decision_ev(d: dict[str, Any]) -> dict[str, Any]:
@@ -294,7 +310,7 @@ def other_overrides(data: AuditData, now: datetime) -> Iterator[Finding]:
         if row["type"] not in OVERRIDE_EVENTS:
             continue
         rule, field = OVERRIDE_EVENTS[row["type"]]
-        p = json.loads(row["data"]) if isinstance(row["data"], str) else row["data"]
+        p = orjson.loads(row["data"]) if isinstance(row["data"], str) else row["data"]
         rule = p.get("rule") or rule
         yield Finding(
             rule, f"{row['type']}", "override", row["recorded_at"],
@@ -328,7 +344,7 @@ def r4_priority_inversion(data: AuditData, now: datetime) -> Iterator[Finding]:
             waiting[tid] = d
         elif d["type"] == "VehicleAssigned":
             waiting.pop(tid, None)
-            p = json.loads(d["data"]) if isinstance(d["data"], str) else d["data"]
+            p = orjson.loads(d["data"]) if isinstance(d["data"], str) else d["data"]
             vehicle = data.vehicles.get(p["vehicle_id"])
             mine = (data.transfers.get(tid) or {}).get("priority")
             if vehicle is None or mine is None:
@@ -366,7 +382,7 @@ def r6_destination_role(data: AuditData, now: datetime) -> Iterator[Finding]:
     for d in data.decisions:
         if d["type"] != "DestinationAssigned":
             continue
-        p = json.loads(d["data"]) if isinstance(d["data"], str) else d["data"]
+        p = orjson.loads(d["data"]) if isinstance(d["data"], str) else d["data"]
         request = (data.transfers.get(p["transfer_id"]) or {}).get("request") or {}
         facility = data.facilities.get(p["facility_id"])
         allowed = R6_ROLES.get(patient_class(request)) if request else None
@@ -391,7 +407,7 @@ def r7_overflowing_destination(data: AuditData, now: datetime) -> Iterator[Findi
     for d in data.decisions:
         if d["type"] != "DestinationAssigned":
             continue
-        p = json.loads(d["data"]) if isinstance(d["data"], str) else d["data"]
+        p = orjson.loads(d["data"]) if isinstance(d["data"], str) else d["data"]
         before = [r for r in loads.get(p["facility_id"], []) if r["position"] < d["position"]]
         if before and before[-1]["overflowing"]:
             last = before[-1]
@@ -580,7 +596,7 @@ def r11_loop_closed(data: AuditData, now: datetime) -> Iterator[Finding]:
     closed: set[str] = set()
     return_of: dict[str, str] = {}
     for row in data.others:
-        p = json.loads(row["data"]) if isinstance(row["data"], str) else row["data"]
+        p = orjson.loads(row["data"]) if isinstance(row["data"], str) else row["data"]
         if row["type"] in ("PatientAdmitted", "LoopClosed") and p.get("transfer_id"):
             closed.add(p["transfer_id"])
         elif row["type"] == "ReturnLegRequested" and p.get("return_transfer_id"):

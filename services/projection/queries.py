@@ -3,9 +3,9 @@ timelines, the feed and verification."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+import orjson
 from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -18,11 +18,14 @@ KEYED = ("transfers", "trips", "cycles", "swabs", "vehicles", "facilities")
 LISTED = ("vehicle_log", "facility_loads", "decisions", "others")
 
 
+_LAZY = frozenset({"data"})  # whole payloads: the checks that need them parse them
+
+
 def _parse(row: Any) -> dict[str, Any]:
     out = dict(row._mapping)
     for k, v in out.items():
-        if k in JSON_COLUMNS and isinstance(v, str) and k != "data":
-            out[k] = json.loads(v)
+        if v.__class__ is str and k in JSON_COLUMNS and k not in _LAZY:
+            out[k] = orjson.loads(v)
     return out
 
 
