@@ -4,7 +4,7 @@ SHELL := /bin/bash
 UV := uv
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-unit lint catalog up down bench clean
+.PHONY: install run test test-unit lint catalog up down bench rebuild clean
 
 install:
 	@command -v $(UV) >/dev/null 2>&1 || python3 -m pip install --quiet --disable-pip-version-check "uv==0.13.9"
@@ -30,6 +30,9 @@ catalog: install  ## the event catalogue as JSON Schema and AsyncAPI, in docs/ev
 
 bench: install  ## every bench/bench_*.py (or BENCH="bench_x ..."), PostgreSQL and Kafka up
 	bash deploy/local/with-infra.sh $(UV) run --frozen python -m bench $(BENCH)
+
+rebuild: install  ## the projection's read models rebuilt beside the live ones, then switched (ORDER=seq|store)
+	$(UV) run --frozen python -m services.projection.rebuild $(if $(ORDER),--order $(ORDER),)
 
 up: install  ## distributed: PostgreSQL, Kafka, and each service as its own process (8001-8004)
 	bash deploy/local/postgres.sh start

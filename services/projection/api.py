@@ -1,45 +1,223 @@
-"""Audit views (/api/v1/audit). Issue 6 adds custody, findings, KPIs, ledger and the feed."""
+"""Audit views (/api/v1/audit): thin routes over the pure view functions. Every response
+goes through privacy.disclose: id numbers and phones are masked unless that one function
+says otherwise."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import asyncio
+import json
+from datetime import datetime, time, timedelta
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from libs.events.aggregate import NotFound
+import libs.events.catalog  # noqa: F401  (registers the event types the checks look for)
+from libs.events.aggregate import InvalidField, NotFound, StateConflict
+from libs.events.contracts import registry
+from libs.events.envelope import utcnow
 from libs.events.store import EventStore
-from libs.web.deps import store_dep
-from services.projection import read_models
+from libs.web.deps import ActorDep, store_dep
+from services.projection import custody as custody_view
+from services.projection import findings as findings_view
+from services.projection import kpis as kpis_view
+from services.projection import ledger as ledger_view
+from services.projection import queries
+from services.projection.data import ts
+from services.projection.facts import REGION_TZ
+from services.projection.privacy import disclose
+from services.projection.rebuild import RebuildRunning, rebuild
+from services.projection.tables import envelope_of_row
+from services.projection.timeline import timeline_view
 
 router = APIRouter(prefix="/audit", tags=["audit"])
 Store = Annotated[EventStore, Depends(store_dep("projection"))]
+Limit = Annotated[int, Query(ge=1, le=5000)]
+Offset = Annotated[int, Query(ge=0)]
+
+
+def _known_types() -> set[str]:
+    return set(registry.types())
+
+
+def _bound(value: str | None, field: str) -> datetime | None:
+    """A date (a local day: its midnight in the region) or an RFC 3339 time."""
+    if value is None:
+        return None
+    try:
+        if len(value) == 10:
+            return datetime.combine(datetime.fromisoformat(value).date(), time(), REGION_TZ)
+        parsed = datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise InvalidField(field, "invalid_time", f"{field} must be a date or an RFC 3339 time",
+                           f"{field}须为日期或带时区的时间") from exc
+    if parsed.tzinfo is None:
+        raise InvalidField(field, "time_without_offset", f"{field} needs its UTC offset",
+                           f"{field}须带时区偏移")
+    return parsed
+
+
+def _day(value: str | None, field: str) -> str | None:
+    bound = _bound(value, field)
+    return bound.astimezone(REGION_TZ).date().isoformat() if bound else None
+
+
+async def _data(store: EventStore, **scope: Any) -> Any:
+    async with store.engine.connect() as conn:
+        return await queries.load(conn, **scope)
 
 
 @router.get("/transfers/{transfer_id}/timeline")
-async def transfer_timeline(transfer_id: str, store: Store) -> dict[str, Any]:
+async def transfer_timeline(transfer_id: str, store: Store, actor: ActorDep) -> Any:
+    """Every step from request to loop closed: device and server time, actor, role, place,
+    decision reasons, and the notifications sent and acknowledged."""
     async with store.engine.connect() as conn:
-        events = await read_models.timeline(conn, transfer_id)
-    if not events:
+        gen = await queries.current(conn)
+        rows = await queries.timeline_events(conn, transfer_id, gen)
+    if not rows:
         raise NotFound("transfer", transfer_id)
-    return {
-        "transfer_id": transfer_id,
-        "entries": [
-            {"type": e.type, "occurred_at": e.occurred_at, "recorded_at": e.recorded_at,
-             "actor": e.actor, "role": e.role, "store": e.store, "stream_id": e.stream_id,
-             "event_id": str(e.event_id), "payload": e.payload}
-            for e in events
-        ],
-    }
+    return disclose(timeline_view(transfer_id, [envelope_of_row(r) for r in rows]), actor.role)
+
+
+@router.get("/vehicles/{vehicle_id}/custody")
+async def vehicle_custody(vehicle_id: str, store: Store, actor: ActorDep) -> Any:
+    data = await _data(store, vehicle_id=vehicle_id)
+    found = findings_view.evaluate(data, utcnow(), _known_types())
+    view = custody_view.custody(data, vehicle_id, found)
+    if view is None:
+        raise NotFound("vehicle", vehicle_id)
+    return disclose(view, actor.role)
+
+
+@router.get("/violations")
+async def violations(
+    store: Store, actor: ActorDep, rule: str | None = None,
+    kind: Literal["violation", "override", "sla"] | None = None,
+    from_: Annotated[str | None, Query(alias="from")] = None,
+    to: str | None = None, vehicle_id: str | None = None, facility_id: str | None = None,
+    transfer_id: str | None = None, limit: Limit = 500, offset: Offset = 0,
+) -> Any:
+    """Every rule of R1-R14 that events can show broken, and every override: rule id,
+    time, actors, and the events that prove it. `rules` says which checks ran and which
+    wait for events other services do not emit yet."""
+    lo, hi = _bound(from_, "from"), _bound(to, "to")
+    now = utcnow()
+    failed: list[dict[str, str]] = []
+    found = findings_view.evaluate(await _data(store), now, _known_types(), failed)
+    selected = [
+        f for f in found
+        if (rule is None or f.rule == rule or (rule == "R5" and f.check == "negative_pressure_required"))
+        and (kind is None or f.kind == kind)
+        and (vehicle_id is None or f.vehicle_id == vehicle_id)
+        and (facility_id is None or f.facility_id == facility_id)
+        and (transfer_id is None or f.transfer_id == transfer_id)
+        and (lo is None or (ts(f.at) or lo) >= lo) and (hi is None or (ts(f.at) or hi) < hi)
+    ]
+    return disclose({
+        "as_of": now.isoformat(), "total": len(selected),
+        "findings": [f.view() for f in selected[offset:offset + limit]],
+        "rules": findings_view.rules_status(_known_types()), "failed_checks": failed,
+    }, actor.role)
+
+
+@router.get("/exposures")
+async def exposures(store: Store, actor: ActorDep, vehicle_id: str | None = None) -> Any:
+    """The transfers and patients exposed to each positive vehicle."""
+    data = await _data(store, vehicle_id=vehicle_id) if vehicle_id else await _data(store)
+    return disclose({"exposures": custody_view.exposures(data, vehicle_id)}, actor.role)
+
+
+@router.get("/kpis")
+async def kpis(store: Store, from_: Annotated[str | None, Query(alias="from")] = None,
+               to: str | None = None, clock: Literal["device", "server"] = "device") -> Any:
+    day_from, day_to = _day(from_, "from"), _day(to, "to")
+    data = await _data(store, day_from=day_from, day_to=day_to)
+    return kpis_view.indicators(data, utcnow(), clock, day_from, day_to)
+
+
+@router.get("/ledger", response_model=None)
+async def ledger(store: Store, actor: ActorDep, date: str | None = None,
+                 from_: Annotated[str | None, Query(alias="from")] = None, to: str | None = None,
+                 format: Literal["json", "csv", "xlsx"] = "json") -> Response | dict[str, Any]:
+    """The 台账: every outgoing trip by person and day. `date` is one local day."""
+    day_from, day_to = _day(from_, "from"), _day(to, "to")
+    if date is not None:
+        day_from = _day(date, "date")
+        day_to = (datetime.fromisoformat(day_from or "") + timedelta(days=1)).date().isoformat()
+    data = await _data(store, day_from=day_from, day_to=day_to)
+    rows: list[dict[str, Any]] = disclose(ledger_view.rows(data, day_from, day_to), actor.role)
+    name = f"ledger-{day_from or 'all'}"
+    if format == "csv":
+        return Response(ledger_view.to_csv(rows), media_type="text/csv; charset=utf-8",
+                        headers={"Content-Disposition": f'attachment; filename="{name}.csv"'})
+    if format == "xlsx":
+        return Response(
+            ledger_view.to_xlsx(rows),
+            media_type="application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+            headers={"Content-Disposition": f'attachment; filename="{name}.xlsx"'})
+    return {"from": day_from, "to": day_to, "rows": rows}
+
+
+def _frame(row: Any) -> str:
+    data = {"seq": row.seq, "type": row.type, "store": row.store, "stream_id": row.stream_id,
+            "transfer_id": row.transfer_key, "trip_id": row.trip_id, "cycle_id": row.cycle_id,
+            "vehicle_id": row.vehicle_id, "occurred_at": row.occurred_at, "recorded_at": row.recorded_at,
+            "actor": row.actor, "role": row.role, "payload": json.loads(row.payload)}
+    body = json.dumps(disclose(data), ensure_ascii=False, separators=(",", ":"))
+    return f"id: {row.seq}\nevent: {row.type}\ndata: {body}\n\n"
+
+
+@router.get("/stream")
+async def stream(request: Request, store: Store,
+                 last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+                 after: Annotated[int | None, Query(ge=0)] = None, follow: bool = True,
+                 heartbeat: Annotated[float, Query(gt=0, le=60)] = 15.0) -> StreamingResponse:
+    """Server-sent events: every event the projection takes in, in the order it took them
+    (`id` is that order). A console that reconnects with Last-Event-ID resumes after it;
+    `follow=false` ends the stream once caught up."""
+    if after is None:
+        try:
+            after = int(last_event_id) if last_event_id else 0
+        except ValueError as exc:
+            raise InvalidField("Last-Event-ID", "invalid_last_event_id", "Last-Event-ID is a number",
+                               "Last-Event-ID须为数字") from exc
+    start = after
+
+    async def frames() -> Any:
+        cursor = start
+        idle = 0.0
+        yield "retry: 2000\n\n"
+        while True:
+            async with store.engine.connect() as conn:
+                rows = await queries.feed(conn, cursor, 500)
+            for row in rows:
+                yield _frame(row)
+                cursor = row.seq
+            if len(rows) == 500:
+                continue
+            if not follow or await request.is_disconnected():
+                return
+            await asyncio.sleep(0.25)
+            idle += 0.25
+            if idle >= heartbeat:
+                idle = 0.0
+                yield ": keep-alive\n\n"
+
+    return StreamingResponse(frames(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 @router.get("/verify")
 async def verify(store: Store, request: Request) -> dict[str, Any]:
-    """Recomputes the hash chain of every store's events the projection holds, and of every
-    store this process hosts, naming the first broken link."""
+    """Recomputes the hash chain of the projection's copy of every store's events and of
+    every store this process hosts, naming the first broken link; where both are seen,
+    also checks that the store still holds the history the projection received."""
     results: dict[str, Any] = {}
+    copies: dict[str, tuple[int, str | None]] = {}
     async with store.engine.connect() as conn:
-        for name in sorted(await read_models.stores_seen(conn)):
-            count, broken = await read_models.verify_copy(conn, name)
+        for name in await queries.stores_seen(conn):
+            count, last_hash, broken = await queries.verify_copy(conn, name)
+            copies[name] = (count, last_hash)
             results[f"copy:{name}"] = {"events": count, "ok": broken is None,
                                        "first_break": broken.model_dump() if broken else None}
     hosted: dict[str, EventStore] = request.app.state.stores
@@ -47,8 +225,45 @@ async def verify(store: Store, request: Request) -> dict[str, Any]:
         if name == "projection":
             continue
         broken_store = await hosted_store.verify()
-        results[f"store:{name}"] = {"events": await hosted_store.head(),
-                                    "ok": broken_store is None,
-                                    "first_break": broken_store.model_dump() if broken_store else None}
+        entry: dict[str, Any] = {"events": await hosted_store.head(), "ok": broken_store is None,
+                                 "first_break": broken_store.model_dump() if broken_store else None}
+        count, last_hash = copies.get(name, (0, None))
+        if broken_store is None and count:
+            at = await hosted_store.read_all(count - 1, 1)
+            if not at or at[0].hash != last_hash:
+                entry["ok"] = False
+                entry["first_break"] = {
+                    "store": name, "position": count, "event_id": str(at[0].event_id) if at else "",
+                    "reason": "the store's chain no longer matches the history the projection received "
+                              "(rewritten and re-hashed?)"}
+        results[f"store:{name}"] = entry
     return {"ok": all(r["ok"] for r in results.values()), "chains": results}
 
+
+@router.post("/rebuild", status_code=202)
+async def start_rebuild(request: Request, store: Store,
+                        order: Literal["seq", "store"] = "seq") -> JSONResponse:
+    """Rebuild every read model beside the live one, then switch (no downtime)."""
+    state = request.app.state
+    task: asyncio.Task[Any] | None = getattr(state, "projection_rebuild", None)
+    if task is not None and not task.done():
+        raise StateConflict("rebuild_running", "a rebuild is running", "重建正在进行中")
+    state.projection_rebuild = asyncio.create_task(rebuild(store, order=order))
+    return JSONResponse({"status": "running", "order": order}, status_code=202)
+
+
+@router.get("/rebuild")
+async def rebuild_status(request: Request, store: Store) -> dict[str, Any]:
+    task: asyncio.Task[Any] | None = getattr(request.app.state, "projection_rebuild", None)
+    async with store.engine.connect() as conn:
+        gen = await queries.current(conn)
+    out: dict[str, Any] = {"active_generation": gen.number if gen else None}
+    if task is None:
+        return {**out, "status": "idle"}
+    if not task.done():
+        return {**out, "status": "running"}
+    if task.exception() is not None:
+        exc = task.exception()
+        code = "rebuild_running" if isinstance(exc, RebuildRunning) else "rebuild_failed"
+        return {**out, "status": "failed", "code": code, "detail": str(exc)}
+    return {**out, "status": "done", "report": task.result().view()}

@@ -1,0 +1,140 @@
+"""A vehicle's chain of custody, and the transfers exposed to a positive vehicle. Pure."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from services.projection.data import AuditData, ts
+from services.projection.findings import Finding, positives
+
+
+def _stage(ref: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not ref:
+        return None
+    stage = ref.get("stage") or {}
+    return {"event_id": ref["event_id"], "logged_at": ref["recorded_at"], "actor": ref["actor"],
+            "role": ref["role"], **stage}
+
+
+def _step(ref: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not ref:
+        return None
+    return {"event_id": ref["event_id"], "at": ref["at"], "recorded_at": ref["recorded_at"],
+            "actor": ref["actor"], "role": ref["role"]}
+
+
+def _cycle_view(data: AuditData, cycle: dict[str, Any]) -> dict[str, Any]:
+    released = cycle.get("released")
+    quarantined = cycle.get("quarantined")
+    return {
+        "cycle_id": cycle["cycle_id"], "opened_at": cycle.get("opened_at"),
+        "reason": (cycle.get("opened") or {}).get("reason"),
+        "initial": _stage(cycle.get("initial")), "terminal": _stage(cycle.get("terminal")),
+        "swabs": [{
+            "sample_id": s["sample_id"], "collected_at": s.get("collected_at"),
+            "collected_by": (s.get("collected") or {}).get("collected_by"),
+            "sites": (s.get("collected") or {}).get("sites"),
+            "result": (s.get("result") or {}).get("result"), "lab": (s.get("result") or {}).get("lab"),
+            "reported_at": (s.get("result") or {}).get("reported_at"),
+        } for s in data.swabs_of_cycle(cycle["cycle_id"])],
+        "released": {**(_step(released) or {}), "policy": released.get("policy")} if released else None,
+        "quarantined": {**(_step(quarantined) or {}), "sample_id": quarantined.get("sample_id")}
+        if quarantined else None,
+    }
+
+
+def custody(data: AuditData, vehicle_id: str, findings: list[Finding]) -> dict[str, Any] | None:
+    """Trip, first stage, terminal stage (each with its footage), swab, result, release,
+    back in service; link after link over the vehicle's whole life, and where a link is
+    broken, the finding that says so."""
+    data = data.indexed()
+    vehicle = data.vehicles.get(vehicle_id)
+    trips = data.trips_of_vehicle(vehicle_id)
+    if vehicle is None and not trips:
+        return None
+    links: list[dict[str, Any]] = []
+    linked_cycles: set[str] = set()
+    for trip in trips:
+        cycles = data.cycles_of_trip(trip["trip_id"])
+        linked_cycles |= {c["cycle_id"] for c in cycles}
+        handover = trip.get("handover")
+        links.append({
+            "trip_id": trip["trip_id"], "transfer_id": trip.get("transfer_id"),
+            "opened": _step(trip.get("opened")),
+            "handed_over": {**(_step(handover) or {}), "facility_id": handover.get("facility_id"),
+                            "received_by": handover.get("received_by")} if handover else None,
+            "completed": _step(trip.get("completed")),
+            "awaiting_disinfection": _step(trip.get("awaiting")),
+            "cycles": [_cycle_view(data, c) for c in cycles],
+            "returned_to_service": _step(trip.get("returned")),
+        })
+    # Cycles with no trip of this vehicle (re-disinfection after a positive swab).
+    for cycle in sorted((c for c in data.cycles.values()
+                         if c.get("vehicle_id") == vehicle_id and c["cycle_id"] not in linked_cycles),
+                        key=lambda c: c.get("opened_at") or ""):
+        links.append({"trip_id": None, "transfer_id": cycle.get("transfer_id"), "opened": None,
+                      "cycles": [_cycle_view(data, cycle)]})
+    mine = [f.view() for f in findings if f.vehicle_id == vehicle_id]
+    return {
+        "vehicle_id": vehicle_id,
+        "vehicle": {k: (vehicle or {}).get(k) for k in ("plate", "kind", "dedicated_pool", "life_support")},
+        "links": links, "findings": mine,
+        "complete": not mine and all(
+            link.get("returned_to_service") or not link.get("completed")
+            for link in links if link["trip_id"]),
+    }
+
+
+EPOCH = datetime.fromtimestamp(0, UTC)
+
+
+def _server(ref: dict[str, Any] | None) -> datetime | None:
+    return ts(ref.get("recorded_at")) if ref else None
+
+
+def exposures(data: AuditData, vehicle_id: str | None = None) -> list[dict[str, Any]]:
+    """For each positive swab: every transfer the vehicle carried since its last negative
+    swab, through the positive result (trips done while the result was pending count
+    too), plus the trip whose cycle took the sample. The window is in server time on
+    both ends, so a skewed phone or lab clock cannot move a trip out of it."""
+    data = data.indexed()
+    out: list[dict[str, Any]] = []
+    for swab in positives(data):
+        vid = swab.get("vehicle_id") or ""
+        if vehicle_id and vid != vehicle_id:
+            continue
+        collected = _server(swab.get("collected"))
+        result = swab["result"]
+        ended = _server(result)
+        negatives = [s for s in data.swabs.values()
+                     if s.get("vehicle_id") == vid and (s.get("result") or {}).get("result") == "negative"
+                     and collected and (_server(s.get("collected")) or collected) < collected]
+        last_negative = max(negatives, key=lambda s: (_server(s.get("collected")) or EPOCH), default=None)
+        since = _server(last_negative.get("collected")) if last_negative else None
+        own_cycle = data.cycles.get(swab.get("cycle_id") or "") or {}
+        exposed = []
+        for trip in data.trips_of_vehicle(vid):
+            opened = _server(trip.get("opened"))
+            own = trip["trip_id"] == own_cycle.get("trip_id")
+            in_window = opened is not None and (since is None or opened > since) and \
+                (ended is None or opened <= ended)
+            if not (own or in_window):
+                continue
+            t = data.transfers.get(trip.get("transfer_id") or "") or {}
+            request = t.get("request") or {}
+            patient = request.get("patient") or {}
+            exposed.append({
+                "transfer_id": trip.get("transfer_id"), "trip_id": trip["trip_id"],
+                "trip_opened_at": (trip.get("opened") or {}).get("recorded_at"),
+                "patient": {k: patient.get(k) for k in ("name", "id_number", "phone")},
+                "origin": (request.get("origin") or {}).get("name"),
+                "destination_id": t.get("destination_id"),
+            })
+        out.append({
+            "vehicle_id": vid, "sample_id": swab["sample_id"], "collected_at": swab.get("collected_at"),
+            "result_at": result.get("reported_at"), "result_event_id": result["event_id"],
+            "since_negative_sample": last_negative["sample_id"] if last_negative else None,
+            "transfers": exposed,
+        })
+    return out

@@ -1,0 +1,132 @@
+"""What the pure views read: the fact rows, with their JSON columns parsed. Loading is in
+queries.py; everything here and in the view modules is free of I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+def ts(value: str | None) -> datetime | None:
+    """RFC 3339 text to an aware datetime; None stays None."""
+    if not value:
+        return None
+    return datetime.fromisoformat(value)
+
+
+def seconds(a: str | None, b: str | None) -> float | None:
+    """b - a in seconds, when both are known."""
+    ta, tb = ts(a), ts(b)
+    if ta is None or tb is None:
+        return None
+    return (tb - ta).total_seconds()
+
+
+@dataclass
+class AuditData:
+    transfers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    trips: dict[str, dict[str, Any]] = field(default_factory=dict)
+    cycles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    swabs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    vehicles: dict[str, dict[str, Any]] = field(default_factory=dict)
+    facilities: dict[str, dict[str, Any]] = field(default_factory=dict)
+    vehicle_log: list[dict[str, Any]] = field(default_factory=list)
+    facility_loads: list[dict[str, Any]] = field(default_factory=list)
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    others: list[dict[str, Any]] = field(default_factory=list)
+
+    # -- joins the views share -----------------------------------------------------
+
+    def trips_of_transfer(self, transfer_id: str) -> list[dict[str, Any]]:
+        found = [t for t in self.trips.values() if t.get("transfer_id") == transfer_id]
+        return sorted(found, key=lambda t: (t.get("opened_at") or "", t["trip_id"]))
+
+    def trips_of_vehicle(self, vehicle_id: str) -> list[dict[str, Any]]:
+        found = [t for t in self.trips.values() if t.get("vehicle_id") == vehicle_id]
+        return sorted(found, key=lambda t: (_recorded(t.get("opened")) or t.get("opened_at") or "",
+                                            t["trip_id"]))
+
+    def cycles_of_trip(self, trip_id: str) -> list[dict[str, Any]]:
+        found = [c for c in self.cycles.values() if c.get("trip_id") == trip_id]
+        return sorted(found, key=lambda c: (c.get("opened_at") or "", c["cycle_id"]))
+
+    def swabs_of_cycle(self, cycle_id: str) -> list[dict[str, Any]]:
+        found = [s for s in self.swabs.values() if s.get("cycle_id") == cycle_id]
+        return sorted(found, key=lambda s: (s.get("collected_at") or "", s["sample_id"]))
+
+    def first_trip(self, transfer_id: str) -> dict[str, Any] | None:
+        trips = self.trips_of_transfer(transfer_id)
+        return trips[0] if trips else None
+
+    def indexed(self) -> AuditData:
+        """Builds the by-key indexes once, so the joins above stay linear on large data."""
+        by_transfer: dict[str, list[dict[str, Any]]] = {}
+        by_vehicle: dict[str, list[dict[str, Any]]] = {}
+        for t in self.trips.values():
+            by_transfer.setdefault(t.get("transfer_id") or "", []).append(t)
+            by_vehicle.setdefault(t.get("vehicle_id") or "", []).append(t)
+        cycles_by_trip: dict[str, list[dict[str, Any]]] = {}
+        for c in self.cycles.values():
+            cycles_by_trip.setdefault(c.get("trip_id") or "", []).append(c)
+        swabs_by_cycle: dict[str, list[dict[str, Any]]] = {}
+        for s in self.swabs.values():
+            swabs_by_cycle.setdefault(s.get("cycle_id") or "", []).append(s)
+        return _Indexed(self, by_transfer, by_vehicle, cycles_by_trip, swabs_by_cycle)
+
+
+def _recorded(ref: dict[str, Any] | None) -> str | None:
+    return ref.get("recorded_at") if ref else None
+
+
+class _Indexed(AuditData):
+    def __init__(self, base: AuditData, by_transfer: dict[str, list[dict[str, Any]]],
+                 by_vehicle: dict[str, list[dict[str, Any]]],
+                 cycles_by_trip: dict[str, list[dict[str, Any]]],
+                 swabs_by_cycle: dict[str, list[dict[str, Any]]]) -> None:
+        super().__init__(**{k: getattr(base, k) for k in base.__dataclass_fields__})
+        self._by_transfer, self._by_vehicle = by_transfer, by_vehicle
+        self._cycles_by_trip, self._swabs_by_cycle = cycles_by_trip, swabs_by_cycle
+
+    def trips_of_transfer(self, transfer_id: str) -> list[dict[str, Any]]:
+        found = self._by_transfer.get(transfer_id, [])
+        return sorted(found, key=lambda t: (t.get("opened_at") or "", t["trip_id"]))
+
+    def trips_of_vehicle(self, vehicle_id: str) -> list[dict[str, Any]]:
+        found = self._by_vehicle.get(vehicle_id, [])
+        return sorted(found, key=lambda t: (_recorded(t.get("opened")) or t.get("opened_at") or "",
+                                            t["trip_id"]))
+
+    def cycles_of_trip(self, trip_id: str) -> list[dict[str, Any]]:
+        found = self._cycles_by_trip.get(trip_id, [])
+        return sorted(found, key=lambda c: (c.get("opened_at") or "", c["cycle_id"]))
+
+    def swabs_of_cycle(self, cycle_id: str) -> list[dict[str, Any]]:
+        found = self._swabs_by_cycle.get(cycle_id, [])
+        return sorted(found, key=lambda s: (s.get("collected_at") or "", s["sample_id"]))
+
+    def indexed(self) -> AuditData:
+        return self
+
+
+def from_rows(rows: dict[str, dict[tuple[Any, ...], dict[str, Any]]]) -> AuditData:
+    """AuditData straight from folded fact rows (facts.Buffer.rows), with no database:
+    what the unit tests and the benchmarks evaluate views on."""
+    import orjson
+
+    from services.projection.facts import JSON_COLUMNS, SPECS
+
+    data = AuditData()
+    for name, table in rows.items():
+        spec = SPECS[name]
+        for key, row in table.items():
+            full = {**dict(zip(spec.key, key, strict=True)), **{c: row.get(c) for c in spec.columns}}
+            for k, v in full.items():
+                if k in JSON_COLUMNS and k != "data" and isinstance(v, str):
+                    full[k] = orjson.loads(v)
+            target = getattr(data, name)
+            if isinstance(target, dict):
+                target[key[0]] = full
+            else:
+                target.append(full)
+    return data

@@ -1,0 +1,101 @@
+"""The 台账 (R12): every outgoing trip, by person and day, with its origin, destination,
+vehicle, times and 报备 status; as JSON, CSV (UTF-8 with BOM, so Excel shows the Chinese)
+or XLSX. Rows are pure data; the writers only format them."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+from services.projection.data import AuditData
+from services.projection.facts import local_day
+
+# (key, header as the health bureau reads it)
+COLUMNS = (
+    ("day", "日期"), ("patient_name", "姓名"), ("id_number", "身份证号"), ("phone", "联系电话"),
+    ("risk_category", "人员类别"), ("purpose", "转运目的"), ("transfer_id", "转运单号"),
+    ("trip_id", "出车编号"), ("vehicle_id", "车辆"), ("plate", "车牌"), ("origin", "起点"),
+    ("destination", "目的地"), ("requested_at", "申请时间"), ("dispatched_at", "派车时间"),
+    ("at_pickup_at", "到达接人时间"), ("handed_over_at", "交接时间"), ("received_by", "接收人"),
+    ("reported", "报备状态"), ("reported_at", "报备时间"), ("reported_by", "报备单位"),
+    ("status", "状态"),
+)
+
+
+def _device(ref: dict[str, Any] | None) -> str | None:
+    return ref.get("at") if ref else None
+
+
+def rows(data: AuditData, day_from: str | None = None, day_to: str | None = None) -> list[dict[str, Any]]:
+    """One row per trip (a transfer with two vehicles after a breakdown has two), and one
+    per transfer still waiting for a vehicle, so the ledger misses nobody."""
+    indexed = data.indexed()
+    out: list[dict[str, Any]] = []
+    for tid, t in indexed.transfers.items():
+        request = t.get("request")
+        if not request:
+            continue
+        day = t.get("day") or local_day(request["at"])
+        if (day_from and day < day_from) or (day_to and day >= day_to):
+            continue
+        patient = request.get("patient") or {}
+        reported = t.get("reported")
+        facility = indexed.facilities.get(t.get("destination_id") or "") or {}
+        base = {
+            "day": day, "patient_name": patient.get("name"), "id_number": patient.get("id_number"),
+            "phone": patient.get("phone"), "risk_category": request.get("risk_category"),
+            "purpose": request.get("purpose"), "transfer_id": tid,
+            "origin": (request.get("origin") or {}).get("name"),
+            "destination": facility.get("name") or t.get("destination_id"),
+            "requested_at": request.get("at"), "dispatched_at": _device(t.get("assigned")),
+            "reported": "已报备" if reported else "未报备",
+            "reported_at": _device(reported), "reported_by": (reported or {}).get("reported_by"),
+        }
+        trips = indexed.trips_of_transfer(tid)
+        if not trips:
+            out.append({**base, "trip_id": None, "vehicle_id": t.get("vehicle_id"), "plate": None,
+                        "at_pickup_at": None, "handed_over_at": None, "received_by": None,
+                        "status": "assigned" if t.get("assigned") else "waiting"})
+        for trip in trips:
+            vehicle = indexed.vehicles.get(trip.get("vehicle_id") or "") or {}
+            handover = trip.get("handover") or {}
+            status = ("completed" if trip.get("completed") else
+                      "handed_over" if handover else "on_trip")
+            out.append({
+                **base, "trip_id": trip["trip_id"], "vehicle_id": trip.get("vehicle_id"),
+                "plate": vehicle.get("plate"), "at_pickup_at": _device(trip.get("s_at_pickup")),
+                "handed_over_at": _device(trip.get("handover") or trip.get("s_handed_over")),
+                "received_by": handover.get("received_by"), "status": status,
+            })
+    out.sort(key=lambda r: (r["day"], r["patient_name"] or "", r["requested_at"] or "", r["trip_id"] or ""))
+    return out
+
+
+def to_csv(rows_: list[dict[str, Any]]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow([h for _, h in COLUMNS])
+    for r in rows_:
+        writer.writerow(["" if r.get(k) is None else r[k] for k, _ in COLUMNS])
+    return ("\ufeff" + buf.getvalue()).encode()
+
+
+def to_xlsx(rows_: list[dict[str, Any]], title: str = "转运台账") -> bytes:
+    import xlsxwriter  # type: ignore[import-untyped]
+
+    out = io.BytesIO()
+    # constant_memory streams rows to the file: a year's ledger does not sit in memory.
+    book = xlsxwriter.Workbook(out, {"constant_memory": True})
+    sheet = book.add_worksheet(title)
+    bold = book.add_format({"bold": True})
+    for col, (_, header) in enumerate(COLUMNS):
+        sheet.write_string(0, col, header, bold)
+    for i, r in enumerate(rows_, start=1):
+        for col, (key, _) in enumerate(COLUMNS):
+            value = r.get(key)
+            if value is not None:
+                sheet.write_string(i, col, str(value))
+    sheet.freeze_panes(1, 0)
+    book.close()
+    return out.getvalue()

@@ -1,0 +1,153 @@
+"""Reads for the views: the active generation's fact rows into AuditData, the archive for
+timelines, the feed and verification."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from sqlalchemy import and_, or_, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from libs.events.envelope import GENESIS_HASH, ChainBreak, Envelope, verify_chain
+from services.projection.data import AuditData
+from services.projection.facts import JSON_COLUMNS, SPECS
+from services.projection.tables import Generation, active_generation, archive, envelope_of_row, generation
+
+KEYED = ("transfers", "trips", "cycles", "swabs", "vehicles", "facilities")
+LISTED = ("vehicle_log", "facility_loads", "decisions", "others")
+
+
+_LAZY = frozenset({"data"})  # whole payloads: the checks that need them parse them
+
+
+def _parse(row: Any) -> dict[str, Any]:
+    out = dict(row._mapping)
+    for k, v in out.items():
+        if v.__class__ is str and k in JSON_COLUMNS and k not in _LAZY:
+            out[k] = orjson.loads(v)
+    return out
+
+
+async def current(conn: AsyncConnection) -> Generation | None:
+    number = await active_generation(conn)
+    return generation(number) if number is not None else None
+
+
+async def load(conn: AsyncConnection, gen: Generation | None = None, *, day_from: str | None = None,
+               day_to: str | None = None, vehicle_id: str | None = None) -> AuditData:
+    """The fact rows the views read: all of them, or those of the transfers requested in
+    [day_from, day_to) (local days), or those of one vehicle's trips and cycles. The
+    scoped loads read a day's or a vehicle's rows, not the whole history."""
+    gen = gen or await current(conn)
+    data = AuditData()
+    if gen is None:
+        return data
+    t, tr, cy, sw = gen["transfers"], gen["trips"], gen["cycles"], gen["swabs"]
+    where: dict[str, Any] = {}
+    if day_from is not None or day_to is not None or vehicle_id is not None:
+        if vehicle_id is not None:
+            trip_ids = select(tr.c.trip_id).where(tr.c.vehicle_id == vehicle_id).scalar_subquery()
+            transfer_ids = select(tr.c.transfer_id).where(tr.c.vehicle_id == vehicle_id).scalar_subquery()
+            where["trips"] = tr.c.vehicle_id == vehicle_id
+            where["cycles"] = cy.c.vehicle_id == vehicle_id
+            where["swabs"] = sw.c.vehicle_id == vehicle_id
+            where["vehicle_log"] = gen["vehicle_log"].c.vehicle_id == vehicle_id
+            where["vehicles"] = gen["vehicles"].c.vehicle_id == vehicle_id
+        else:
+            cond = []
+            if day_from is not None:
+                cond.append(t.c.day >= day_from)
+            if day_to is not None:
+                cond.append(t.c.day < day_to)
+            transfer_ids = select(t.c.transfer_id).where(and_(*cond)).scalar_subquery()
+            trip_ids = select(tr.c.trip_id).where(tr.c.transfer_id.in_(transfer_ids)).scalar_subquery()
+            where["trips"] = tr.c.transfer_id.in_(transfer_ids)
+            where["cycles"] = cy.c.trip_id.in_(trip_ids)
+            cycle_ids = select(cy.c.cycle_id).where(cy.c.trip_id.in_(trip_ids)).scalar_subquery()
+            where["swabs"] = sw.c.cycle_id.in_(cycle_ids)
+            where["vehicle_log"] = gen["vehicle_log"].c.transfer_id.in_(transfer_ids)
+        where["transfers"] = t.c.transfer_id.in_(transfer_ids)
+        where["decisions"] = gen["decisions"].c.transfer_id.in_(transfer_ids)
+    for name in KEYED:
+        key = SPECS[name].key[0]
+        target: dict[str, dict[str, Any]] = getattr(data, name)
+        q = select(gen[name]) if name not in where else select(gen[name]).where(where[name])
+        for row in await conn.execute(q):
+            parsed = _parse(row)
+            target[parsed[key]] = parsed
+    for name in LISTED:
+        listed: list[dict[str, Any]] = getattr(data, name)
+        q = select(gen[name]) if name not in where else select(gen[name]).where(where[name])
+        listed.extend(_parse(r) for r in await conn.execute(q))
+    return data
+
+
+async def dump(conn: AsyncConnection, gen: Generation) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of a generation, sorted: what the live == rebuild comparison compares."""
+    out = {}
+    for name, table in sorted(gen.tables.items()):
+        rows = [tuple(r) for r in await conn.execute(select(table))]
+        out[name] = sorted(rows, key=lambda r: tuple("" if v is None else str(v) for v in r))
+    return out
+
+
+async def timeline_events(conn: AsyncConnection, transfer_id: str, gen: Generation | None) -> list[Any]:
+    """Every archived event of a transfer: those naming it (or correlated with it), and
+    those of its trips and their disinfection cycles."""
+    trip_ids: list[str] = []
+    cycle_ids: list[str] = []
+    if gen is not None:
+        trip_ids = [r[0] for r in await conn.execute(
+            select(gen["trips"].c.trip_id).where(gen["trips"].c.transfer_id == transfer_id))]
+        if trip_ids:
+            cycle_ids = [r[0] for r in await conn.execute(
+                select(gen["cycles"].c.cycle_id).where(gen["cycles"].c.trip_id.in_(trip_ids)))]
+    cond = [archive.c.transfer_key == transfer_id]
+    if trip_ids:
+        cond.append(archive.c.trip_id.in_(trip_ids))
+    if cycle_ids:
+        cond.append(archive.c.cycle_id.in_(cycle_ids))
+    rows = await conn.execute(select(archive).where(or_(*cond)).order_by(archive.c.seq))
+    return list(rows)
+
+
+async def feed(conn: AsyncConnection, after: int, limit: int) -> list[Any]:
+    return list(await conn.execute(
+        select(archive).where(archive.c.seq > after).order_by(archive.c.seq).limit(limit)))
+
+
+async def stores_seen(conn: AsyncConnection) -> list[str]:
+    return sorted(r[0] for r in await conn.execute(select(archive.c.store).distinct()))
+
+
+async def verify_copy(
+    conn: AsyncConnection, store: str, page: int = 2000
+) -> tuple[int, str | None, ChainBreak | None]:
+    """How many of a store's events the copy holds, the last hash, and the first broken
+    link (an edited row, or a position missing from the copy)."""
+    prev, after, count = GENESIS_HASH, 0, 0
+    while True:
+        rows = list(await conn.execute(
+            select(archive).where((archive.c.store == store) & (archive.c.position > after))
+            .order_by(archive.c.position).limit(page)))
+        if not rows:
+            return count, (prev if count else None), None
+        batch = [envelope_of_row(r) for r in rows]
+        if batch[0].position != after + 1:
+            return count, prev, ChainBreak(store=store, position=after + 1, event_id="",
+                                           reason="missing from the projection's copy")
+        broken = verify_chain(batch, prev)
+        if broken is not None:
+            return count, prev, broken
+        prev, after, count = batch[-1].hash, batch[-1].position, count + len(batch)
+
+
+async def copy_hashes(conn: AsyncConnection, store: str, positions: list[int]) -> dict[int, str]:
+    rows = await conn.execute(select(archive.c.position, archive.c.hash).where(
+        (archive.c.store == store) & (archive.c.position.in_(positions))))
+    return {r.position: r.hash for r in rows}
+
+
+def envelope_view(env: Envelope) -> dict[str, Any]:
+    return env.model_dump(mode="json")

@@ -1,0 +1,312 @@
+"""The projection's tables and the writes to them.
+
+- `audit_archive`: every event received, whole, in the order this projection applied
+  them (`seq`). It is the projection's own copy of history (it never reads another
+  service's store), the source of timelines, of the live feed, of /audit/verify, and of
+  every rebuild. `seq` is assigned under a lock held to commit (as the event store does
+  for positions), so a reader tailing by seq never skips a row that committed late.
+- Generations of fact tables (`g<N>_transfers`, ...): the read models. `audit_meta`
+  names the active one. A rebuild fills the next generation beside the active one, then
+  switches in one transaction (tables.switch_generation), so readers never wait.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import orjson
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    func,
+    insert,
+    select,
+    text,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from libs.events.contracts import registry
+from libs.events.envelope import Envelope, iso, utcnow
+from services.projection.facts import JSON_COLUMNS, SPECS, Buffer, Ev, dump, upcast
+
+metadata = MetaData()
+
+archive = Table(
+    "audit_archive",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("event_id", String(36), nullable=False, unique=True),
+    Column("store", String(50), nullable=False),
+    Column("position", BigInteger, nullable=False),
+    Column("stream_id", String(200), nullable=False),
+    Column("stream_version", Integer, nullable=False),
+    Column("type", String(100), nullable=False),
+    Column("schema_version", Integer, nullable=False),
+    Column("occurred_at", String(40), nullable=False),
+    Column("recorded_at", String(40), nullable=False),
+    Column("archived_at", String(40), nullable=False),
+    Column("actor", String(200), nullable=False),
+    Column("role", String(50), nullable=False),
+    Column("correlation_id", String(200), nullable=False),
+    Column("causation_id", String(200)),
+    Column("payload", Text, nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    # Links for timelines, read off the payload (else the correlation id).
+    Column("transfer_key", String(200), nullable=False),
+    Column("trip_id", String(200)),
+    Column("cycle_id", String(200)),
+    Column("vehicle_id", String(200)),
+    Index("ix_audit_archive_store_position", "store", "position", unique=True),
+    Index("ix_audit_archive_transfer", "transfer_key"),
+    Index("ix_audit_archive_trip", "trip_id"),
+    Index("ix_audit_archive_cycle", "cycle_id"),
+)
+
+meta_table = Table(
+    "audit_meta",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+ACTIVE = "active_generation"
+ARCHIVE_LOCK = zlib.crc32(b"closedloop-projection-archive")
+ARCHIVE_COLUMNS = ("seq", "event_id", "store", "position", "stream_id", "stream_version", "type",
+                   "schema_version", "occurred_at", "recorded_at", "actor", "role", "payload")
+
+_TYPES: dict[str, Any] = {
+    "day": String(10), "requested_at": String(40), "opened_at": String(40), "collected_at": String(40),
+    "at": String(40), "recorded_at": String(40), "priority": Integer, "position": BigInteger,
+    "stream_version": Integer, "occupied": Integer, "ratio": Float, "overflowing": Boolean,
+    "dedicated_pool": Boolean, "life_support": Boolean,
+}
+_INDEXED = {
+    "transfers": ("day", "vehicle_id", "destination_id"),
+    "decisions": ("transfer_id",),
+    "vehicle_log": ("vehicle_id",),
+    "facility_loads": ("facility_id",),
+    "trips": ("transfer_id", "vehicle_id"),
+    "cycles": ("vehicle_id", "trip_id"),
+    "swabs": ("vehicle_id", "cycle_id"),
+    "others": ("type",),
+}
+
+
+@dataclass(frozen=True)
+class Generation:
+    number: int
+    metadata: MetaData
+    tables: dict[str, Table]
+
+    def __getitem__(self, name: str) -> Table:
+        return self.tables[name]
+
+
+@lru_cache(maxsize=16)
+def generation(number: int) -> Generation:
+    md = MetaData()
+    tables: dict[str, Table] = {}
+    for name, spec in SPECS.items():
+        cols: list[Any] = [Column(k, String(200), primary_key=True) for k in spec.key]
+        for c in spec.columns:
+            if c in JSON_COLUMNS:
+                cols.append(Column(c, Text))
+            else:
+                cols.append(Column(c, _TYPES.get(c, String(200))))
+        indexes = [Index(f"ix_g{number}_{name}_{c}", c) for c in _INDEXED.get(name, ())]
+        tables[name] = Table(f"g{number}_{name}", md, *cols, *indexes)
+    return Generation(number, md, tables)
+
+
+# -- the generation switch -------------------------------------------------------------
+
+
+async def lock_archive(conn: AsyncConnection) -> None:
+    """Held to commit: serializes archive appends and the generation switch. SQLite
+    transactions that write begin IMMEDIATE (the store does that), which is the same."""
+    if conn.dialect.name == "postgresql":
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ARCHIVE_LOCK})
+
+
+async def active_generation(conn: AsyncConnection) -> int | None:
+    value = await conn.scalar(select(meta_table.c.value).where(meta_table.c.name == ACTIVE))
+    return int(value) if value is not None else None
+
+
+async def set_meta(conn: AsyncConnection, name: str, value: str) -> None:
+    updated = await conn.execute(meta_table.update().where(meta_table.c.name == name).values(value=value))
+    if updated.rowcount == 0:
+        await conn.execute(insert(meta_table).values(name=name, value=value))
+
+
+async def create_generation(conn: AsyncConnection, number: int) -> Generation:
+    gen = generation(number)
+    await conn.run_sync(gen.metadata.drop_all)  # leftovers of an interrupted rebuild
+    await conn.run_sync(gen.metadata.create_all)
+    return gen
+
+
+async def ensure_active(conn: AsyncConnection) -> Generation:
+    """The active generation, created as generation 1 on a fresh database."""
+    number = await active_generation(conn)
+    if number is None:
+        gen = generation(1)
+        await conn.run_sync(gen.metadata.create_all)
+        await set_meta(conn, ACTIVE, "1")
+        return gen
+    return generation(number)
+
+
+async def generations_present(conn: AsyncConnection) -> list[int]:
+    def names(sync_conn: Any) -> list[str]:
+        from sqlalchemy import inspect
+
+        return list(inspect(sync_conn).get_table_names())
+
+    found = set()
+    for name in await conn.run_sync(names):
+        if name.startswith("g") and name.endswith("_transfers") and name[1:-10].isdigit():
+            found.add(int(name[1:-10]))
+    return sorted(found)
+
+
+async def drop_generation(conn: AsyncConnection, number: int) -> None:
+    await conn.run_sync(generation(number).metadata.drop_all)
+
+
+# -- writing facts ---------------------------------------------------------------------
+
+
+def _insert(conn: AsyncConnection, table: Table) -> Any:
+    return (postgresql.insert(table) if conn.dialect.name == "postgresql" else sqlite.insert(table))
+
+
+async def flush(conn: AsyncConnection, gen: Generation, buffer: Buffer, chunk: int = 2000) -> None:
+    """Upsert the buffer's rows with the merge rule of facts.Buffer, in the database."""
+    for name, rows in buffer.rows.items():
+        if not rows:
+            continue
+        spec = SPECS[name]
+        table = gen[name]
+        stmt = _insert(conn, table)
+        if spec.append_only:
+            stmt = stmt.on_conflict_do_nothing(index_elements=list(spec.key))
+        else:
+            stmt = stmt.on_conflict_do_update(
+                index_elements=list(spec.key),
+                set_={c: (func.coalesce(stmt.excluded[c], table.c[c]) if c in spec.last
+                          else func.coalesce(table.c[c], stmt.excluded[c]))
+                      for c in spec.columns},
+            )
+        full = [
+            {**dict(zip(spec.key, key, strict=True)), **{c: row.get(c) for c in spec.columns}}
+            for key, row in rows.items()
+        ]
+        for i in range(0, len(full), chunk):
+            await conn.execute(stmt, full[i:i + chunk])
+
+
+async def bulk_insert(conn: AsyncConnection, gen: Generation, buffer: Buffer) -> None:
+    """Plain inserts of rows known to be new (a rebuild's first write of a table): COPY on
+    PostgreSQL, executemany on SQLite."""
+    for name, rows in buffer.rows.items():
+        if not rows:
+            continue
+        spec = SPECS[name]
+        columns = [*spec.key, *spec.columns]
+        if conn.dialect.name == "postgresql":
+            raw = await conn.get_raw_connection()
+            records = [(*key, *(row.get(c) for c in spec.columns)) for key, row in rows.items()]
+            await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
+                gen[name].name, records=records, columns=columns)
+        else:
+            full = [{**dict(zip(spec.key, key, strict=True)), **{c: row.get(c) for c in spec.columns}}
+                    for key, row in rows.items()]
+            await conn.execute(insert(gen[name]), full)
+
+
+# -- the archive ------------------------------------------------------------------------
+
+
+def links(env: Envelope) -> dict[str, Any]:
+    p = env.payload
+    tid = p.get("transfer_id")
+    return {
+        "transfer_key": str(tid) if tid else env.correlation_id,
+        "trip_id": p.get("trip_id"), "cycle_id": p.get("cycle_id"), "vehicle_id": p.get("vehicle_id"),
+    }
+
+
+async def next_seq(conn: AsyncConnection) -> int:
+    return int(await conn.scalar(select(func.max(archive.c.seq))) or 0) + 1
+
+
+def archive_row(env: Envelope, seq: int) -> dict[str, Any]:
+    row = env.model_dump(mode="json", exclude={"payload"})
+    row["payload"] = dump(env.payload)
+    row["event_id"] = str(env.event_id)
+    return {**row, "seq": seq, "archived_at": iso(utcnow()), **links(env)}
+
+
+def ev_of(env: Envelope, raw: str | None = None) -> Ev:
+    payload = upcast(env.type, env.schema_version, env.payload)
+    return Ev(str(env.event_id), env.type, env.store, env.stream_id, env.stream_version,
+              env.position, env.occurred_at, env.recorded_at, env.actor, env.role, payload,
+              env.schema_version, raw if payload is env.payload else None)
+
+
+def _current_versions() -> dict[str, int]:
+    return {name: cls.schema_version for name, cls in registry.types().items()}
+
+
+def ev_of_row(row: Any, current: dict[str, int] | None = None) -> Ev:
+    """From an archive row in ARCHIVE_COLUMNS order (a SQLAlchemy row or an asyncpg
+    record): by position, and without the upcaster when the version is current, because
+    a rebuild does this a million times."""
+    (_, event_id, store, position, stream_id, stream_version, type_, schema_version,
+     occurred_at, recorded_at, actor, role, text_) = row
+    payload = orjson.loads(text_)
+    if (current or _current_versions()).get(type_) != schema_version:
+        upcasted = upcast(type_, schema_version, payload)
+        if upcasted is not payload:
+            return Ev(event_id, type_, store, stream_id, stream_version, position, occurred_at,
+                      recorded_at, actor, role, upcasted, schema_version, None)
+    return Ev(event_id, type_, store, stream_id, stream_version, position, occurred_at, recorded_at,
+              actor, role, payload, schema_version, text_)
+
+
+def envelope_of_row(row: Any) -> Envelope:
+    return Envelope(
+        event_id=row.event_id, type=row.type, schema_version=row.schema_version, store=row.store,
+        stream_id=row.stream_id, stream_version=row.stream_version, position=row.position,
+        occurred_at=row.occurred_at, recorded_at=row.recorded_at, actor=row.actor, role=row.role,
+        correlation_id=row.correlation_id, causation_id=row.causation_id,
+        payload=orjson.loads(row.payload), prev_hash=row.prev_hash, hash=row.hash,
+    )
+
+
+async def apply_live(conn: AsyncConnection, env: Envelope) -> int:
+    """One delivered event: archive it and fold it into the active generation, in the
+    subscription's transaction (with its tracking row). Returns its seq."""
+    await lock_archive(conn)
+    gen = await ensure_active(conn)
+    seq = await next_seq(conn)
+    row = archive_row(env, seq)
+    await conn.execute(insert(archive).values(**row))
+    buffer = Buffer()
+    buffer.add_event(ev_of(env, row["payload"]))
+    await flush(conn, gen, buffer)
+    return seq

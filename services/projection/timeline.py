@@ -1,0 +1,108 @@
+"""One transfer's story, from the request to the loop closed: each event with the actor's
+time and the server's, who, in which role, where, and why (the reasons dispatch recorded
+for its decisions); the notifications sent and acknowledged. Pure: no I/O. Events of
+types this service does not know yet are shown as they are, never dropped."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from libs.events.envelope import Envelope
+from services.projection.data import seconds, ts
+
+LABELS_ZH = {
+    "TransferRequested": "转运申请",
+    "TransferPrioritized": "分级排序",
+    "DestinationAssigned": "指定目的地",
+    "TransferQueued": "排队等车",
+    "VehicleAssigned": "派车",
+    "VehicleReserved": "车辆占用",
+    "TransferReported": "向县卫健局报备",
+    "TripOpened": "出车任务建立",
+    "TripStepReported": "车组上报",
+    "PatientHandedOver": "患者交接",
+    "HandoverConfirmed": "交接确认",
+    "TripCompleted": "转运结束",
+    "TransferHandedOver": "转运单交接完成",
+    "VehicleAwaitingDisinfection": "车辆待洗消",
+    "CycleOpened": "洗消周期开启",
+    "InitialDisinfectionLogged": "首次消毒",
+    "TerminalDisinfectionLogged": "终末消毒",
+    "SampleRegistered": "样本登记",
+    "SurfaceSwabCollected": "物表采样",
+    "SwabResultRecorded": "核酸结果",
+    "VehicleReleased": "洗消放行",
+    "VehicleQuarantined": "车辆隔离停用",
+    "VehicleReturnedToService": "车辆恢复可派",
+}
+STEP_ZH = {"acknowledged": "接单", "en_route": "出发", "at_pickup": "到达接人点",
+           "patient_aboard": "患者上车", "at_destination": "到达目的地", "handed_over": "完成交接"}
+# Notifications: type -> (what, to whom, sent or acknowledged). Issue 3 brings the 报备
+# webhook's delivery, issue 4 the hospital's pre-arrival notice; both are shown as soon
+# as they exist.
+NOTIFICATIONS = {
+    "TransferReported": ("报备 (R10)", "county_health_bureau", "sent"),
+    "ReportDelivered": ("报备 (R10)", "county_health_bureau", "acknowledged"),
+    "PreArrivalNoticeSent": ("pre-arrival notice", "receiving hospital", "sent"),
+    "PreArrivalNoticeAcknowledged": ("pre-arrival notice", "receiving hospital", "acknowledged"),
+}
+REASON_KEYS = ("reason", "override_reason", "candidates", "policy", "priority")
+CLOSING = {"ReturnTripCompleted", "PatientAdmitted", "LoopClosed"}
+
+
+def place(env: Envelope) -> Any:
+    p = env.payload
+    if env.type == "TransferRequested":
+        return (p.get("origin") or {}).get("name")
+    if p.get("position"):
+        return p["position"]
+    stage = p.get("stage")
+    if isinstance(stage, dict) and stage.get("location"):
+        return stage["location"]
+    return p.get("facility_id") or p.get("destination_id")
+
+
+def entry(env: Envelope) -> dict[str, Any]:
+    p = env.payload
+    label = LABELS_ZH.get(env.type, env.type)
+    if env.type == "TripStepReported":
+        label = f"{label}：{STEP_ZH.get(p.get('step', ''), p.get('step'))}"
+    skew = seconds(env.occurred_at, env.recorded_at)
+    return {
+        "type": env.type, "label_zh": label, "occurred_at": env.occurred_at,
+        "recorded_at": env.recorded_at,
+        # How far the actor's clock (a crew phone) is from the server's: shown, not trusted.
+        "receipt_delay_seconds": skew if skew else 0.0,
+        "actor": env.actor, "role": env.role, "place": place(env),
+        "why": {k: p[k] for k in REASON_KEYS if p.get(k) not in (None, [], "")} or None,
+        "store": env.store, "stream_id": env.stream_id, "stream_version": env.stream_version,
+        "position": env.position, "event_id": str(env.event_id), "payload": p,
+        "known": env.type in LABELS_ZH or env.type in NOTIFICATIONS,
+    }
+
+
+def timeline_view(transfer_id: str, events: list[Envelope]) -> dict[str, Any]:
+    ordered = sorted(events, key=lambda e: (ts(e.recorded_at), e.store, e.position))
+    entries = [entry(e) for e in ordered]
+    types = {e.type for e in ordered}
+    notifications = [
+        {"what": NOTIFICATIONS[e.type][0], "to": NOTIFICATIONS[e.type][1],
+         "state": NOTIFICATIONS[e.type][2], "at": e.recorded_at, "by": e.actor,
+         "payload": e.payload, "event_id": str(e.event_id)}
+        for e in ordered if e.type in NOTIFICATIONS
+    ]
+    requested = next((e for e in ordered if e.type == "TransferRequested"), None)
+    return_required = bool(requested and requested.payload.get("return_required"))
+    handed = "TransferHandedOver" in types or "PatientHandedOver" in types
+    if types & CLOSING or (handed and not return_required):
+        status = "loop_closed"
+    elif handed:
+        status = "awaiting_return_leg"  # R11: closed by the return leg or an admission (issue 4)
+    elif "TripOpened" in types:
+        status = "on_trip"
+    elif "VehicleAssigned" in types:
+        status = "assigned"
+    else:
+        status = "requested"
+    return {"transfer_id": transfer_id, "status": status, "return_required": return_required,
+            "entries": entries, "notifications": notifications}

@@ -1,0 +1,202 @@
+"""Forbidden histories appended straight into the producing stores (no command side in
+the way), carried by the real subscription runner into the projection, on SQLite and on
+PostgreSQL: each must come out as the finding that names its rule. The projection's
+rebuild (both fold orders) must equal what the subscription built live."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from libs.events.bus import StoreTailSource, Subscription
+from libs.events.catalog import disinfection as dis
+from libs.events.catalog import dispatch as dsp
+from libs.events.catalog import transfer as trn
+from libs.events.contracts import Event
+from libs.events.store import EventStore, Meta
+from services.projection import findings, queries
+from services.projection.consumers import CONSUMES
+from services.projection.rebuild import rebuild
+from services.projection.tables import archive, generation, metadata
+from tests.conftest import fresh_pg_schema, pg_store
+
+LOC = {"lat": 38.0, "lon": 106.0}
+T0 = datetime(2022, 11, 20, 1, 0, tzinfo=UTC)
+
+
+class BrandNew(Event):
+    """A type no catalogue has yet: archived and shown, never a crash."""
+
+    event_type = "BrandNewThing"
+    trip_id: str
+    note: str
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def stores(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[dict[str, EventStore]]:
+    async with AsyncExitStack() as stack:
+        out: dict[str, EventStore] = {}
+        for name in ("dispatch", "transfer", "disinfection", "projection"):
+            if request.param == "sqlite":
+                store = EventStore.from_url(name, f"sqlite+aiosqlite:///{tmp_path}/{name}.db")
+            else:
+                schema = await stack.enter_async_context(fresh_pg_schema())
+                store = pg_store(name, schema)
+            stack.push_async_callback(store.close)
+            await store.create_schema(metadata if name == "projection" else None)
+            out[name] = store
+        yield out
+
+
+async def put(store: EventStore, stream: str, *events: Event, actor: str = "forger") -> None:
+    version = len(await store.read_stream(stream))
+    await store.append(stream, version, list(events), Meta(actor=actor, role="system", correlation_id=stream))
+
+
+def stage(kind: str, minutes: int = 35) -> dict[str, object]:
+    end = T0 + timedelta(minutes=minutes)
+    return {"stage": kind, "disinfectant": "chlorine", "concentration_mg_per_l": 1000, "method": "wipe",
+            "started_at": T0.isoformat(), "ended_at": end.isoformat(), "operator": "王五",
+            "location": "洗消间", "video": {"camera_id": "c", "clip_ref": "nvr://x", "from": T0.isoformat(),
+                                            "to": end.isoformat()}}
+
+
+async def forbidden_histories(s: dict[str, EventStore]) -> None:
+    d, t, x = s["dispatch"], s["transfer"], s["disinfection"]
+    for vid in ("v1", "v2", "v3"):
+        await put(d, f"vehicle-{vid}", dsp.VehicleRegistered(
+            vehicle_id=vid, plate="宁A", kind="negative_pressure_ambulance", dedicated_pool=True,
+            life_support=True, station="s", location=LOC))  # type: ignore[arg-type]
+    # R1: two reservations of v1 with no release in between.
+    await put(d, "vehicle-v1", dsp.VehicleReserved(vehicle_id="v1", transfer_id="t1"))
+    await put(d, "vehicle-v1", dsp.VehicleReserved(vehicle_id="v1", transfer_id="t2"))
+    # R2: v2 reserved while awaiting disinfection.
+    await put(d, "vehicle-v2", dsp.VehicleReserved(vehicle_id="v2", transfer_id="t3"),
+              dsp.VehicleAwaitingDisinfection(vehicle_id="v2", trip_id="trip-a"),
+              dsp.VehicleReserved(vehicle_id="v2", transfer_id="t4"))
+    # R8: v3 returned to service after a cycle with only the initial stage.
+    await put(x, "cycle-c1", dis.CycleOpened(cycle_id="c1", vehicle_id="v3", trip_id="trip-b",
+                                             transfer_id="t5", reason="r"),
+              dis.InitialDisinfectionLogged(cycle_id="c1", vehicle_id="v3", stage=stage("initial")))
+    await put(d, "vehicle-v3", dsp.VehicleAwaitingDisinfection(vehicle_id="v3", trip_id="trip-b"),
+              dsp.VehicleReturnedToService(vehicle_id="v3", trip_id="trip-b", cycle_id="c1"))
+    # R8 + R9: a cycle released with no stage and no swab; a positive never quarantined.
+    await put(x, "cycle-c2", dis.CycleOpened(cycle_id="c2", vehicle_id="v2", trip_id="trip-c",
+                                             transfer_id="t6", reason="r"),
+              dis.VehicleReleased(cycle_id="c2", vehicle_id="v2", trip_id="trip-c", policy="p"))
+    await put(x, "cycle-c3", dis.CycleOpened(cycle_id="c3", vehicle_id="v1", trip_id="trip-d",
+                                             transfer_id="t7", reason="r"),
+              dis.InitialDisinfectionLogged(cycle_id="c3", vehicle_id="v1", stage=stage("initial", 10)),
+              dis.TerminalDisinfectionLogged(cycle_id="c3", vehicle_id="v1", stage=stage("terminal")),
+              dis.SurfaceSwabCollected(cycle_id="c3", vehicle_id="v1", sample_id="s3", sites=["a", "b", "c"],
+                                       collected_by="x", collected_at=T0.isoformat()),
+              dis.SwabResultRecorded(cycle_id="c3", vehicle_id="v1", sample_id="s3", result="positive",
+                                     lab="l", reported_at=(T0 + timedelta(hours=9)).isoformat()))
+    # R12: a trip nobody requested; an unknown event type on it.
+    await put(t, "trip-e", trn.TripOpened(trip_id="e", transfer_id="ghost", vehicle_id="v9",
+                                          destination_id=None, origin={}, return_required=False),
+              BrandNew(trip_id="e", note="from a newer crew app"))
+
+
+async def run_projection(s: dict[str, EventStore]) -> int:
+    """The projection's subscriptions, as the embedded runtime wires them, until caught up."""
+    stop = asyncio.Event()
+    subs = [Subscription("projection", s["projection"], handlers,
+                         StoreTailSource(s[source], s["projection"], "projection", idle_wait=0.05))
+            for source, handlers in CONSUMES.items()]
+    tasks = [asyncio.create_task(sub.run(stop)) for sub in subs]
+    total = sum([await s[n].head() for n in ("dispatch", "transfer", "disinfection")])
+    try:
+        for _ in range(400):
+            async with s["projection"].engine.connect() as conn:
+                if await conn.scalar(select(func.count()).select_from(archive)) == total:
+                    return total
+            await asyncio.sleep(0.05)
+        raise AssertionError("the projection did not catch up")
+    finally:
+        stop.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_forbidden_histories_appended_into_stores_are_found(stores: dict[str, EventStore]) -> None:
+    await forbidden_histories(stores)
+    total = await run_projection(stores)
+    async with stores["projection"].engine.connect() as conn:
+        data = await queries.load(conn)
+        live = await queries.dump(conn, generation(1))
+        unknown = await queries.timeline_events(conn, "trip-e", None)
+    found = findings.evaluate(data, datetime.now(UTC), set(findings.registry_types()))
+    got = {(f.rule, f.check, f.vehicle_id or f.transfer_id) for f in found}
+    assert got >= {
+        ("R1", "vehicle_reserved_twice", "v1"), ("R2", "reserved_before_release", "v2"),
+        ("R8", "returned_without_terminal", "v3"), ("R8", "released_without_both_stages", "v2"),
+        ("R9", "released_without_swab", "v2"), ("R9", "positive_not_quarantined", "v1"),
+        ("R8", "stage_below_protocol", "v1"), ("R12", "trip_without_request", "v9"),
+        ("R14", "swab_result_overdue", "v1"),
+    }, got
+    assert any(r.type == "BrandNewThing" for r in unknown)
+    r1 = next(f for f in found if f.rule == "R1")
+    assert {e["actor"] for e in r1.view()["evidence"]} == {"forger"}
+
+    for order in ("seq", "store"):
+        report = await rebuild(stores["projection"], order=order, page=7)
+        assert report.events + report.caught_up == total
+        async with stores["projection"].engine.connect() as conn:
+            assert await queries.dump(conn, generation(report.generation)) == live, order
+
+
+async def test_rebuild_while_events_keep_arriving_misses_nothing(stores: dict[str, EventStore]) -> None:
+    """Build beside while the live subscription keeps archiving: after the switch the new
+    generation (which then takes the live events) equals a rebuild made at rest."""
+    proj = stores["projection"]
+    stop = asyncio.Event()
+    subs = [Subscription("projection", proj, handlers,
+                         StoreTailSource(stores[source], proj, "projection", idle_wait=0.02))
+            for source, handlers in CONSUMES.items()]
+    tasks = [asyncio.create_task(sub.run(stop)) for sub in subs]
+
+    async def traffic(first: int, n: int) -> None:
+        for i in range(first, first + n):
+            await put(stores["dispatch"], f"vehicle-w{i}", dsp.VehicleRegistered(
+                vehicle_id=f"w{i}", plate="宁A", kind="dedicated_vehicle", dedicated_pool=True,
+                life_support=False, station="s", location=LOC),  # type: ignore[arg-type]
+                dsp.VehicleReserved(vehicle_id=f"w{i}", transfer_id=f"x{i}"))
+            await put(stores["transfer"], f"trip-w{i}", trn.TripOpened(
+                trip_id=f"w{i}", transfer_id=f"x{i}", vehicle_id=f"w{i}", destination_id=None, origin={},
+                return_required=False))
+
+    try:
+        await traffic(0, 40)
+        writer = asyncio.create_task(traffic(40, 60))
+        reports = []
+        while not writer.done():
+            reports.append(await rebuild(proj, order="seq", page=13))
+        await writer
+        total = sum([await stores[n].head() for n in ("dispatch", "transfer", "disinfection")])
+        for _ in range(400):
+            async with proj.engine.connect() as conn:
+                if await conn.scalar(select(func.count()).select_from(archive)) == total:
+                    break
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert reports  # at least one rebuild switched while traffic ran
+    async with proj.engine.connect() as conn:
+        live_gen = await queries.current(conn)
+        assert live_gen is not None and live_gen.number == reports[-1].generation
+        live = await queries.dump(conn, live_gen)
+    assert len(live["trips"]) == 100
+    report = await rebuild(proj, order="store")
+    async with proj.engine.connect() as conn:
+        assert await queries.dump(conn, generation(report.generation)) == live

@@ -1,0 +1,409 @@
+"""The audit's findings, KPIs and masking as pure functions: forbidden histories made of
+events (no command side involved) must each produce the finding that names their rule;
+the fold must not depend on how streams interleave."""
+
+from __future__ import annotations
+
+import itertools
+import random
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.projection import findings, kpis, privacy
+from services.projection.custody import exposures
+from services.projection.data import AuditData, from_rows
+from services.projection.facts import Buffer, Ev, Fact
+
+T0 = datetime(2022, 11, 20, 1, 0, tzinfo=UTC)
+KNOWN = {c for check in findings.CHECKS for c in check.needs} - {
+    "ReturnLegRequested", "PatientAdmitted", "TransferReprioritized", "VehicleReleasedEarly"}
+
+
+class History:
+    """Builds events stream by stream, with positions per store and server times that
+    advance a minute per event."""
+
+    def __init__(self) -> None:
+        self.events: list[Ev] = []
+        self.versions: dict[str, int] = {}
+        self.positions: dict[str, int] = {}
+        self.clock = T0
+
+    def add(self, store: str, stream: str, type_: str, actor: str = "system", role: str = "system",
+            at: datetime | None = None, **payload: Any) -> Ev:
+        self.clock += timedelta(minutes=1)
+        self.versions[stream] = self.versions.get(stream, 0) + 1
+        self.positions[store] = self.positions.get(store, 0) + 1
+        when = (at or self.clock).isoformat()
+        ev = Ev(str(uuid.uuid4()), type_, store, stream, self.versions[stream], self.positions[store],
+                when, self.clock.isoformat(), actor, role, payload)
+        self.events.append(ev)
+        return ev
+
+    def data(self, events: list[Ev] | None = None) -> AuditData:
+        buf = Buffer()
+        for ev in events if events is not None else self.events:
+            buf.add_event(ev)
+        return from_rows(buf.rows)
+
+    def found(self, now: datetime | None = None) -> list[findings.Finding]:
+        return findings.evaluate(self.data(), now or self.clock, KNOWN)
+
+
+def vehicle(h: History, vid: str, kind: str = "negative_pressure_ambulance", pool: bool = True) -> None:
+    h.add("dispatch", f"vehicle-{vid}", "VehicleRegistered", vehicle_id=vid, plate="宁A", kind=kind,
+          dedicated_pool=pool, life_support=True, station="s", location={"lat": 38.0, "lon": 106.0})
+
+
+def request(h: History, tid: str, risk: str = "isolation_site", fever: bool = True,
+            channel: str = "console", origin_kind: str = "isolation_site", **extra: Any) -> None:
+    h.add("dispatch", f"transfer-{tid}", "TransferRequested", transfer_id=tid,
+          patient={"name": "张三", "id_number": "640121198001011231", "phone": "13800138000"},
+          risk_category=risk, condition={"fever": fever, **extra}, origin={"kind": origin_kind, "name": "o"},
+          purpose="outpatient_visit", return_required=True, requested_by={"channel": channel, "org": "站"})
+
+
+def codes(found: list[findings.Finding]) -> set[tuple[str, str]]:
+    return {(f.rule, f.check) for f in found}
+
+
+# -- forbidden histories, one rule each ---------------------------------------------------
+
+
+def test_r1_two_reservations_without_release() -> None:
+    h = History()
+    vehicle(h, "v1")
+    h.add("dispatch", "vehicle-v1", "VehicleReserved", vehicle_id="v1", transfer_id="t1")
+    h.add("dispatch", "vehicle-v1", "VehicleReserved", vehicle_id="v1", transfer_id="t2")
+    found = [f for f in h.found() if f.rule == "R1"]
+    assert [(f.check, f.transfer_id) for f in found] == [("vehicle_reserved_twice", "t2")]
+    assert len(found[0].evidence) == 2
+
+
+def test_r1_two_trips_of_one_vehicle_open_at_once() -> None:
+    h = History()
+    for trip, tid in (("a", "t1"), ("b", "t2")):
+        h.add("transfer", f"trip-{trip}", "TripOpened", trip_id=trip, transfer_id=tid, vehicle_id="v1",
+              destination_id=None, origin={}, return_required=False)
+    assert ("R1", "overlapping_trips") in codes(h.found())
+
+
+def test_r2_reserved_while_awaiting_disinfection() -> None:
+    h = History()
+    vehicle(h, "v1")
+    h.add("dispatch", "vehicle-v1", "VehicleReserved", vehicle_id="v1", transfer_id="t1")
+    h.add("dispatch", "vehicle-v1", "VehicleAwaitingDisinfection", vehicle_id="v1", trip_id="a")
+    h.add("dispatch", "vehicle-v1", "VehicleReserved", vehicle_id="v1", transfer_id="t2")
+    assert codes(h.found()) >= {("R2", "reserved_before_release")}
+    assert not [f for f in h.found() if f.rule == "R1"]
+
+
+def test_r2_trip_before_release_and_clean_sequence() -> None:
+    h = History()
+    h.add("transfer", "trip-a", "TripOpened", trip_id="a", transfer_id="t1", vehicle_id="v1",
+          destination_id=None, origin={}, return_required=False)
+    h.add("transfer", "trip-a", "TripCompleted", trip_id="a", transfer_id="t1", vehicle_id="v1")
+    h.add("transfer", "trip-b", "TripOpened", trip_id="b", transfer_id="t2", vehicle_id="v1",
+          destination_id=None, origin={}, return_required=False)
+    assert ("R2", "trip_before_release") in codes(h.found())
+
+
+def stage(minutes: int = 35, **override: Any) -> dict[str, Any]:
+    start = T0
+    end = start + timedelta(minutes=minutes)
+    body = {"stage": "initial", "disinfectant": "chlorine", "concentration_mg_per_l": 1000,
+            "method": "wipe", "started_at": start.isoformat(), "ended_at": end.isoformat(),
+            "operator": "王五", "location": "洗消间",
+            "video": {"camera_id": "c", "clip_ref": "nvr://x", "from": start.isoformat(),
+                      "to": end.isoformat()}}
+    return body | override
+
+
+def cycle(h: History, cid: str, trip: str, vid: str = "v1") -> None:
+    h.add("disinfection", f"cycle-{cid}", "CycleOpened", cycle_id=cid, vehicle_id=vid, trip_id=trip,
+          transfer_id="t1", reason="r")
+
+
+def test_r8_returned_to_service_without_terminal_stage() -> None:
+    h = History()
+    cycle(h, "c1", "a")
+    h.add("disinfection", "cycle-c1", "InitialDisinfectionLogged", cycle_id="c1", vehicle_id="v1",
+          stage=stage())
+    vehicle(h, "v1")
+    h.add("dispatch", "vehicle-v1", "VehicleReturnedToService", vehicle_id="v1", trip_id="a", cycle_id="c1")
+    assert ("R8", "returned_without_terminal") in codes(h.found())
+    # The terminal stage logged only afterwards does not excuse it.
+    h.add("disinfection", "cycle-c1", "TerminalDisinfectionLogged", cycle_id="c1", vehicle_id="v1",
+          stage=stage(stage="terminal"))
+    assert ("R8", "returned_without_terminal") in codes(h.found())
+
+
+def test_r8_r9_released_with_no_stage_and_no_swab() -> None:
+    h = History()
+    cycle(h, "c1", "a")
+    h.add("disinfection", "cycle-c1", "VehicleReleased", cycle_id="c1", vehicle_id="v1", trip_id="a",
+          policy="p")
+    assert codes(h.found()) >= {("R8", "released_without_both_stages"), ("R9", "released_without_swab")}
+
+
+def test_r8_stage_below_protocol_and_out_of_order() -> None:
+    h = History()
+    cycle(h, "c1", "a")
+    h.add("disinfection", "cycle-c1", "TerminalDisinfectionLogged", cycle_id="c1", vehicle_id="v1",
+          stage=stage(10, concentration_mg_per_l=500, video={"camera_id": "c"}))
+    found = [f for f in h.found() if f.rule == "R8"]
+    assert {f.check for f in found} == {"stage_below_protocol", "terminal_before_initial"}
+    detail = next(f.detail for f in found if f.check == "stage_below_protocol")
+    assert "contact time 10 min" in detail and "concentration 500" in detail and "video.clip_ref" in detail
+
+
+def test_r9_positive_not_quarantined_and_used_again() -> None:
+    h = History()
+    cycle(h, "c1", "a")
+    h.add("disinfection", "cycle-c1", "SurfaceSwabCollected", cycle_id="c1", vehicle_id="v1",
+          sample_id="s1", sites=["a", "b", "c"], collected_by="x", collected_at=T0.isoformat())
+    h.add("disinfection", "cycle-c1", "SwabResultRecorded", cycle_id="c1", vehicle_id="v1",
+          sample_id="s1", result="positive", lab="l", reported_at=T0.isoformat())
+    h.add("transfer", "trip-b", "TripOpened", trip_id="b", transfer_id="t2", vehicle_id="v1",
+          destination_id=None, origin={}, return_required=False)
+    assert codes(h.found()) >= {("R9", "positive_not_quarantined"), ("R9", "trip_after_positive")}
+
+
+def test_r10_unreported_late_and_direct_call_not_by_120() -> None:
+    h = History()
+    request(h, "t1")
+    request(h, "t2", channel="direct_call")
+    h.clock += timedelta(minutes=30)
+    h.add("dispatch", "transfer-t2", "TransferReported", transfer_id="t2", reported_to="bureau",
+          reported_by="站")
+    found = h.found()
+    assert {(f.check, f.transfer_id) for f in found if f.rule == "R10"} == {
+        ("not_reported", "t1"), ("reported_late", "t2"), ("direct_call_not_reported_by_120", "t2")}
+
+
+def test_r3_r5_vehicle_fit_overrides_and_violations() -> None:
+    h = History()
+    vehicle(h, "amb", kind="ambulance", pool=False)
+    request(h, "t1")
+    h.add("dispatch", "transfer-t1", "VehicleAssigned", transfer_id="t1", vehicle_id="amb",
+          destination_id=None, origin={}, return_required=True, manual=True, override_reason="无车",
+          reason="r", actor="d1", role="dispatcher")
+    request(h, "t2")
+    h.add("dispatch", "transfer-t2", "VehicleAssigned", transfer_id="t2", vehicle_id="amb",
+          destination_id=None, origin={}, return_required=True, reason="r")
+    kinds = {(f.rule, f.transfer_id, f.kind) for f in h.found() if f.rule in ("R3", "R5", "override")}
+    assert kinds == {("R3", "t1", "override"), ("R5", "t1", "override"), ("override", "t1", "override"),
+                     ("R3", "t2", "violation"), ("R5", "t2", "violation")}
+
+
+def test_r4_priority_inversion() -> None:
+    h = History()
+    vehicle(h, "v1")
+    request(h, "urgent")
+    h.add("dispatch", "transfer-urgent", "TransferPrioritized", transfer_id="urgent", priority=1, reason="r")
+    h.add("dispatch", "transfer-urgent", "TransferQueued", transfer_id="urgent", reason="r")
+    request(h, "later", fever=False)
+    h.add("dispatch", "transfer-later", "TransferPrioritized", transfer_id="later", priority=3, reason="r")
+    h.add("dispatch", "transfer-later", "VehicleAssigned", transfer_id="later", vehicle_id="v1",
+          destination_id=None, origin={}, return_required=True, reason="r")
+    assert [(f.rule, f.transfer_id) for f in h.found() if f.rule == "R4"] == [("R4", "urgent")]
+
+
+def test_r6_r7_destination() -> None:
+    h = History()
+    h.add("dispatch", "facility-f", "FacilityRegistered", facility_id="f", name="f", roles=["fever_clinic"],
+          location={"lat": 38.0, "lon": 106.0}, fever_clinic_capacity=10)
+    h.add("dispatch", "facility-f", "FacilityLoadReported", facility_id="f", fever_clinic_occupied=9,
+          reported_at=T0.isoformat(), load_ratio=0.9, overflowing=True)
+    request(h, "stroke", fever=False, critical=True, kind="stroke")
+    h.add("dispatch", "transfer-stroke", "DestinationAssigned", transfer_id="stroke", facility_id="f",
+          reason="r")
+    assert codes(h.found()) >= {("R6", "destination_role_mismatch"), ("R7", "overflowing_destination")}
+
+
+def test_r12_r13_r14() -> None:
+    h = History()
+    h.add("transfer", "trip-x", "TripOpened", trip_id="x", transfer_id="ghost", vehicle_id="v1",
+          destination_id=None, origin={}, return_required=False)
+    request(h, "case", risk="confirmed", origin_kind="fever_clinic")
+    cycle(h, "c1", "x")
+    h.add("disinfection", "cycle-c1", "SurfaceSwabCollected", cycle_id="c1", vehicle_id="v1",
+          sample_id="s1", sites=["a", "b", "c"], collected_by="x", collected_at=T0.isoformat())
+    found = h.found(now=h.clock + timedelta(hours=7))
+    assert codes(found) >= {("R12", "trip_without_request"), ("R13", "fever_clinic_case_delayed"),
+                            ("R14", "swab_result_overdue")}
+
+
+def test_waiting_checks_switch_on_when_their_events_exist() -> None:
+    h = History()
+    h.add("disinfection", "cycle-c1", "VehicleReleasedEarly", cycle_id="c1", vehicle_id="v1",
+          reason="急需出车", actor="sup", role="supervisor")
+    assert not [f for f in h.found() if f.kind == "override"]  # not in the catalogue: waiting
+    status = {r["check"]: r["status"] for r in findings.rules_status(KNOWN)}
+    assert status["overrides_of_other_services"] == "waiting" and status["loop_not_closed"] == "waiting"
+    found = findings.evaluate(h.data(), h.clock, KNOWN | {"TransferReprioritized", "VehicleReleasedEarly"})
+    assert [(f.rule, f.kind, f.vehicle_id) for f in found] == [("R2", "override", "v1")]
+
+
+def test_unknown_event_types_are_tolerated() -> None:
+    h = History()
+    vehicle(h, "v1")
+    h.add("dispatch", "vehicle-v1", "VehiclePositionReported", vehicle_id="v1", lat=1)
+    h.add("transfer", "trip-a", "SomethingNobodyKnows", trip_id="a", x=[1, 2])
+    assert h.found() == []
+
+
+# -- order independence ------------------------------------------------------------------
+
+
+def full_history() -> History:
+    h = History()
+    vehicle(h, "v1")
+    h.add("dispatch", "facility-f", "FacilityRegistered", facility_id="f", name="f", roles=["fever_clinic"],
+          location={"lat": 38.0, "lon": 106.0})
+    for n in range(3):
+        tid, trip, cid = f"t{n}", f"trip{n}", f"c{n}"
+        request(h, tid)
+        h.add("dispatch", f"transfer-{tid}", "TransferPrioritized", transfer_id=tid, priority=2, reason="r")
+        h.add("dispatch", f"transfer-{tid}", "TransferReported", transfer_id=tid, reported_to="bureau",
+              reported_by="站")
+        h.add("dispatch", f"transfer-{tid}", "DestinationAssigned", transfer_id=tid, facility_id="f",
+              reason="r")
+        h.add("dispatch", "vehicle-v1", "VehicleReserved", vehicle_id="v1", transfer_id=tid)
+        h.add("dispatch", f"transfer-{tid}", "VehicleAssigned", transfer_id=tid, vehicle_id="v1",
+              destination_id="f", origin={}, return_required=True, reason="r")
+        h.add("transfer", f"trip-{trip}", "TripOpened", trip_id=trip, transfer_id=tid, vehicle_id="v1",
+              destination_id="f", origin={}, return_required=True)
+        for step in ("acknowledged", "en_route", "at_pickup", "patient_aboard", "at_destination"):
+            h.add("transfer", f"trip-{trip}", "TripStepReported", trip_id=trip, step=step,
+                  client_event_id=f"{trip}{step}", device_at=h.clock.isoformat())
+        h.add("transfer", f"trip-{trip}", "PatientHandedOver", trip_id=trip, transfer_id=tid, facility_id="f",
+              received_by="李", confirmed_by="crew")
+        h.add("transfer", f"trip-{trip}", "TripCompleted", trip_id=trip, transfer_id=tid, vehicle_id="v1")
+        h.add("dispatch", "vehicle-v1", "VehicleAwaitingDisinfection", vehicle_id="v1", trip_id=trip)
+        cycle(h, cid, trip)
+        h.add("disinfection", f"cycle-{cid}", "InitialDisinfectionLogged", cycle_id=cid, vehicle_id="v1",
+              stage=stage())
+        h.add("disinfection", f"cycle-{cid}", "TerminalDisinfectionLogged", cycle_id=cid, vehicle_id="v1",
+              stage=stage(stage="terminal"))
+        h.add("disinfection", f"cycle-{cid}", "SurfaceSwabCollected", cycle_id=cid, vehicle_id="v1",
+              sample_id=f"s{n}", sites=["a", "b", "c"], collected_by="x", collected_at=h.clock.isoformat())
+        h.add("disinfection", f"cycle-{cid}", "VehicleReleased", cycle_id=cid, vehicle_id="v1", trip_id=trip,
+              policy="p")
+        h.add("disinfection", f"cycle-{cid}", "SwabResultRecorded", cycle_id=cid, vehicle_id="v1",
+              sample_id=f"s{n}", result="negative" if n < 2 else "positive", lab="l",
+              reported_at=h.clock.isoformat())
+        h.add("dispatch", "vehicle-v1", "VehicleReturnedToService", vehicle_id="v1", trip_id=trip,
+              cycle_id=cid)
+    return h
+
+
+def interleave(events: list[Ev], seed: int) -> list[Ev]:
+    """Any order that keeps each stream's own order (all that Kafka promises)."""
+    rng = random.Random(seed)
+    streams: dict[str, list[Ev]] = {}
+    for ev in events:
+        streams.setdefault(ev.stream_id, []).append(ev)
+    queues = [list(q) for q in streams.values()]
+    out: list[Ev] = []
+    while queues:
+        q = rng.choice(queues)
+        out.append(q.pop(0))
+        if not q:
+            queues.remove(q)
+    return out
+
+
+def folded(events: list[Ev]) -> dict[str, Any]:
+    buf = Buffer()
+    for ev in events:
+        buf.add_event(ev)
+    return buf.rows
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(min_value=0, max_value=2**32))
+def test_fold_is_the_same_whatever_the_interleaving(seed: int) -> None:
+    h = full_history()
+    assert folded(interleave(h.events, seed)) == folded(h.events)
+
+
+def test_pages_merge_like_one_fold() -> None:
+    """A rebuild merges pages; the live path one event at a time: same rows."""
+    h = full_history()
+    whole = folded(h.events)
+    merged = Buffer()
+    for _, chunk in itertools.groupby(enumerate(h.events), key=lambda p: p[0] // 7):
+        page = Buffer()
+        for _, ev in chunk:
+            page.add_event(ev)
+        for table, rows in page.rows.items():
+            merged.add(Fact(table, key, values) for key, values in rows.items())
+    assert merged.rows == whole
+
+
+def test_clean_history_has_no_findings_and_views_add_up() -> None:
+    h = full_history()
+    data = h.data()
+    found = findings.evaluate(data, h.clock, KNOWN)
+    # Only the positive swab's own consequences: the vehicle was not quarantined.
+    assert codes(found) == {("R9", "positive_not_quarantined")}, codes(found)
+    ex = exposures(data, "v1")
+    assert [t["transfer_id"] for t in ex[0]["transfers"]] == ["t2"] and ex[0]["since_negative_sample"] == "s1"
+    k = kpis.indicators(data, h.clock)
+    assert k["transfers"] == 3 and k["overall"]["segments"]["at_pickup_to_at_destination"]["p50"] == 120
+    assert k["overall"]["dispatch_within_3_min"]["rate"] == 0.0  # 6 min between request and assignment
+
+
+# -- KPIs and privacy -----------------------------------------------------------------------
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 21)]
+    assert (kpis.percentile(values, 50), kpis.percentile(values, 90), kpis.percentile(values, 95)) == (
+        10.0, 18.0, 19.0)
+    assert kpis.percentile([], 50) is None
+    assert kpis.summarize([5.0, -3.0, None, 7.0]) == {"n": 2, "negative": 1, "p50": 5.0, "p90": 7.0,
+                                                      "p95": 7.0}
+
+
+def test_masking_everywhere_and_one_unmask_decision() -> None:
+    assert privacy.mask_id_number("640121198001011231") == "6401**********1231"
+    assert privacy.mask_phone("13800138000") == "138****8000"
+    view = {"patient": {"id_number": "640121198001011231", "phone": "13800138000"},
+            "note": "家属电话13800138000，身份证640121198001011231",
+            "hash": "a13800138000b" + "0" * 51, "event_id": str(uuid.uuid4())}
+    masked = privacy.disclose(view, "auditor")
+    assert masked["patient"] == {"id_number": "6401**********1231", "phone": "138****8000"}
+    assert masked["note"] == "家属电话138****8000，身份证6401**********1231"
+    assert masked["hash"] == view["hash"] and masked["event_id"] == view["event_id"]
+    assert privacy.disclose(view, "dispatcher") == masked  # identities unverified until issue 7
+    assert privacy.disclose(view, "dispatcher", identity_verified=True) == view
+    assert privacy.disclose(view, "auditor", identity_verified=True) == masked
+
+
+def test_a_malformed_known_event_is_skipped_not_fatal() -> None:
+    h = History()
+    h.add("dispatch", "transfer-x", "TransferRequested", note="no transfer_id in this payload")
+    request(h, "t1")
+    buf = Buffer()
+    for ev in h.events:
+        buf.add_event(ev)
+    assert buf.unreadable == 1 and list(buf.rows["transfers"]) == [("t1",)]
+
+
+def test_a_failing_check_does_not_hide_the_others() -> None:
+    h = History()
+    vehicle(h, "v1")
+    h.add("dispatch", "vehicle-v1", "VehicleReserved", vehicle_id="v1", transfer_id="t1")
+    h.add("dispatch", "vehicle-v1", "VehicleReserved", vehicle_id="v1", transfer_id="t2")
+    data = h.data()
+    data.trips["broken"] = {"trip_id": "broken", "vehicle_id": "v1", "opened": {"recorded_at": "not a time"}}
+    failed: list[dict[str, str]] = []
+    found = findings.evaluate(data, h.clock, KNOWN, failed)
+    assert ("R1", "vehicle_reserved_twice") in codes(found)
+    assert failed and all(f["error"] for f in failed)
