@@ -16,9 +16,25 @@ STEPS = ("acknowledged", "en_route", "at_pickup", "patient_aboard", "at_destinat
 NEEDS_PATIENT_ABOARD = ("at_destination", "handed_over")
 
 
+ABORT_CODES = ("patient_absent", "patient_refused", "other")
+DISPATCH_ACTIONS = ("cancel", "requeue")
+RETURN_DESTINATION = "origin"  # a return leg's destination: the outbound transfer's origin
+
+
 def trip_id_for(transfer_id: str, vehicle_id: str) -> str:
     """Deterministic, so a redelivered VehicleAssigned opens the same trip, not a second."""
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"trip:{transfer_id}:{vehicle_id}"))
+
+
+def reassigned_trip_id_for(transfer_id: str, vehicle_id: str, assignment_event_id: str) -> str:
+    """The same vehicle assigned to the same transfer again (after an abort): a new trip,
+    still deterministic per assignment."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"trip:{transfer_id}:{vehicle_id}:{assignment_event_id}"))
+
+
+def return_transfer_id_for(transfer_id: str) -> str:
+    """Deterministic, so a resent return request (or a redelivered event) makes one leg."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"return:{transfer_id}"))
 
 
 class Trip(Aggregate):
@@ -34,23 +50,35 @@ class Trip(Aggregate):
     steps: list[dict[str, Any]] = []
     client_event_ids: list[str] = []
     handed_over_to: str | None = None
+    return_of: str | None = None
+    takeover_of: str | None = None
+    loop: str | None = None  # R11 on an outbound leg: return_requested, closed
+    loop_how: str | None = None
+    return_transfer_id: str | None = None
+    abort_reason: str | None = None
+    assignment_event_id: str | None = None
 
     def ref_value(self) -> str | None:
         return self.vehicle_id
 
     @classmethod
     def open(cls, transfer_id: str, vehicle_id: str, destination_id: str | None,
-             origin: dict[str, Any], return_required: bool) -> Trip:
-        trip = cls(id=trip_id_for(transfer_id, vehicle_id))
+             origin: dict[str, Any], return_required: bool, return_of: str | None = None,
+             takeover_of: str | None = None, assignment_event_id: str | None = None,
+             trip_id: str | None = None) -> Trip:
+        trip = cls(id=trip_id or trip_id_for(transfer_id, vehicle_id))
         trip.record(ev.TripOpened(
             trip_id=trip.id, transfer_id=transfer_id, vehicle_id=vehicle_id,
             destination_id=destination_id, origin=origin, return_required=return_required,
+            return_of=return_of, takeover_of=takeover_of, assignment_event_id=assignment_event_id,
         ))
         return trip
 
     def _on_TripOpened(self, e: ev.TripOpened) -> None:
         self.transfer_id, self.vehicle_id, self.destination_id = e.transfer_id, e.vehicle_id, e.destination_id
         self.origin, self.return_required = e.origin, e.return_required
+        self.return_of, self.takeover_of = e.return_of, e.takeover_of
+        self.assignment_event_id = e.assignment_event_id
 
     def _reached(self, step: str) -> bool:
         return self.last_step is not None and STEPS.index(self.last_step) >= STEPS.index(step)
@@ -60,7 +88,7 @@ class Trip(Aggregate):
         """Apply a crew step once. False when this client event id was applied before."""
         if client_event_id in self.client_event_ids:
             return False
-        if self.status == "aborted":
+        if self.status != "open":
             raise StateConflict("trip_closed", f"trip {self.id} is closed", f"行程{self.id}已结束",
                                 trip_id=self.id)
         if self.last_step is not None and STEPS.index(step) <= STEPS.index(self.last_step):
@@ -94,7 +122,13 @@ class Trip(Aggregate):
         if not self._reached("patient_aboard"):
             raise StateConflict("patient_not_aboard", "the patient is not aboard yet",
                                 "患者尚未上车，不能交接", trip_id=self.id)
+        if self.status == "aborted":
+            raise StateConflict("trip_closed", f"trip {self.id} is closed", f"行程{self.id}已结束",
+                                trip_id=self.id)
         if self.status == "completed":
+            if self.handed_over_to is None:
+                raise StateConflict("trip_closed", f"trip {self.id} ended without a handover",
+                                    f"行程{self.id}已结束，未交接", trip_id=self.id)
             if facility_id != self.handed_over_to:
                 raise StateConflict(
                     "handover_facility_mismatch",
@@ -128,16 +162,93 @@ class Trip(Aggregate):
         self.destination_id = e.destination_id
 
     def abort(self, reason: str) -> None:
-        """Ends a trip that will not hand over. A vehicle that had the patient aboard still
-        needs disinfection, so its trip completes rather than aborts (issue 4 decides more)."""
+        """Dispatch took the vehicle off this trip (withdrawn, broken down, transfer cancelled).
+        A vehicle that had the patient aboard carried them, so it needs disinfection: its trip
+        completes (a second vehicle takes the patient over) rather than aborts."""
         if self.status != "open":
             return
         if self._reached("patient_aboard"):
             self.record(ev.TripCompleted(trip_id=self.id, transfer_id=self.transfer_id,
-                                         vehicle_id=self.vehicle_id))
+                                         vehicle_id=self.vehicle_id, reason=reason))
             return
         self.record(ev.TripAborted(trip_id=self.id, transfer_id=self.transfer_id,
                                    vehicle_id=self.vehicle_id, reason=reason))
 
+    def abort_by_crew(self, code: str, reason: str, dispatch_action: str, at: datetime) -> None:
+        """The crew ends the trip before pickup: the patient is not there or refuses. Dispatch
+        is asked to cancel the transfer or to put it back in the queue."""
+        if self.status != "open":
+            raise StateConflict("trip_closed", f"trip {self.id} is closed", f"行程{self.id}已结束",
+                                trip_id=self.id)
+        if self._reached("patient_aboard"):
+            raise StateConflict(
+                "patient_aboard", "the patient is aboard: hand over, or report a breakdown for a takeover",
+                "患者已上车，不能中止，请交接或报告车辆故障由他车接转", trip_id=self.id)
+        self.record(ev.TripAborted(trip_id=self.id, transfer_id=self.transfer_id,
+                                   vehicle_id=self.vehicle_id, reason=reason, code=code,
+                                   dispatch_action=dispatch_action, aborted_by="crew"),
+                    occurred_at=at)
+
     def _on_TripAborted(self, e: ev.TripAborted) -> None:
-        self.status = "aborted"
+        self.status, self.abort_reason = "aborted", e.reason
+
+    # -- R11: the return leg, or the admission that closes the loop instead ------------------
+
+    def _must_be_handed_over_at(self, facility_id: str) -> None:
+        if self.return_of is not None:
+            raise StateConflict("return_leg", f"trip {self.id} is itself a return leg",
+                                f"行程{self.id}本身是返程", trip_id=self.id)
+        if self.status != "completed" or self.handed_over_to is None:
+            raise StateConflict("not_handed_over", f"trip {self.id} has not handed the patient over",
+                                f"行程{self.id}尚未完成交接", trip_id=self.id, status=self.status)
+        if facility_id != self.handed_over_to:
+            raise StateConflict(
+                "handover_facility_mismatch", f"handed over to {self.handed_over_to}, not {facility_id}",
+                f"患者已交接至{self.handed_over_to}，不是{facility_id}", trip_id=self.id)
+
+    def request_return(self, facility_id: str, at: datetime) -> bool:
+        """R11: the hospital asks for the way back. False when it was asked before (a resend)."""
+        self._must_be_handed_over_at(facility_id)
+        if self.return_transfer_id is not None:
+            return False  # asked before (the leg may even be home by now): a resend
+        if self.loop == "closed":
+            raise StateConflict("loop_closed", f"the loop of transfer {self.transfer_id} is closed "
+                                f"({self.loop_how})", f"闭环已结束（{self.loop_how}）", trip_id=self.id)
+        self.record(ev.ReturnRequested(
+            trip_id=self.id, transfer_id=self.transfer_id, facility_id=facility_id,
+            return_transfer_id=return_transfer_id_for(self.transfer_id), origin=self.origin,
+            requested_at=iso(at)), occurred_at=at)
+        return True
+
+    def _on_ReturnRequested(self, e: ev.ReturnRequested) -> None:
+        self.loop, self.return_transfer_id = "return_requested", e.return_transfer_id
+
+    def admit(self, facility_id: str, at: datetime) -> bool:
+        """R11: admitted instead of going back, the loop closes here. False when resent."""
+        self._must_be_handed_over_at(facility_id)
+        if self.loop == "closed" and self.loop_how == "admitted":
+            return False
+        if self.loop is not None:
+            raise StateConflict(
+                "return_already_requested", "the return leg was requested: cancel it first",
+                "已申请返程，不能改为收治，请先撤销返程转运单", trip_id=self.id,
+                return_transfer_id=self.return_transfer_id)
+        self.record(ev.PatientAdmitted(trip_id=self.id, transfer_id=self.transfer_id,
+                                       facility_id=facility_id, admitted_at=iso(at)), occurred_at=at)
+        self.record(ev.LoopClosed(transfer_id=self.transfer_id, how="admitted", trip_id=self.id),
+                    occurred_at=at)
+        return True
+
+    def _on_PatientAdmitted(self, e: ev.PatientAdmitted) -> None:
+        pass  # the state follows from the LoopClosed that comes with it
+
+    def _on_LoopClosed(self, e: ev.LoopClosed) -> None:
+        self.loop, self.loop_how = "closed", e.how
+
+    def return_leg_home(self, return_trip_id: str, at: datetime) -> None:
+        """The return leg handed over at the origin (in the same commit): the loop closes on
+        this, the outbound trip's stream, so one stream answers "is the loop closed?"."""
+        if self.loop == "return_requested":
+            self.record(ev.LoopClosed(transfer_id=self.transfer_id, how="returned",
+                                      trip_id=return_trip_id,
+                                      return_transfer_id=self.return_transfer_id), occurred_at=at)

@@ -2,44 +2,96 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from libs.events.aggregate import UnitOfWork, decode
 from libs.events.bus import Handler
 from libs.events.catalog import dispatch as dsp
 from libs.events.envelope import Envelope
-from services.transfer.domain import Trip, trip_id_for
-from services.transfer.schemas import HandoverIn, StepIn
+from services.transfer.domain import Trip, reassigned_trip_id_for, trip_id_for
+from services.transfer.schemas import (
+    AbortCode,
+    AbortIn,
+    AdmissionIn,
+    DispatchAction,
+    HandoverIn,
+    ReturnRequestIn,
+    StepIn,
+)
 
 
 async def report_step(uow: UnitOfWork, trip_id: str, cmd: StepIn) -> tuple[Trip, bool]:
     trip = await uow.require(Trip, trip_id, "trip")
+    was = trip.status
     applied = trip.report_step(cmd.step.value, cmd.client_event_id, cmd.at, cmd.position,
                                cmd.received_by)
+    await _close_loop_if_home(uow, trip, was, cmd.at)
     return trip, applied
 
 
 async def hand_over(uow: UnitOfWork, trip_id: str, cmd: HandoverIn, role: str) -> Trip:
     trip = await uow.require(Trip, trip_id, "trip")
+    was = trip.status
     trip.hand_over(cmd.facility_id, cmd.received_by,
                    "hospital" if role == "hospital" else "crew", cmd.at)
+    await _close_loop_if_home(uow, trip, was, cmd.at)
+    return trip
+
+
+async def _close_loop_if_home(uow: UnitOfWork, trip: Trip, was: str, at: datetime) -> None:
+    """A return leg that just handed over closes its outbound loop (R11), in the same commit."""
+    if trip.return_of is None or was == "completed" or trip.handed_over_to is None:
+        return
+    for listed in await uow.find(Trip, status=["completed"], limit=10_000):
+        if listed.transfer_id == trip.return_of and listed.loop == "return_requested":
+            outbound = await uow.require(Trip, listed.id, "trip")
+            outbound.return_leg_home(trip.id, at)
+
+
+async def request_return(uow: UnitOfWork, trip_id: str, cmd: ReturnRequestIn) -> tuple[Trip, bool]:
+    trip = await uow.require(Trip, trip_id, "trip")
+    return trip, trip.request_return(cmd.facility_id, cmd.at)
+
+
+async def admit(uow: UnitOfWork, trip_id: str, cmd: AdmissionIn) -> tuple[Trip, bool]:
+    trip = await uow.require(Trip, trip_id, "trip")
+    return trip, trip.admit(cmd.facility_id, cmd.at)
+
+
+async def abort(uow: UnitOfWork, trip_id: str, cmd: AbortIn) -> Trip:
+    trip = await uow.require(Trip, trip_id, "trip")
+    action = cmd.dispatch_action or (
+        DispatchAction.requeue if cmd.code == AbortCode.patient_absent else DispatchAction.cancel)
+    trip.abort_by_crew(cmd.code.value, cmd.reason, action.value, cmd.at)
     return trip
 
 
 async def on_vehicle_assigned(env: Envelope, uow: UnitOfWork) -> None:
     e = decode(env)
     assert isinstance(e, dsp.VehicleAssigned)
-    if await uow.get(Trip, trip_id_for(e.transfer_id, e.vehicle_id)) is not None:
-        return
-    uow.add(Trip.open(e.transfer_id, e.vehicle_id, e.destination_id, e.origin, e.return_required))
+    assignment = str(env.event_id)
+    trip_id = trip_id_for(e.transfer_id, e.vehicle_id)
+    first = await uow.get(Trip, trip_id)
+    if first is not None:
+        if first.status == "open" or first.assignment_event_id in (None, assignment):
+            return  # a redelivery of the assignment that opened it
+        # the same vehicle sent to the same transfer again after its trip was aborted
+        trip_id = reassigned_trip_id_for(e.transfer_id, e.vehicle_id, assignment)
+        if await uow.get(Trip, trip_id) is not None:
+            return
+    uow.add(Trip.open(e.transfer_id, e.vehicle_id, e.destination_id, e.origin, e.return_required,
+                      return_of=e.return_of, takeover_of=e.takeover_of,
+                      assignment_event_id=assignment, trip_id=trip_id))
 
 
 async def on_vehicle_withdrawn(env: Envelope, uow: UnitOfWork) -> None:
     e = decode(env)
     assert isinstance(e, dsp.VehicleWithdrawn)
-    trip = await uow.get(Trip, trip_id_for(e.transfer_id, e.vehicle_id))
-    if trip is not None:
-        trip.abort(f"vehicle withdrawn: {e.reason}")
+    for listed in await uow.find(Trip, ref=e.vehicle_id, status=["open"], limit=100):
+        if listed.transfer_id == e.transfer_id:
+            trip = await uow.require(Trip, listed.id, "trip")
+            trip.abort(f"vehicle withdrawn: {e.reason}")
 
 
 async def on_transfer_cancelled(env: Envelope, uow: UnitOfWork) -> None:
@@ -71,5 +123,8 @@ def trip_view(t: Trip) -> dict[str, Any]:
         "id": t.id, "transfer_id": t.transfer_id, "vehicle_id": t.vehicle_id,
         "destination_id": t.destination_id, "origin": t.origin, "status": t.status,
         "last_step": t.last_step, "steps": t.steps, "handed_over_to": t.handed_over_to,
-        "return_required": t.return_required, "version": t.version,
+        "return_required": t.return_required, "return_of": t.return_of,
+        "takeover_of": t.takeover_of, "loop": t.loop, "loop_how": t.loop_how,
+        "return_transfer_id": t.return_transfer_id, "abort_reason": t.abort_reason,
+        "version": t.version,
     }

@@ -16,6 +16,9 @@ class TripOpened(Event):
     destination_id: str | None
     origin: dict[str, Any]
     return_required: bool
+    return_of: str | None = None  # the outbound transfer, when this trip is its return leg (R11)
+    takeover_of: str | None = None  # the broken-down vehicle whose patient this trip takes over
+    assignment_event_id: str | None = None  # the VehicleAssigned it opened from
 
 
 @registry.register
@@ -60,18 +63,59 @@ class TripRedirected(Event):
 
 @registry.register
 class TripAborted(Event):
-    """The trip ends without a handover (the vehicle was withdrawn, the transfer cancelled)."""
+    """The trip ends without a handover (the vehicle was withdrawn, the transfer cancelled,
+    or the crew found the patient absent or refusing). A crew abort carries what dispatch is
+    asked to do with the transfer: "cancel" or "requeue"; None when dispatch caused it."""
 
     trip_id: str
     transfer_id: str
     vehicle_id: str
     reason: str
+    code: str | None = None  # patient_absent, patient_refused, other
+    dispatch_action: str | None = None
+    aborted_by: str = "dispatch"
 
 
 @registry.register
 class TripCompleted(Event):
-    """The vehicle's part is over: disinfection opens a cycle, dispatch holds the vehicle (R2)."""
+    """The vehicle's part is over: disinfection opens a cycle, dispatch holds the vehicle (R2).
+    One for every vehicle that carried the patient, also one that broke down on the way."""
 
     trip_id: str
     transfer_id: str
     vehicle_id: str
+    reason: str = "handed over"
+
+
+@registry.register
+class ReturnRequested(Event):
+    """The hospital asks for the return leg after an outpatient visit (R11); dispatch opens
+    the return transfer with this id, back to the outbound transfer's origin."""
+
+    trip_id: str
+    transfer_id: str
+    facility_id: str
+    return_transfer_id: str
+    origin: dict[str, Any]
+    requested_at: str
+
+
+@registry.register
+class PatientAdmitted(Event):
+    """The hospital admits the patient instead of sending them back: the loop closes (R11)."""
+
+    trip_id: str
+    transfer_id: str
+    facility_id: str
+    admitted_at: str
+
+
+@registry.register
+class LoopClosed(Event):
+    """R11: the closed loop of an outbound transfer is complete, by "returned" (the return
+    leg handed over at the origin), "admitted", or "one_way" (no return was required)."""
+
+    transfer_id: str
+    how: str
+    trip_id: str
+    return_transfer_id: str | None = None

@@ -1,0 +1,205 @@
+"""Issue 4's scenarios (the trip), run unchanged against the embedded app and against the
+distributed processes: the closed loop with its return leg (R11), crew aborts, and a
+breakdown after pickup (a second vehicle takes over; both are disinfected)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from tests.scenarios import (
+    API,
+    STEPS,
+    TRANSFER,
+    VEHICLES,
+    disinfect,
+    eventually,
+    load_reference_data,
+    ok,
+    open_cycle,
+    patient,
+    trip_of,
+    vehicle_status,
+)
+
+RETURN_REQUEST = {"facility_id": "yc-second", "at": "2022-11-20T11:30:00+08:00"}
+HANDOVER = {"facility_id": "yc-second", "received_by": "李医生", "at": "2022-11-20T09:40:00+08:00"}
+# A second negative-pressure ambulance, further from the pickup than nx-120-07.
+SECOND_NPA = {"id": "nx-120-09", "plate": "宁A·120Q9", "kind": "negative_pressure_ambulance",
+              "dedicated_pool": True, "life_support": True, "station": "银川市急救中心",
+              "location": {"lat": 38.4700, "lon": 106.2600}}
+
+
+async def steps(c: httpx.AsyncClient, trip_id: str, prefix: str, names: list[str], hour: int = 9,
+                **extra: Any) -> None:
+    for step in names:
+        n = STEPS.index(step) + 1
+        body = {"step": step, "at": f"2022-11-20T{hour:02d}:{n:02d}:10+08:00",
+                "client_event_id": f"{prefix}-{n}", **extra}
+        ok(await c.post(f"{API}/trips/{trip_id}/steps", json=body))
+
+
+async def transfer_is(c: httpx.AsyncClient, transfer_id: str, **want: Any) -> dict[str, Any]:
+    async def probe() -> Any:
+        resp = await c.get(f"{API}/transfers/{transfer_id}")
+        if resp.status_code != 200:
+            return None
+        body = resp.json()
+        return body if all(body.get(k) == v for k, v in want.items()) else None
+
+    found: dict[str, Any] = await eventually(probe, f"transfer {transfer_id} with {want}")
+    return found
+
+
+async def open_trip(c: httpx.AsyncClient, vehicle_id: str, transfer_id: str) -> dict[str, Any]:
+    async def probe() -> Any:
+        trips = ok(await c.get(f"{API}/trips", params={"vehicle_id": vehicle_id, "status": "open"}))
+        return next((t for t in trips if t["transfer_id"] == transfer_id), None)
+
+    found: dict[str, Any] = await eventually(probe, f"an open trip of {transfer_id} on {vehicle_id}")
+    return found
+
+
+async def closed_loop_with_return(c: httpx.AsyncClient) -> dict[str, Any]:
+    """Flow 1 (R5, R6, R11): isolation site -> yc-second -> back to the isolation site. The
+    return leg needs the negative-pressure ambulance again, which waits for its disinfection
+    (R2), so the leg queues until the vehicle is released, and is dispatched then."""
+    await load_reference_data(c)
+    outbound = ok(await c.post(f"{API}/transfers", json=TRANSFER), 201)
+    assert outbound["vehicle_id"] == "nx-120-07" and outbound["destination"] == "yc-second"
+    trip = await trip_of(c, "nx-120-07", outbound["id"])
+    await steps(c, trip["id"], "out", STEPS[:-1])
+    ok(await c.post(f"{API}/trips/{trip['id']}/handover", json=HANDOVER))
+
+    asked = ok(await c.post(f"{API}/trips/{trip['id']}/return-request", json=RETURN_REQUEST))
+    assert asked["applied"] is True and asked["loop"] == "return_requested", asked
+    again = ok(await c.post(f"{API}/trips/{trip['id']}/return-request", json=RETURN_REQUEST))
+    assert again["applied"] is False and again["return_transfer_id"] == asked["return_transfer_id"]
+    wrong = await c.post(f"{API}/trips/{trip['id']}/return-request",
+                         json={**RETURN_REQUEST, "facility_id": "yc-first"})
+    assert wrong.status_code == 409 and wrong.json()["code"] == "handover_facility_mismatch"
+    admit = await c.post(f"{API}/trips/{trip['id']}/admission",
+                         json={"facility_id": "yc-second", "at": "2022-11-20T11:31:00+08:00"})
+    assert admit.status_code == 409 and admit.json()["code"] == "return_already_requested"
+
+    back = await transfer_is(c, asked["return_transfer_id"], status="queued")
+    assert back["return_of"] == outbound["id"] and back["purpose"] == "return_leg", back
+    assert back["origin"]["facility_id"] == "yc-second" and back["destination"] == "origin", back
+    assert back["priority"] == 2 and back["reported"] is True, back  # same rules: R4, R10
+    # A new request for the same person is the live return leg, not a third transfer.
+    dup = ok(await c.post(f"{API}/transfers", json=TRANSFER), 200, 201)
+    assert dup["id"] == back["id"], dup
+
+    cycle = await open_cycle(c, "nx-120-07")
+    await disinfect(c, cycle["id"], "LOOP-SAMPLE-1")
+    await transfer_is(c, back["id"], status="assigned", vehicle_id="nx-120-07")
+    leg = await open_trip(c, "nx-120-07", back["id"])
+    assert leg["return_of"] == outbound["id"] and leg["destination_id"] == "origin", leg
+    await steps(c, leg["id"], "back", STEPS, hour=12, received_by="隔离点王护士")
+
+    closed = ok(await c.get(f"{API}/trips/{trip['id']}"))
+    assert closed["loop"] == "closed" and closed["loop_how"] == "returned", closed
+    home = ok(await c.get(f"{API}/trips/{leg['id']}"))
+    assert home["status"] == "completed" and home["handed_over_to"] == "origin", home
+    await transfer_is(c, back["id"], status="handed_over")
+    late = await c.post(f"{API}/trips/{trip['id']}/return-request", json=RETURN_REQUEST)
+    assert late.status_code == 200 and late.json()["applied"] is False  # a resend, answered alike
+    await vehicle_status(c, "nx-120-07", "awaiting_disinfection")  # one car, one disinfection
+
+    async def timeline() -> Any:
+        resp = await c.get(f"{API}/audit/transfers/{outbound['id']}/timeline")
+        if resp.status_code != 200:
+            return None
+        types = {e["type"] for e in resp.json()["entries"]}
+        return types if {"ReturnRequested", "LoopClosed"} <= types else None
+
+    await eventually(timeline, "the outbound timeline to show the loop closing")
+    return {"outbound": outbound, "trip": trip, "return": back, "leg": leg}
+
+
+async def admitted_instead(c: httpx.AsyncClient) -> None:
+    """R11's other end: the hospital admits the patient; the loop closes, no return leg."""
+    await load_reference_data(c)
+    transfer = ok(await c.post(f"{API}/transfers", json=patient(7)), 201)
+    trip = await open_trip(c, transfer["vehicle_id"], transfer["id"])
+    early = await c.post(f"{API}/trips/{trip['id']}/admission",
+                         json={"facility_id": transfer["destination"], "at": "2022-11-20T10:00:00+08:00"})
+    assert early.status_code == 409 and early.json()["code"] == "not_handed_over", early.text
+    await steps(c, trip["id"], "adm", STEPS[:-1])
+    ok(await c.post(f"{API}/trips/{trip['id']}/handover",
+                    json={**HANDOVER, "facility_id": transfer["destination"]}))
+    body = {"facility_id": transfer["destination"], "at": "2022-11-20T10:30:00+08:00"}
+    admitted = ok(await c.post(f"{API}/trips/{trip['id']}/admission", json=body))
+    assert admitted["loop"] == "closed" and admitted["loop_how"] == "admitted", admitted
+    refused = await c.post(f"{API}/trips/{trip['id']}/return-request",
+                           json={"facility_id": transfer["destination"], "at": "2022-11-20T11:00:00+08:00"})
+    assert refused.status_code == 409 and refused.json()["code"] == "loop_closed", refused.text
+
+
+async def crew_aborts(c: httpx.AsyncClient) -> None:
+    """Flow 8: the patient refuses (the transfer is cancelled, the vehicle stands down) or is
+    not there (the transfer goes back to the queue and is dispatched again, a new trip)."""
+    await load_reference_data(c)
+    refusing = ok(await c.post(f"{API}/transfers", json=patient(1)), 201)
+    trip = await trip_of(c, "nx-120-07", refusing["id"])
+    await steps(c, trip["id"], "ref", ["acknowledged", "en_route", "at_pickup"])
+    abort = {"code": "patient_refused", "reason": "患者拒绝转运，已签字", "at": "2022-11-20T09:05:00+08:00"}
+    aborted = ok(await c.post(f"{API}/trips/{trip['id']}/abort", json=abort))
+    assert aborted["status"] == "aborted" and aborted["abort_reason"] == abort["reason"], aborted
+    closed = await c.post(f"{API}/trips/{trip['id']}/abort", json=abort)
+    assert closed.status_code == 409 and closed.json()["code"] == "trip_closed"
+    step = await c.post(f"{API}/trips/{trip['id']}/steps", json={
+        "step": "patient_aboard", "at": "2022-11-20T09:06:00+08:00", "client_event_id": "ref-late"})
+    assert step.status_code == 409 and step.json()["code"] == "trip_closed"
+    cancelled = await transfer_is(c, refusing["id"], status="cancelled")
+    assert "patient_refused" not in cancelled["status_reason"] and "拒绝" in cancelled["status_reason"]
+    await vehicle_status(c, "nx-120-07", "available")  # no patient carried: no disinfection
+
+    absent = ok(await c.post(f"{API}/transfers", json=patient(2)), 201)
+    first = await trip_of(c, "nx-120-07", absent["id"])
+    await steps(c, first["id"], "abs", ["acknowledged", "en_route", "at_pickup"])
+    ok(await c.post(f"{API}/trips/{first['id']}/abort", json={
+        "code": "patient_absent", "reason": "到达后联系不上患者", "at": "2022-11-20T09:07:00+08:00"}))
+    # requeued, and the freed vehicle takes the first queued transfer it may carry again (R4)
+    second = await open_trip(c, "nx-120-07", absent["id"])
+    assert second["id"] != first["id"], second
+    await steps(c, second["id"], "abs2", ["acknowledged", "en_route", "at_pickup", "patient_aboard"])
+    refused = await c.post(f"{API}/trips/{second['id']}/abort", json=abort)
+    assert refused.status_code == 409 and refused.json()["code"] == "patient_aboard", refused.text
+
+
+async def breakdown_after_pickup(c: httpx.AsyncClient) -> None:
+    """Flow 8: the ambulance breaks down with the patient aboard; a second one takes over and
+    hands over. TripCompleted for both, so both are held for and get a disinfection cycle."""
+    await load_reference_data(c)
+    ok(await c.post(f"{API}/vehicles", json=SECOND_NPA), 201)
+    transfer = ok(await c.post(f"{API}/transfers", json=patient(3)), 201)
+    assert transfer["vehicle_id"] == VEHICLES[0]["id"], transfer
+    first = await trip_of(c, "nx-120-07", transfer["id"])
+    await steps(c, first["id"], "bd1", STEPS[:4])
+    await transfer_is(c, transfer["id"], status="picked_up")
+
+    ok(await c.post(f"{API}/vehicles/nx-120-07/out-of-service", json={"reason": "途中发动机故障"}))
+    await transfer_is(c, transfer["id"], status="assigned", vehicle_id="nx-120-09")
+    second = await open_trip(c, "nx-120-09", transfer["id"])
+    assert second["takeover_of"] == "nx-120-07", second
+
+    async def first_completed() -> Any:
+        t = ok(await c.get(f"{API}/trips/{first['id']}"))
+        return t if t["status"] == "completed" else None
+
+    done = await eventually(first_completed, "the broken-down vehicle's trip to complete")
+    assert done["handed_over_to"] is None
+    await steps(c, second["id"], "bd2", STEPS, hour=10)
+    await transfer_is(c, transfer["id"], status="handed_over")
+    await vehicle_status(c, "nx-120-09", "awaiting_disinfection")
+
+    async def both_cycles() -> Any:
+        cycles = ok(await c.get(f"{API}/disinfection/cycles", params={"status": "open"}))
+        vehicles = {x["vehicle_id"] for x in cycles}
+        return vehicles if {"nx-120-07", "nx-120-09"} <= vehicles else None
+
+    await eventually(both_cycles, "a disinfection cycle for both vehicles")
+    broken = ok(await c.get(f"{API}/vehicles/nx-120-07"))
+    assert broken["status"] == "out_of_service" and broken["awaiting_disinfection_for"] == [first["id"]]
