@@ -4,6 +4,8 @@ breakdown after pickup (a second vehicle takes over; both are disinfected)."""
 
 from __future__ import annotations
 
+import asyncio
+import random
 from typing import Any
 
 import httpx
@@ -203,3 +205,58 @@ async def breakdown_after_pickup(c: httpx.AsyncClient) -> None:
     await eventually(both_cycles, "a disinfection cycle for both vehicles")
     broken = ok(await c.get(f"{API}/vehicles/nx-120-07"))
     assert broken["status"] == "out_of_service" and broken["awaiting_disinfection_for"] == [first["id"]]
+
+
+def comparable(trip: dict[str, Any]) -> dict[str, Any]:
+    return {"status": trip["status"], "last_step": trip["last_step"],
+            "handed_over_to": trip["handed_over_to"],
+            "steps": [(s["step"], s["device_at"]) for s in trip["steps"]]}
+
+
+async def crew_link(c: httpx.AsyncClient, seed: int = 7) -> None:
+    """A crew phone over a lossy link: each round it sends its unacknowledged steps at once
+    (so they arrive in any order), some requests are lost, some answers are lost (applied,
+    then resent); a step that waits on an earlier one (409 patient_not_aboard) stays in the
+    outbox. The trip ends in the same state as another driven over a perfect link."""
+    rng = random.Random(seed)
+    await load_reference_data(c)
+    ok(await c.post(f"{API}/vehicles", json=SECOND_NPA), 201)
+    perfect_t = ok(await c.post(f"{API}/transfers", json=patient(11)), 201)
+    lossy_t = ok(await c.post(f"{API}/transfers", json=patient(12)), 201)
+    perfect = await open_trip(c, perfect_t["vehicle_id"], perfect_t["id"])
+    lossy = await open_trip(c, lossy_t["vehicle_id"], lossy_t["id"])
+    assert perfect["vehicle_id"] != lossy["vehicle_id"]
+    await steps(c, perfect["id"], "perfect", STEPS)
+
+    outbox = {step: {"step": step, "at": f"2022-11-20T09:{n:02d}:10+08:00",
+                     "client_event_id": f"lossy-{n}"} for n, step in enumerate(STEPS, start=1)}
+    sent = 0
+
+    async def send(body: dict[str, Any]) -> None:
+        nonlocal sent
+        await asyncio.sleep(rng.random() * 0.02)  # delayed: overtaken by later steps
+        if rng.random() < 0.3:
+            return  # lost on the way
+        sent += 1
+        resp = await c.post(f"{API}/trips/{lossy['id']}/steps", json=body)
+        if resp.status_code == 409:
+            assert resp.json()["code"] == "patient_not_aboard", resp.text
+            return
+        assert resp.status_code == 200, resp.text
+        if rng.random() < 0.3:
+            return  # applied, but the answer was lost: resent next round
+        outbox.pop(body["step"], None)
+
+    for _ in range(200):
+        if not outbox:
+            break
+        batch = list(outbox.values())
+        rng.shuffle(batch)
+        await asyncio.gather(*(send(b) for b in batch))
+    assert not outbox and sent > len(STEPS)
+
+    got = ok(await c.get(f"{API}/trips/{lossy['id']}"))
+    want = ok(await c.get(f"{API}/trips/{perfect['id']}"))
+    assert comparable(got) == comparable(want), (got, want)
+    await transfer_is(c, lossy_t["id"], status="handed_over")
+    await vehicle_status(c, lossy["vehicle_id"], "awaiting_disinfection")

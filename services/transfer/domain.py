@@ -84,28 +84,42 @@ class Trip(Aggregate):
         return self.last_step is not None and STEPS.index(self.last_step) >= STEPS.index(step)
 
     def report_step(self, step: str, client_event_id: str, device_at: datetime,
-                    position: Location | None = None, received_by: str | None = None) -> bool:
-        """Apply a crew step once. False when this client event id was applied before."""
+                    position: Location | None = None, received_by: str | None = None,
+                    received_at: datetime | None = None) -> bool:
+        """Apply a crew step once. False when this client event id was applied before.
+
+        Phones resend and the network reorders, so a step that arrives after a later one
+        (en_route after at_pickup) is accepted as late history: it is recorded in its place
+        in the sequence and does not move the trip back. Order comes from the sequence of
+        steps, never from the device clock, whose skew against the server is kept and shown.
+        Refused (409): a step reported twice under different ids, a step that needs the
+        patient aboard before they are, progress on a closed trip."""
         if client_event_id in self.client_event_ids:
             return False
-        if self.status != "open":
+        if self.status == "aborted":
             raise StateConflict("trip_closed", f"trip {self.id} is closed", f"行程{self.id}已结束",
                                 trip_id=self.id)
-        if self.last_step is not None and STEPS.index(step) <= STEPS.index(self.last_step):
+        if any(s["step"] == step for s in self.steps):
             raise StateConflict(
-                "step_out_of_order", f"step {step} cannot follow {self.last_step}",
-                f"步骤“{step}”不能在“{self.last_step}”之后上报", trip_id=self.id,
-                last_step=self.last_step,
-            )
+                "step_out_of_order", f"step {step} was already reported",
+                f"步骤“{step}”已上报过", trip_id=self.id, last_step=self.last_step)
+        late = self.last_step is not None and STEPS.index(step) < STEPS.index(self.last_step)
+        home = self.status == "completed" and self.handed_over_to is not None
+        if self.status != "open" and not late and not (home and step == "handed_over"):
+            raise StateConflict("trip_closed", f"trip {self.id} is closed", f"行程{self.id}已结束",
+                                trip_id=self.id)
         if step in NEEDS_PATIENT_ABOARD and not self._reached("patient_aboard"):
             raise StateConflict(
                 "patient_not_aboard", f"step {step} needs the patient aboard first",
                 f"患者尚未上车，不能上报“{step}”", trip_id=self.id, last_step=self.last_step,
             )
+        skew = (device_at - received_at).total_seconds() if received_at is not None else None
         self.record(
             ev.TripStepReported(trip_id=self.id, step=step, client_event_id=client_event_id,
                                 device_at=iso(device_at), position=position,
-                                transfer_id=self.transfer_id),
+                                transfer_id=self.transfer_id, vehicle_id=self.vehicle_id, late=late,
+                                received_at=iso(received_at) if received_at else None,
+                                clock_skew_s=skew),
             occurred_at=device_at,
         )
         if step == "handed_over" and self.status != "completed":
@@ -113,18 +127,21 @@ class Trip(Aggregate):
         return True
 
     def _on_TripStepReported(self, e: ev.TripStepReported) -> None:
-        self.last_step = e.step
+        if not e.late:
+            self.last_step = e.step
         self.client_event_ids = [*self.client_event_ids, e.client_event_id]
-        self.steps = [*self.steps, {"step": e.step, "device_at": e.device_at,
-                                    "client_event_id": e.client_event_id}]
+        entry = {"step": e.step, "device_at": e.device_at, "client_event_id": e.client_event_id,
+                 "received_at": e.received_at, "clock_skew_s": e.clock_skew_s, "late": e.late}
+        # kept in the order of the sequence, whatever order they arrived in
+        self.steps = sorted([*self.steps, entry], key=lambda s: STEPS.index(s["step"]))
 
     def hand_over(self, facility_id: str, received_by: str, confirmed_by: str, at: datetime) -> None:
-        if not self._reached("patient_aboard"):
-            raise StateConflict("patient_not_aboard", "the patient is not aboard yet",
-                                "患者尚未上车，不能交接", trip_id=self.id)
         if self.status == "aborted":
             raise StateConflict("trip_closed", f"trip {self.id} is closed", f"行程{self.id}已结束",
                                 trip_id=self.id)
+        if not self._reached("patient_aboard"):
+            raise StateConflict("patient_not_aboard", "the patient is not aboard yet",
+                                "患者尚未上车，不能交接", trip_id=self.id)
         if self.status == "completed":
             if self.handed_over_to is None:
                 raise StateConflict("trip_closed", f"trip {self.id} ended without a handover",

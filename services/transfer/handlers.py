@@ -8,7 +8,7 @@ from typing import Any
 from libs.events.aggregate import UnitOfWork, decode
 from libs.events.bus import Handler
 from libs.events.catalog import dispatch as dsp
-from libs.events.envelope import Envelope
+from libs.events.envelope import Envelope, utcnow
 from services.transfer.domain import Trip, reassigned_trip_id_for, trip_id_for
 from services.transfer.schemas import (
     AbortCode,
@@ -25,7 +25,7 @@ async def report_step(uow: UnitOfWork, trip_id: str, cmd: StepIn) -> tuple[Trip,
     trip = await uow.require(Trip, trip_id, "trip")
     was = trip.status
     applied = trip.report_step(cmd.step.value, cmd.client_event_id, cmd.at, cmd.position,
-                               cmd.received_by)
+                               cmd.received_by, received_at=utcnow())
     await _close_loop_if_home(uow, trip, was, cmd.at)
     return trip, applied
 

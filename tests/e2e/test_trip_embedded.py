@@ -38,3 +38,8 @@ async def test_crew_aborts_cancel_or_requeue(client: httpx.AsyncClient) -> None:
 
 async def test_breakdown_after_pickup_both_vehicles_disinfected(client: httpx.AsyncClient) -> None:
     await scenarios.breakdown_after_pickup(client)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_crew_link_lossy_ends_like_perfect(client: httpx.AsyncClient, seed: int) -> None:
+    await scenarios.crew_link(client, seed)

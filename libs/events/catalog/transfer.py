@@ -31,6 +31,10 @@ class TripStepReported(Event):
     device_at: str
     position: Location | None = None
     transfer_id: str = ""
+    vehicle_id: str = ""
+    late: bool = False  # arrived after a later step: history, the trip does not move back
+    received_at: str | None = None  # the server's clock when it arrived
+    clock_skew_s: float | None = None  # device_at - received_at, shown, never used for order
 
 
 @registry.register
