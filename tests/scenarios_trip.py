@@ -5,11 +5,14 @@ breakdown after pickup (a second vehicle takes over; both are disinfected)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from typing import Any
 
 import httpx
 
+from libs.web.webhooks import verify
+from tests.e2e.receiver import Receiver
 from tests.scenarios import (
     API,
     STEPS,
@@ -260,3 +263,100 @@ async def crew_link(c: httpx.AsyncClient, seed: int = 7) -> None:
     assert comparable(got) == comparable(want), (got, want)
     await transfer_is(c, lossy_t["id"], status="handed_over")
     await vehicle_status(c, lossy["vehicle_id"], "awaiting_disinfection")
+
+
+NOTICE_SECRET = "his-gateway-secret"
+
+
+def notice_env(receiver: Receiver) -> dict[str, str]:
+    """Notices to the receiver; unacknowledged after a second: resent once, then escalated."""
+    return {"CLOSEDLOOP_TRANSFER_NOTICE_WEBHOOK_URL": receiver.url,
+            "CLOSEDLOOP_TRANSFER_NOTICE_WEBHOOK_SECRET": NOTICE_SECRET,
+            "CLOSEDLOOP_TRANSFER_NOTICE_RETRY_BASE_S": "0.05",
+            "CLOSEDLOOP_TRANSFER_NOTICE_ACK_TIMEOUT_S": "1",
+            "CLOSEDLOOP_TRANSFER_NOTICE_MAX_RESENDS": "1",
+            "CLOSEDLOOP_TRANSFER_NOTICE_CHECK_INTERVAL_S": "0.1"}
+
+
+def notices_to(receiver: Receiver, trip_id: str) -> list[dict[str, Any]]:
+    out = []
+    for r in receiver.received:
+        body = json.loads(r.body)
+        if body.get("trip_id") == trip_id:
+            assert verify(NOTICE_SECRET, r.body, r.headers["x-closedloop-signature"])
+            out.append(body)
+    return out
+
+
+async def trip_notice(c: httpx.AsyncClient, trip_id: str, status: str) -> dict[str, Any]:
+    async def probe() -> Any:
+        t = ok(await c.get(f"{API}/trips/{trip_id}"))
+        return t if t["notice"] and t["notice"]["status"] == status else None
+
+    found: dict[str, Any] = await eventually(probe, f"the notice of {trip_id} to be {status}")
+    return found
+
+
+async def pre_arrival_notice_and_positions(c: httpx.AsyncClient, receiver: Receiver) -> None:
+    """The patient aboard, the hospital gets a signed notice (ETA, category, condition), the
+    first sending retried past a 503. One hospital acknowledges: nothing more. The other does
+    not: resent after the timeout, then escalated to the dispatcher. Positions many a minute
+    become a thinned track, and the ETA follows the last one."""
+    await load_reference_data(c)
+    ok(await c.post(f"{API}/vehicles", json=SECOND_NPA), 201)
+    acked_t = ok(await c.post(f"{API}/transfers", json=patient(21)), 201)
+    silent_t = ok(await c.post(f"{API}/transfers", json=patient(22)), 201)
+    acked = await open_trip(c, acked_t["vehicle_id"], acked_t["id"])
+    silent = await open_trip(c, silent_t["vehicle_id"], silent_t["id"])
+    pickup = {"lat": 38.2750, "lon": 106.2400}
+
+    await steps(c, acked["id"], "ack", STEPS[:4], position=pickup)
+    issued = await trip_notice(c, acked["id"], "issued")
+    assert issued["notice"]["eta_minutes"] and issued["notice"]["eta_minutes"] > 10, issued
+    delivered = await eventually(lambda: _delivered(c, acked["id"]), "the notice delivered")
+    assert delivered["notice"]["delivery"] == "delivered"
+    sent = notices_to(receiver, acked["id"])
+    assert [b["attempt"] for b in sent] == [1, 1], sent  # a 503 first, retried
+    body = sent[-1]
+    assert body["facility_id"] == acked_t["destination"] and body["risk_category"] == "isolation_site"
+    assert body["condition"]["fever"] is True and body["eta_minutes"] == issued["notice"]["eta_minutes"]
+    ack = {"notice_id": body["notice_id"], "acknowledged_by": "急诊预检分诊台",
+           "at": "2022-11-20T09:05:00+08:00"}
+    done = ok(await c.post(f"{API}/trips/{acked['id']}/pre-arrival-notice/ack", json=ack))
+    assert done["applied"] is True and done["notice"]["status"] == "acknowledged"
+    again = ok(await c.post(f"{API}/trips/{acked['id']}/pre-arrival-notice/ack", json=ack))
+    assert again["applied"] is False
+    wrong = await c.post(f"{API}/trips/{acked['id']}/pre-arrival-notice/ack",
+                         json={**ack, "notice_id": "nope"})
+    assert wrong.status_code == 409 and wrong.json()["code"] == "notice_unknown"
+
+    await steps(c, silent["id"], "sil", STEPS[:4])
+    escalated = await trip_notice(c, silent["id"], "escalated")
+    assert escalated["notice"]["sendings"] == 2, escalated
+    attempts = sorted({b["attempt"] for b in notices_to(receiver, silent["id"])})
+    assert attempts == [1, 2], attempts
+    still = ok(await c.get(f"{API}/trips/{acked['id']}"))
+    assert still["notice"]["status"] == "acknowledged" and still["notice"]["sendings"] == 1
+
+    # positions: many a minute, a point of the track when moved 200 m or a minute passed
+    def at(seconds: int) -> str:
+        return f"2022-11-20T09:{10 + seconds // 60:02d}:{seconds % 60:02d}+08:00"
+
+    route = [(0, 38.3000), (10, 38.3002), (20, 38.3004), (30, 38.3100), (40, 38.3101), (110, 38.3102)]
+    recorded = []
+    for seconds, lat in route:
+        resp = ok(await c.post(f"{API}/trips/{acked['id']}/positions",
+                               json={"location": {"lat": lat, "lon": 106.2450}, "at": at(seconds)}), 202)
+        recorded.append(resp["recorded"])
+    assert recorded == [True, False, False, True, False, True], recorded
+    late = ok(await c.post(f"{API}/trips/{acked['id']}/positions",
+                           json={"location": {"lat": 38.2, "lon": 106.2}, "at": at(5)}), 202)
+    assert late["recorded"] is False  # an older position arriving late changes nothing
+    now = ok(await c.get(f"{API}/trips/{acked['id']}"))
+    assert len(now["track"]) == 3 and now["position"]["location"]["lat"] == 38.3102
+    assert 0 < now["position"]["eta_minutes"] < issued["notice"]["eta_minutes"], now["position"]
+
+
+async def _delivered(c: httpx.AsyncClient, trip_id: str) -> Any:
+    t = ok(await c.get(f"{API}/trips/{trip_id}"))
+    return t if t["notice"] and t["notice"]["delivery"] == "delivered" else None

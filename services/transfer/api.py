@@ -12,7 +12,15 @@ from libs.events.store import EventStore
 from libs.web.deps import ActorDep, IdempotencyKey, command_response, store_dep
 from services.transfer import handlers
 from services.transfer.domain import Trip
-from services.transfer.schemas import AbortIn, AdmissionIn, HandoverIn, ReturnRequestIn, StepIn
+from services.transfer.schemas import (
+    AbortIn,
+    AdmissionIn,
+    HandoverIn,
+    NoticeAckIn,
+    PositionIn,
+    ReturnRequestIn,
+    StepIn,
+)
 
 router = APIRouter(tags=["transfer"])
 Store = Annotated[EventStore, Depends(store_dep("transfer"))]
@@ -91,3 +99,30 @@ async def post_abort(trip_id: str, body: AbortIn, store: Store, actor: ActorDep,
     trip = await UnitOfWork.reading(store).require(Trip, trip_id, "trip")
     return await command_response(store, actor, key=key, scope=f"POST /trips/{trip_id}/abort",
                                   body=body, correlation_id=trip.transfer_id, status=200, work=work)
+
+
+@router.post("/trips/{trip_id}/pre-arrival-notice/ack")
+async def post_notice_ack(trip_id: str, body: NoticeAckIn, store: Store, actor: ActorDep,
+                          key: IdempotencyKey = None) -> JSONResponse:
+    """The receiving hospital acknowledges the pre-arrival notice; no resend, no escalation."""
+    async def work(uow: UnitOfWork) -> dict[str, Any]:
+        trip, applied = await handlers.acknowledge_notice(uow, trip_id, body)
+        return {**handlers.trip_view(trip), "applied": applied}
+
+    trip = await UnitOfWork.reading(store).require(Trip, trip_id, "trip")
+    return await command_response(store, actor, key=key,
+                                  scope=f"POST /trips/{trip_id}/pre-arrival-notice/ack", body=body,
+                                  correlation_id=trip.transfer_id, status=200, work=work)
+
+
+@router.post("/trips/{trip_id}/positions", status_code=202)
+async def post_position(trip_id: str, body: PositionIn, store: Store, actor: ActorDep,
+                        key: IdempotencyKey = None) -> JSONResponse:
+    """202: taken; `recorded` says whether it became a track point (see Trip.report_position)."""
+    async def work(uow: UnitOfWork) -> dict[str, Any]:
+        trip, recorded = await handlers.report_position(uow, trip_id, body)
+        return {"trip_id": trip.id, "recorded": recorded, "position": trip.position}
+
+    trip = await UnitOfWork.reading(store).require(Trip, trip_id, "trip")
+    return await command_response(store, actor, key=key, scope=f"POST /trips/{trip_id}/positions",
+                                  body=body, correlation_id=trip.transfer_id, status=202, work=work)

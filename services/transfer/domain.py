@@ -3,8 +3,9 @@ resend and arrive late, and by hospital systems. Pure: no I/O."""
 
 from __future__ import annotations
 
+import math
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from libs.events.aggregate import Aggregate, StateConflict
@@ -19,6 +20,36 @@ NEEDS_PATIENT_ABOARD = ("at_destination", "handed_over")
 ABORT_CODES = ("patient_absent", "patient_refused", "other")
 DISPATCH_ACTIONS = ("cancel", "requeue")
 RETURN_DESTINATION = "origin"  # a return leg's destination: the outbound transfer's origin
+
+
+def distance_km(a: Location, b: Location) -> float:
+    """Great-circle distance."""
+    p1, p2 = math.radians(a.lat), math.radians(b.lat)
+    dp, dl = p2 - p1, math.radians(b.lon - a.lon)
+    h = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
+    return 2 * 6371.0 * math.asin(math.sqrt(h))
+
+
+def eta_minutes(here: Location, there: Location, road_factor: float, speed_kmh: float) -> float:
+    """Straight line times a road factor, at an average speed: what the crews' maps are not."""
+    return round(distance_km(here, there) * road_factor / speed_kmh * 60, 1)
+
+
+def notice_id_for(trip_id: str, facility_id: str) -> str:
+    """One notice per trip and receiving hospital: a redirect makes a second."""
+    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"notice:{trip_id}:{facility_id}"))
+
+
+class Destination(Aggregate):
+    """What the transfer service knows of a facility (from dispatch's FacilityRegistered)."""
+
+    stream_prefix = "destination"
+
+    name: str = ""
+    location: Location | None = None
+
+    def _on_DestinationKnown(self, e: ev.DestinationKnown) -> None:
+        self.name, self.location = e.name, e.location
 
 
 def trip_id_for(transfer_id: str, vehicle_id: str) -> str:
@@ -57,6 +88,11 @@ class Trip(Aggregate):
     return_transfer_id: str | None = None
     abort_reason: str | None = None
     assignment_event_id: str | None = None
+    risk_category: str = ""
+    condition: dict[str, Any] = {}
+    notice: dict[str, Any] | None = None  # the current pre-arrival notice and its state
+    position: dict[str, Any] | None = None  # the last recorded point, with its ETA
+    track: list[dict[str, Any]] = []
 
     def ref_value(self) -> str | None:
         return self.vehicle_id
@@ -65,12 +101,14 @@ class Trip(Aggregate):
     def open(cls, transfer_id: str, vehicle_id: str, destination_id: str | None,
              origin: dict[str, Any], return_required: bool, return_of: str | None = None,
              takeover_of: str | None = None, assignment_event_id: str | None = None,
-             trip_id: str | None = None) -> Trip:
+             trip_id: str | None = None, risk_category: str = "",
+             condition: dict[str, Any] | None = None) -> Trip:
         trip = cls(id=trip_id or trip_id_for(transfer_id, vehicle_id))
         trip.record(ev.TripOpened(
             trip_id=trip.id, transfer_id=transfer_id, vehicle_id=vehicle_id,
             destination_id=destination_id, origin=origin, return_required=return_required,
             return_of=return_of, takeover_of=takeover_of, assignment_event_id=assignment_event_id,
+            risk_category=risk_category, condition=condition or {},
         ))
         return trip
 
@@ -79,6 +117,7 @@ class Trip(Aggregate):
         self.origin, self.return_required = e.origin, e.return_required
         self.return_of, self.takeover_of = e.return_of, e.takeover_of
         self.assignment_event_id = e.assignment_event_id
+        self.risk_category, self.condition = e.risk_category, e.condition
 
     def _reached(self, step: str) -> bool:
         return self.last_step is not None and STEPS.index(self.last_step) >= STEPS.index(step)
@@ -170,13 +209,17 @@ class Trip(Aggregate):
     def _on_TripCompleted(self, e: ev.TripCompleted) -> None:
         self.status = "completed"
 
-    def redirect(self, destination_id: str, reason: str) -> None:
+    def redirect(self, destination_id: str, reason: str,
+                 condition: dict[str, Any] | None = None) -> None:
         if self.status == "open" and destination_id != self.destination_id:
             self.record(ev.TripRedirected(trip_id=self.id, transfer_id=self.transfer_id,
-                                          destination_id=destination_id, reason=reason))
+                                          destination_id=destination_id, reason=reason,
+                                          condition=condition))
 
     def _on_TripRedirected(self, e: ev.TripRedirected) -> None:
         self.destination_id = e.destination_id
+        if e.condition is not None:  # the patient worsened: the next notice says so
+            self.condition = e.condition
 
     def abort(self, reason: str) -> None:
         """Dispatch took the vehicle off this trip (withdrawn, broken down, transfer cancelled).
@@ -269,3 +312,122 @@ class Trip(Aggregate):
             self.record(ev.LoopClosed(transfer_id=self.transfer_id, how="returned",
                                       trip_id=return_trip_id,
                                       return_transfer_id=self.return_transfer_id), occurred_at=at)
+
+    # -- the receiving hospital's pre-arrival notice ----------------------------------------
+
+    def issue_notice(self, eta: float | None, now: datetime) -> bool:
+        """When the patient is aboard (or the trip is redirected after), the hospital it goes
+        to is told: ETA, category, condition. Once per hospital; not for a return leg, whose
+        destination is the origin, not a hospital."""
+        if self.return_of is not None or not self.destination_id or self.status != "open":
+            return False
+        notice_id = notice_id_for(self.id, self.destination_id)
+        if self.notice is not None and self.notice["notice_id"] == notice_id:
+            return False
+        self.record(ev.PreArrivalNoticeIssued(
+            trip_id=self.id, transfer_id=self.transfer_id, notice_id=notice_id,
+            facility_id=self.destination_id, vehicle_id=self.vehicle_id,
+            risk_category=self.risk_category, condition=self.condition, eta_minutes=eta,
+            eta_at=iso(now + timedelta(minutes=eta)) if eta is not None else None,
+            issued_at=iso(now)))
+        return True
+
+    def _on_PreArrivalNoticeIssued(self, e: ev.PreArrivalNoticeIssued) -> None:
+        self.notice = {"notice_id": e.notice_id, "facility_id": e.facility_id, "status": "issued",
+                       "eta_minutes": e.eta_minutes, "eta_at": e.eta_at, "issued_at": e.issued_at,
+                       "last_sent_at": e.issued_at, "sendings": 1, "delivery": None,
+                       "acknowledged_by": None, "acknowledged_at": None}
+
+    def _notice(self, notice_id: str) -> dict[str, Any] | None:
+        return self.notice if self.notice and self.notice["notice_id"] == notice_id else None
+
+    def notice_delivered(self, notice_id: str, url: str, attempt: int, attempts: int,
+                         status_code: int) -> None:
+        self.record(ev.PreArrivalNoticeDelivered(trip_id=self.id, notice_id=notice_id, url=url,
+                                                 attempt=attempt, attempts=attempts,
+                                                 status_code=status_code))
+
+    def _on_PreArrivalNoticeDelivered(self, e: ev.PreArrivalNoticeDelivered) -> None:
+        if (n := self._notice(e.notice_id)) is not None:
+            self.notice = {**n, "delivery": "delivered"}
+
+    def notice_failed(self, notice_id: str, url: str, attempt: int, attempts: int, error: str) -> None:
+        self.record(ev.PreArrivalNoticeDeliveryFailed(trip_id=self.id, notice_id=notice_id, url=url,
+                                                      attempt=attempt, attempts=attempts, error=error))
+
+    def _on_PreArrivalNoticeDeliveryFailed(self, e: ev.PreArrivalNoticeDeliveryFailed) -> None:
+        if (n := self._notice(e.notice_id)) is not None:
+            self.notice = {**n, "delivery": "failed"}
+
+    def acknowledge_notice(self, notice_id: str | None, by: str, at: datetime) -> bool:
+        """The hospital acknowledges (its HIS, or a person). False when acknowledged before."""
+        if self.notice is None or (notice_id is not None and notice_id != self.notice["notice_id"]):
+            raise StateConflict("notice_unknown", f"trip {self.id} has no such pre-arrival notice",
+                                "该行程没有这条到院前通知", trip_id=self.id,
+                                notice_id=self.notice["notice_id"] if self.notice else None)
+        if self.notice["status"] == "acknowledged":
+            return False
+        self.record(ev.PreArrivalNoticeAcknowledged(
+            trip_id=self.id, notice_id=self.notice["notice_id"],
+            facility_id=self.notice["facility_id"], acknowledged_by=by, acknowledged_at=iso(at)),
+            occurred_at=at)
+        return True
+
+    def _on_PreArrivalNoticeAcknowledged(self, e: ev.PreArrivalNoticeAcknowledged) -> None:
+        if (n := self._notice(e.notice_id)) is not None:
+            self.notice = {**n, "status": "acknowledged", "acknowledged_by": e.acknowledged_by,
+                           "acknowledged_at": e.acknowledged_at}
+
+    def notice_overdue(self, now: datetime, ack_timeout_s: float, max_resends: int) -> str | None:
+        """Not acknowledged in time: resend, or after the resends escalate to the dispatcher.
+        Nothing once acknowledged, escalated, or the patient handed over."""
+        n = self.notice
+        if n is None or n["status"] not in ("issued", "resent") or self.handed_over_to is not None:
+            return None
+        if now < datetime.fromisoformat(n["last_sent_at"]) + timedelta(seconds=ack_timeout_s):
+            return None
+        if n["sendings"] <= max_resends:
+            self.record(ev.PreArrivalNoticeResent(trip_id=self.id, notice_id=n["notice_id"],
+                                                  attempt=n["sendings"] + 1, resent_at=iso(now)))
+            return "resent"
+        self.record(ev.PreArrivalNoticeEscalated(
+            trip_id=self.id, transfer_id=self.transfer_id, notice_id=n["notice_id"],
+            facility_id=n["facility_id"], escalated_to="dispatcher",
+            reason=f"not acknowledged after {n['sendings']} sendings, {ack_timeout_s:g} s each",
+            escalated_at=iso(now)))
+        return "escalated"
+
+    def _on_PreArrivalNoticeResent(self, e: ev.PreArrivalNoticeResent) -> None:
+        if (n := self._notice(e.notice_id)) is not None:
+            self.notice = {**n, "status": "resent", "sendings": e.attempt, "last_sent_at": e.resent_at}
+
+    def _on_PreArrivalNoticeEscalated(self, e: ev.PreArrivalNoticeEscalated) -> None:
+        if (n := self._notice(e.notice_id)) is not None:
+            self.notice = {**n, "status": "escalated", "escalated_at": e.escalated_at}
+
+    # -- positions: the last one, a thinned track, and the ETA ------------------------------
+
+    def report_position(self, location: Location, at: datetime, eta: float | None,
+                        min_distance_m: float, min_interval_s: float) -> bool:
+        """Recorded (an event) only when the vehicle moved far enough or long enough passed
+        since the last point; an older position arriving late changes nothing."""
+        if self.status != "open":
+            raise StateConflict("trip_closed", f"trip {self.id} is closed", f"行程{self.id}已结束",
+                                trip_id=self.id)
+        last = self.position
+        if last is not None:
+            last_at = datetime.fromisoformat(last["at"])
+            if at <= last_at:
+                return False
+            moved_m = distance_km(Location.model_validate(last["location"]), location) * 1000
+            if moved_m < min_distance_m and (at - last_at).total_seconds() < min_interval_s:
+                return False
+        self.record(ev.TripPositionRecorded(
+            trip_id=self.id, location=location, at=iso(at), eta_minutes=eta,
+            eta_at=iso(at + timedelta(minutes=eta)) if eta is not None else None), occurred_at=at)
+        return True
+
+    def _on_TripPositionRecorded(self, e: ev.TripPositionRecorded) -> None:
+        point = {"location": e.location.model_dump(), "at": e.at}
+        self.position = {**point, "eta_minutes": e.eta_minutes, "eta_at": e.eta_at}
+        self.track = [*self.track, point]

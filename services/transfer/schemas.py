@@ -69,3 +69,17 @@ class AbortIn(Strict):
     reason: str = Field(min_length=1, max_length=500)
     at: AwareDatetime
     dispatch_action: DispatchAction | None = None
+
+
+class NoticeAckIn(Strict):
+    """The hospital acknowledges the pre-arrival notice (`notice_id` from the webhook body;
+    without it, the trip's current notice)."""
+
+    notice_id: str | None = Field(default=None, max_length=64)
+    acknowledged_by: str = Field(min_length=1, max_length=100)
+    at: AwareDatetime
+
+
+class PositionIn(Strict):
+    location: Location
+    at: AwareDatetime

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from libs.events.aggregate import StateConflict
+from libs.events.catalog.common import Location
 from services.transfer.domain import STEPS, Trip, return_transfer_id_for
 
 T0 = datetime.fromisoformat("2022-11-20T09:00:00+08:00")
@@ -157,3 +158,52 @@ def test_crew_link_simulation_ends_in_the_same_state_as_a_perfect_link() -> None
     drive(perfect, "handed_over")
     for seed in range(200):
         assert view(lossy(seed)) == view(perfect), seed
+
+
+def test_notice_is_issued_once_per_hospital_then_resent_then_escalated() -> None:
+    t = trip(risk_category="isolation_site", condition={"fever": True})
+    drive(t, "patient_aboard")
+    assert t.issue_notice(20.0, T0)
+    assert not t.issue_notice(19.0, T0)  # once per hospital
+    assert t.notice_overdue(T0 + timedelta(seconds=299), 300, 1) is None
+    assert t.notice_overdue(T0 + timedelta(seconds=300), 300, 1) == "resent"
+    assert t.notice_overdue(T0 + timedelta(seconds=500), 300, 1) is None  # timed from the resend
+    assert t.notice_overdue(T0 + timedelta(seconds=600), 300, 1) == "escalated"
+    assert t.notice_overdue(T0 + timedelta(seconds=9000), 300, 1) is None
+    assert t.notice is not None and t.notice["status"] == "escalated"
+    refused("notice_unknown", t.acknowledge_notice, "other", "护士", T0)
+    assert t.acknowledge_notice(None, "护士", T0)  # late, but still on record
+
+
+def test_acknowledged_notice_is_not_resent_and_a_redirect_notifies_the_new_hospital() -> None:
+    t = trip(condition={"fever": True})
+    drive(t, "patient_aboard")
+    t.issue_notice(20.0, T0)
+    assert t.acknowledge_notice(None, "护士", T0)
+    assert not t.acknowledge_notice(None, "护士", T0)
+    assert t.notice_overdue(T0 + timedelta(hours=1), 300, 1) is None
+    t.redirect("nx-cardio", "worsened: stroke", {"critical": True, "kind": "stroke"})
+    assert t.issue_notice(12.0, T0)
+    assert t.notice is not None and t.notice["facility_id"] == "nx-cardio"
+    assert t.notice["status"] == "issued" and t.condition["kind"] == "stroke"
+
+
+def test_return_leg_sends_no_notice() -> None:
+    leg = Trip.open("r-1", "v-1", "origin", {}, False, return_of="t-1")
+    drive(leg, "patient_aboard")
+    assert not leg.issue_notice(10.0, T0)
+
+
+def test_positions_are_thinned_and_late_ones_ignored() -> None:
+    t = trip()
+    here = Location(lat=38.3, lon=106.245)
+    near = Location(lat=38.3005, lon=106.245)  # ~55 m
+    far = Location(lat=38.31, lon=106.245)  # ~1.1 km
+    assert t.report_position(here, T0, 30.0, 200, 60)
+    assert not t.report_position(near, T0 + timedelta(seconds=10), 29.9, 200, 60)
+    assert t.report_position(far, T0 + timedelta(seconds=20), 28.0, 200, 60)
+    assert t.report_position(far, T0 + timedelta(seconds=80), 28.0, 200, 60)  # a minute on
+    assert not t.report_position(here, T0 + timedelta(seconds=5), 30.0, 200, 60)  # late
+    assert len(t.track) == 3 and t.position is not None and t.position["eta_minutes"] == 28.0
+    t.abort("vehicle withdrawn")
+    refused("trip_closed", t.report_position, far, T0 + timedelta(hours=1), 1.0, 200, 60)

@@ -184,6 +184,8 @@ class VehicleAssigned(Event):
     candidates: list[dict[str, Any]] = []
     return_of: str | None = None  # the outbound transfer this return leg brings back (R11)
     takeover_of: str | None = None  # the broken-down vehicle whose patient this one takes over
+    risk_category: str = ""  # for the receiving hospital's pre-arrival notice
+    condition: dict[str, Any] = {}
 
 
 @registry.register

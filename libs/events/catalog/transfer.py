@@ -19,6 +19,8 @@ class TripOpened(Event):
     return_of: str | None = None  # the outbound transfer, when this trip is its return leg (R11)
     takeover_of: str | None = None  # the broken-down vehicle whose patient this trip takes over
     assignment_event_id: str | None = None  # the VehicleAssigned it opened from
+    risk_category: str = ""
+    condition: dict[str, Any] = {}
 
 
 @registry.register
@@ -63,6 +65,7 @@ class TripRedirected(Event):
     transfer_id: str
     destination_id: str
     reason: str
+    condition: dict[str, Any] | None = None  # when the patient worsened
 
 
 @registry.register
@@ -123,3 +126,92 @@ class LoopClosed(Event):
     how: str
     trip_id: str
     return_transfer_id: str | None = None
+
+
+@registry.register
+class DestinationKnown(Event):
+    """The transfer service's copy of a facility dispatch registered: where it is, for the ETA."""
+
+    facility_id: str
+    name: str
+    location: Location
+
+
+@registry.register
+class PreArrivalNoticeIssued(Event):
+    """The patient is aboard: the receiving hospital is told what is coming and when. A
+    redirect issues a new notice to the new hospital."""
+
+    trip_id: str
+    transfer_id: str
+    notice_id: str
+    facility_id: str
+    vehicle_id: str
+    risk_category: str
+    condition: dict[str, Any]
+    eta_minutes: float | None
+    eta_at: str | None
+    issued_at: str
+
+
+@registry.register
+class PreArrivalNoticeDelivered(Event):
+    trip_id: str
+    notice_id: str
+    url: str
+    attempt: int
+    attempts: int
+    status_code: int
+
+
+@registry.register
+class PreArrivalNoticeDeliveryFailed(Event):
+    trip_id: str
+    notice_id: str
+    url: str
+    attempt: int
+    attempts: int
+    error: str
+
+
+@registry.register
+class PreArrivalNoticeAcknowledged(Event):
+    trip_id: str
+    notice_id: str
+    facility_id: str
+    acknowledged_by: str
+    acknowledged_at: str
+
+
+@registry.register
+class PreArrivalNoticeResent(Event):
+    """Not acknowledged within the configured time: sent again (attempt 2, 3, ...)."""
+
+    trip_id: str
+    notice_id: str
+    attempt: int
+    resent_at: str
+
+
+@registry.register
+class PreArrivalNoticeEscalated(Event):
+    """Still not acknowledged after the resends: the dispatcher must call the hospital."""
+
+    trip_id: str
+    transfer_id: str
+    notice_id: str
+    facility_id: str
+    escalated_to: str
+    reason: str
+    escalated_at: str
+
+
+@registry.register
+class TripPositionRecorded(Event):
+    """A thinned point of the track (moved 200 m or a minute passed), with the ETA from it."""
+
+    trip_id: str
+    location: Location
+    at: str
+    eta_minutes: float | None = None
+    eta_at: str | None = None

@@ -131,7 +131,8 @@ class Transfer(Aggregate):
             transfer_id=self.id, vehicle_id=vehicle.id, destination_id=self.destination_id,
             origin=self.origin, return_required=self.return_required, manual=manual,
             override_reason=override_reason if overrides else None, reason=reason,
-            candidates=candidates, return_of=self.return_of, takeover_of=self.takeover_of))
+            candidates=candidates, return_of=self.return_of, takeover_of=self.takeover_of,
+            risk_category=self.risk_category, condition=self.condition))
 
     def _on_RuleOverridden(self, e: ev.RuleOverridden) -> None:
         self.overrides = [*self.overrides, {"rule": e.rule, "reason": e.reason}]
