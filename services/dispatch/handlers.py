@@ -128,15 +128,20 @@ async def request_return(uow: UnitOfWork, outbound_id: str, return_id: str, faci
     if existing is not None:
         return existing
     outbound = await uow.require(Transfer, outbound_id, "transfer")
-    facility = await uow.require(Facility, facility_id, "facility")
+    facility = await uow.get(Facility, facility_id)
+    # A hospital dispatch does not know (a handover where no destination was resolved) still
+    # gets its return leg: picked up at the outbound destination's place, else the origin's.
+    known = facility or (await uow.get(Facility, outbound.destination_id)
+                         if outbound.destination_id else None)
+    location = known.location.model_dump(mode="json") if known else outbound.origin["location"]
+    name = facility.name if facility else facility_id
     transfer = Transfer.request(
         ev.TransferRequested(
             transfer_id=return_id, patient=outbound.patient, risk_category=outbound.risk_category,
             condition=outbound.condition,
-            origin={"kind": "facility", "facility_id": facility.id, "name": facility.name,
-                    "location": facility.location.model_dump(mode="json")},
+            origin={"kind": "facility", "facility_id": facility_id, "name": name, "location": location},
             purpose="return_leg", return_required=False,
-            requested_by={"channel": "his", "org": facility.name},
+            requested_by={"channel": "his", "org": name},
             series_id=outbound.series_id, return_of=outbound.id,
         ),
         requested_at=iso(utcnow()),

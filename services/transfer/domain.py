@@ -181,6 +181,12 @@ class Trip(Aggregate):
         if not self._reached("patient_aboard"):
             raise StateConflict("patient_not_aboard", "the patient is not aboard yet",
                                 "患者尚未上车，不能交接", trip_id=self.id)
+        if self.status == "open" and self.destination_id and facility_id != self.destination_id:
+            raise StateConflict(
+                "handover_facility_mismatch",
+                f"trip {self.id} goes to {self.destination_id}, not {facility_id}: redirect it first",
+                f"行程目的地为{self.destination_id}，不是{facility_id}，请先改派", trip_id=self.id,
+                destination_id=self.destination_id)
         if self.status == "completed":
             if self.handed_over_to is None:
                 raise StateConflict("trip_closed", f"trip {self.id} ended without a handover",

@@ -58,6 +58,7 @@ def test_refusals() -> None:
     for n, step in enumerate(["en_route", "at_pickup", "patient_aboard"]):
         t.report_step(step, f"d-{n}", T0 + timedelta(minutes=n))
     refused("patient_aboard", t.abort_by_crew, "patient_refused", "拒绝", "cancel", T0)
+    refused("handover_facility_mismatch", t.hand_over, "yc-first", "王医生", "hospital", T0)
     t.report_step("at_destination", "e-1", T0 + timedelta(minutes=20))
     t.report_step("handed_over", "e-2", T0 + timedelta(minutes=21))
     assert t.status == "completed"
