@@ -46,6 +46,7 @@ from services.projection import read_models
 from services.settings import Settings
 from services.transfer import api as transfer_api
 from services.transfer import handlers as transfer_handlers
+from services.transfer import notices as transfer_notices
 
 log = logging.getLogger("closedloop")
 
@@ -67,7 +68,10 @@ class ServiceSpec:
 SERVICES: dict[str, ServiceSpec] = {
     "dispatch": ServiceSpec("dispatch", dispatch_api.router, dispatch_consumers.CONSUMERS,
                             background=(dispatch_scheduler.run,)),
-    "transfer": ServiceSpec("transfer", transfer_api.router, {"transfer": transfer_handlers.CONSUMES}),
+    "transfer": ServiceSpec("transfer", transfer_api.router,
+                            {"transfer": transfer_handlers.CONSUMES,
+                             "transfer-notices": transfer_notices.CONSUMES},
+                            background=(transfer_notices.run,)),
     "disinfection": ServiceSpec("disinfection", disinfection_api.router,
                                 {"disinfection": disinfection_handlers.CONSUMES},
                                 tables=disinfection_contacts.metadata,

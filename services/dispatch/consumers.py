@@ -18,7 +18,7 @@ from libs.events.envelope import Envelope, canonical_json
 from libs.web.webhooks import EVENT_ID_HEADER, SIGNATURE_HEADER, sign
 from services.dispatch.config import settings
 from services.dispatch.domain import Transfer, Vehicle
-from services.dispatch.handlers import serve_queue, transfer_view
+from services.dispatch.handlers import crew_aborted, request_return, serve_queue, transfer_view
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,19 @@ async def on_patient_handed_over(env: Envelope, uow: UnitOfWork) -> None:
     assert isinstance(e, tr.PatientHandedOver)
     transfer = await uow.require(Transfer, e.transfer_id, "transfer")
     transfer.handed_over(e.trip_id, e.facility_id)
+
+
+async def on_return_requested(env: Envelope, uow: UnitOfWork) -> None:
+    e = decode(env)
+    assert isinstance(e, tr.ReturnRequested)
+    await request_return(uow, e.transfer_id, e.return_transfer_id, e.facility_id)
+
+
+async def on_trip_aborted(env: Envelope, uow: UnitOfWork) -> None:
+    e = decode(env)
+    assert isinstance(e, tr.TripAborted)
+    if e.dispatch_action is not None:  # a crew abort; dispatch's own aborts need nothing more
+        await crew_aborted(uow, e.transfer_id, e.vehicle_id, e.dispatch_action, e.reason)
 
 
 async def on_vehicle_released(env: Envelope, uow: UnitOfWork) -> None:
@@ -96,7 +109,8 @@ async def deliver_report(env: Envelope, uow: UnitOfWork) -> None:
 CONSUMERS: dict[str, dict[str, dict[str, Handler]]] = {
     "dispatch": {
         "transfer": {"TripStepReported": on_step, "TripCompleted": on_trip_completed,
-                     "PatientHandedOver": on_patient_handed_over},
+                     "PatientHandedOver": on_patient_handed_over,
+                     "ReturnRequested": on_return_requested, "TripAborted": on_trip_aborted},
         "disinfection": {"VehicleReleased": on_vehicle_released,
                          "VehicleQuarantined": on_vehicle_quarantined},
     },

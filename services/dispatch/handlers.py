@@ -119,6 +119,59 @@ async def request_transfer(uow: UnitOfWork, transfer_id: str, cmd: TransferIn,
     return transfer, True
 
 
+async def request_return(uow: UnitOfWork, outbound_id: str, return_id: str, facility_id: str) -> Transfer:
+    """R11: the hospital asked for the way back. A new transfer, linked by `return_of`, from
+    the hospital to the outbound leg's origin, dispatched under the same rules (R1-R5, R10).
+    Not deduplicated by person: the outbound leg is this person's, and a return leg is
+    made once by its deterministic id."""
+    existing = await uow.get(Transfer, return_id)
+    if existing is not None:
+        return existing
+    outbound = await uow.require(Transfer, outbound_id, "transfer")
+    facility = await uow.get(Facility, facility_id)
+    # A hospital dispatch does not know (a handover where no destination was resolved) still
+    # gets its return leg: picked up at the outbound destination's place, else the origin's.
+    known = facility or (await uow.get(Facility, outbound.destination_id)
+                         if outbound.destination_id else None)
+    location = known.location.model_dump(mode="json") if known else outbound.origin["location"]
+    name = facility.name if facility else facility_id
+    transfer = Transfer.request(
+        ev.TransferRequested(
+            transfer_id=return_id, patient=outbound.patient, risk_category=outbound.risk_category,
+            condition=outbound.condition,
+            origin={"kind": "facility", "facility_id": facility_id, "name": name, "location": location},
+            purpose="return_leg", return_required=False,
+            requested_by={"channel": "his", "org": name},
+            series_id=outbound.series_id, return_of=outbound.id,
+        ),
+        requested_at=iso(utcnow()),
+    )
+    uow.add(transfer)
+    transfer.route_to_origin(str(outbound.origin.get("facility_id") or "origin"), outbound.id)
+    transfer.report()
+    await auto_assign(uow, transfer)
+    return transfer
+
+
+async def crew_aborted(uow: UnitOfWork, transfer_id: str, vehicle_id: str, action: str,
+                       reason: str) -> None:
+    """The crew found the patient absent or refusing: the vehicle stands down and the
+    transfer is cancelled, or put back in the queue (R4 order) for a later attempt."""
+    transfer = await uow.require(Transfer, transfer_id, "transfer")
+    if transfer.vehicle_id != vehicle_id or transfer.status != "assigned":
+        return  # already moved on (a redelivery, or dispatch acted first)
+    vehicle = await uow.require(Vehicle, vehicle_id, "vehicle")
+    if action == "requeue":
+        transfer.withdraw_vehicle(f"crew aborted: {reason}")
+        vehicle.stand_down(transfer.id, f"crew aborted: {reason}")
+        if await serve_queue(uow, vehicle, also=transfer) is not transfer:
+            transfer.queue(f"requeued after the crew aborted: {reason}")
+        return
+    transfer.cancel(f"crew aborted: {reason}")
+    vehicle.stand_down(transfer.id, f"crew aborted: {reason}")
+    await serve_queue(uow, vehicle)
+
+
 async def route(uow: UnitOfWork, transfer: Transfer, condition: dict[str, Any] | None = None,
                 wish: str | None = None) -> Routing:
     cond = condition if condition is not None else transfer.condition
@@ -193,11 +246,14 @@ async def cancel(uow: UnitOfWork, transfer_id: str, cmd: CancelIn) -> Transfer:
     return transfer
 
 
-async def serve_queue(uow: UnitOfWork, vehicle: Vehicle) -> Transfer | None:
-    """A vehicle just became free: it takes the first queued transfer it may carry (R4)."""
+async def serve_queue(uow: UnitOfWork, vehicle: Vehicle, also: Transfer | None = None) -> Transfer | None:
+    """A vehicle just became free: it takes the first queued transfer it may carry (R4).
+    `also`: a transfer back in line in this same commit (the list holds committed states)."""
     if vehicle.status != "available":
         return None
     queued = await uow.find(Transfer, status=["queued"], limit=10_000)
+    if also is not None:
+        queued = [t for t in queued if t.id != also.id] + [also]
     queued.sort(key=lambda t: (t.priority, t.requested_at))
     for listed in queued:
         needs = vehicle_needs(listed.risk_category, listed.condition)
@@ -295,7 +351,8 @@ def transfer_view(t: Transfer) -> dict[str, Any]:
         "id": t.id, "status": t.status, "status_reason": t.status_reason, "priority": t.priority,
         "priority_reason": t.priority_reason, "destination": t.destination_id,
         "vehicle_id": t.vehicle_id, "trip_id": t.trip_id, "risk_category": t.risk_category,
-        "purpose": t.purpose, "return_required": t.return_required, "requested_at": t.requested_at,
+        "purpose": t.purpose, "return_required": t.return_required, "return_of": t.return_of,
+        "requested_at": t.requested_at,
         "patient": t.patient, "origin": t.origin, "condition": t.condition,
         "destination_wish": t.destination_wish, "series_id": t.series_id, "reported": t.reported,
         "report_delivery": t.report_delivery,

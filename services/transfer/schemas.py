@@ -34,3 +34,52 @@ class HandoverIn(Strict):
     facility_id: str = Field(min_length=1, max_length=64)
     received_by: str = Field(min_length=1, max_length=100)
     at: AwareDatetime
+
+
+class ReturnRequestIn(Strict):
+    """The hospital (HIS) asks for the return leg (R11); `facility_id` is where the patient is."""
+
+    facility_id: str = Field(min_length=1, max_length=64)
+    at: AwareDatetime
+
+
+class AdmissionIn(Strict):
+    """The hospital admits the patient instead of sending them back: the loop closes (R11)."""
+
+    facility_id: str = Field(min_length=1, max_length=64)
+    at: AwareDatetime
+
+
+class AbortCode(StrEnum):
+    patient_absent = "patient_absent"
+    patient_refused = "patient_refused"
+    other = "other"
+
+
+class DispatchAction(StrEnum):
+    cancel = "cancel"
+    requeue = "requeue"
+
+
+class AbortIn(Strict):
+    """The crew ends the trip before pickup. By default a refusal cancels the transfer and an
+    absent patient puts it back in the queue; `dispatch_action` says otherwise."""
+
+    code: AbortCode
+    reason: str = Field(min_length=1, max_length=500)
+    at: AwareDatetime
+    dispatch_action: DispatchAction | None = None
+
+
+class NoticeAckIn(Strict):
+    """The hospital acknowledges the pre-arrival notice (`notice_id` from the webhook body;
+    without it, the trip's current notice)."""
+
+    notice_id: str | None = Field(default=None, max_length=64)
+    acknowledged_by: str = Field(min_length=1, max_length=100)
+    at: AwareDatetime
+
+
+class PositionIn(Strict):
+    location: Location
+    at: AwareDatetime

@@ -22,8 +22,11 @@ def test_trip_steps_in_order_and_resends_applied_once() -> None:
     assert t.report_step("acknowledged", "c-1", T0)
     assert not t.report_step("acknowledged", "c-1", T0)  # resent by a flaky phone
     assert t.report_step("at_pickup", "c-2", T0 + timedelta(minutes=5))  # en_route lost: fine
+    assert t.report_step("en_route", "c-3", T0 + timedelta(minutes=6))  # late, in sequence
+    assert t.last_step == "at_pickup" and [s["step"] for s in t.steps] == [
+        "acknowledged", "en_route", "at_pickup"]
     with pytest.raises(StateConflict) as out_of_order:
-        t.report_step("en_route", "c-3", T0 + timedelta(minutes=6))
+        t.report_step("en_route", "c-4", T0 + timedelta(minutes=7))  # twice, another id
     assert out_of_order.value.code == "step_out_of_order"
 
 

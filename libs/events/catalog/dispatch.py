@@ -182,6 +182,10 @@ class VehicleAssigned(Event):
     override_reason: str | None = None
     reason: str
     candidates: list[dict[str, Any]] = []
+    return_of: str | None = None  # the outbound transfer this return leg brings back (R11)
+    takeover_of: str | None = None  # the broken-down vehicle whose patient this one takes over
+    risk_category: str = ""  # for the receiving hospital's pre-arrival notice
+    condition: dict[str, Any] = {}
 
 
 @registry.register
@@ -197,11 +201,13 @@ class RuleOverridden(Event):
 
 @registry.register
 class VehicleWithdrawn(Event):
-    """The assigned vehicle cannot go on (breakdown before pickup): the transfer needs another."""
+    """The assigned vehicle cannot go on (a breakdown): the transfer needs another. After
+    pickup (patient_aboard) the next vehicle takes the patient over from this one."""
 
     transfer_id: str
     vehicle_id: str
     reason: str
+    patient_aboard: bool = False
 
 
 @registry.register

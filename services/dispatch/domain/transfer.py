@@ -40,6 +40,7 @@ class Transfer(Aggregate):
     destination_wish: str | None = None
     series_id: str | None = None
     return_of: str | None = None
+    takeover_of: str | None = None
     priority: int = 3
     priority_reason: str = ""
     destination_id: str | None = None
@@ -130,7 +131,8 @@ class Transfer(Aggregate):
             transfer_id=self.id, vehicle_id=vehicle.id, destination_id=self.destination_id,
             origin=self.origin, return_required=self.return_required, manual=manual,
             override_reason=override_reason if overrides else None, reason=reason,
-            candidates=candidates))
+            candidates=candidates, return_of=self.return_of, takeover_of=self.takeover_of,
+            risk_category=self.risk_category, condition=self.condition))
 
     def _on_RuleOverridden(self, e: ev.RuleOverridden) -> None:
         self.overrides = [*self.overrides, {"rule": e.rule, "reason": e.reason}]
@@ -171,15 +173,26 @@ class Transfer(Aggregate):
         self.report_delivery = "failed"
 
     def withdraw_vehicle(self, reason: str) -> str | None:
-        """The vehicle broke down before pickup: the transfer goes back to be reassigned."""
-        if self.status != "assigned" or self.vehicle_id is None:
+        """The vehicle cannot go on: the transfer goes back to be reassigned. Before pickup
+        another vehicle starts afresh; after pickup it takes the patient over (both vehicles
+        then need disinfection: the transfer service completes the first one's trip)."""
+        if self.status not in ("assigned", "picked_up") or self.vehicle_id is None:
             return None
         vehicle_id = self.vehicle_id
-        self.record(ev.VehicleWithdrawn(transfer_id=self.id, vehicle_id=vehicle_id, reason=reason))
+        self.record(ev.VehicleWithdrawn(transfer_id=self.id, vehicle_id=vehicle_id, reason=reason,
+                                        patient_aboard=self.status == "picked_up"))
         return vehicle_id
 
     def _on_VehicleWithdrawn(self, e: ev.VehicleWithdrawn) -> None:
         self.status, self.vehicle_id, self.status_reason = "requested", None, e.reason
+        if e.patient_aboard:
+            self.takeover_of = e.vehicle_id
+
+    def route_to_origin(self, destination_id: str, outbound_id: str) -> None:
+        """A return leg (R11) goes back where the outbound leg started: no choosing (R6)."""
+        self.record(ev.DestinationAssigned(
+            transfer_id=self.id, facility_id=destination_id, candidates=[],
+            reason=f"return leg of {outbound_id}: back to its origin 返程回原出发地 (R11)"))
 
     def picked_up(self, trip_id: str, vehicle_id: str) -> None:
         if self.status == "assigned" and self.vehicle_id == vehicle_id:
