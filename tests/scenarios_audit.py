@@ -2,20 +2,22 @@
 every audit view checked against what happened. Runs unchanged on the embedded app and
 on the distributed processes (tests/e2e/test_projection_*.py).
 
-What happens (device times run on a simulated clock starting now; server times are real):
+What happens (device times run on a simulated clock starting two days ago, so that none is
+ahead of the server's clock, which the services refuse; server times are real):
   T1 isolation-site fever patient, NPA nx-120-07, to the backup yc-second (yc-first past
      80%), handed over; two stages, swab, negative result on time; vehicle released.
   T2 home-monitoring person, dedicated yn-bus-02; swab result 8 h late (R14).
   T3 stroke in a sealed area by a direct 120 call: priority 1, nx-120-07, reported by
-     120; dispatch sends it to the activated fever-clinic backup instead of nx-cardio
-     (an R6 finding); swab collected (vehicle released by policy), then...
+     120, to the specialty hospital nx-cardio (R6); swab collected (vehicle released by
+     policy), then...
   T4 another isolation fever patient rides nx-120-07 while T3's result is pending;
      T3's result comes back positive: quarantine, exposure list = T3 and T4 (not T1).
   T5 isolation fever patient queued (no NPA free), assigned by hand to the ordinary
      ambulance yc-amb-03 with an override reason (R3, R5 overrides).
-  T6 a confirmed case from a fever clinic: dispatch sends it to the activated backup,
-     which is not a designated hospital (R6 and R13 findings: the audit catching what
-     the command side let through).
+  T6 a confirmed case from a fever clinic: to a designated hospital, yc-first, whose full
+     fever clinic does not close its designated ward (R6, R7, R13). The audit's catching
+     what the command side would let through is tested on forbidden histories appended
+     straight into a store (tests/unit/test_projection_findings.py, tests/integration/).
 """
 
 from __future__ import annotations
@@ -61,10 +63,10 @@ OVERRIDE_REASON = "负压车均在途，患者病情不允许等待"
 
 
 class Clock:
-    """Device times: a simulated clock that starts now and only moves forward."""
+    """Device times: a simulated clock that starts two days ago and only moves forward."""
 
     def __init__(self) -> None:
-        self.now = datetime.now(UTC).replace(microsecond=0) + timedelta(minutes=1)
+        self.now = datetime.now(UTC).replace(microsecond=0) - timedelta(days=2)
 
     def tick(self, minutes: float = 1) -> str:
         self.now += timedelta(minutes=minutes)
@@ -131,9 +133,7 @@ async def run(c: httpx.AsyncClient) -> dict[str, Any]:
     await result(c, "S-T2", "negative", clock.now + timedelta(hours=8))  # late: R14
 
     t3 = ok(await c.post(f"{API}/transfers", json=STROKE), 201)
-    # Dispatch today sends it to the activated backup (a fever clinic), not nx-cardio: the
-    # R7 backup activation overrides R6's roles. The audit flags it (check_views).
-    assert (t3["priority"], t3["vehicle_id"]) == (1, "nx-120-07"), t3
+    assert (t3["priority"], t3["vehicle_id"], t3["destination"]) == (1, "nx-120-07", "nx-cardio"), t3
     trip3 = await trip_of(c, "nx-120-07", t3["id"])
     await drive(c, clock, trip3["id"], "t3", t3["destination"])
     await disinfect(c, clock, "nx-120-07", "S-T3")
@@ -223,10 +223,8 @@ async def check_views(c: httpx.AsyncClient, ids: dict[str, Any]) -> None:
         {"actor": "dispatcher-zhang", "role": "dispatcher"}]
     assert by_check[("R3", "vehicle_not_dedicated")]["kind"] == "override"
     assert by_check[("R5", "negative_pressure_required")]["kind"] == "override"
-    r6 = {f["transfer_id"] for f in found["findings"] if f["rule"] == "R6"}
-    assert r6 == {ids["t3"], ids["t6"]}, r6  # stroke and confirmed case sent to the backup
-    assert by_check[("R13", "fever_clinic_case_not_to_designated")]["transfer_id"] == ids["t6"]
-    for forbidden in ("R1", "R2", "R4", "R7", "R8", "R9", "R10", "R12"):
+    assert ids["t6_destination"] == "yc-first"
+    for forbidden in ("R1", "R2", "R4", "R6", "R7", "R8", "R9", "R10", "R12", "R13"):
         assert not [f for f in found["findings"] if f["rule"] == forbidden], (forbidden, found["findings"])
     status = {(r["rule"], r["check"]): r["status"] for r in found["rules"]}
     assert status[("R1", "vehicle_reserved_twice")] == "checked"

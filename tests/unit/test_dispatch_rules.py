@@ -191,6 +191,14 @@ def test_r7_a_backup_takes_only_the_patients_its_primary_would_have_taken() -> N
     assert route("cardio_cerebro", [first, second, cardio], critical=True) == "cardio"
 
 
+def test_r7_a_full_fever_clinic_does_not_close_the_designated_ward() -> None:
+    first = facility("first", ["fever_clinic", "designated"], 38.40, backups=["second"])
+    second = facility("second", ["fever_clinic", "backup"], 38.49)
+    first.report_load(90, "2022-11-20T09:00:00+08:00")
+    assert route("fever", [first, second]) == "second"
+    assert route("confirmed_severe", [first, second]) == "first"
+
+
 def test_r10_every_transfer_is_reported_once_and_120_files_direct_calls() -> None:
     t = transfer(channel="direct_call")
     t.report()

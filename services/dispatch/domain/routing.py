@@ -88,19 +88,24 @@ class Routing:
 
 
 def eligible_facilities(roles: list[str], facilities: list[Facility]) -> list[tuple[Facility, str]]:
-    """Facilities whose role fits (R6), less those past their threshold, plus the backups
-    that an overflowing facility of a fitting role activated (R7): a backup takes the
-    patients its primary would have taken, and no one while it stands down."""
-    activated = {b for f in facilities if f.overflowing and set(f.roles) & set(roles)
-                 for b in f.backup_ids}
+    """Facilities whose own role fits the patient (R6). R7 is about the fever clinic: past
+    its threshold a facility takes no new fever-clinic patients (its other wards still take
+    theirs), and its backups take them instead. A backup takes only patients its own roles
+    fit, and no one while it stands down."""
+    wanted = set(roles)
+    activated = {b for f in facilities if f.overflowing for b in f.backup_ids}
     out: list[tuple[Facility, str]] = []
     for f in facilities:
-        if f.overflowing:
+        fit = (set(f.roles) - {"backup"}) & wanted
+        if not fit:
             continue
-        if f.id in activated:
-            out.append((f, "backup activated by overflow (R7)"))
-        elif set(f.roles) & set(roles) and "backup" not in f.roles:
-            out.append((f, f"role fits: {', '.join(sorted(set(f.roles) & set(roles)))} (R6)"))
+        if f.overflowing and fit <= {"fever_clinic"}:
+            continue
+        if "backup" in f.roles:
+            if f.id in activated:
+                out.append((f, "backup activated by overflow (R7)"))
+            continue
+        out.append((f, f"role fits: {', '.join(sorted(fit))} (R6)"))
     return out
 
 
