@@ -409,6 +409,14 @@ def r7_overflowing_destination(data: AuditData, now: datetime) -> Iterator[Findi
             continue
         p = orjson.loads(d["data"]) if isinstance(d["data"], str) else d["data"]
         before = [r for r in loads.get(p["facility_id"], []) if r["position"] < d["position"]]
+        request = (data.transfers.get(p["transfer_id"]) or {}).get("request") or {}
+        facility = data.facilities.get(p["facility_id"]) or {}
+        other_wards = set((facility.get("registered") or {}).get("roles") or []) - {
+            "fever_clinic", "backup"}
+        # R7 is about the fever clinic: a full one does not close the hospital's other wards
+        # (a severe confirmed case still goes to its designated ward), as dispatch reads it.
+        if patient_class(request) != "fever" and other_wards:
+            continue
         if before and before[-1]["overflowing"]:
             last = before[-1]
             yield Finding(
