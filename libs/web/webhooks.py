@@ -10,9 +10,13 @@ v1 is HMAC-SHA256 over `"<t>.<raw body>"` with the shared secret. A receiver ver
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import time
+from dataclasses import dataclass
+
+import httpx
 
 SIGNATURE_HEADER = "X-Closedloop-Signature"
 EVENT_ID_HEADER = "X-Closedloop-Event-Id"
@@ -37,3 +41,33 @@ def verify(secret: str, body: bytes, header: str, now: int | None = None,
         return False
     expected = hmac.new(secret.encode(), f"{t}.".encode() + body, hashlib.sha256).hexdigest()
     return hmac.compare_digest(expected, given)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    ok: bool
+    attempts: int
+    status_code: int | None
+    error: str
+
+
+async def post_signed(url: str, secret: str, event_id: str, body: bytes, *, max_attempts: int,
+                      retry_base_s: float, retry_cap_s: float = 60.0) -> Delivery:
+    """POST a signed body, retrying errors and non-2xx answers with exponential backoff. The
+    event id header stays the same on every attempt, so the receiver can drop repeats."""
+    error, delay = "", retry_base_s
+    async with httpx.AsyncClient(timeout=10) as client:
+        for attempt in range(1, max_attempts + 1):
+            try:
+                resp = await client.post(url, content=body, headers={
+                    "Content-Type": "application/json", EVENT_ID_HEADER: event_id,
+                    SIGNATURE_HEADER: sign(secret, body)})
+                if resp.status_code < 300:
+                    return Delivery(True, attempt, resp.status_code, "")
+                error = f"HTTP {resp.status_code}"
+            except httpx.HTTPError as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            if attempt < max_attempts:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, retry_cap_s)
+    return Delivery(False, max_attempts, None, error)

@@ -4,10 +4,7 @@ apart so that a slow bureau endpoint never holds up dispatch)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-
-import httpx
 
 from libs.events.aggregate import UnitOfWork, decode
 from libs.events.bus import Handler
@@ -15,7 +12,7 @@ from libs.events.catalog import disinfection as dis
 from libs.events.catalog import dispatch as dsp
 from libs.events.catalog import transfer as tr
 from libs.events.envelope import Envelope, canonical_json
-from libs.web.webhooks import EVENT_ID_HEADER, SIGNATURE_HEADER, sign
+from libs.web.webhooks import post_signed
 from services.dispatch.config import settings
 from services.dispatch.domain import Transfer, Vehicle
 from services.dispatch.handlers import crew_aborted, request_return, serve_queue, transfer_view
@@ -87,23 +84,12 @@ async def deliver_report(env: Envelope, uow: UnitOfWork) -> None:
         "event_id": str(env.event_id), "reported_at": env.recorded_at, "reported_by": e.reported_by,
         "reported_to": e.reported_to, "transfer": transfer_view(transfer),
     }).encode()
-    error, delay = "", cfg.report_retry_base_s
-    async with httpx.AsyncClient(timeout=10) as client:
-        for attempt in range(1, cfg.report_max_attempts + 1):
-            try:
-                resp = await client.post(cfg.report_webhook_url, content=body, headers={
-                    "Content-Type": "application/json", EVENT_ID_HEADER: str(env.event_id),
-                    SIGNATURE_HEADER: sign(cfg.report_webhook_secret, body)})
-                if resp.status_code < 300:
-                    transfer.report_delivered(cfg.report_webhook_url, attempt, resp.status_code)
-                    return
-                error = f"HTTP {resp.status_code}"
-            except httpx.HTTPError as exc:
-                error = f"{type(exc).__name__}: {exc}"
-            if attempt < cfg.report_max_attempts:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 60)
-    transfer.report_failed(cfg.report_webhook_url, cfg.report_max_attempts, error)
+    sent = await post_signed(cfg.report_webhook_url, cfg.report_webhook_secret, str(env.event_id), body,
+                             max_attempts=cfg.report_max_attempts, retry_base_s=cfg.report_retry_base_s)
+    if sent.ok and sent.status_code is not None:
+        transfer.report_delivered(cfg.report_webhook_url, sent.attempts, sent.status_code)
+    else:
+        transfer.report_failed(cfg.report_webhook_url, sent.attempts, sent.error)
 
 
 CONSUMERS: dict[str, dict[str, dict[str, Handler]]] = {

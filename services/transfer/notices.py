@@ -15,14 +15,12 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-import httpx
-
 from libs.events.aggregate import UnitOfWork, decode, with_retry
 from libs.events.bus import Handler
 from libs.events.catalog import transfer as ev
 from libs.events.envelope import Envelope, canonical_json, utcnow
 from libs.events.store import EventStore, Meta
-from libs.web.webhooks import EVENT_ID_HEADER, SIGNATURE_HEADER, sign
+from libs.web.webhooks import post_signed
 from services.transfer.config import settings
 from services.transfer.domain import Trip
 
@@ -57,25 +55,14 @@ async def deliver(env: Envelope, uow: UnitOfWork) -> None:
         return
     attempt = e.attempt if isinstance(e, ev.PreArrivalNoticeResent) else 1
     body = canonical_json(notice_body(trip, attempt)).encode()
-    error, delay = "", cfg.notice_retry_base_s
-    async with httpx.AsyncClient(timeout=10) as client:
-        for n in range(1, cfg.notice_max_attempts + 1):
-            try:
-                resp = await client.post(cfg.notice_webhook_url, content=body, headers={
-                    "Content-Type": "application/json", EVENT_ID_HEADER: str(env.event_id),
-                    SIGNATURE_HEADER: sign(cfg.notice_webhook_secret, body)})
-                if resp.status_code < 300:
-                    trip.notice_delivered(e.notice_id, cfg.notice_webhook_url, attempt, n,
-                                          resp.status_code)
-                    return
-                error = f"HTTP {resp.status_code}"
-            except httpx.HTTPError as exc:
-                error = f"{type(exc).__name__}: {exc}"
-            if n < cfg.notice_max_attempts:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30)
-    trip.notice_failed(e.notice_id, cfg.notice_webhook_url, attempt, cfg.notice_max_attempts, error)
-
+    sent = await post_signed(cfg.notice_webhook_url, cfg.notice_webhook_secret, str(env.event_id), body,
+                             max_attempts=cfg.notice_max_attempts, retry_base_s=cfg.notice_retry_base_s,
+                             retry_cap_s=30)
+    if sent.ok and sent.status_code is not None:
+        trip.notice_delivered(e.notice_id, cfg.notice_webhook_url, attempt, sent.attempts,
+                              sent.status_code)
+    else:
+        trip.notice_failed(e.notice_id, cfg.notice_webhook_url, attempt, sent.attempts, sent.error)
 
 CONSUMES: dict[str, dict[str, Handler]] = {"transfer": {
     "PreArrivalNoticeIssued": deliver, "PreArrivalNoticeResent": deliver,
