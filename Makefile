@@ -4,14 +4,17 @@ SHELL := /bin/bash
 UV := uv
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-unit lint catalog up down bench rebuild clean
+.PHONY: install run token test test-unit lint catalog up down bench rebuild clean
 
 install:
 	@command -v $(UV) >/dev/null 2>&1 || python3 -m pip install --quiet --disable-pip-version-check "uv==0.13.9"
 	@$(UV) sync --frozen --quiet
 
 run: install  ## embedded: one process, SQLite, in-process bus, on 127.0.0.1:8000
-	$(UV) run --frozen python -m services.runtime --host 127.0.0.1 --port 8000 --seed-sample-region
+	$(UV) run --frozen python -m services.runtime --host 127.0.0.1 --port 8000 --seed-sample-region --print-tokens
+
+token: install  ## a token from the local issuer: make token ROLE=crew VEHICLE=nx-120-07 (or FACILITY=, SITE=)
+	@$(UV) run --frozen python -m libs.auth.issuer --role $(ROLE) $(if $(VEHICLE),--vehicle $(VEHICLE),) $(if $(FACILITY),--facility $(FACILITY),) $(if $(SITE),--site $(SITE),) $(if $(SUBJECT),--subject $(SUBJECT),)
 
 lint: install
 	$(UV) run --frozen ruff check libs services tests bench

@@ -135,8 +135,13 @@ async def http_rate(seconds: float = 10.0, concurrency: int = 16) -> tuple[float
         latencies: list[float] = []
         deadline = time.perf_counter() + seconds
 
+        issuer = app.state.settings.local_issuer()
+
         async def worker(w: int) -> None:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}/api/v1", timeout=30) as c:
+            # A dispatcher each, as at a real console (and within the per-client write limit).
+            token = issuer.issue(f"bench-dispatcher-{w}", "dispatcher")
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}/api/v1", timeout=30,
+                                         headers={"Authorization": f"Bearer {token}"}) as c:
                 i = 0
                 while time.perf_counter() < deadline:
                     started = time.perf_counter()

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import traceback
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -19,9 +20,11 @@ from typing import Any
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
 from aiokafka.errors import TopicAlreadyExistsError  # type: ignore[import-untyped]
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 from sqlalchemy import MetaData
 
+from libs.auth.policy import API_PREFIX, Policy
+from libs.auth.tokens import ROLES
 from libs.events.bus import (
     Handler,
     KafkaPublisher,
@@ -33,17 +36,22 @@ from libs.events.bus import (
 )
 from libs.events.store import EventStore
 from libs.web import health, problems
+from libs.web.limits import BodyLimits, RateLimiter
+from services.disinfection import access as disinfection_access
 from services.disinfection import api as disinfection_api
 from services.disinfection import contacts as disinfection_contacts
 from services.disinfection import handlers as disinfection_handlers
 from services.disinfection import sla as disinfection_sla
+from services.dispatch import access as dispatch_access
 from services.dispatch import api as dispatch_api
 from services.dispatch import consumers as dispatch_consumers
 from services.dispatch import scheduler as dispatch_scheduler
+from services.projection import access as projection_access
 from services.projection import api as projection_api
 from services.projection import consumers as projection_consumers
 from services.projection import read_models
 from services.settings import Settings
+from services.transfer import access as transfer_access
 from services.transfer import api as transfer_api
 from services.transfer import handlers as transfer_handlers
 from services.transfer import notices as transfer_notices
@@ -63,23 +71,27 @@ class ServiceSpec:
     publishes: bool = True
     tables: MetaData | None = None
     background: tuple[Background, ...] = ()
+    policy: Policy | None = None  # who may call which route (services/<name>/access.py)
 
 
 SERVICES: dict[str, ServiceSpec] = {
     "dispatch": ServiceSpec("dispatch", dispatch_api.router, dispatch_consumers.CONSUMERS,
-                            background=(dispatch_scheduler.run,)),
+                            background=(dispatch_scheduler.run,), policy=dispatch_access.POLICY),
     "transfer": ServiceSpec("transfer", transfer_api.router,
                             {"transfer": transfer_handlers.CONSUMES,
                              "transfer-notices": transfer_notices.CONSUMES},
-                            background=(transfer_notices.run,)),
+                            background=(transfer_notices.run,), policy=transfer_access.POLICY),
     "disinfection": ServiceSpec("disinfection", disinfection_api.router,
                                 {"disinfection": disinfection_handlers.CONSUMES},
                                 tables=disinfection_contacts.metadata,
-                                background=(disinfection_sla.run,)),
+                                background=(disinfection_sla.run,),
+                                policy=disinfection_access.POLICY),
     "projection": ServiceSpec("projection", projection_api.router,
                               {"projection": projection_consumers.CONSUMES},
-                              publishes=False, tables=read_models.metadata),
+                              publishes=False, tables=read_models.metadata,
+                              policy=projection_access.POLICY),
 }
+STOP_GRACE_S = 10.0
 PORTS = {"dispatch": 8001, "transfer": 8002, "disinfection": 8003, "projection": 8004}
 
 
@@ -138,9 +150,15 @@ class Runtime:
         self._stop.set()
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if self._tasks:
+            # A task that ignores its cancellation must not hang shutdown: name it and go on.
+            stopped, stuck = await asyncio.wait(self._tasks, timeout=STOP_GRACE_S)
+            for task in stopped:
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("task %s ended with %r", task.get_name(), task.exception())
+            for task in stuck:
+                log.error("task %s did not stop within %s s:\n%s", task.get_name(), STOP_GRACE_S,
+                          "".join(traceback.format_stack(task.get_stack()[-1])) if task.get_stack() else "")
         for close in reversed(self._closers):
             with contextlib.suppress(Exception):
                 await close()
@@ -185,10 +203,41 @@ def create_app(services: Sequence[str] | None = None, settings: Settings | None 
     title = "closedloop: 点对点闭环转运" if len(names) > 1 else f"closedloop {names[0]}"
     app = FastAPI(title=title, version="0.1.0", lifespan=lifespan)
     problems.install(app)
+    app.add_middleware(BodyLimits, max_bytes=settings.max_body_bytes)
+    app.state.settings = settings
+    app.state.verifier = settings.token_verifier()
+    app.state.rate_limiter = RateLimiter(settings.write_rate_per_s, settings.write_burst)
     app.include_router(health.router)
+    if not settings.auth_jwks_url:
+        jwks = settings.local_issuer().jwks()
+
+        @app.get("/.well-known/jwks.json", tags=["ops"])
+        async def local_jwks() -> dict[str, Any]:
+            """The local issuer's public keys, for other services and for clients."""
+            return jwks
     for name in names:
-        app.include_router(SERVICES[name].router, prefix="/api/v1")
+        spec = SERVICES[name]
+        if spec.policy is None:
+            raise ValueError(f"service {name} has no access policy")
+        app.include_router(spec.router, prefix=API_PREFIX, dependencies=[Depends(spec.policy.guard)])
     return app
+
+
+# Bindings from the sample region, so each printed token can act on something real.
+SAMPLE_BINDINGS: dict[str, dict[str, str]] = {
+    "crew": {"vehicle_id": "nx-120-07"}, "hospital": {"facility_id": "yc-second"},
+    "site": {"site_id": "yn-isolation-01"}}
+
+
+def print_tokens(settings: Settings) -> None:
+    issuer = settings.local_issuer()
+    print("Tokens from the local issuer (12 h), for `Authorization: Bearer <token>`:")
+    for role in sorted(ROLES):
+        bound = SAMPLE_BINDINGS.get(role, {})
+        where = " ".join(f"{k}={v}" for k, v in bound.items())
+        token = issuer.issue(f"{role}-local", role, vehicle_id=bound.get("vehicle_id"),
+                             facility_id=bound.get("facility_id"), site_id=bound.get("site_id"))
+        print(f"  {role}{' (' + where + ')' if where else ''}:\n    {token}")
 
 
 def main() -> None:
@@ -201,11 +250,15 @@ def main() -> None:
     parser.add_argument("--port", type=int)
     parser.add_argument("--seed-sample-region", action="store_true",
                         help="load the facilities and vehicles of API-EXAMPLES.md")
+    parser.add_argument("--print-tokens", action="store_true",
+                        help="print a token per role from the local issuer, to try the API")
     args = parser.parse_args()
     services = args.service or list(SERVICES)
     port = args.port or (PORTS[services[0]] if len(services) == 1 else 8000)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     app = create_app(services, seed_sample_region=args.seed_sample_region)
+    if args.print_tokens and not app.state.settings.auth_jwks_url:
+        print_tokens(app.state.settings)
     uvicorn.run(app, host=args.host, port=port, log_level="info")
 
 

@@ -7,6 +7,9 @@ from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from libs.auth.issuer import LocalIssuer
+from libs.auth.tokens import JwksUrl, KeySet, TokenVerifier
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CLOSEDLOOP_")
@@ -20,6 +23,24 @@ class Settings(BaseSettings):
     kafka_partitions: int = 3
     kafka_replication: int = 1
     relay_lease_ms: int = 5000
+    # Who may call: tokens from this issuer for this audience. With no JWKS URL, the local
+    # issuer's key under the data dir (made on first use) signs and verifies.
+    auth_issuer: str = "closedloop-local"
+    auth_audience: str = "closedloop"
+    auth_jwks_url: str | None = None
+    # Abuse limits: a write body's size, and writes per client (a token's subject).
+    max_body_bytes: int = 256 * 1024
+    write_rate_per_s: float = 50.0
+    write_burst: int = 200
+
+    def local_issuer(self) -> LocalIssuer:
+        return LocalIssuer(self.data_dir / "auth" / "issuer-ed25519.pem", self.auth_issuer,
+                           self.auth_audience)
+
+    def token_verifier(self) -> TokenVerifier:
+        keys = (JwksUrl(self.auth_jwks_url) if self.auth_jwks_url
+                else KeySet(self.local_issuer().jwks()))
+        return TokenVerifier(self.auth_issuer, self.auth_audience, keys)
 
     def store_url(self, service: str) -> str:
         if self.mode == "embedded":

@@ -30,6 +30,7 @@ from typing import Any
 
 import httpx
 
+from tests.actors import as_
 from tests.scenarios import (
     API,
     STEPS,
@@ -149,7 +150,7 @@ async def run(c: httpx.AsyncClient) -> dict[str, Any]:
     assert t5["status"] == "queued", t5
     assigned = ok(await c.post(f"{API}/transfers/{t5['id']}/assign",
                                json={"vehicle_id": "yc-amb-03", "override_reason": OVERRIDE_REASON},
-                               headers={"X-Actor": "dispatcher-zhang", "X-Role": "dispatcher"}))
+                               headers=as_(c, "dispatcher", "dispatcher-zhang")))
     assert assigned["vehicle_id"] == "yc-amb-03"
     trip5 = await trip_of(c, "yc-amb-03", t5["id"])
 

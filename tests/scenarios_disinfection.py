@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 
+from tests.actors import as_
 from tests.scenarios import (
     API,
     INITIAL,
@@ -27,7 +28,6 @@ from tests.scenarios import (
 NPA = "nx-120-07"
 CAR = "yn-bus-02"
 TIME_KEYS = ("started_at", "ended_at", "from", "to", "collected_at", "reported_at")
-SUPERVISOR = {"X-Actor": "supervisor-ma", "X-Role": "supervisor"}
 
 
 def shifted(body: dict[str, Any], hours: float) -> dict[str, Any]:
@@ -228,7 +228,7 @@ async def positive_swab_after_two_more_trips(c: httpx.AsyncClient) -> None:
     redo = await cycle_of(c, NPA, t0["cycle"]["trip_id"], kind="redisinfection")
     assert redo["status"] == "open" and redo["after_sample_id"] == "POS-1"
     early = await c.post(f"{API}/disinfection/cycles/{redo['id']}/release",
-                         json={"reason": "急需用车"}, headers=SUPERVISOR)
+                         json={"reason": "急需用车"}, headers=as_(c, "supervisor", "supervisor-ma"))
     assert problem(early, 409, "quarantine_not_overridable")["rule"] == "R9"
 
     exposures = ok(await c.get(f"{API}/disinfection/exposures", params={"vehicle_id": NPA}))
@@ -256,7 +256,7 @@ async def positive_swab_after_two_more_trips(c: httpx.AsyncClient) -> None:
 
     await eventually(served, "the queued transfer to get the vehicle back from quarantine")
     acked = ok(await c.post(f"{API}/disinfection/exposures/POS-1/acknowledge",
-                            json={"note": "已通知疾控"}, headers={"X-Actor": "dispatcher-wang"}))
+                            json={"note": "已通知疾控"}, headers=as_(c, "dispatcher", "dispatcher-wang")))
     assert acked["status"] == "acknowledged"
     assert acked["acknowledgements"] == [{"acknowledged_by": "dispatcher-wang", "note": "已通知疾控"}]
     entries = await timeline_types(c, t0["transfer"]["id"], {
@@ -275,10 +275,12 @@ async def supervisor_early_release(c: httpx.AsyncClient) -> None:
     url = f"{API}/disinfection/cycles/{cycle['id']}/release"
     ok(await c.post(f"{API}/disinfection/cycles/{cycle['id']}/stages", json=INITIAL), 201)
     body = {"reason": "重大交通事故，急需车辆"}
-    problem(await c.post(url, json=body, headers={"X-Role": "dispatcher"}), 403, "supervisor_required")
-    assert problem(await c.post(url, json={"reason": ""}, headers=SUPERVISOR), 422,
+    refused = problem(await c.post(url, json=body, headers=as_(c, "dispatcher")), 403,
+                      "role_not_permitted")
+    assert refused["role"] == "dispatcher" and refused["allowed_roles"] == ["supervisor"]
+    assert problem(await c.post(url, json={"reason": ""}, headers=as_(c, "supervisor", "supervisor-ma")), 422,
                    "validation_failed")["field"] == "reason"
-    released = ok(await c.post(url, json=body, headers=SUPERVISOR))
+    released = ok(await c.post(url, json=body, headers=as_(c, "supervisor", "supervisor-ma")))
     assert released["status"] == "released"
     assert released["release"] == {
         "policy": "supervisor_override", "override": True, "override_reason": body["reason"],

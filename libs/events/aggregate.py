@@ -64,6 +64,12 @@ class InvalidField(DomainError):
         self.field = field
 
 
+class Forbidden(DomainError):
+    """The command needs a role, or a binding (vehicle, facility, site), the caller lacks: 403."""
+
+    status = 403
+
+
 class NotFound(DomainError):
     status = 404
 
@@ -176,7 +182,7 @@ class UnitOfWork:
 
     async def find(
         self, cls: type[A], *, status: list[str] | None = None, ref: str | None = None,
-        limit: int = 1000, offset: int = 0,
+        limit: int = 1000, offset: int = 0, where: Callable[[A], bool] | None = None,
     ) -> list[A]:
         """Current states from the service's own list, in update order. Read-only snapshots
         shared between callers: get() what you change. The list lives in memory and is
@@ -191,6 +197,7 @@ class UnitOfWork:
         matched = [
             (c.position, c.stream_id, agg) for c, agg in index.entries.values()
             if (status is None or c.status in status) and (ref is None or c.ref == ref)
+            and (where is None or where(agg))
         ]
         matched.sort(key=lambda m: (m[0], m[1]))
         return [agg for _, _, agg in matched[offset:offset + limit]]

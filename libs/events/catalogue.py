@@ -20,8 +20,12 @@ def published() -> dict[str, type[Event]]:
             if c.__module__.startswith("libs.events.catalog.")}
 
 
-def producer_of(cls: type) -> str:
-    return cls.__module__.rsplit(".", 1)[-1]
+SHARED = "common"  # catalog/common.py: contracts every service emits into its own store
+
+
+def producers_of(cls: type) -> list[str]:
+    module = cls.__module__.rsplit(".", 1)[-1]
+    return ["disinfection", "dispatch", "transfer"] if module == SHARED else [module]
 
 
 def asyncapi() -> dict[str, Any]:
@@ -43,12 +47,12 @@ def asyncapi() -> dict[str, Any]:
             ]},
             "x-schema-version": cls.schema_version,
         }
-        producer = producer_of(cls)
-        topic = topic_for(producer)
-        channel = channels.setdefault(topic, {
-            "address": topic, "messages": {},
-            "description": f"every event of the {producer} store, keyed by stream id"})
-        channel["messages"][name] = {"$ref": f"#/components/messages/{name}"}
+        for producer in producers_of(cls):
+            topic = topic_for(producer)
+            channel = channels.setdefault(topic, {
+                "address": topic, "messages": {},
+                "description": f"every event of the {producer} store, keyed by stream id"})
+            channel["messages"][name] = {"$ref": f"#/components/messages/{name}"}
     return {
         "asyncapi": "3.0.0",
         "info": {"title": "closedloop events", "version": "1",

@@ -1,4 +1,4 @@
-"""Dependencies every route module uses: the service's store, the acting identity,
+"""Dependencies every route module uses: the service's store, the verified caller,
 Idempotency-Key replay."""
 
 from __future__ import annotations
@@ -8,10 +8,12 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import Depends, Header, Request
+from fastapi import Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
+from libs.auth.policy import PrincipalDep
+from libs.auth.tokens import Principal
 from libs.events.aggregate import StateConflict, UnitOfWork, with_retry
 from libs.events.envelope import canonical_json
 from libs.events.store import EventStore, IdempotencyKeyTaken, IdempotencyRecord, Meta
@@ -19,20 +21,10 @@ from libs.events.store import EventStore, IdempotencyKeyTaken, IdempotencyRecord
 Remember = Callable[[UnitOfWork, int, Any], None]
 
 
-class Actor(BaseModel):
-    subject: str
-    role: str
-
-
-def actor_from_headers(
-    x_actor: Annotated[str | None, Header()] = None,
-    x_role: Annotated[str | None, Header()] = None,
-) -> Actor:
-    # Until verified tokens arrive (issue 7) the caller names itself; every event records it.
-    return Actor(subject=x_actor or "anonymous", role=x_role or "dispatcher")
-
-
-ActorDep = Annotated[Actor, Depends(actor_from_headers)]
+# The actor on every event is the verified token's subject and role (libs/auth): never a
+# field of the request.
+Actor = Principal
+ActorDep = PrincipalDep
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
 
 
@@ -116,4 +108,5 @@ async def command_response(
             lambda: UnitOfWork(store, meta_for(actor, correlation_id)), step)
         return code, view
 
-    return await idempotent(store, key, scope, body, run)
+    # Keys are the client's own: another caller reusing one gets nothing of the first's.
+    return await idempotent(store, key, f"{actor.subject} {scope}", body, run)

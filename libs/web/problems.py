@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from libs.auth.tokens import Unauthenticated
 from libs.events.aggregate import DomainError, InvalidField, RuleRefused
 from libs.events.store import ConcurrencyError
 
@@ -47,9 +48,18 @@ def install(app: FastAPI) -> None:
         if isinstance(exc, InvalidField):
             extra["field"] = exc.field
             extra["errors"] = [{"field": exc.field, "code": exc.code, "detail": exc.detail}]
-        title = {409: "Conflict", 404: "Not found", 422: "Unprocessable content"}.get(
-            exc.status, "Refused")
-        return problem(exc.status, exc.code, title, exc.detail, exc.message_zh, extra)
+        title = {403: "Forbidden", 404: "Not found", 409: "Conflict",
+                 422: "Unprocessable content", 429: "Too many requests"}.get(exc.status, "Refused")
+        response = problem(exc.status, exc.code, title, exc.detail, exc.message_zh, extra)
+        if "retry_after_s" in exc.extra:
+            response.headers["Retry-After"] = str(exc.extra["retry_after_s"])
+        return response
+
+    @app.exception_handler(Unauthenticated)
+    async def unauthenticated(_: Request, exc: Unauthenticated) -> JSONResponse:
+        response = problem(401, exc.code, "Unauthorized", exc.detail, exc.message_zh)
+        response.headers["WWW-Authenticate"] = f'Bearer error="invalid_token", error_description="{exc.code}"'
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 
+from libs.auth.privacy import DisclosingRoute
 from libs.events.aggregate import UnitOfWork
 from libs.events.envelope import utcnow
 from libs.events.store import EventStore
@@ -18,7 +19,7 @@ from services.disinfection.domain import Cycle, Sample
 from services.disinfection.exposure import Exposure
 from services.disinfection.schemas import AcknowledgeIn, EarlyReleaseIn, ResultIn, StageIn, SwabIn
 
-router = APIRouter(prefix="/disinfection", tags=["disinfection"])
+router = APIRouter(prefix="/disinfection", tags=["disinfection"], route_class=DisclosingRoute)
 Store = Annotated[EventStore, Depends(store_dep("disinfection"))]
 Limit = Annotated[int, Query(ge=1, le=500)]
 Offset = Annotated[int, Query(ge=0)]

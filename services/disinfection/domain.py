@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from libs.events.aggregate import Aggregate, DomainError, InvalidField, RuleRefused, StateConflict
+from libs.events.aggregate import Aggregate, Forbidden, InvalidField, RuleRefused, StateConflict
 from libs.events.catalog import disinfection as ev
 from libs.events.contracts import Event
 from libs.events.envelope import iso
@@ -25,12 +25,6 @@ TRIP = "trip"
 REDISINFECTION = "redisinfection"
 SUPERVISOR = "supervisor"
 SUPERVISOR_OVERRIDE = "supervisor_override"
-
-
-class Forbidden(DomainError):
-    """The command needs a role the caller does not have."""
-
-    status = 403
 
 
 def cycle_id_for(trip_id: str) -> str:

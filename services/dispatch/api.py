@@ -8,10 +8,11 @@ from uuid import uuid4
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 
+from libs.auth.privacy import DisclosingRoute
 from libs.events.aggregate import UnitOfWork
 from libs.events.store import EventStore
 from libs.web.deps import ActorDep, IdempotencyKey, command_response, store_dep
-from services.dispatch import handlers
+from services.dispatch import access, handlers
 from services.dispatch.domain import CareSeries, Facility, Transfer, Vehicle
 from services.dispatch.schemas import (
     AssignIn,
@@ -28,7 +29,7 @@ from services.dispatch.schemas import (
     VehicleIn,
 )
 
-router = APIRouter(tags=["dispatch"])
+router = APIRouter(tags=["dispatch"], route_class=DisclosingRoute)
 Store = Annotated[EventStore, Depends(store_dep("dispatch"))]
 Limit = Annotated[int, Query(ge=1, le=500)]
 Offset = Annotated[int, Query(ge=0)]
@@ -51,10 +52,12 @@ async def post_transfer(body: TransferIn, store: Store, actor: ActorDep,
 
 
 @router.get("/transfers")
-async def list_transfers(store: Store, status: str | None = None, limit: Limit = 100,
-                         offset: Offset = 0) -> list[dict[str, Any]]:
+async def list_transfers(store: Store, actor: ActorDep, status: str | None = None,
+                         limit: Limit = 100, offset: Offset = 0) -> list[dict[str, Any]]:
+    """A hospital or a site sees only the transfers it is part of (access.sees)."""
     found = await UnitOfWork.reading(store).find(
-        Transfer, status=[status] if status else None, limit=limit, offset=offset)
+        Transfer, status=[status] if status else None, limit=limit, offset=offset,
+        where=lambda t: access.sees(actor, t))
     return [handlers.transfer_view(t) for t in found]
 
 

@@ -1,6 +1,6 @@
-"""Audit views (/api/v1/audit): thin routes over the pure view functions. Every response
-goes through privacy.disclose: id numbers and phones are masked unless that one function
-says otherwise."""
+"""Audit views (/api/v1/audit): thin routes over the pure view functions. Every JSON answer
+goes through libs.auth.privacy (masked unless the reader's role needs the numbers, and
+recorded when it sees them); the ledger's files and the live feed call it themselves."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 import libs.events.catalog  # noqa: F401  (registers the event types the checks look for)
+from libs.auth.privacy import DisclosingRoute, disclose, mask
 from libs.events.aggregate import InvalidField, NotFound, StateConflict
 from libs.events.contracts import registry
 from libs.events.envelope import utcnow
 from libs.events.store import EventStore
-from libs.web.deps import ActorDep, store_dep
+from libs.web.deps import store_dep
 from services.projection import custody as custody_view
 from services.projection import findings as findings_view
 from services.projection import kpis as kpis_view
@@ -25,12 +26,11 @@ from services.projection import ledger as ledger_view
 from services.projection import queries
 from services.projection.data import ts
 from services.projection.facts import REGION_TZ
-from services.projection.privacy import disclose
 from services.projection.rebuild import RebuildRunning, rebuild
 from services.projection.tables import envelope_of_row
 from services.projection.timeline import timeline_view
 
-router = APIRouter(prefix="/audit", tags=["audit"])
+router = APIRouter(prefix="/audit", tags=["audit"], route_class=DisclosingRoute)
 Store = Annotated[EventStore, Depends(store_dep("projection"))]
 Limit = Annotated[int, Query(ge=1, le=5000)]
 Offset = Annotated[int, Query(ge=0)]
@@ -68,7 +68,7 @@ async def _data(store: EventStore, **scope: Any) -> Any:
 
 
 @router.get("/transfers/{transfer_id}/timeline")
-async def transfer_timeline(transfer_id: str, store: Store, actor: ActorDep) -> Any:
+async def transfer_timeline(transfer_id: str, store: Store) -> Any:
     """Every step from request to loop closed: device and server time, actor, role, place,
     decision reasons, and the notifications sent and acknowledged."""
     async with store.engine.connect() as conn:
@@ -76,22 +76,22 @@ async def transfer_timeline(transfer_id: str, store: Store, actor: ActorDep) -> 
         rows = await queries.timeline_events(conn, transfer_id, gen)
     if not rows:
         raise NotFound("transfer", transfer_id)
-    return disclose(timeline_view(transfer_id, [envelope_of_row(r) for r in rows]), actor.role)
+    return timeline_view(transfer_id, [envelope_of_row(r) for r in rows])
 
 
 @router.get("/vehicles/{vehicle_id}/custody")
-async def vehicle_custody(vehicle_id: str, store: Store, actor: ActorDep) -> Any:
+async def vehicle_custody(vehicle_id: str, store: Store) -> Any:
     data = await _data(store, vehicle_id=vehicle_id)
     found = findings_view.evaluate(data, utcnow(), _known_types())
     view = custody_view.custody(data, vehicle_id, found)
     if view is None:
         raise NotFound("vehicle", vehicle_id)
-    return disclose(view, actor.role)
+    return view
 
 
 @router.get("/violations")
 async def violations(
-    store: Store, actor: ActorDep, rule: str | None = None,
+    store: Store, rule: str | None = None,
     kind: Literal["violation", "override", "sla"] | None = None,
     from_: Annotated[str | None, Query(alias="from")] = None,
     to: str | None = None, vehicle_id: str | None = None, facility_id: str | None = None,
@@ -113,18 +113,18 @@ async def violations(
         and (transfer_id is None or f.transfer_id == transfer_id)
         and (lo is None or (ts(f.at) or lo) >= lo) and (hi is None or (ts(f.at) or hi) < hi)
     ]
-    return disclose({
+    return {
         "as_of": now.isoformat(), "total": len(selected),
         "findings": [f.view() for f in selected[offset:offset + limit]],
         "rules": findings_view.rules_status(_known_types()), "failed_checks": failed,
-    }, actor.role)
+    }
 
 
 @router.get("/exposures")
-async def exposures(store: Store, actor: ActorDep, vehicle_id: str | None = None) -> Any:
+async def exposures(store: Store, vehicle_id: str | None = None) -> Any:
     """The transfers and patients exposed to each positive vehicle."""
     data = await _data(store, vehicle_id=vehicle_id) if vehicle_id else await _data(store)
-    return disclose({"exposures": custody_view.exposures(data, vehicle_id)}, actor.role)
+    return {"exposures": custody_view.exposures(data, vehicle_id)}
 
 
 @router.get("/kpis")
@@ -136,7 +136,7 @@ async def kpis(store: Store, from_: Annotated[str | None, Query(alias="from")] =
 
 
 @router.get("/ledger", response_model=None)
-async def ledger(store: Store, actor: ActorDep, date: str | None = None,
+async def ledger(request: Request, store: Store, date: str | None = None,
                  from_: Annotated[str | None, Query(alias="from")] = None, to: str | None = None,
                  format: Literal["json", "csv", "xlsx"] = "json") -> Response | dict[str, Any]:
     """The 台账: every outgoing trip by person and day. `date` is one local day."""
@@ -145,8 +145,10 @@ async def ledger(store: Store, actor: ActorDep, date: str | None = None,
         day_from = _day(date, "date")
         day_to = (datetime.fromisoformat(day_from or "") + timedelta(days=1)).date().isoformat()
     data = await _data(store, day_from=day_from, day_to=day_to)
-    rows: list[dict[str, Any]] = disclose(ledger_view.rows(data, day_from, day_to), actor.role)
+    rows: list[dict[str, Any]] = ledger_view.rows(data, day_from, day_to)
     name = f"ledger-{day_from or 'all'}"
+    if format != "json":
+        rows = await disclose(request, rows)
     if format == "csv":
         return Response(ledger_view.to_csv(rows), media_type="text/csv; charset=utf-8",
                         headers={"Content-Disposition": f'attachment; filename="{name}.csv"'})
@@ -158,12 +160,21 @@ async def ledger(store: Store, actor: ActorDep, date: str | None = None,
     return {"from": day_from, "to": day_to, "rows": rows}
 
 
+@router.get("/disclosures")
+async def disclosures(store: Store, actor: str | None = None, limit: Limit = 500,
+                      offset: Offset = 0) -> dict[str, Any]:
+    """Every read of patients' id numbers or phones in clear: who, in which role, which
+    patients, when, through which route; newest first."""
+    async with store.engine.connect() as conn:
+        return {"disclosures": await queries.disclosures(conn, actor, limit, offset)}
+
+
 def _frame(row: Any) -> str:
     data = {"seq": row.seq, "type": row.type, "store": row.store, "stream_id": row.stream_id,
             "transfer_id": row.transfer_key, "trip_id": row.trip_id, "cycle_id": row.cycle_id,
             "vehicle_id": row.vehicle_id, "occurred_at": row.occurred_at, "recorded_at": row.recorded_at,
             "actor": row.actor, "role": row.role, "payload": json.loads(row.payload)}
-    body = json.dumps(disclose(data), ensure_ascii=False, separators=(",", ":"))
+    body = json.dumps(mask(data), ensure_ascii=False, separators=(",", ":"))
     return f"id: {row.seq}\nevent: {row.type}\ndata: {body}\n\n"
 
 

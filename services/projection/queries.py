@@ -9,7 +9,9 @@ import orjson
 from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from libs.events.catalog.common import PatientDataDisclosed
 from libs.events.envelope import GENESIS_HASH, ChainBreak, Envelope, verify_chain
+from libs.events.store import events_table
 from services.projection.data import AuditData
 from services.projection.facts import JSON_COLUMNS, SPECS
 from services.projection.tables import Generation, active_generation, archive, envelope_of_row, generation
@@ -115,6 +117,24 @@ async def timeline_events(conn: AsyncConnection, transfer_id: str, gen: Generati
 async def feed(conn: AsyncConnection, after: int, limit: int) -> list[Any]:
     return list(await conn.execute(
         select(archive).where(archive.c.seq > after).order_by(archive.c.seq).limit(limit)))
+
+
+async def disclosures(conn: AsyncConnection, actor: str | None, limit: int,
+                      offset: int) -> list[dict[str, Any]]:
+    """Unmasked reads recorded by every service (archived here) and by this one (its own
+    store), newest first."""
+    kind = PatientDataDisclosed.__name__
+    found: list[dict[str, Any]] = []
+    for table, store in ((archive, None), (events_table, "projection")):
+        query = select(table).where(table.c.type == kind)
+        if actor is not None:
+            query = query.where(table.c.actor == actor)
+        for row in await conn.execute(query.order_by(table.c.recorded_at.desc()).limit(offset + limit)):
+            found.append({"at": row.recorded_at, "actor": row.actor, "role": row.role,
+                          "store": store or row.store, "event_id": row.event_id,
+                          **orjson.loads(row.payload)})
+    found.sort(key=lambda d: d["at"], reverse=True)
+    return found[offset:offset + limit]
 
 
 async def stores_seen(conn: AsyncConnection) -> list[str]:

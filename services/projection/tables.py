@@ -73,6 +73,7 @@ archive = Table(
     Index("ix_audit_archive_transfer", "transfer_key"),
     Index("ix_audit_archive_trip", "trip_id"),
     Index("ix_audit_archive_cycle", "cycle_id"),
+    Index("ix_audit_archive_type", "type"),
 )
 
 meta_table = Table(

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 
+from libs.auth.privacy import DisclosingRoute
 from libs.events.aggregate import UnitOfWork
 from libs.events.store import EventStore
 from libs.web.deps import ActorDep, IdempotencyKey, command_response, store_dep
@@ -22,7 +23,7 @@ from services.transfer.schemas import (
     StepIn,
 )
 
-router = APIRouter(tags=["transfer"])
+router = APIRouter(tags=["transfer"], route_class=DisclosingRoute)
 Store = Annotated[EventStore, Depends(store_dep("transfer"))]
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import asyncpg  # type: ignore[import-untyped]
 import httpx
 
+from services.settings import Settings
+from tests.actors import Acting
 from tests.conftest import KAFKA, PG_DSN
 
 SERVICES = ("dispatch", "transfer", "disinfection", "projection")
@@ -60,6 +62,7 @@ class Cluster:
         return {**os.environ, "CLOSEDLOOP_MODE": "distributed",
                 "CLOSEDLOOP_PG_URL": f"{base}/{{service}}_{self.run_id}",
                 "CLOSEDLOOP_KAFKA_BOOTSTRAP": KAFKA, "CLOSEDLOOP_TOPIC_PREFIX": f"e2e{self.run_id}",
+                "CLOSEDLOOP_DATA_DIR": str(self.log_dir / "data"),
                 **self.extra_env}
 
     async def start(self, service: str) -> None:
@@ -109,7 +112,12 @@ class Cluster:
 
     def client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(transport=RoutingTransport(self.ports), base_url="http://cluster",
-                                 timeout=30)
+                                 timeout=30, auth=self.acting)
+
+    @property
+    def acting(self) -> Acting:
+        """Tokens from the local issuer the cluster's processes share (under its data dir)."""
+        return Acting.for_settings(Settings(data_dir=self.log_dir / "data"))
 
 
 async def for_each_database(run_id: str, sql: str) -> None:

@@ -12,6 +12,7 @@ from services.disinfection import config
 from services.runtime import create_app
 from services.settings import Settings
 from tests import scenarios_disinfection as scenarios
+from tests.actors import Acting
 
 STRICT = {"release_policy": "after_negative_result", "sla_check_interval_s": "0.1"}
 
@@ -30,10 +31,11 @@ def disinfection_env(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyP
 
 @pytest.fixture
 async def client(tmp_path: Path, disinfection_env: None) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings=Settings(mode="embedded", data_dir=tmp_path))
+    app = create_app(settings=(settings := Settings(mode="embedded", data_dir=tmp_path)))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://embedded") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://embedded",
+                                 auth=Acting.for_settings(settings)) as c:
             yield c
 
 

@@ -9,7 +9,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from libs.auth.issuer import LocalIssuer
+from libs.auth.tokens import JwksUrl, TokenVerifier
 from tests import scenarios, scenarios_dispatch
+from tests.actors import Acting
 from tests.e2e.cluster import Cluster, running_cluster
 from tests.e2e.receiver import Receiver, dispatch_env
 
@@ -82,3 +85,19 @@ async def test_report_delivery(client: httpx.AsyncClient, receiver: Receiver) ->
 
 async def test_recurring_care(client: httpx.AsyncClient) -> None:
     await scenarios_dispatch.recurring_care(client)
+
+
+async def test_tokens_verify_through_the_issuers_jwks_url(client: httpx.AsyncClient,
+                                                         cluster: Cluster) -> None:
+    """A city's identity provider is reached by URL (CLOSEDLOOP_AUTH_JWKS_URL); here the
+    local issuer's keys served by a running service stand in for it. Each process checks
+    tokens itself: one forged with another key is refused by every service."""
+    url = f"http://127.0.0.1:{cluster.ports['dispatch']}/.well-known/jwks.json"
+    verifier = TokenVerifier("closedloop-local", "closedloop", JwksUrl(url))
+    who = await verifier.verify(cluster.acting.token("hospital", "his-yc2", facility_id="yc-second"))
+    assert (who.subject, who.role, who.facility_id) == ("his-yc2", "hospital", "yc-second")
+    forged = Acting(LocalIssuer(cluster.log_dir / "forger.pem", "closedloop-local", "closedloop"))
+    for path in ("/api/v1/transfers", "/api/v1/trips", "/api/v1/disinfection/cycles",
+                 "/api/v1/audit/kpis"):
+        resp = await client.get(path, headers=forged.headers("dispatcher"))
+        assert resp.status_code == 401 and resp.json()["code"] == "token_key_unknown", path

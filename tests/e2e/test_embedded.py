@@ -12,6 +12,7 @@ from services.dispatch import config
 from services.runtime import create_app
 from services.settings import Settings
 from tests import scenarios, scenarios_dispatch
+from tests.actors import Acting
 from tests.e2e.receiver import Receiver, dispatch_env
 
 
@@ -29,10 +30,11 @@ async def client(tmp_path: Path, receiver: Receiver,
     for name, value in dispatch_env(receiver).items():
         monkeypatch.setenv(name, value)
     config.settings.cache_clear()
-    app = create_app(settings=Settings(mode="embedded", data_dir=tmp_path))
+    app = create_app(settings=(settings := Settings(mode="embedded", data_dir=tmp_path)))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://embedded") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://embedded",
+                                 auth=Acting.for_settings(settings)) as c:
             yield c
     config.settings.cache_clear()
 

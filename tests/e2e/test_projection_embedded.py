@@ -19,6 +19,7 @@ from services.projection.tables import generation
 from services.runtime import create_app
 from services.settings import Settings
 from tests import scenarios_audit
+from tests.actors import Acting
 from tests.scenarios import eventually, ok
 
 API = "/api/v1"
@@ -33,7 +34,8 @@ async def app(tmp_path: Path) -> AsyncIterator[FastAPI]:
 
 @pytest.fixture
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://embedded") as c:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://embedded",
+                                 auth=Acting.for_settings(app.state.settings)) as c:
         yield c
 
 

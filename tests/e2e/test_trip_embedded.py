@@ -12,16 +12,18 @@ from services.runtime import create_app
 from services.settings import Settings
 from services.transfer import config
 from tests import scenarios_trip as scenarios
+from tests.actors import Acting
 from tests.e2e.receiver import Receiver
 from tests.scenarios import eventually
 
 
 @pytest.fixture
 async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings=Settings(mode="embedded", data_dir=tmp_path))
+    app = create_app(settings=(settings := Settings(mode="embedded", data_dir=tmp_path)))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://embedded") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://embedded",
+                                 auth=Acting.for_settings(settings)) as c:
             yield c
 
 
@@ -65,10 +67,11 @@ async def notice_client(tmp_path: Path, receiver: Receiver,
     for name, value in scenarios.notice_env(receiver).items():
         monkeypatch.setenv(name, value)
     config.settings.cache_clear()
-    app = create_app(settings=Settings(mode="embedded", data_dir=tmp_path))
+    app = create_app(settings=(settings := Settings(mode="embedded", data_dir=tmp_path)))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://embedded") as c:
+        async with httpx.AsyncClient(transport=transport, base_url="http://embedded",
+                                 auth=Acting.for_settings(settings)) as c:
             yield c
     config.settings.cache_clear()
 

@@ -13,7 +13,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.projection import findings, kpis, privacy
+from services.projection import findings, kpis
 from services.projection.custody import exposures
 from services.projection.data import AuditData, from_rows
 from services.projection.facts import Buffer, Ev, Fact
@@ -369,21 +369,6 @@ def test_percentiles_are_nearest_rank() -> None:
     assert kpis.percentile([], 50) is None
     assert kpis.summarize([5.0, -3.0, None, 7.0]) == {"n": 2, "negative": 1, "p50": 5.0, "p90": 7.0,
                                                       "p95": 7.0}
-
-
-def test_masking_everywhere_and_one_unmask_decision() -> None:
-    assert privacy.mask_id_number("640121198001011231") == "6401**********1231"
-    assert privacy.mask_phone("13800138000") == "138****8000"
-    view = {"patient": {"id_number": "640121198001011231", "phone": "13800138000"},
-            "note": "家属电话13800138000，身份证640121198001011231",
-            "hash": "a13800138000b" + "0" * 51, "event_id": str(uuid.uuid4())}
-    masked = privacy.disclose(view, "auditor")
-    assert masked["patient"] == {"id_number": "6401**********1231", "phone": "138****8000"}
-    assert masked["note"] == "家属电话138****8000，身份证6401**********1231"
-    assert masked["hash"] == view["hash"] and masked["event_id"] == view["event_id"]
-    assert privacy.disclose(view, "dispatcher") == masked  # identities unverified until issue 7
-    assert privacy.disclose(view, "dispatcher", identity_verified=True) == view
-    assert privacy.disclose(view, "auditor", identity_verified=True) == masked
 
 
 def test_a_malformed_known_event_is_skipped_not_fatal() -> None:

@@ -1,5 +1,5 @@
 """The published event catalogue, one module per producing service."""
 
-from libs.events.catalog import disinfection, dispatch, transfer
+from libs.events.catalog import common, disinfection, dispatch, transfer
 
-__all__ = ["disinfection", "dispatch", "transfer"]
+__all__ = ["common", "disinfection", "dispatch", "transfer"]

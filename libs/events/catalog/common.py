@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
+
+from libs.events.contracts import Event, registry
 
 
 class Location(BaseModel):
@@ -10,3 +14,15 @@ class Location(BaseModel):
 
     lat: float = Field(ge=-90, le=90)
     lon: float = Field(ge=-180, le=180)
+
+
+# Contracts below are emitted by every service, each into its own store.
+
+
+@registry.register
+class PatientDataDisclosed(Event):
+    """Someone read patients' resident id numbers or phones in clear (issue 7): the actor
+    and role are the envelope's, the time its recorded_at; which patients, here."""
+
+    route: str
+    patients: list[dict[str, Any]]  # name, masked id number and phone, transfer id where known

@@ -1,0 +1,146 @@
+"""Resident id numbers and phones: masked for every reader but those who need them for the
+job at hand, and every read in clear recorded (who, which patients, when).
+
+One place decides, for every JSON answer of every service: `DisclosingRoute`. Scope comes
+first (the policy's guard has already kept the crew to its own trips and a hospital to its
+own transfers), so "the crew of that trip" and "the receiving hospital" are the bound roles.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
+
+from libs.auth.tokens import Principal
+from libs.events.catalog.common import PatientDataDisclosed
+from libs.events.store import EventStore, Meta
+
+# Keys whose values are personal numbers wherever they appear in a payload, including in
+# events this service does not know yet (an exposure list, a pre-arrival notice).
+ID_KEYS = frozenset({"id_number", "resident_id", "id_card"})
+PHONE_KEYS = frozenset({"phone", "mobile", "contact_phone", "phone_number"})
+# And numbers that look like them in free text (a reason typed by a dispatcher).
+_ID_IN_TEXT = re.compile(r"(?<![0-9A-Za-z])\d{17}[\dXx](?![0-9A-Za-z])")
+_MOBILE_IN_TEXT = re.compile(r"(?<![0-9A-Za-z])1[3-9]\d{9}(?![0-9A-Za-z])")
+
+# Roles that need the numbers for the job at hand; the auditor is not one.
+UNMASK_ROLES = frozenset({"dispatcher", "crew", "hospital", "health_bureau"})
+
+
+def mask_id_number(value: str) -> str:
+    """640121198001011231 -> 6401**********1231: the region and the last four stay, so a
+    clerk can still tell two people apart without learning either number."""
+    if len(value) <= 8:
+        return "*" * len(value)
+    return value[:4] + "*" * (len(value) - 8) + value[-4:]
+
+
+def mask_phone(value: str) -> str:
+    """13800138000 -> 138****8000; a landline keeps its area code and last four."""
+    digits = value.replace("-", "")
+    if len(digits) <= 7:
+        return "*" * len(value)
+    return digits[:3] + "*" * (len(digits) - 7) + digits[-4:]
+
+
+def mask_text(text: str) -> str:
+    text = _ID_IN_TEXT.sub(lambda m: mask_id_number(m.group(0)), text)
+    return _MOBILE_IN_TEXT.sub(lambda m: mask_phone(m.group(0)), text)
+
+
+def mask(value: Any) -> Any:
+    """A deep copy of a view or payload with every id number and phone masked."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if isinstance(v, str) and k in ID_KEYS:
+                out[k] = mask_id_number(v)
+            elif isinstance(v, str) and k in PHONE_KEYS:
+                out[k] = mask_phone(v)
+            else:
+                out[k] = mask(v)
+        return out
+    if isinstance(value, list):
+        return [mask(v) for v in value]
+    if isinstance(value, str):
+        return mask_text(value)
+    return value
+
+
+def may_unmask(principal: Principal | None) -> bool:
+    return principal is not None and principal.role in UNMASK_ROLES
+
+
+def patients_in(view: Any, transfer_id: str | None = None) -> list[dict[str, Any]]:
+    """Each clear personal number in a view, with whom it belongs to (masked) and the
+    transfer it was read under: what the disclosure record names."""
+    found: list[dict[str, Any]] = []
+    if isinstance(view, dict):
+        here = view.get("transfer_id") or (view.get("id") if "patient" in view else None)
+        here = here if isinstance(here, str) else transfer_id
+        if any(isinstance(view.get(k), str) for k in ID_KEYS | PHONE_KEYS):
+            found.append({"name": view.get("name"), "transfer_id": here,
+                          **{k: mask({k: view[k]})[k] for k in ID_KEYS | PHONE_KEYS
+                             if isinstance(view.get(k), str)}})
+        for v in view.values():
+            found += patients_in(v, here)
+    elif isinstance(view, list):
+        for v in view:
+            found += patients_in(v, transfer_id)
+    return found
+
+
+async def record_disclosure(store: EventStore, principal: Principal, route: str,
+                            patients: list[dict[str, Any]]) -> None:
+    """Appended before the answer leaves: an unmasked read that cannot be recorded fails."""
+    unique = list({json.dumps(p, sort_keys=True): p for p in patients}.values())
+    await store.append(f"disclosure-{uuid.uuid4()}", 0,
+                       [PatientDataDisclosed(route=route, patients=unique)],
+                       Meta(actor=principal.subject, role=principal.role,
+                            correlation_id=str(uuid.uuid4())))
+
+
+async def disclose(request: Request, view: Any) -> Any:
+    """What this caller gets of a view: masked, or in clear and recorded. Routes that
+    answer with a file (the ledger's CSV) call it; JSON answers get it from DisclosingRoute."""
+    principal: Principal | None = getattr(request.state, "principal", None)
+    if principal is None or not may_unmask(principal):
+        return mask(view)
+    patients = patients_in(view)
+    if patients:
+        route = getattr(request.scope.get("route"), "path", request.url.path)
+        store: EventStore = request.app.state.stores[request.state.service]
+        await record_disclosure(store, principal, f"{request.method} {route}", patients)
+    return view
+
+
+JSON_TYPES = ("application/json", "application/problem+json")
+
+
+class DisclosingRoute(APIRoute):
+    """Every JSON answer of a service passes here, so no view can forget to mask."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handle = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            response = await handle(request)
+            media = (response.media_type or "").split(";")[0]
+            if media not in JSON_TYPES or not response.body:
+                return response  # streams and files disclose in their routes
+            view = json.loads(bytes(response.body))
+            shown = await disclose(request, view)
+            if shown is view:
+                return response
+            headers = {k: v for k, v in response.headers.items() if k != "content-length"}
+            return Response(json.dumps(shown, ensure_ascii=False).encode(),
+                            status_code=response.status_code, headers=headers,
+                            media_type=response.media_type)
+
+        return route

@@ -1,0 +1,121 @@
+"""Tokens, masking and the write limiter: the pure parts of issue 7."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from libs.auth import privacy
+from libs.auth.issuer import LocalIssuer
+from libs.auth.tokens import KeySet, Principal, TokenVerifier, Unauthenticated
+from libs.web.limits import RateLimiter, TooManyRequests
+
+
+@pytest.fixture
+def issuer(tmp_path: Path) -> LocalIssuer:
+    return LocalIssuer(tmp_path / "auth" / "key.pem", "closedloop-local", "closedloop")
+
+
+def verifier(issuer: LocalIssuer) -> TokenVerifier:
+    return TokenVerifier("closedloop-local", "closedloop", KeySet(issuer.jwks()))
+
+
+async def test_a_good_token_names_subject_role_and_binding(issuer: LocalIssuer) -> None:
+    token = issuer.issue("crew-li", "crew", vehicle_id="nx-120-07")
+    who = await verifier(issuer).verify(token)
+    assert who == Principal(subject="crew-li", role="crew", vehicle_id="nx-120-07")
+    assert who.scope == "vehicle_id=nx-120-07"
+
+
+def _b64(data: dict[str, object]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+def _defects(issuer: LocalIssuer) -> dict[str, str]:
+    now = int(time.time())
+    good = issuer.issue("d1", "dispatcher")
+    head, body, sig = good.split(".")
+    claims = jwt.decode(good, options={"verify_signature": False})
+    other = LocalIssuer.__new__(LocalIssuer)
+    other.key, other.kid = Ed25519PrivateKey.generate(), issuer.kid  # same kid, wrong key
+    other.issuer, other.audience = issuer.issuer, issuer.audience
+    return {
+        "token_expired": issuer.issue("d1", "dispatcher", ttl_s=60, now=now - 3600),
+        "token_not_yet_valid": issuer.issue("d1", "dispatcher", now=now + 3600),
+        "token_wrong_audience": jwt.encode({**claims, "aud": "another-system"}, issuer.key,
+                                           algorithm="EdDSA", headers={"kid": issuer.kid}),
+        "token_wrong_issuer": jwt.encode({**claims, "iss": "https://evil.example"}, issuer.key,
+                                         algorithm="EdDSA", headers={"kid": issuer.kid}),
+        "token_algorithm_refused": f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{body}.",
+        "token_signature_invalid": f"{head}.{_b64({**claims, 'role': 'supervisor'})}.{sig}",
+        "token_signature_invalid ": other.issue("d1", "dispatcher"),
+        "token_algorithm_refused ": jwt.encode(claims, "a-shared-secret-of-32-bytes-long!",
+                                               algorithm="HS256", headers={"kid": issuer.kid}),
+        "token_malformed": "not-a-jwt",
+        "token_role_unknown": jwt.encode({**claims, "role": "root"}, issuer.key,
+                                         algorithm="EdDSA", headers={"kid": issuer.kid}),
+        "token_scope_missing": jwt.encode({**claims, "role": "crew"}, issuer.key,
+                                          algorithm="EdDSA", headers={"kid": issuer.kid}),
+        "token_key_unknown": jwt.encode(claims, issuer.key, algorithm="EdDSA",
+                                        headers={"kid": "rotated-away"}),
+    }
+
+
+async def test_every_token_defect_is_refused_with_its_own_code(issuer: LocalIssuer) -> None:
+    check = verifier(issuer)
+    for expected, token in _defects(issuer).items():
+        with pytest.raises(Unauthenticated) as refused:
+            await check.verify(token)
+        assert refused.value.code == expected.strip(), (expected, refused.value.detail)
+
+
+def test_the_key_is_kept_so_a_restart_verifies_old_tokens(tmp_path: Path) -> None:
+    first = LocalIssuer(tmp_path / "k.pem", "i", "a")
+    again = LocalIssuer(tmp_path / "k.pem", "i", "a")
+    assert first.jwks() == again.jwks()
+    assert (tmp_path / "k.pem").stat().st_mode & 0o077 == 0  # private to its owner
+
+
+def test_masking_reaches_nested_views_and_free_text() -> None:
+    assert privacy.mask_id_number("640121198001011231") == "6401**********1231"
+    assert privacy.mask_phone("13800138000") == "138****8000"
+    view = {"patient": {"id_number": "640121198001011231", "phone": "13800138000"},
+            "note": "家属电话13800138000，身份证640121198001011231",
+            "hash": "a13800138000b" + "0" * 51}
+    masked = privacy.mask(view)
+    assert masked["patient"] == {"id_number": "6401**********1231", "phone": "138****8000"}
+    assert masked["note"] == "家属电话138****8000，身份证6401**********1231"
+    assert masked["hash"] == view["hash"]
+    assert privacy.mask(masked) == masked  # masking twice changes nothing
+
+
+def test_only_the_roles_that_need_the_numbers_see_them() -> None:
+    clear = {r for r in ("dispatcher", "supervisor", "crew", "disinfection", "lab", "hospital",
+                         "site", "health_bureau", "auditor", "admin")
+             if privacy.may_unmask(Principal(subject="x", role=r))}
+    assert clear == {"dispatcher", "crew", "hospital", "health_bureau"}
+    assert not privacy.may_unmask(None)
+
+
+def test_a_disclosure_names_the_patient_masked_and_the_transfer() -> None:
+    view = [{"id": "t1", "patient": {"name": "张三", "id_number": "640121198001011231",
+                                     "phone": "13800138000"}}, {"id": "t2", "patient": {"name": "李四"}}]
+    assert privacy.patients_in(view) == [{"name": "张三", "transfer_id": "t1",
+                                          "id_number": "6401**********1231", "phone": "138****8000"}]
+
+
+def test_the_write_limiter_allows_a_burst_then_the_rate() -> None:
+    limiter = RateLimiter(rate_per_s=2, burst=3)
+    for _ in range(3):
+        limiter.take("crew-li", now=100.0)
+    with pytest.raises(TooManyRequests) as refused:
+        limiter.take("crew-li", now=100.0)
+    assert refused.value.extra["retry_after_s"] == 1
+    limiter.take("someone-else", now=100.0)  # per client
+    limiter.take("crew-li", now=100.5)  # one token back after half a second at 2/s
