@@ -166,7 +166,10 @@ wait_ready() { # wait_ready LOG_OFFSET
     rc=0
     "$PGBIN/pg_isready" -q -h "$HOST" -p "$PORT" -U "$ROLE" -d postgres -t 2 || rc=$?
     ((rc == 0)) && return 0
-    if tail -c +"$((offset + 1))" "$LOG" | grep -qE '(FATAL|PANIC):'; then
+    # a probe's own connection during startup logs "FATAL: the database system is starting
+    # up": that one is the server saying "not yet", not a failure
+    if tail -c +"$((offset + 1))" "$LOG" | grep -E '(FATAL|PANIC):' |
+        grep -qv 'the database system is starting up'; then
       echo "----- tail of $LOG -----" >&2
       tail -n 30 "$LOG" >&2
       die "postgres failed to start (log: $LOG)"
