@@ -6,9 +6,13 @@ library's PostgreSQL recorder (its own table, its own table lock).
     make bench BENCH=bench_append
     BENCH_APPEND_SECONDS=40 make bench BENCH=bench_append
 
-Each contender has a database of its own, created for the run and dropped afterwards. After
-a warm-up they take turns, round after round, so that load from other work on a shared
-machine falls on all three alike; the figure is events over time summed over the rounds.
+Each contender has a database of its own, created for the run and dropped afterwards, and
+starts from a table already holding PREFILL events and analyzed, as a table in service is
+(on a table created seconds before, PostgreSQL keeps the generic plan it cached for the
+store's version lookup while the table was nearly empty, a sequential scan, until
+autovacuum's first ANALYZE a minute or so later). After a warm-up the contenders take turns,
+round after round, so that load from other work on a shared machine falls on all three
+alike; the figure is events over time summed over the rounds.
 Writers append to streams of 10 events each (the expected version is checked by the store;
 by the primary key for the other two). The event is a real TransferRequested; the raw rows
 and the eventsourcing records carry the same payload text. The eventsourcing recorder is
@@ -35,7 +39,7 @@ from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastor
 
 from bench.report import Row, table
 from libs.events.catalog import dispatch as ev
-from libs.events.store import EventStore, Meta, events_table
+from libs.events.store import Commit, EventStore, Meta, NewEvent, StreamAppend, events_table
 
 PG = os.environ.get(
     "CLOSEDLOOP_TEST_PG_DSN",
@@ -45,6 +49,7 @@ SECONDS = float(os.environ.get("BENCH_APPEND_SECONDS", "20"))  # per contender, 
 ROUNDS = 5
 WARMUP = 2.0
 STREAM_LENGTH = 10
+PREFILL = 20_000
 META = Meta(actor="bench", role="dispatcher", correlation_id="bench")
 EVENT = ev.TransferRequested(
     transfer_id="t-bench",
@@ -74,6 +79,18 @@ async def database(name: str) -> AsyncIterator[str]:
             await admin.execute(f"DROP DATABASE {db} WITH (FORCE)")
     finally:
         await admin.close()
+
+
+async def analyze(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("ANALYZE")
+    finally:
+        await conn.close()
+
+
+def prefill_streams() -> list[str]:
+    return [f"prefill-{i}" for i in range(PREFILL // STREAM_LENGTH)]
 
 
 def sqlalchemy_url(dsn: str) -> str:
@@ -106,6 +123,11 @@ async def ours() -> AsyncIterator[Runner]:
         store = EventStore.from_url("bench", sqlalchemy_url(dsn))
         try:
             await store.create_schema()
+            streams = prefill_streams()
+            for i in range(0, len(streams), 100):
+                await store.commit(Commit(meta=META, appends=[
+                    StreamAppend(s, 0, [NewEvent(EVENT)] * STREAM_LENGTH) for s in streams[i:i + 100]]))
+            await analyze(dsn)
 
             async def append(stream: str, version: int) -> None:
                 await store.append(stream, version, [EVENT], META)
@@ -128,14 +150,20 @@ async def raw_asyncpg() -> AsyncIterator[Runner]:
         sql = (f"INSERT INTO events ({', '.join(columns)}) "
                f"VALUES ({', '.join(f'${i}' for i in range(1, len(columns) + 1))})")
         positions = itertools.count(1)  # no lock: a tailing reader could skip a late commit
-        async with asyncpg.create_pool(dsn, min_size=WRITERS, max_size=WRITERS) as pool:
 
-            async def append(stream: str, version: int) -> None:
-                now = datetime.now(UTC).isoformat()
-                await pool.execute(
-                    sql, next(positions), str(uuid.uuid4()), stream, version + 1, EVENT.event_type,
+        def row(stream: str, version: int) -> tuple[object, ...]:
+            now = datetime.now(UTC).isoformat()
+            return (next(positions), str(uuid.uuid4()), stream, version + 1, EVENT.event_type,
                     EVENT.schema_version, now, now, META.actor, META.role, META.correlation_id,
                     META.causation_id, PAYLOAD, FILLER_HASH, FILLER_HASH)
+
+        async with asyncpg.create_pool(dsn, min_size=WRITERS, max_size=WRITERS) as pool:
+            await pool.executemany(sql, [row(stream, v) for stream in prefill_streams()
+                                         for v in range(STREAM_LENGTH)])
+            await analyze(dsn)
+
+            async def append(stream: str, version: int) -> None:
+                await pool.execute(sql, *row(stream, version))
 
             yield driver(append)
 
@@ -151,6 +179,10 @@ async def eventsourcing_recorder() -> AsyncIterator[Runner]:
             recorder = PostgresApplicationRecorder(datastore)
             recorder.create_table()
             state = PAYLOAD.encode()
+            for _ in range(PREFILL // 1000):
+                recorder.insert_events([StoredEvent(uuid.uuid4(), v + 1, EVENT.event_type, state)
+                                        for _ in range(1000 // STREAM_LENGTH) for v in range(STREAM_LENGTH)])
+            await analyze(dsn)
 
             def threads(seconds: float) -> int:
                 deadline = time.perf_counter() + seconds
