@@ -37,28 +37,16 @@ import asyncpg  # type: ignore[import-untyped]
 from eventsourcing.persistence import StoredEvent
 from eventsourcing.postgres import PostgresApplicationRecorder, PostgresDatastore
 
+from bench.infra import analyze, database, sqlalchemy_url
 from bench.report import Row, table
-from libs.events.catalog import dispatch as ev
-from libs.events.store import Commit, EventStore, Meta, NewEvent, StreamAppend, events_table
+from bench.sample import EVENT, META, STREAM_LENGTH, fill
+from libs.events.store import EventStore, events_table
 
-PG = os.environ.get(
-    "CLOSEDLOOP_TEST_PG_DSN",
-    f"postgresql://closedloop@127.0.0.1:{os.environ.get('CLOSEDLOOP_PG_PORT', '55432')}/test")
 WRITERS = 16
 SECONDS = float(os.environ.get("BENCH_APPEND_SECONDS", "20"))  # per contender, over all rounds
 ROUNDS = 5
 WARMUP = 2.0
-STREAM_LENGTH = 10
 PREFILL = 20_000
-META = Meta(actor="bench", role="dispatcher", correlation_id="bench")
-EVENT = ev.TransferRequested(
-    transfer_id="t-bench",
-    patient={"name": "张三", "id_number": "640121198001011231", "phone": "13800138000"},
-    risk_category="isolation_site", condition={"fever": True, "critical": False},
-    origin={"kind": "isolation_site", "name": "永宁县集中隔离医学观察点",
-            "location": {"lat": 38.27, "lon": 106.24}},
-    purpose="outpatient_visit", return_required=True,
-    requested_by={"channel": "console", "org": "银川市紧急救援中心"})
 PAYLOAD = json.dumps(EVENT.model_dump(mode="json"), sort_keys=True, ensure_ascii=False)
 FILLER_HASH = "0" * 64
 
@@ -66,35 +54,8 @@ Append = Callable[[str, int], Awaitable[None]]  # (stream id, the version the ev
 Runner = Callable[[float], Awaitable[int]]  # WRITERS writers for so many seconds: events appended
 
 
-@asynccontextmanager
-async def database(name: str) -> AsyncIterator[str]:
-    """A database of its own on the project's server; yields its DSN."""
-    db = f"bench_{name}_{uuid.uuid4().hex[:8]}"
-    admin = await asyncpg.connect(PG)
-    try:
-        await admin.execute(f"CREATE DATABASE {db}")
-        try:
-            yield PG.rsplit("/", 1)[0] + f"/{db}"
-        finally:
-            await admin.execute(f"DROP DATABASE {db} WITH (FORCE)")
-    finally:
-        await admin.close()
-
-
-async def analyze(dsn: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute("ANALYZE")
-    finally:
-        await conn.close()
-
-
 def prefill_streams() -> list[str]:
     return [f"prefill-{i}" for i in range(PREFILL // STREAM_LENGTH)]
-
-
-def sqlalchemy_url(dsn: str) -> str:
-    return dsn.replace("postgresql://", "postgresql+asyncpg://", 1)
 
 
 def driver(append: Append) -> Runner:
@@ -123,10 +84,7 @@ async def ours() -> AsyncIterator[Runner]:
         store = EventStore.from_url("bench", sqlalchemy_url(dsn))
         try:
             await store.create_schema()
-            streams = prefill_streams()
-            for i in range(0, len(streams), 100):
-                await store.commit(Commit(meta=META, appends=[
-                    StreamAppend(s, 0, [NewEvent(EVENT)] * STREAM_LENGTH) for s in streams[i:i + 100]]))
+            await fill(store, prefill_streams())
             await analyze(dsn)
 
             async def append(stream: str, version: int) -> None:
