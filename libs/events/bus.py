@@ -65,16 +65,17 @@ class Publisher(Protocol):
         """Returns once the broker acknowledged every event of the batch."""
 
 
+# aiokafka's idempotent producer: acks from all in-sync replicas, no duplicates from its own
+# retries, order kept per partition (the key is the stream id).
+PRODUCER_SETTINGS = {"enable_idempotence": True, "acks": "all", "linger_ms": 5, "request_timeout_ms": 15000}
+
+
 class KafkaPublisher:
-    """aiokafka's idempotent producer: acks from all in-sync replicas, no duplicates from
-    its own retries, order kept per partition (the key is the stream id)."""
+    """Publishes envelopes with PRODUCER_SETTINGS, keyed by stream id."""
 
     def __init__(self, bootstrap: str, topic_prefix: str = "closedloop") -> None:
         self.topic_prefix = topic_prefix
-        self._producer = AIOKafkaProducer(
-            bootstrap_servers=bootstrap, enable_idempotence=True, acks="all",
-            linger_ms=5, request_timeout_ms=15000,
-        )
+        self._producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **PRODUCER_SETTINGS)
 
     async def start(self) -> None:
         await self._producer.start()

@@ -7,7 +7,9 @@ that sees position N has already been able to see every position below N. That i
 what keeps readers from skipping an event whose transaction committed late (the gap
 bug of sequence-numbered event tables), and it is what lets each event carry the hash
 of the one before it. The `eventsourcing` library's PostgreSQL recorder makes the same
-trade (a table lock on insert).
+trade (a table lock on insert). On PostgreSQL, appends that arrive while the lock is held
+are committed together by the next holder (group commit, see EventStore._queue), each
+still all or nothing, so the lock costs once per group rather than once per append.
 
 The same transaction also writes the aggregate state rows (the service's own lists),
 the consumer's tracking row and the Idempotency-Key record: an effect and the proof
@@ -213,6 +215,19 @@ class Commit:
     writes: list[Write] = field(default_factory=list)
 
 
+@dataclass
+class _Head:
+    """The store's head inside a transaction that holds the store lock."""
+
+    position: int
+    hash: str
+    versions: dict[str, int]  # of the streams the transaction appends to
+
+
+class _RetryAlone(Exception):
+    """A group commit failed other than by a refusal: its commits are retried one by one."""
+
+
 def _row_to_envelope(store: str, row: Any) -> Envelope:
     return Envelope(
         event_id=row.event_id,
@@ -241,8 +256,11 @@ class EventStore:
         self.name = name
         self.engine = engine
         self.is_sqlite = engine.dialect.name == "sqlite"
-        # Within one process, appends queue here rather than spin on the database lock.
+        # SQLite: one writer at a time, so writers queue here rather than on the file lock.
         self._append_lock = asyncio.Lock()
+        # PostgreSQL: appends queue here for the next group commit (see _queue).
+        self._queued: list[tuple[Commit, asyncio.Future[list[Envelope]]]] = []
+        self._flusher: asyncio.Task[None] | None = None
         self._appended = asyncio.Condition()
         self._lock_key = zlib.crc32(f"closedloop-store-{name}".encode())
         # The service's lists, kept in memory per aggregate kind and refreshed with what
@@ -273,12 +291,13 @@ class EventStore:
 
     async def commit(self, commit: Commit) -> list[Envelope]:
         """Append, update states and bookkeeping in one transaction. All or nothing."""
-        if commit.appends or self.is_sqlite:
-            # Appends serialize anyway (the store lock); SQLite has one writer at a time.
-            async with self._append_lock:
-                written = await self._commit(commit)
+        if commit.appends and not self.is_sqlite:
+            written = await self._queue(commit)
+        elif self.is_sqlite:
+            async with self._append_lock:  # SQLite has one writer at a time
+                written = await self._commit_alone(commit)
         else:
-            written = await self._commit(commit)
+            written = await self._commit_alone(commit)
         if written:
             async with self._appended:
                 self._appended.notify_all()
@@ -290,66 +309,164 @@ class EventStore:
         appends = [StreamAppend(stream_id, expected_version, [NewEvent(e) for e in events])]
         return await self.commit(Commit(meta=meta, appends=appends))
 
-    async def _commit(self, commit: Commit) -> list[Envelope]:
-        conn_cm = self.engine.connect()
-        async with conn_cm as conn:
+    async def _queue(self, commit: Commit) -> list[Envelope]:
+        """Group commit: appends serialize on the store lock anyway, so those that arrive while
+        a transaction holds it wait here, and the next transaction takes all of them; the lock,
+        the round trips and the WAL flush are paid once per group, not once per append. Once
+        taken into a group, a commit goes ahead even if its caller is cancelled."""
+        done: asyncio.Future[list[Envelope]] = asyncio.get_running_loop().create_future()
+        self._queued.append((commit, done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await done
+
+    async def _flush(self) -> None:
+        while self._queued:
+            group = [(c, f) for c, f in self._queued if not f.done()]
+            self._queued = []
+            try:
+                results = await self._commit_group([c for c, _ in group]) if group else []
+            except asyncio.CancelledError:
+                for _, f in group:
+                    f.cancel()
+                raise
+            except Exception as exc:  # the COMMIT itself failed: every commit of the group did
+                results = [exc] * len(group)
+            for (_, f), result in zip(group, results, strict=True):
+                if f.done():
+                    continue
+                if isinstance(result, Exception):
+                    f.set_exception(result)
+                else:
+                    f.set_result(result)
+
+    async def _commit_group(self, commits: list[Commit]) -> list[list[Envelope] | Exception]:
+        if len(commits) > 1:
+            with contextlib.suppress(_RetryAlone):
+                return await self._transaction(commits)
+        results: list[list[Envelope] | Exception] = []
+        for commit in commits:
+            try:
+                results.append(await self._commit_alone(commit))
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+    async def _commit_alone(self, commit: Commit) -> list[Envelope]:
+        result = (await self._transaction([commit]))[0]
+        if isinstance(result, Exception):  # alone, a refusal is raised, never returned
+            raise result
+        return result
+
+    async def _transaction(self, commits: list[Commit]) -> list[list[Envelope] | Exception]:
+        """The commits in one transaction, each all or nothing. Alone, a commit's failure is
+        raised. In a group, a refusal (stale version, applied before, key taken) is that
+        commit's result and the others go on; any other failure rolls the whole group back
+        and raises _RetryAlone, nothing of it having been committed."""
+        grouped = len(commits) > 1
+        async with self.engine.connect() as conn:
             if self.is_sqlite:
                 conn = await conn.execution_options(sqlite_begin="BEGIN IMMEDIATE")
             async with conn.begin():
-                if commit.tracking is not None:
-                    consumer, event_id = commit.tracking
-                    try:
-                        async with conn.begin_nested():
-                            await conn.execute(
-                                insert(tracking_table).values(consumer=consumer, event_id=event_id)
-                            )
-                    except IntegrityError as exc:
-                        raise AlreadyApplied(f"{consumer} applied {event_id} before") from exc
-                written: list[Envelope] = []
-                if commit.appends:
-                    if not self.is_sqlite:
-                        await conn.execute(
-                            text("SELECT pg_advisory_xact_lock(:k)"), {"k": self._lock_key}
-                        )
-                    written = await self._append_locked(conn, commit)
-                last_position = written[-1].position if written else None
-                for st in commit.states:
-                    await self._upsert_state(conn, st, last_position)
-                if commit.checkpoint is not None:
-                    await self._set_checkpoint(conn, *commit.checkpoint)
-                for write in commit.writes:
-                    await write(conn)
-                if commit.idempotency is not None:
-                    rec = commit.idempotency
-                    try:
-                        async with conn.begin_nested():
-                            await conn.execute(
-                                insert(idempotency_table).values(
-                                    key=rec.key, request_hash=rec.request_hash,
-                                    status_code=rec.status_code, body=rec.body,
-                                )
-                            )
-                    except IntegrityError as exc:
-                        raise IdempotencyKeyTaken(rec.key) from exc
-            return written
+                try:
+                    head = await self._lock_head(conn, commits)
+                    rows: list[dict[str, Any]] = []
+                    results: list[list[Envelope] | Exception] = []
+                    for commit in commits:
+                        if not grouped:
+                            results.append(await self._apply(conn, commit, head, rows))
+                            continue
+                        try:
+                            # A stale version is refused before anything is written; a
+                            # commit that may be refused after writing gets a savepoint.
+                            if commit.tracking or commit.idempotency or commit.writes:
+                                async with conn.begin_nested():
+                                    results.append(await self._apply(conn, commit, head, rows))
+                            else:
+                                results.append(await self._apply(conn, commit, head, rows))
+                        except (ConcurrencyError, AlreadyApplied, IdempotencyKeyTaken) as refused:
+                            results.append(refused)
+                    if rows:
+                        try:
+                            await conn.execute(insert(events_table), rows)
+                        except IntegrityError as exc:  # the lock makes this unreachable
+                            raise ConcurrencyError(rows[0]["stream_id"], -1, -1) from exc
+                except Exception as exc:
+                    if grouped:
+                        raise _RetryAlone() from exc
+                    raise
+            return results
 
-    async def _append_locked(self, conn: AsyncConnection, commit: Commit) -> list[Envelope]:
-        head = (
+    async def _lock_head(self, conn: AsyncConnection, commits: list[Commit]) -> _Head | None:
+        """Takes the store lock; then the last position and hash, and the versions of the
+        streams appended to, are stable until this transaction ends."""
+        streams = sorted({a.stream_id for c in commits for a in c.appends})
+        if not streams:
+            return None
+        if not self.is_sqlite:
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": self._lock_key})
+        last = (
             await conn.execute(
                 select(events_table.c.position, events_table.c.hash)
                 .order_by(events_table.c.position.desc())
                 .limit(1)
             )
         ).first()
-        position, prev_hash = (head.position, head.hash) if head else (0, GENESIS_HASH)
+        position, prev_hash = (last.position, last.hash) if last else (0, GENESIS_HASH)
+        return _Head(position, prev_hash, await self._stream_versions(conn, streams))
+
+    async def _apply(
+        self, conn: AsyncConnection, commit: Commit, head: _Head | None, rows: list[dict[str, Any]]
+    ) -> list[Envelope]:
+        """One commit's writes; its events join `rows` and move `head` only once all of its
+        writes succeeded."""
+        if commit.tracking is not None:
+            consumer, event_id = commit.tracking
+            try:
+                async with conn.begin_nested():
+                    await conn.execute(
+                        insert(tracking_table).values(consumer=consumer, event_id=event_id)
+                    )
+            except IntegrityError as exc:
+                raise AlreadyApplied(f"{consumer} applied {event_id} before") from exc
+        written, new_rows = self._events(commit, head) if head is not None else ([], [])
+        last_position = written[-1].position if written else None
+        for st in commit.states:
+            await self._upsert_state(conn, st, last_position)
+        if commit.checkpoint is not None:
+            await self._set_checkpoint(conn, *commit.checkpoint)
+        for write in commit.writes:
+            await write(conn)
+        if commit.idempotency is not None:
+            rec = commit.idempotency
+            try:
+                async with conn.begin_nested():
+                    await conn.execute(
+                        insert(idempotency_table).values(
+                            key=rec.key, request_hash=rec.request_hash,
+                            status_code=rec.status_code, body=rec.body,
+                        )
+                    )
+            except IntegrityError as exc:
+                raise IdempotencyKeyTaken(rec.key) from exc
+        if written and head is not None:
+            rows.extend(new_rows)
+            head.position, head.hash = written[-1].position, written[-1].hash
+            for app in commit.appends:
+                head.versions[app.stream_id] = app.expected_version + len(app.events)
+        return written
+
+    def _events(self, commit: Commit, head: _Head) -> tuple[list[Envelope], list[dict[str, Any]]]:
+        """The commit's events, chained on from the head, and their rows."""
+        for app in commit.appends:
+            current = head.versions.get(app.stream_id, 0)
+            if current != app.expected_version:
+                raise ConcurrencyError(app.stream_id, app.expected_version, current)
+        position, prev_hash = head.position, head.hash
         recorded_at = iso(utcnow())
         rows: list[dict[str, Any]] = []
         written: list[Envelope] = []
-        versions = await self._stream_versions(conn, [a.stream_id for a in commit.appends])
         for app in commit.appends:
-            current = versions.get(app.stream_id, 0)
-            if current != app.expected_version:
-                raise ConcurrencyError(app.stream_id, app.expected_version, current)
             for offset, new in enumerate(app.events, start=1):
                 position += 1
                 ev = new.event
@@ -359,7 +476,7 @@ class EventStore:
                     "schema_version": ev.schema_version,
                     "store": self.name,
                     "stream_id": app.stream_id,
-                    "stream_version": current + offset,
+                    "stream_version": app.expected_version + offset,
                     "position": position,
                     "occurred_at": iso(new.occurred_at) if new.occurred_at else recorded_at,
                     "recorded_at": recorded_at,
@@ -377,12 +494,7 @@ class EventStore:
                 row["payload"] = json.dumps(fields["payload"], sort_keys=True, ensure_ascii=False)
                 rows.append(row)
                 prev_hash = digest
-        if rows:
-            try:
-                await conn.execute(insert(events_table), rows)
-            except IntegrityError as exc:  # the lock makes this unreachable; the constraint stays
-                raise ConcurrencyError(commit.appends[0].stream_id, -1, -1) from exc
-        return written
+        return written, rows
 
     async def _stream_versions(self, conn: AsyncConnection, stream_ids: list[str]) -> dict[str, int]:
         rows = await conn.execute(

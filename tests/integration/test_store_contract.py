@@ -20,6 +20,7 @@ from libs.events.store import (
     IdempotencyRecord,
     Meta,
     NewEvent,
+    StateRow,
     StreamAppend,
 )
 
@@ -181,3 +182,47 @@ async def test_lease_has_one_holder_and_expires(make_store: MakeStore) -> None:
     assert await b.acquire_lease("relay:x", "b", ttl_ms=1000, now_ms=12_000)  # a expired
     assert not await a.advance_checkpoint_if_holder("relay:x", "a", 9, now_ms=12_001)  # fenced
     assert await a.checkpoint("relay:x") == 5
+
+
+async def test_concurrent_commits_to_one_store_each_get_their_own_outcome(make_store: MakeStore) -> None:
+    """Commits that arrive together (on PostgreSQL, one group commit) succeed or are refused
+    one by one, all or nothing each; a failure other than a refusal fails only its own."""
+    store = await make_store()
+    await store.append("taken", 0, things(0), META)
+    await store.commit(Commit(meta=META, tracking=("consumer-x", "event-1")))
+    await store.commit(Commit(meta=META, idempotency=IdempotencyRecord("k1", "h", 201, "{}")))
+
+    def append(stream: str, tracking: tuple[str, str] | None = None,
+               idempotency: IdempotencyRecord | None = None, fails: bool = False) -> Commit:
+        return Commit(meta=META, appends=[StreamAppend(stream, 0, [NewEvent(e) for e in things(1, 2)])],
+                      states=[StateRow(stream, "Thing", 2, "open", None, "{}")], tracking=tracking,
+                      idempotency=idempotency, writes=[fail] if fails else [])
+
+    async def fail(conn: AsyncConnection) -> None:
+        raise RuntimeError("the effect failed")
+
+    async def outcomes(commits: list[Commit]) -> list[str]:
+        results = await asyncio.gather(*[store.commit(c) for c in commits], return_exceptions=True)
+        return [type(r).__name__ if isinstance(r, BaseException) else "ok" for r in results]
+
+    refused = [append(f"new-{i}") for i in range(6)] + [
+        append("taken"),  # stale: it is at version 1
+        append("other", tracking=("consumer-x", "event-1")),
+        append("keyed", idempotency=IdempotencyRecord("k1", "h", 201, "{}")),
+        append("twice"), append("twice"),
+    ]
+    got = await outcomes(refused)
+    assert got[:6] == ["ok"] * 6
+    assert got[6:9] == ["ConcurrencyError", "AlreadyApplied", "IdempotencyKeyTaken"]
+    assert sorted(got[9:]) == ["ConcurrencyError", "ok"]
+    got = await outcomes([append("after-1"), append("after-2", fails=True), append("after-3")])
+    assert got == ["ok", "RuntimeError", "ok"]
+
+    for stream in ("other", "keyed", "after-2"):
+        assert await store.read_stream(stream) == []
+        assert await store.load_state(stream) is None
+    assert len(await store.read_stream("taken")) == 1 and len(await store.read_stream("twice")) == 2
+    assert await store.load_state("new-0") == (2, "{}")
+    events = await store.read_all(0, 100)
+    assert [e.position for e in events] == list(range(1, 1 + 1 + 2 * 9))  # no gaps
+    assert await store.verify() is None
