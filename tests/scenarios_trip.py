@@ -269,11 +269,12 @@ NOTICE_SECRET = "his-gateway-secret"
 
 
 def notice_env(receiver: Receiver) -> dict[str, str]:
-    """Notices to the receiver; unacknowledged after a second: resent once, then escalated."""
+    """Notices to the receiver; unacknowledged after 5 s: resent once, then escalated. (The
+    acknowledged trip must be acknowledged within that window, on a busy CI machine too.)"""
     return {"CLOSEDLOOP_TRANSFER_NOTICE_WEBHOOK_URL": receiver.url,
             "CLOSEDLOOP_TRANSFER_NOTICE_WEBHOOK_SECRET": NOTICE_SECRET,
             "CLOSEDLOOP_TRANSFER_NOTICE_RETRY_BASE_S": "0.05",
-            "CLOSEDLOOP_TRANSFER_NOTICE_ACK_TIMEOUT_S": "1",
+            "CLOSEDLOOP_TRANSFER_NOTICE_ACK_TIMEOUT_S": "5",
             "CLOSEDLOOP_TRANSFER_NOTICE_MAX_RESENDS": "1",
             "CLOSEDLOOP_TRANSFER_NOTICE_CHECK_INTERVAL_S": "0.1"}
 

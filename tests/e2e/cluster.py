@@ -73,7 +73,7 @@ class Cluster:
             env=self.env, stdout=log, stderr=log)
         await self.ready(service)
 
-    async def ready(self, service: str, timeout: float = 60) -> None:
+    async def ready(self, service: str, timeout: float = 120) -> None:
         deadline = asyncio.get_running_loop().time() + timeout
         async with httpx.AsyncClient() as c:
             while True:
