@@ -90,6 +90,8 @@ aggregates_table = Table(
     Column("updated_position", BigInteger, nullable=False),
     Index("ix_aggregates_kind_status", "kind", "status"),
     Index("ix_aggregates_kind_ref", "kind", "ref"),
+    # What changed since a position (the in-memory lists' refresh) without a scan of the kind.
+    Index("ix_aggregates_kind_position", "kind", "updated_position"),
 )
 
 tracking_table = Table(
@@ -280,7 +282,7 @@ class EventStore:
 
     async def create_schema(self, extra: MetaData | None = None) -> None:
         async with self.engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
+            await conn.run_sync(_create_with_indexes)
             if extra is not None:
                 await conn.run_sync(extra.create_all)
 
@@ -596,7 +598,7 @@ class EventStore:
                     aggregates_table.c.updated_position)
              .where((aggregates_table.c.kind == kind)
                     & (aggregates_table.c.updated_position > position))
-             .order_by(aggregates_table.c.updated_position))
+             .order_by(aggregates_table.c.updated_position, aggregates_table.c.stream_id))
         async with self.engine.connect() as conn:
             return [StateChange(r.stream_id, r.version, r.status, r.ref, r.state, r.updated_position)
                     for r in await conn.execute(q)]
@@ -683,6 +685,15 @@ class EventStore:
                 return False
             await self._set_checkpoint(conn, name, position)
             return True
+
+
+def _create_with_indexes(conn: Any) -> None:
+    metadata.create_all(conn)
+    # create_all builds indexes only with their table: one added later reaches an existing
+    # database here.
+    for table in metadata.tables.values():
+        for index in table.indexes:
+            index.create(conn, checkfirst=True)
 
 
 def _sqlite_transactions(engine: AsyncEngine) -> None:
