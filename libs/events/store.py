@@ -258,6 +258,10 @@ class EventStore:
         self.name = name
         self.engine = engine
         self.is_sqlite = engine.dialect.name == "sqlite"
+        # Reads are single statements: outside a transaction they cost one round trip
+        # (asyncpg would otherwise send BEGIN and ROLLBACK around each).
+        self._reader = engine.execution_options(
+            **({"sqlite_begin": None} if self.is_sqlite else {"isolation_level": "AUTOCOMMIT"}))
         # SQLite: one writer at a time, so writers queue here rather than on the file lock.
         self._append_lock = asyncio.Lock()
         # PostgreSQL: appends queue here for the next group commit (see _queue).
@@ -528,7 +532,7 @@ class EventStore:
     # -- reading -----------------------------------------------------------------
 
     async def read_stream(self, stream_id: str, after_version: int = 0) -> list[Envelope]:
-        async with self.engine.connect() as conn:
+        async with self._reader.connect() as conn:
             rows = await conn.execute(
                 select(events_table)
                 .where(
@@ -543,7 +547,7 @@ class EventStore:
 
     async def read_all(self, after_position: int = 0, limit: int = 500) -> list[Envelope]:
         """Events in store order after a position. Never skips: see the module docstring."""
-        async with self.engine.connect() as conn:
+        async with self._reader.connect() as conn:
             rows = await conn.execute(
                 select(events_table)
                 .where(events_table.c.position > after_position)
@@ -553,7 +557,7 @@ class EventStore:
             return [_row_to_envelope(self.name, r) for r in rows]
 
     async def head(self) -> int:
-        async with self.engine.connect() as conn:
+        async with self._reader.connect() as conn:
             return int(await conn.scalar(select(func.max(events_table.c.position))) or 0)
 
     async def wait_for_append(self, timeout: float) -> None:
@@ -579,7 +583,7 @@ class EventStore:
             prev, after = batch[-1].hash, batch[-1].position
 
     async def load_state(self, stream_id: str) -> tuple[int, str] | None:
-        async with self.engine.connect() as conn:
+        async with self._reader.connect() as conn:
             row = (
                 await conn.execute(
                     select(aggregates_table.c.version, aggregates_table.c.state).where(
@@ -599,19 +603,19 @@ class EventStore:
              .where((aggregates_table.c.kind == kind)
                     & (aggregates_table.c.updated_position > position))
              .order_by(aggregates_table.c.updated_position, aggregates_table.c.stream_id))
-        async with self.engine.connect() as conn:
+        async with self._reader.connect() as conn:
             return [StateChange(r.stream_id, r.version, r.status, r.ref, r.state, r.updated_position)
                     for r in await conn.execute(q)]
 
     async def checkpoint(self, name: str) -> int:
-        async with self.engine.connect() as conn:
+        async with self._reader.connect() as conn:
             v = await conn.scalar(
                 select(checkpoints_table.c.position).where(checkpoints_table.c.name == name)
             )
             return int(v or 0)
 
     async def is_applied(self, consumer: str, event_id: str) -> bool:
-        async with self.engine.connect() as conn:
+        async with self._reader.connect() as conn:
             hit = await conn.scalar(
                 select(func.count()).select_from(tracking_table).where(
                     and_(tracking_table.c.consumer == consumer, tracking_table.c.event_id == event_id)
@@ -620,7 +624,7 @@ class EventStore:
             return bool(hit)
 
     async def idempotent_response(self, key: str) -> IdempotencyRecord | None:
-        async with self.engine.connect() as conn:
+        async with self._reader.connect() as conn:
             row = (
                 await conn.execute(select(idempotency_table).where(idempotency_table.c.key == key))
             ).first()
@@ -711,4 +715,6 @@ def _sqlite_transactions(engine: AsyncEngine) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _begin(conn: Any) -> None:
-        conn.exec_driver_sql(conn.get_execution_options().get("sqlite_begin", "BEGIN"))
+        begin = conn.get_execution_options().get("sqlite_begin", "BEGIN")
+        if begin is not None:  # None: a single read, atomic on its own
+            conn.exec_driver_sql(begin)
