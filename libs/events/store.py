@@ -42,8 +42,10 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    literal,
     select,
     text,
+    union_all,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -411,15 +413,22 @@ class EventStore:
             return None
         if not self.is_sqlite:
             await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": self._lock_key})
-        last = (
-            await conn.execute(
-                select(events_table.c.position, events_table.c.hash)
-                .order_by(events_table.c.position.desc())
-                .limit(1)
-            )
-        ).first()
-        position, prev_hash = (last.position, last.hash) if last else (0, GENESIS_HASH)
-        return _Head(position, prev_hash, await self._stream_versions(conn, streams))
+        # The last event and the streams' versions in one round trip.
+        last = (select(events_table.c.position, events_table.c.hash)
+                .order_by(events_table.c.position.desc()).limit(1).subquery())
+        rows = await conn.execute(union_all(
+            select(literal(1).label("is_head"), last.c.position.label("n"), last.c.hash.label("s")),
+            select(literal(0), func.max(events_table.c.stream_version), events_table.c.stream_id)
+            .where(events_table.c.stream_id.in_(streams))
+            .group_by(events_table.c.stream_id),
+        ))
+        head = _Head(0, GENESIS_HASH, {})
+        for is_head, n, s in rows:
+            if is_head:
+                head.position, head.hash = int(n), s
+            else:
+                head.versions[s] = int(n)
+        return head
 
     async def _apply(
         self, conn: AsyncConnection, commit: Commit, head: _Head | None, rows: list[dict[str, Any]]
@@ -437,8 +446,8 @@ class EventStore:
                 raise AlreadyApplied(f"{consumer} applied {event_id} before") from exc
         written, new_rows = self._events(commit, head) if head is not None else ([], [])
         last_position = written[-1].position if written else None
-        for st in commit.states:
-            await self._upsert_state(conn, st, last_position)
+        if commit.states:
+            await self._upsert_states(conn, commit.states, last_position)
         if commit.checkpoint is not None:
             await self._set_checkpoint(conn, *commit.checkpoint)
         for write in commit.writes:
@@ -502,23 +511,18 @@ class EventStore:
                 prev_hash = digest
         return written, rows
 
-    async def _stream_versions(self, conn: AsyncConnection, stream_ids: list[str]) -> dict[str, int]:
-        rows = await conn.execute(
-            select(events_table.c.stream_id, func.max(events_table.c.stream_version))
-            .where(events_table.c.stream_id.in_(stream_ids))
-            .group_by(events_table.c.stream_id)
-        )
-        return {r[0]: int(r[1]) for r in rows}
-
-    async def _upsert_state(self, conn: AsyncConnection, st: StateRow, position: int | None) -> None:
-        values = {
-            "kind": st.kind, "version": st.version, "status": st.status, "ref": st.ref,
-            "state": st.state, "updated_position": position or 0,
-        }
-        # One statement either way: both dialects speak INSERT ... ON CONFLICT DO UPDATE.
-        upsert = (sqlite_insert if self.is_sqlite else pg_insert)(aggregates_table).values(
-            stream_id=st.stream_id, **values)
-        await conn.execute(upsert.on_conflict_do_update(index_elements=["stream_id"], set_=values))
+    async def _upsert_states(
+        self, conn: AsyncConnection, states: list[StateRow], position: int | None
+    ) -> None:
+        # One statement for all of them: both dialects speak INSERT ... ON CONFLICT DO UPDATE.
+        upsert = (sqlite_insert if self.is_sqlite else pg_insert)(aggregates_table).values([
+            {"stream_id": st.stream_id, "kind": st.kind, "version": st.version, "status": st.status,
+             "ref": st.ref, "state": st.state, "updated_position": position or 0}
+            for st in states
+        ])
+        changed = ("kind", "version", "status", "ref", "state", "updated_position")
+        await conn.execute(upsert.on_conflict_do_update(
+            index_elements=["stream_id"], set_={c: upsert.excluded[c] for c in changed}))
 
     async def _set_checkpoint(self, conn: AsyncConnection, name: str, position: int) -> None:
         updated = await conn.execute(
