@@ -3,6 +3,7 @@ work that turns what the aggregates recorded into one atomic store commit."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, ClassVar, TypeVar
@@ -152,6 +153,7 @@ class UnitOfWork:
         self.idempotency: IdempotencyRecord | None = None
         self.writes: list[Write] = []
         self._seen: dict[str, Aggregate] = {}
+        self._refreshed: set[str] = set()
 
     @classmethod
     def reading(cls, store: EventStore) -> UnitOfWork:
@@ -164,16 +166,25 @@ class UnitOfWork:
             seen = self._seen[stream_id]
             assert isinstance(seen, cls)
             return seen
-        snapshot = await self.store.load_state(stream_id)
         agg: A | None = None
-        after = 0
-        if snapshot is not None:
-            after, state = snapshot
-            agg = cls.model_validate_json(state)
-        for env in await self.store.read_stream(stream_id, after_version=after):
-            if agg is None:
-                agg = cls(id=ident)
-            agg.apply(decode(env))
+        index = self.store.indexes.get(cls.__name__)
+        if index is not None:
+            # A kind the service lists is held in memory: refreshed once per unit of work,
+            # it is as current as a read of the stream, and the commit checks the version.
+            await self._refresh(cls)
+            held = index.changes.get(stream_id)
+            if held is not None:
+                agg = cls.model_validate_json(held.state)  # a private copy, to change
+        else:
+            snapshot = await self.store.load_state(stream_id)
+            after = 0
+            if snapshot is not None:
+                after, state = snapshot
+                agg = cls.model_validate_json(state)
+            for env in await self.store.read_stream(stream_id, after_version=after):
+                if agg is None:
+                    agg = cls(id=ident)
+                agg.apply(decode(env))
         if agg is None:
             return None
         agg.mark_loaded()
@@ -186,21 +197,24 @@ class UnitOfWork:
     ) -> list[A]:
         """Current states from the service's own list, in update order. Read-only snapshots
         shared between callers: get() what you change. The list lives in memory and is
-        brought up to date with only what changed since the last call."""
-        index = self.store.indexes.setdefault(cls.__name__, StateIndex())
-        async with index.lock:
-            for change in await self.store.states_changed_since(cls.__name__, index.synced):
-                held = index.entries.get(change.stream_id)
-                if held is None or held[0].version != change.version:
-                    index.entries[change.stream_id] = (change, cls.model_validate_json(change.state))
-                index.synced = max(index.synced, change.position)
-        matched = [
-            (c.position, c.stream_id, agg) for c, agg in index.entries.values()
-            if (status is None or c.status in status) and (ref is None or c.ref == ref)
-            and (where is None or where(agg))
-        ]
-        matched.sort(key=lambda m: (m[0], m[1]))
-        return [agg for _, _, agg in matched[offset:offset + limit]]
+        brought up to date with only what changed since, once per unit of work."""
+        index = await self._refresh(cls)
+        ids = index.select(status, ref)
+        if where is None:
+            return [index.state(s) for s in ids[offset:offset + limit]]
+        matched = (agg for agg in map(index.state, ids) if where(agg))
+        return list(itertools.islice(matched, offset, offset + limit))
+
+    async def _refresh(self, cls: type[Aggregate]) -> StateIndex:
+        """The first time in this unit of work that a kind is read, every kind held in memory
+        is refreshed with it, in one statement."""
+        kind = cls.__name__
+        if kind not in self._refreshed:
+            kinds = {k: i.parse for k, i in self.store.indexes.items() if k not in self._refreshed}
+            kinds[kind] = cls.model_validate_json
+            await self.store.refresh(kinds)
+            self._refreshed.update(kinds)
+        return self.store.indexes[kind]
 
     async def require(self, cls: type[A], ident: str, what: str) -> A:
         agg = await self.get(cls, ident)

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import json
 import zlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -43,6 +43,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    or_,
     select,
     text,
     union_all,
@@ -130,6 +131,7 @@ idempotency_table = Table(
 
 @dataclass(frozen=True)
 class StateChange:
+    kind: str
     stream_id: str
     version: int
     status: str | None
@@ -140,12 +142,61 @@ class StateChange:
 
 @dataclass
 class StateIndex:
-    """One aggregate kind's current states, parsed once per version, with the store position
-    they are complete up to."""
+    """One aggregate kind's current states, complete up to the store position `synced`, in
+    update order (position, then stream id), with the stream ids filed per status and per
+    ref, so a list touches only what it returns. A state is parsed when first asked for."""
 
+    parse: Callable[[str], Any]
     synced: int = 0
-    entries: dict[str, tuple[StateChange, Any]] = field(default_factory=dict)
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    changes: dict[str, StateChange] = field(default_factory=dict)
+    by_status: dict[str | None, dict[str, None]] = field(default_factory=dict)
+    by_ref: dict[str, dict[str, None]] = field(default_factory=dict)
+    parsed: dict[str, Any] = field(default_factory=dict)
+
+    def put(self, change: StateChange) -> None:
+        sid = change.stream_id
+        held = self.changes.pop(sid, None)
+        if held is not None:
+            if held.position >= change.position:
+                self.changes[sid] = held  # a read that started earlier, answering later
+                return
+            self.parsed.pop(sid, None)
+            _unfile(self.by_status, held.status, sid)
+            if held.ref is not None:
+                _unfile(self.by_ref, held.ref, sid)
+        # Re-inserted at the end: dicts keep insertion order, which is update order.
+        self.changes[sid] = change
+        self.by_status.setdefault(change.status, {})[sid] = None
+        if change.ref is not None:
+            self.by_ref.setdefault(change.ref, {})[sid] = None
+
+    def state(self, stream_id: str) -> Any:
+        """The parsed state, shared: callers only read it."""
+        parsed = self.parsed.get(stream_id)
+        if parsed is None:
+            parsed = self.parsed[stream_id] = self.parse(self.changes[stream_id].state)
+        return parsed
+
+    def select(self, status: Sequence[str] | None = None, ref: str | None = None) -> list[str]:
+        """Stream ids in update order."""
+        if ref is not None:
+            return [s for s in self.by_ref.get(ref, {})
+                    if status is None or self.changes[s].status in status]
+        if status is None:
+            return list(self.changes)
+        wanted = list(dict.fromkeys(status))
+        if len(wanted) == 1:
+            return list(self.by_status.get(wanted[0], {}))
+        ids = [s for st in wanted for s in self.by_status.get(st, {})]
+        ids.sort(key=lambda s: (self.changes[s].position, s))
+        return ids
+
+
+def _unfile(files: dict[Any, dict[str, None]], key: Any, stream_id: str) -> None:
+    ids = files[key]
+    del ids[stream_id]
+    if not ids:
+        del files[key]
 
 
 class ConcurrencyError(Exception):
@@ -272,7 +323,7 @@ class EventStore:
         self._appended = asyncio.Condition()
         self._lock_key = zlib.crc32(f"closedloop-store-{name}".encode())
         # The service's lists, kept in memory per aggregate kind and refreshed with what
-        # changed since (see UnitOfWork.find).
+        # changed since (refresh(); UnitOfWork.find and get read them).
         self.indexes: dict[str, StateIndex] = {}
 
     @classmethod
@@ -597,18 +648,33 @@ class EventStore:
             ).first()
             return (row.version, row.state) if row else None
 
-    async def states_changed_since(self, kind: str, position: int) -> list[StateChange]:
-        """The aggregates of a kind whose state changed after a store position. Complete up
-        to the highest position returned, for the reason in the module docstring: states
-        commit with their events, in position order."""
-        q = (select(aggregates_table.c.stream_id, aggregates_table.c.version,
-                    aggregates_table.c.status, aggregates_table.c.ref, aggregates_table.c.state,
-                    aggregates_table.c.updated_position)
-             .where((aggregates_table.c.kind == kind)
-                    & (aggregates_table.c.updated_position > position))
-             .order_by(aggregates_table.c.updated_position, aggregates_table.c.stream_id))
+    async def refresh(self, kinds: Mapping[str, Callable[[str], Any]]) -> None:
+        """Brings the in-memory lists of these aggregate kinds (with how to parse a state) up
+        to date with what changed since each was last synced, in one statement."""
+        indexes = {kind: self.indexes.get(kind) or self.indexes.setdefault(kind, StateIndex(parse))
+                   for kind, parse in kinds.items()}
+        changes = await self.states_changed_since({k: i.synced for k, i in indexes.items()})
+        for change in changes:
+            indexes[change.kind].put(change)
+        if changes:
+            # The statement saw every commit up to the last position it returned (the
+            # module docstring): each kind it asked about is complete up to there.
+            top = changes[-1].position
+            for index in indexes.values():
+                index.synced = max(index.synced, top)
+
+    async def states_changed_since(self, since: Mapping[str, int]) -> list[StateChange]:
+        """The aggregates of each kind whose state changed after that kind's store position,
+        in position order. Complete up to the highest position returned, for the reason in
+        the module docstring: states commit with their events, in position order."""
+        a = aggregates_table.c
+        q = (select(a.kind, a.stream_id, a.version, a.status, a.ref, a.state, a.updated_position)
+             .where(or_(*[(a.kind == kind) & (a.updated_position > position)
+                          for kind, position in since.items()]))
+             .order_by(a.updated_position, a.stream_id))
         async with self._reader.connect() as conn:
-            return [StateChange(r.stream_id, r.version, r.status, r.ref, r.state, r.updated_position)
+            return [StateChange(r.kind, r.stream_id, r.version, r.status, r.ref, r.state,
+                                r.updated_position)
                     for r in await conn.execute(q)]
 
     async def checkpoint(self, name: str) -> int:

@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from libs.events.aggregate import Aggregate, UnitOfWork, with_retry
 from libs.events.contracts import Event, registry
 from libs.events.store import (
     AlreadyApplied,
@@ -226,3 +227,75 @@ async def test_concurrent_commits_to_one_store_each_get_their_own_outcome(make_s
     events = await store.read_all(0, 100)
     assert [e.position for e in events] == list(range(1, 1 + 1 + 2 * 9))  # no gaps
     assert await store.verify() is None
+
+
+class Counter(Aggregate):
+    """A listed aggregate for the in-memory lists: its status is the last note, its ref the owner."""
+
+    stream_prefix = "counter"
+    status: str = "open"
+    owner: str = ""
+    n: int = 0
+
+    def ref_value(self) -> str | None:
+        return self.owner or None
+
+    def bump(self, status: str | None = None) -> None:
+        self.record(ThingHappened(n=self.n + 1, note=status or self.status))
+
+    def _on_ThingHappened(self, e: ThingHappened) -> None:
+        self.n, self.status = e.n, e.note
+
+
+async def open_counter(store: EventStore, ident: str, owner: str) -> None:
+    uow = UnitOfWork(store, META)
+    counter = Counter(id=ident, owner=owner)
+    counter.bump("open")
+    uow.add(counter)
+    await uow.commit()
+
+
+async def test_lists_follow_every_replica_in_update_order(make_store: MakeStore) -> None:
+    a, b = await make_store(), await make_store()
+    for ident, owner in (("c1", "ann"), ("c2", "bob"), ("c3", "ann")):
+        await open_counter(a, ident, owner)
+    assert [c.id for c in await UnitOfWork.reading(b).find(Counter)] == ["c1", "c2", "c3"]
+    uow = UnitOfWork(a, META)
+    first = await uow.require(Counter, "c1", "counter")
+    first.bump("closed")
+    await uow.commit()
+    # b's list is in memory; one read brings it the other replica's change, in update order.
+    reader = UnitOfWork.reading(b)
+    assert [c.id for c in await reader.find(Counter)] == ["c2", "c3", "c1"]
+    assert [c.id for c in await reader.find(Counter, status=["open"])] == ["c2", "c3"]
+    assert [c.id for c in await reader.find(Counter, status=["closed", "open"])] == ["c2", "c3", "c1"]
+    assert [c.id for c in await reader.find(Counter, ref="ann")] == ["c3", "c1"]
+    assert [c.id for c in await reader.find(Counter, ref="ann", status=["open"])] == ["c3"]
+    assert [c.id for c in await reader.find(Counter, limit=1, offset=1)] == ["c3"]
+    got = await UnitOfWork.reading(b).get(Counter, "c1")
+    assert got is not None and (got.status, got.version) == ("closed", 2)
+    assert await UnitOfWork.reading(b).get(Counter, "nobody") is None
+
+
+async def test_a_decision_on_a_listed_state_another_replica_changed_is_refused_then_retried(
+        make_store: MakeStore) -> None:
+    a, b = await make_store(), await make_store()
+    await open_counter(a, "c1", "ann")
+    await UnitOfWork.reading(b).find(Counter)  # b lists the kind: it holds it in memory
+    stale = UnitOfWork(b, META)
+    mine = await stale.require(Counter, "c1", "counter")
+    uow = UnitOfWork(a, META)
+    (await uow.require(Counter, "c1", "counter")).bump()
+    await uow.commit()
+    mine.bump()
+    with pytest.raises(ConcurrencyError):
+        await stale.commit()
+
+    async def bump(retry: UnitOfWork) -> int:
+        counter = await retry.require(Counter, "c1", "counter")
+        counter.bump()
+        return counter.n
+
+    n, _ = await with_retry(lambda: UnitOfWork(b, META), bump)
+    assert n == 3
+    assert len(await a.read_stream("counter-c1")) == 3
