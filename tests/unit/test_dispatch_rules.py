@@ -149,6 +149,18 @@ def test_r5_home_monitoring_rides_the_dedicated_vehicle_not_the_nearer_npa() -> 
     assert [v.id for v in fitting] == ["bus", "npa"]
 
 
+def test_vehicles_beyond_the_first_shown_come_nearest_first_and_are_counted() -> None:
+    near_to_far = [vehicle(f"v{i}", kind="dedicated_vehicle", life_support=False, lat=38.28 + i / 100)
+                   for i in range(14)]
+    busy = vehicle("busy", kind="dedicated_vehicle", life_support=False, lat=38.28)
+    busy.status = "assigned"
+    fitting, considered = rank_vehicles(vehicle_needs("home_monitoring", {}), HOME,
+                                        [*reversed(near_to_far), busy], ETA, shown=3)
+    assert [v.id for v in fitting] == [v.id for v in near_to_far]
+    assert [c.get("vehicle_id") for c in considered[:3]] == ["v0", "v1", "v2"]
+    assert considered[3] == {"others": {"fitting_free": 11, "not_fitting_or_busy": 1}}
+
+
 def test_r6_roles_by_patient_class() -> None:
     places = [facility("fever", ["fever_clinic"], 38.30),
               facility("cardio", ["specialty_cardio_cerebro"], 38.49),

@@ -3,7 +3,9 @@ R3 and R5 (what may carry whom), and the overrides a dispatcher may make with a 
 
 from __future__ import annotations
 
+import heapq
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -206,26 +208,43 @@ class Vehicle(Aggregate):
         self.location, self.position_at = e.location, e.at
 
 
-def _planar(a: Location, b: Location) -> float:
-    """Orders by distance as the great circle does, over a city, at a fraction of the cost."""
-    dlat, dlon = a.lat - b.lat, (a.lon - b.lon) * math.cos(math.radians((a.lat + b.lat) / 2))
-    return dlat * dlat + dlon * dlon
-
-
 def rank_vehicles(
     needs: VehicleNeeds, pickup: Location, vehicles: list[Vehicle], eta: StraightLineEta,
     shown: int = 10,
-) -> tuple[list[Vehicle], list[dict[str, Any]]]:
+) -> tuple[Iterator[Vehicle], list[dict[str, Any]]]:
     """The free vehicles that may carry this patient: least over-equipped, then nearest; and
-    what the decision considered: the first `shown` with their ETA, and how many others."""
-    fitting = [v for v in vehicles if v.status == "available" and v.fits(needs)]
-    fitting.sort(key=lambda v: (v.over_equipped_for(needs), _planar(v.location, pickup)))
+    what the decision considered: the first `shown` with their ETA, and how many others.
+    Only the first `shown` are ordered up front; the rest only if the caller reads on."""
+    # Whether a vehicle fits, and how over-equipped it is, depends on its equipment alone:
+    # judged once per kind of equipment, not once per vehicle.
+    verdicts: dict[tuple[str, bool, bool], int | None] = {}
+    # Planar distance scaled at the pickup's latitude: over a city it orders as the great
+    # circle does, at a fraction of the cost.
+    scale = math.cos(math.radians(pickup.lat))
+    keyed: list[tuple[int, float, int]] = []
+    for i, v in enumerate(vehicles):
+        if v.status != "available":
+            continue
+        kit = (v.kind, v.dedicated_pool, v.life_support)
+        if kit not in verdicts:
+            verdicts[kit] = v.over_equipped_for(needs) if v.fits(needs) else None
+        over = verdicts[kit]
+        if over is None:
+            continue
+        dlat, dlon = v.location.lat - pickup.lat, (v.location.lon - pickup.lon) * scale
+        keyed.append((over, dlat * dlat + dlon * dlon, i))
+    first = heapq.nsmallest(shown, keyed)
     considered: list[dict[str, Any]] = [
-        {"vehicle_id": v.id, "eta_min": round(eta.minutes(v.location, pickup), 1),
-         "over_equipped": v.over_equipped_for(needs)}
-        for v in fitting[:shown]
+        {"vehicle_id": vehicles[i].id, "eta_min": round(eta.minutes(vehicles[i].location, pickup), 1),
+         "over_equipped": over}
+        for over, _, i in first
     ]
     if len(vehicles) > len(considered):
-        considered.append({"others": {"fitting_free": max(len(fitting) - shown, 0),
-                                      "not_fitting_or_busy": len(vehicles) - len(fitting)}})
-    return fitting, considered
+        considered.append({"others": {"fitting_free": max(len(keyed) - shown, 0),
+                                      "not_fitting_or_busy": len(vehicles) - len(keyed)}})
+
+    def ranked() -> Iterator[Vehicle]:
+        yield from (vehicles[i] for _, _, i in first)
+        yield from (vehicles[i] for _, _, i in sorted(keyed)[shown:])
+
+    return ranked(), considered
