@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -39,6 +40,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    bindparam,
     event,
     func,
     insert,
@@ -52,6 +54,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.sql import Select
 
 from libs.events.contracts import Event
 from libs.events.envelope import GENESIS_HASH, ChainBreak, Envelope, event_hash, iso, utcnow
@@ -127,6 +130,40 @@ idempotency_table = Table(
     Column("status_code", Integer, nullable=False),
     Column("body", Text, nullable=False),
 )
+
+
+# Statements built once: building one costs about as much as running it.
+_last_event = (select(events_table.c.position, events_table.c.hash)
+               .order_by(events_table.c.position.desc()).limit(1).subquery())
+HEAD_AND_VERSIONS = union_all(
+    select(literal(1).label("is_head"), _last_event.c.position.label("n"),
+           _last_event.c.hash.label("s")),
+    select(literal(0), func.max(events_table.c.stream_version), events_table.c.stream_id)
+    .where(events_table.c.stream_id.in_(bindparam("streams", expanding=True)))
+    .group_by(events_table.c.stream_id),
+)
+INSERT_EVENTS = insert(events_table)
+INSERT_TRACKING = insert(tracking_table)
+INSERT_IDEMPOTENCY = insert(idempotency_table)
+ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
+
+
+@functools.cache
+def changed_since_query(kinds: int) -> Select[Any]:
+    """States changed after a position per kind, for `kinds` kinds (bound as k0, p0, ...)."""
+    a = aggregates_table.c
+    return (select(a.kind, a.stream_id, a.version, a.status, a.ref, a.state, a.updated_position)
+            .where(or_(*[(a.kind == bindparam(f"k{i}")) & (a.updated_position > bindparam(f"p{i}"))
+                         for i in range(kinds)]))
+            .order_by(a.updated_position, a.stream_id))
+
+
+def upsert_states_query(dialect_insert: Callable[[Table], Any]) -> Any:
+    """One row per aggregate; both dialects speak INSERT ... ON CONFLICT DO UPDATE."""
+    stmt = dialect_insert(aggregates_table)
+    changed = ("kind", "version", "status", "ref", "state", "updated_position")
+    return stmt.on_conflict_do_update(index_elements=["stream_id"],
+                                      set_={c: stmt.excluded[c] for c in changed})
 
 
 @dataclass(frozen=True)
@@ -322,6 +359,7 @@ class EventStore:
         self._flusher: asyncio.Task[None] | None = None
         self._appended = asyncio.Condition()
         self._lock_key = zlib.crc32(f"closedloop-store-{name}".encode())
+        self._upsert_states = upsert_states_query(sqlite_insert if self.is_sqlite else pg_insert)
         # The service's lists, kept in memory per aggregate kind and refreshed with what
         # changed since (refresh(); UnitOfWork.find and get read them).
         self.indexes: dict[str, StateIndex] = {}
@@ -447,7 +485,7 @@ class EventStore:
                             results.append(refused)
                     if rows:
                         try:
-                            await conn.execute(insert(events_table), rows)
+                            await conn.execute(INSERT_EVENTS, rows)
                         except IntegrityError as exc:  # the lock makes this unreachable
                             raise ConcurrencyError(rows[0]["stream_id"], -1, -1) from exc
                 except Exception as exc:
@@ -463,16 +501,9 @@ class EventStore:
         if not streams:
             return None
         if not self.is_sqlite:
-            await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": self._lock_key})
+            await conn.execute(ADVISORY_LOCK, {"k": self._lock_key})
         # The last event and the streams' versions in one round trip.
-        last = (select(events_table.c.position, events_table.c.hash)
-                .order_by(events_table.c.position.desc()).limit(1).subquery())
-        rows = await conn.execute(union_all(
-            select(literal(1).label("is_head"), last.c.position.label("n"), last.c.hash.label("s")),
-            select(literal(0), func.max(events_table.c.stream_version), events_table.c.stream_id)
-            .where(events_table.c.stream_id.in_(streams))
-            .group_by(events_table.c.stream_id),
-        ))
+        rows = await conn.execute(HEAD_AND_VERSIONS, {"streams": streams})
         head = _Head(0, GENESIS_HASH, {})
         for is_head, n, s in rows:
             if is_head:
@@ -490,15 +521,18 @@ class EventStore:
             consumer, event_id = commit.tracking
             try:
                 async with conn.begin_nested():
-                    await conn.execute(
-                        insert(tracking_table).values(consumer=consumer, event_id=event_id)
-                    )
+                    await conn.execute(INSERT_TRACKING, {"consumer": consumer, "event_id": event_id})
             except IntegrityError as exc:
                 raise AlreadyApplied(f"{consumer} applied {event_id} before") from exc
         written, new_rows = self._events(commit, head) if head is not None else ([], [])
         last_position = written[-1].position if written else None
         if commit.states:
-            await self._upsert_states(conn, commit.states, last_position)
+            await conn.execute(self._upsert_states, [
+                {"stream_id": st.stream_id, "kind": st.kind, "version": st.version,
+                 "status": st.status, "ref": st.ref, "state": st.state,
+                 "updated_position": last_position or 0}
+                for st in commit.states
+            ])
         if commit.checkpoint is not None:
             await self._set_checkpoint(conn, *commit.checkpoint)
         for write in commit.writes:
@@ -507,12 +541,9 @@ class EventStore:
             rec = commit.idempotency
             try:
                 async with conn.begin_nested():
-                    await conn.execute(
-                        insert(idempotency_table).values(
-                            key=rec.key, request_hash=rec.request_hash,
-                            status_code=rec.status_code, body=rec.body,
-                        )
-                    )
+                    await conn.execute(INSERT_IDEMPOTENCY, {
+                        "key": rec.key, "request_hash": rec.request_hash,
+                        "status_code": rec.status_code, "body": rec.body})
             except IntegrityError as exc:
                 raise IdempotencyKeyTaken(rec.key) from exc
         if written and head is not None:
@@ -561,19 +592,6 @@ class EventStore:
                 rows.append(row)
                 prev_hash = digest
         return written, rows
-
-    async def _upsert_states(
-        self, conn: AsyncConnection, states: list[StateRow], position: int | None
-    ) -> None:
-        # One statement for all of them: both dialects speak INSERT ... ON CONFLICT DO UPDATE.
-        upsert = (sqlite_insert if self.is_sqlite else pg_insert)(aggregates_table).values([
-            {"stream_id": st.stream_id, "kind": st.kind, "version": st.version, "status": st.status,
-             "ref": st.ref, "state": st.state, "updated_position": position or 0}
-            for st in states
-        ])
-        changed = ("kind", "version", "status", "ref", "state", "updated_position")
-        await conn.execute(upsert.on_conflict_do_update(
-            index_elements=["stream_id"], set_={c: upsert.excluded[c] for c in changed}))
 
     async def _set_checkpoint(self, conn: AsyncConnection, name: str, position: int) -> None:
         updated = await conn.execute(
@@ -667,15 +685,12 @@ class EventStore:
         """The aggregates of each kind whose state changed after that kind's store position,
         in position order. Complete up to the highest position returned, for the reason in
         the module docstring: states commit with their events, in position order."""
-        a = aggregates_table.c
-        q = (select(a.kind, a.stream_id, a.version, a.status, a.ref, a.state, a.updated_position)
-             .where(or_(*[(a.kind == kind) & (a.updated_position > position)
-                          for kind, position in since.items()]))
-             .order_by(a.updated_position, a.stream_id))
+        params: dict[str, Any] = {}
+        for i, (kind, position) in enumerate(since.items()):
+            params[f"k{i}"], params[f"p{i}"] = kind, position
         async with self._reader.connect() as conn:
-            return [StateChange(r.kind, r.stream_id, r.version, r.status, r.ref, r.state,
-                                r.updated_position)
-                    for r in await conn.execute(q)]
+            rows = await conn.execute(changed_since_query(len(since)), params)
+            return [StateChange(*r) for r in rows]
 
     async def checkpoint(self, name: str) -> int:
         async with self._reader.connect() as conn:
