@@ -69,8 +69,15 @@ class Envelope(BaseModel):
         return cls.model_validate_json(raw)
 
 
-def event_hash(fields: dict[str, Any]) -> str:
-    return hashlib.sha256(canonical_json(fields).encode()).hexdigest()
+def event_hash(fields: dict[str, Any], payload_text: str | None = None) -> str:
+    """`payload_text`: the payload's canonical JSON when the caller has it already, spliced
+    in rather than encoded again (the same bytes: the fields' keys are sorted, and a quote
+    inside a string value is escaped, so `"payload":0` can only be the key)."""
+    if payload_text is None:
+        text = canonical_json(fields)
+    else:
+        text = canonical_json({**fields, "payload": 0}).replace('"payload":0', f'"payload":{payload_text}', 1)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class ChainBreak(BaseModel):

@@ -57,7 +57,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.sql import Select
 
 from libs.events.contracts import Event
-from libs.events.envelope import GENESIS_HASH, ChainBreak, Envelope, event_hash, iso, utcnow
+from libs.events.envelope import (
+    GENESIS_HASH,
+    ChainBreak,
+    Envelope,
+    canonical_json,
+    event_hash,
+    iso,
+    utcnow,
+)
 from libs.events.envelope import verify_chain as verify_run
 
 metadata = MetaData()
@@ -584,11 +592,11 @@ class EventStore:
                     "payload": ev.model_dump(mode="json"),
                     "prev_hash": prev_hash,
                 }
-                digest = event_hash(fields)
-                env = Envelope(**fields, hash=digest)
-                written.append(env)
-                row = env.model_dump(mode="json", exclude={"store"})
-                row["payload"] = json.dumps(fields["payload"], sort_keys=True, ensure_ascii=False)
+                payload_text = canonical_json(fields["payload"])  # encoded once: hashed and stored
+                digest = event_hash(fields, payload_text)
+                written.append(Envelope(**fields, hash=digest))
+                row = {k: v for k, v in fields.items() if k != "store"}
+                row["payload"], row["hash"] = payload_text, digest
                 rows.append(row)
                 prev_hash = digest
         return written, rows
