@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr
 
@@ -17,6 +17,7 @@ from libs.events.store import (
     ConcurrencyError,
     EventStore,
     IdempotencyRecord,
+    IndexView,
     Meta,
     NewEvent,
     StateIndex,
@@ -129,6 +130,7 @@ class Aggregate(BaseModel):
 
 
 A = TypeVar("A", bound=Aggregate)
+V = TypeVar("V", bound=IndexView)
 
 
 def decode(env: Envelope) -> Event:
@@ -204,6 +206,11 @@ class UnitOfWork:
             return [index.state(s) for s in ids[offset:offset + limit]]
         matched = (agg for agg in map(index.state, ids) if where(agg))
         return list(itertools.islice(matched, offset, offset + limit))
+
+    async def view(self, cls: type[Aggregate], make: Callable[[], V]) -> V:
+        """A view derived from a kind's current states (see IndexView), refreshed with them.
+        Read-only, like find()'s snapshots."""
+        return cast(V, (await self._refresh(cls)).view(make))
 
     async def _refresh(self, cls: type[Aggregate]) -> StateIndex:
         """The first time in this unit of work that a kind is read, every kind held in memory

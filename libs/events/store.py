@@ -26,7 +26,7 @@ import zlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 from uuid import uuid4
 
 from sqlalchemy import (
@@ -185,11 +185,19 @@ class StateChange:
     position: int
 
 
+class IndexView(Protocol):
+    """Something a service derives from one kind's states (free vehicles by place, say),
+    told of every state as it changes, so a decision reads it instead of scanning the list."""
+
+    def put(self, stream_id: str, state: Any, position: int) -> None: ...
+
+
 @dataclass
 class StateIndex:
     """One aggregate kind's current states, complete up to the store position `synced`, in
     update order (position, then stream id), with the stream ids filed per status and per
-    ref, so a list touches only what it returns. A state is parsed when first asked for."""
+    ref, so a list touches only what it returns. A state is parsed when first asked for
+    (at once when views derive from it)."""
 
     parse: Callable[[str], Any]
     synced: int = 0
@@ -197,6 +205,7 @@ class StateIndex:
     by_status: dict[str | None, dict[str, None]] = field(default_factory=dict)
     by_ref: dict[str, dict[str, None]] = field(default_factory=dict)
     parsed: dict[str, Any] = field(default_factory=dict)
+    views: dict[Callable[[], IndexView], IndexView] = field(default_factory=dict)
 
     def put(self, change: StateChange) -> None:
         sid = change.stream_id
@@ -214,6 +223,17 @@ class StateIndex:
         self.by_status.setdefault(change.status, {})[sid] = None
         if change.ref is not None:
             self.by_ref.setdefault(change.ref, {})[sid] = None
+        for view in self.views.values():
+            view.put(sid, self.state(sid), change.position)
+
+    def view(self, make: Callable[[], IndexView]) -> IndexView:
+        """The view `make` builds, filled from the states held and kept current from then on."""
+        view = self.views.get(make)
+        if view is None:
+            view = self.views[make] = make()
+            for sid, change in self.changes.items():
+                view.put(sid, self.state(sid), change.position)
+        return view
 
     def state(self, stream_id: str) -> Any:
         """The parsed state, shared: callers only read it."""
