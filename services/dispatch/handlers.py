@@ -16,6 +16,7 @@ from services.dispatch.domain import (
     LIVE,
     CareSeries,
     Facility,
+    FreeFleet,
     Routing,
     StraightLineEta,
     Transfer,
@@ -184,9 +185,9 @@ async def route(uow: UnitOfWork, transfer: Transfer, condition: dict[str, Any] |
 
 async def auto_assign(uow: UnitOfWork, transfer: Transfer) -> Vehicle | None:
     """The fitting free vehicle (least over-equipped, then nearest the pickup), else the queue."""
-    free = await uow.find(Vehicle, status=["available"])
+    free = await uow.view(Vehicle, FreeFleet)
     needs = vehicle_needs(transfer.risk_category, transfer.condition)
-    fitting, considered = rank_vehicles(needs, transfer.origin_location, free, eta())
+    fitting, considered = free.rank(needs, transfer.origin_location, eta())
     for candidate in fitting:
         vehicle = await uow.require(Vehicle, candidate.id, "vehicle")
         try:

@@ -8,7 +8,14 @@
 """
 
 from services.dispatch.domain.care import CareSeries, occurrence_transfer_id
-from services.dispatch.domain.fleet import Unmet, Vehicle, VehicleNeeds, rank_vehicles, vehicle_needs
+from services.dispatch.domain.fleet import (
+    FreeFleet,
+    Unmet,
+    Vehicle,
+    VehicleNeeds,
+    rank_vehicles,
+    vehicle_needs,
+)
 from services.dispatch.domain.routing import (
     Facility,
     Routing,
@@ -21,8 +28,8 @@ from services.dispatch.domain.transfer import LIVE, Transfer, patient_key
 from services.dispatch.domain.triage import patient_class, triage
 
 __all__ = [
-    "LIVE", "CareSeries", "Facility", "Routing", "StraightLineEta", "Transfer", "Unmet", "Vehicle",
-    "VehicleNeeds", "choose_destination", "distance_km", "eligible_facilities",
+    "LIVE", "CareSeries", "Facility", "FreeFleet", "Routing", "StraightLineEta", "Transfer", "Unmet",
+    "Vehicle", "VehicleNeeds", "choose_destination", "distance_km", "eligible_facilities",
     "occurrence_transfer_id", "patient_class", "patient_key", "rank_vehicles", "triage",
     "vehicle_needs",
 ]
