@@ -115,11 +115,12 @@ def choose_destination(
 ) -> Routing:
     """就急、就近、就自愿: a critical patient goes to the nearest eligible facility; another
     patient to the one they wish for when it is eligible, else the nearest."""
-    eligible = eligible_facilities(roles, facilities)
-    ranked = sorted(eligible, key=lambda fw: eta.minutes(origin, fw[0].location))
+    timed = sorted(((eta.minutes(origin, f.location), i, f, why)
+                    for i, (f, why) in enumerate(eligible_facilities(roles, facilities))),
+                   key=lambda t: t[:2])
+    ranked = [(f, why) for _, _, f, why in timed]
     candidates: list[dict[str, Any]] = [
-        {"facility_id": f.id, "eta_min": round(eta.minutes(origin, f.location), 1), "why": why}
-        for f, why in ranked
+        {"facility_id": f.id, "eta_min": round(minutes, 1), "why": why} for minutes, _, f, why in timed
     ]
     candidates += [{"facility_id": f.id, "skipped": "overflowing (R7)"}
                    for f in facilities if f.overflowing]
