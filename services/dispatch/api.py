@@ -13,7 +13,7 @@ from libs.events.aggregate import UnitOfWork
 from libs.events.store import EventStore
 from libs.web.deps import ActorDep, IdempotencyKey, command_response, store_dep
 from services.dispatch import access, handlers
-from services.dispatch.domain import CareSeries, Facility, Transfer, Vehicle
+from services.dispatch.domain import CareSeries, Facility, Transfer, Vehicle, WaitingQueue
 from services.dispatch.schemas import (
     AssignIn,
     CancelIn,
@@ -112,8 +112,7 @@ async def post_cancel(transfer_id: str, body: CancelIn, store: Store, actor: Act
 @router.get("/queue")
 async def queue(store: Store) -> list[dict[str, Any]]:
     """Waiting transfers in dispatch order: priority (R4), then request time."""
-    waiting = await UnitOfWork.reading(store).find(Transfer, status=["queued"], limit=10_000)
-    waiting.sort(key=lambda t: (t.priority, t.requested_at))
+    waiting = (await UnitOfWork.reading(store).view(Transfer, WaitingQueue)).in_order()
     return [
         {"position": i, "why": f"priority {t.priority} ({t.priority_reason}), then request time "
                                f"{t.requested_at}; waiting because {t.status_reason}",

@@ -21,6 +21,7 @@ from services.dispatch.domain import (
     StraightLineEta,
     Transfer,
     Vehicle,
+    WaitingQueue,
     choose_destination,
     distance_km,
     occurrence_transfer_id,
@@ -252,11 +253,8 @@ async def serve_queue(uow: UnitOfWork, vehicle: Vehicle, also: Transfer | None =
     `also`: a transfer back in line in this same commit (the list holds committed states)."""
     if vehicle.status != "available":
         return None
-    queued = await uow.find(Transfer, status=["queued"], limit=10_000)
-    if also is not None:
-        queued = [t for t in queued if t.id != also.id] + [also]
-    queued.sort(key=lambda t: (t.priority, t.requested_at))
-    for listed in queued:
+    waiting = await uow.view(Transfer, WaitingQueue)
+    for listed in waiting.in_order(also):
         needs = vehicle_needs(listed.risk_category, listed.condition)
         if not vehicle.fits(needs):
             continue

@@ -16,6 +16,7 @@ from services.dispatch.domain import (
     StraightLineEta,
     Transfer,
     Vehicle,
+    WaitingQueue,
     choose_destination,
     patient_class,
     patient_key,
@@ -133,6 +134,35 @@ def test_r4_a_dispatcher_can_reprioritise_with_a_reason() -> None:
     t = transfer("home_monitoring", {})
     t.reprioritize(1, "family reports chest pain")
     assert t.priority == 1 and "chest pain" in t.priority_reason
+
+
+def test_r4_the_waiting_queue_keeps_dispatch_order_as_transfers_change() -> None:
+    def waiting(tid: str, condition: dict[str, object], at: str) -> Transfer:
+        t = Transfer.request(ev.TransferRequested(
+            transfer_id=tid, patient={"name": tid}, risk_category="home_monitoring", condition=condition,
+            origin={"kind": "home", "name": "家", "location": {"lat": 38.28, "lon": 106.24}},
+            purpose="outpatient_visit", return_required=False, requested_by={"channel": "community"}),
+            requested_at=f"2022-11-20T01:00:{at}+00:00")
+        t.queue("no fitting vehicle")
+        return t
+
+    queue = WaitingQueue()
+    late_fever = waiting("fever", {"fever": True}, "09")
+    tie_a, tie_b = waiting("a", {}, "05"), waiting("b", {}, "05")
+    for position, t in enumerate([tie_b, late_fever, tie_a], start=1):
+        queue.put(t.stream_id, t, position)
+    # Priority first, then request time; a tie goes in update order.
+    assert [t.id for t in queue.in_order()] == ["fever", "b", "a"]
+    critical = waiting("critical", {"critical": True}, "30")
+    queue.put(critical.stream_id, critical, 4)
+    served = tie_b.model_copy()
+    served.status = "assigned"
+    queue.put(served.stream_id, served, 5)
+    assert [t.id for t in queue.in_order()] == ["critical", "fever", "a"] and len(queue) == 3
+    # A transfer back in line in the commit being built goes after those it ties with.
+    again = waiting("a2", {}, "05")
+    assert [t.id for t in queue.in_order(also=again)] == ["critical", "fever", "a", "a2"]
+    assert [t.id for t in queue.in_order(also=tie_a)] == ["critical", "fever", "a"]
 
 
 def test_r5_negative_pressure_for_fever_from_isolation_and_for_cases() -> None:

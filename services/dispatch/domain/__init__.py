@@ -25,11 +25,11 @@ from services.dispatch.domain.routing import (
     eligible_facilities,
 )
 from services.dispatch.domain.transfer import LIVE, Transfer, patient_key
-from services.dispatch.domain.triage import patient_class, triage
+from services.dispatch.domain.triage import WaitingQueue, patient_class, triage
 
 __all__ = [
     "LIVE", "CareSeries", "Facility", "FreeFleet", "Routing", "StraightLineEta", "Transfer", "Unmet",
-    "Vehicle", "VehicleNeeds", "choose_destination", "distance_km", "eligible_facilities",
+    "Vehicle", "VehicleNeeds", "WaitingQueue", "choose_destination", "distance_km", "eligible_facilities",
     "occurrence_transfer_id", "patient_class", "patient_key", "rank_vehicles", "triage",
     "vehicle_needs",
 ]

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+import bisect
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from services.dispatch.domain.transfer import Transfer
 
 CRITICAL_KINDS = ("stroke", "chest_pain", "severe_trauma", "shock", "high_fever", "childbirth")
 
@@ -35,3 +40,43 @@ def patient_class(risk_category: str, condition: dict[str, Any]) -> str:
     if condition.get("fever") or condition.get("covid_symptoms") or risk_category == "suspected":
         return "fever"
     return "other"
+
+
+# Dispatch order: priority, request time, then update order (store position, stream id);
+# the transfer rides along and is never compared.
+Waiting = tuple[int, str, float, str, "Transfer"]
+
+
+class WaitingQueue:
+    """The queued transfers in dispatch order (R4), kept as their states change (an IndexView
+    of the transfers), so a freed vehicle walks the queue from its head instead of sorting
+    all of it."""
+
+    def __init__(self) -> None:
+        self._order: list[Waiting] = []
+        self._entries: dict[str, Waiting] = {}
+
+    def put(self, stream_id: str, state: Any, position: int) -> None:
+        held = self._entries.pop(stream_id, None)
+        if held is not None:
+            del self._order[bisect.bisect_left(self._order, held)]
+        transfer: Transfer = state
+        if transfer.status == "queued":
+            entry = (transfer.priority, transfer.requested_at, position, stream_id, transfer)
+            bisect.insort(self._order, entry)
+            self._entries[stream_id] = entry
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def in_order(self, also: Transfer | None = None) -> Iterator[Transfer]:
+        """Head first, as of now (a copy: the queue may move while the caller reads on).
+        `also`: a transfer put back in line by the commit being built (the queue holds
+        committed states), after any that tie with it."""
+        order = list(self._order)
+        if also is not None:
+            held = self._entries.get(also.stream_id)
+            if held is not None:
+                del order[bisect.bisect_left(order, held)]
+            bisect.insort(order, (also.priority, also.requested_at, float("inf"), also.stream_id, also))
+        return (e[4] for e in order)
