@@ -187,17 +187,17 @@ class StateChange:
 
 class IndexView(Protocol):
     """Something a service derives from one kind's states (free vehicles by place, say),
-    told of every state as it changes, so a decision reads it instead of scanning the list."""
+    told of every state as it changes, so a decision reads it instead of scanning the list.
+    `state` parses the state, shared and read-only: a view asks only for those it keeps."""
 
-    def put(self, stream_id: str, state: Any, position: int) -> None: ...
+    def put(self, change: StateChange, state: Callable[[], Any]) -> None: ...
 
 
 @dataclass
 class StateIndex:
     """One aggregate kind's current states, complete up to the store position `synced`, in
     update order (position, then stream id), with the stream ids filed per status and per
-    ref, so a list touches only what it returns. A state is parsed when first asked for
-    (at once when views derive from it)."""
+    ref, so a list touches only what it returns. A state is parsed when first asked for."""
 
     parse: Callable[[str], Any]
     synced: int = 0
@@ -224,7 +224,7 @@ class StateIndex:
         if change.ref is not None:
             self.by_ref.setdefault(change.ref, {})[sid] = None
         for view in self.views.values():
-            view.put(sid, self.state(sid), change.position)
+            view.put(change, functools.partial(self.state, sid))
 
     def view(self, make: Callable[[], IndexView]) -> IndexView:
         """The view `make` builds, filled from the states held and kept current from then on."""
@@ -232,7 +232,7 @@ class StateIndex:
         if view is None:
             view = self.views[make] = make()
             for sid, change in self.changes.items():
-                view.put(sid, self.state(sid), change.position)
+                view.put(change, functools.partial(self.state, sid))
         return view
 
     def state(self, stream_id: str) -> Any:

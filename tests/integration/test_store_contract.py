@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -21,6 +22,7 @@ from libs.events.store import (
     IdempotencyRecord,
     Meta,
     NewEvent,
+    StateChange,
     StateRow,
     StreamAppend,
 )
@@ -299,3 +301,34 @@ async def test_a_decision_on_a_listed_state_another_replica_changed_is_refused_t
     n, _ = await with_retry(lambda: UnitOfWork(b, META), bump)
     assert n == 3
     assert len(await a.read_stream("counter-c1")) == 3
+
+
+class OpenCounters:
+    """A view: the open counters' numbers, parsed only for those it keeps."""
+
+    def __init__(self) -> None:
+        self.n: dict[str, int] = {}
+        self.parsed = 0
+
+    def put(self, change: StateChange, state: Callable[[], Any]) -> None:
+        self.n.pop(change.stream_id, None)
+        if change.status == "open":
+            self.parsed += 1
+            self.n[change.stream_id] = state().n
+
+
+async def test_a_view_follows_every_replica(make_store: MakeStore) -> None:
+    a, b = await make_store(), await make_store()
+    for ident in ("c1", "c2", "c3"):
+        await open_counter(a, ident, "ann")
+    uow = UnitOfWork(a, META)
+    (await uow.require(Counter, "c3", "counter")).bump("closed")
+    await uow.commit()
+    view = await UnitOfWork.reading(b).view(Counter, OpenCounters)
+    assert view.n == {"counter-c1": 1, "counter-c2": 1} and view.parsed == 2
+    uow = UnitOfWork(a, META)
+    (await uow.require(Counter, "c1", "counter")).bump("closed")
+    (await uow.require(Counter, "c2", "counter")).bump()
+    await uow.commit()
+    assert await UnitOfWork.reading(b).view(Counter, OpenCounters) is view
+    assert view.n == {"counter-c2": 2}

@@ -9,6 +9,7 @@ import pytest
 from libs.events.aggregate import RuleRefused, StateConflict
 from libs.events.catalog import dispatch as ev
 from libs.events.catalog.common import Location
+from libs.events.store import StateChange
 from services.dispatch.config import region
 from services.dispatch.domain import (
     CareSeries,
@@ -149,15 +150,18 @@ def test_r4_the_waiting_queue_keeps_dispatch_order_as_transfers_change() -> None
     queue = WaitingQueue()
     late_fever = waiting("fever", {"fever": True}, "09")
     tie_a, tie_b = waiting("a", {}, "05"), waiting("b", {}, "05")
+    def put(t: Transfer, position: int) -> None:
+        queue.put(StateChange("Transfer", t.stream_id, t.version, t.status, None, "", position), lambda: t)
+
     for position, t in enumerate([tie_b, late_fever, tie_a], start=1):
-        queue.put(t.stream_id, t, position)
+        put(t, position)
     # Priority first, then request time; a tie goes in update order.
     assert [t.id for t in queue.in_order()] == ["fever", "b", "a"]
     critical = waiting("critical", {"critical": True}, "30")
-    queue.put(critical.stream_id, critical, 4)
+    put(critical, 4)
     served = tie_b.model_copy()
     served.status = "assigned"
-    queue.put(served.stream_id, served, 5)
+    put(served, 5)
     assert [t.id for t in queue.in_order()] == ["critical", "fever", "a"] and len(queue) == 3
     # A transfer back in line in the commit being built goes after those it ties with.
     again = waiting("a2", {}, "05")

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from libs.events.catalog import dispatch as ev
 from libs.events.catalog.common import Location
+from libs.events.store import StateChange
 from services.dispatch.domain import FreeFleet, StraightLineEta, Vehicle, VehicleNeeds, rank_vehicles
 
 ETA = StraightLineEta()
@@ -43,7 +44,7 @@ def check(changes: list[Change], pickup: tuple[float, float], needs: VehicleNeed
         sid = f"vehicle-v{number:03d}"
         position = n // commit_size  # several vehicles change in one commit: a position tie
         v = vehicle(f"v{number:03d}", kit, at, status)
-        fleet.put(sid, v, position)
+        fleet.put(StateChange("Vehicle", sid, 1, v.status, None, "", position), lambda v=v: v)
         latest[sid] = (position, v)
     in_update_order = sorted(latest.items(), key=lambda kv: (kv[1][0], kv[0]))
     free = [v for _, (_, v) in in_update_order if v.status == "available"]

@@ -12,6 +12,7 @@ from typing import Any
 from libs.events.aggregate import Aggregate, RuleRefused, StateConflict
 from libs.events.catalog import dispatch as ev
 from libs.events.catalog.common import Location
+from libs.events.store import StateChange
 from services.dispatch.domain.routing import StraightLineEta
 
 RISK_AREAS_NEEDING_NPA = ("isolation_site", "sealed_area", "controlled_area")
@@ -289,7 +290,8 @@ class FreeFleet:
     def _cell(self, at: Location) -> Cell:
         return (math.floor(at.lat / self.CELL), math.floor(at.lon / self.CELL))
 
-    def put(self, stream_id: str, state: Any, position: int) -> None:
+    def put(self, change: StateChange, state: Callable[[], Any]) -> None:
+        stream_id = change.stream_id
         placed = self._placed.pop(stream_id, None)
         if placed is not None:
             kit, cell = placed
@@ -300,10 +302,10 @@ class FreeFleet:
             self._count[kit] -= 1
             if not self._count[kit]:
                 del self._grid[kit], self._count[kit]
-        vehicle: Vehicle = state
-        if vehicle.status == "available":
+        if change.status == "available":
+            vehicle: Vehicle = state()
             kit, cell = _kit(vehicle), self._cell(vehicle.location)
-            self._grid.setdefault(kit, {}).setdefault(cell, {})[stream_id] = (position, vehicle)
+            self._grid.setdefault(kit, {}).setdefault(cell, {})[stream_id] = (change.position, vehicle)
             self._count[kit] = self._count.get(kit, 0) + 1
             self._placed[stream_id] = (kit, cell)
 

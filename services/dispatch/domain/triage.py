@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
+
+from libs.events.store import StateChange
 
 if TYPE_CHECKING:
     from services.dispatch.domain.transfer import Transfer
@@ -56,15 +58,15 @@ class WaitingQueue:
         self._order: list[Waiting] = []
         self._entries: dict[str, Waiting] = {}
 
-    def put(self, stream_id: str, state: Any, position: int) -> None:
-        held = self._entries.pop(stream_id, None)
+    def put(self, change: StateChange, state: Callable[[], Any]) -> None:
+        held = self._entries.pop(change.stream_id, None)
         if held is not None:
             del self._order[bisect.bisect_left(self._order, held)]
-        transfer: Transfer = state
-        if transfer.status == "queued":
-            entry = (transfer.priority, transfer.requested_at, position, stream_id, transfer)
+        if change.status == "queued":
+            transfer: Transfer = state()
+            entry = (transfer.priority, transfer.requested_at, change.position, change.stream_id, transfer)
             bisect.insort(self._order, entry)
-            self._entries[stream_id] = entry
+            self._entries[change.stream_id] = entry
 
     def __len__(self) -> int:
         return len(self._order)
