@@ -3,6 +3,7 @@ work that turns what the aggregates recorded into one atomic store commit."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -266,12 +267,16 @@ async def with_retry(
     attempts: int = 8,
 ) -> tuple[T, list[Envelope]]:
     """Run a command; when another writer got to a stream first, reload and decide again.
-    The domain then sees the winner's state, so the loser is refused by the rule itself."""
+    The domain then sees the winner's state, so the loser is refused by the rule itself.
+    The first try decides alongside other commands; a try after a lost race decides holding
+    this process's write turn, so a crowd going for the same vehicle is not lost to again
+    and again (only another process can still win a race)."""
     for attempt in range(attempts):
         uow = new_uow()
-        result = await work(uow)
         try:
-            return result, await uow.commit()
+            async with uow.store.exclusive() if attempt else contextlib.nullcontext():
+                result = await work(uow)
+                return result, await uow.commit()
         except ConcurrencyError:
             if attempt == attempts - 1:
                 raise

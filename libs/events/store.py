@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import json
 import zlib
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -381,6 +382,7 @@ class EventStore:
         self._reader = engine.execution_options(
             **({"sqlite_begin": None} if self.is_sqlite else {"isolation_level": "AUTOCOMMIT"}))
         # SQLite: one writer at a time, so writers queue here rather than on the file lock.
+        # PostgreSQL: each group commit takes it, so that a write turn can hold them back.
         self._append_lock = asyncio.Lock()
         # PostgreSQL: appends queue here for the next group commit (see _queue).
         self._queued: list[tuple[Commit, asyncio.Future[list[Envelope]]]] = []
@@ -414,9 +416,30 @@ class EventStore:
 
     # -- writing -----------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """This process's write turn, held across a whole decision (its reads, the decision,
+        its commit): no other append of this process commits in between (SQLite: no other
+        write). For a command that lost a race, so that it does not race the same writers
+        again."""
+        if self._turn_held():
+            yield
+            return
+        async with self._append_lock:
+            token = _write_turn.set((self, asyncio.current_task()))
+            try:
+                yield
+            finally:
+                _write_turn.reset(token)
+
+    def _turn_held(self) -> bool:
+        return _write_turn.get() == (self, asyncio.current_task())
+
     async def commit(self, commit: Commit) -> list[Envelope]:
         """Append, update states and bookkeeping in one transaction. All or nothing."""
-        if commit.appends and not self.is_sqlite:
+        if self._turn_held():
+            written = await self._commit_alone(commit)  # the turn keeps the others waiting
+        elif commit.appends and not self.is_sqlite:
             written = await self._queue(commit)
         elif self.is_sqlite:
             async with self._append_lock:  # SQLite has one writer at a time
@@ -447,16 +470,18 @@ class EventStore:
 
     async def _flush(self) -> None:
         while self._queued:
-            group = [(c, f) for c, f in self._queued if not f.done()]
-            self._queued = []
-            try:
-                results = await self._commit_group([c for c, _ in group]) if group else []
-            except asyncio.CancelledError:
-                for _, f in group:
-                    f.cancel()
-                raise
-            except Exception as exc:  # the COMMIT itself failed: every commit of the group did
-                results = [exc] * len(group)
+            # A write turn (exclusive) holds the next group back until it is over.
+            async with self._append_lock:
+                group = [(c, f) for c, f in self._queued if not f.done()]
+                self._queued = []
+                try:
+                    results = await self._commit_group([c for c, _ in group]) if group else []
+                except asyncio.CancelledError:
+                    for _, f in group:
+                        f.cancel()
+                    raise
+                except Exception as exc:  # the COMMIT itself failed: every commit of the group did
+                    results = [exc] * len(group)
             for (_, f), result in zip(group, results, strict=True):
                 if f.done():
                     continue
@@ -802,6 +827,12 @@ class EventStore:
                 return False
             await self._set_checkpoint(conn, name, position)
             return True
+
+
+# Which store's write turn (see EventStore.exclusive) the running task holds, if any; the
+# task is part of it so that a task started inside the turn does not think it holds it.
+_write_turn: contextvars.ContextVar[tuple[EventStore, asyncio.Task[Any] | None] | None] = (
+    contextvars.ContextVar("closedloop_write_turn", default=None))
 
 
 def _create_with_indexes(conn: Any) -> None:

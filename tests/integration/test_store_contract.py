@@ -332,3 +332,37 @@ async def test_a_view_follows_every_replica(make_store: MakeStore) -> None:
     await uow.commit()
     assert await UnitOfWork.reading(b).view(Counter, OpenCounters) is view
     assert view.n == {"counter-c2": 2}
+
+
+async def test_a_crowd_after_one_prize_each_gets_one_after_losing_once(make_store: MakeStore) -> None:
+    """Twenty commands each take the first open counter. All decide at once and all but one
+    lose; a retry decides holding the process's write turn, so it cannot lose again."""
+    store = await make_store()
+    for i in range(20):
+        await open_counter(store, f"c{i:02d}", "ann")
+
+    async def take_first(uow: UnitOfWork) -> str:
+        first = (await uow.find(Counter, status=["open"], limit=1))[0]
+        (await uow.require(Counter, first.id, "counter")).bump("closed")
+        return first.id
+
+    taken = await asyncio.gather(*[with_retry(lambda: UnitOfWork(store, META), take_first, attempts=2)
+                                   for _ in range(20)])
+    assert sorted(t for t, _ in taken) == [f"c{i:02d}" for i in range(20)]
+
+
+async def test_the_write_turn_keeps_other_writers_out_until_released(make_store: MakeStore) -> None:
+    store = await make_store()
+    order: list[str] = []
+
+    async def other() -> None:
+        await store.append("thing-o", 0, things(1), META)
+        order.append("other committed")
+
+    async with store.exclusive():
+        waiting = asyncio.create_task(other())  # started inside the turn: not its holder
+        await asyncio.sleep(0.05)
+        await store.append("thing-t", 0, things(1), META)  # the holder commits within its turn
+        order.append("holder committed")
+    await waiting
+    assert order == ["holder committed", "other committed"]
