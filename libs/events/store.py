@@ -152,8 +152,6 @@ HEAD_AND_VERSIONS = union_all(
     .group_by(events_table.c.stream_id),
 )
 INSERT_EVENTS = insert(events_table)
-INSERT_TRACKING = insert(tracking_table)
-INSERT_IDEMPOTENCY = insert(idempotency_table)
 ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(:k)")
 
 
@@ -389,7 +387,15 @@ class EventStore:
         self._flusher: asyncio.Task[None] | None = None
         self._appended = asyncio.Condition()
         self._lock_key = zlib.crc32(f"closedloop-store-{name}".encode())
-        self._upsert_states = upsert_states_query(sqlite_insert if self.is_sqlite else pg_insert)
+        dialect_insert = sqlite_insert if self.is_sqlite else pg_insert
+        self._upsert_states = upsert_states_query(dialect_insert)
+        # Bookkeeping rows in one statement each: a row already there inserts nothing (no
+        # savepoint to catch the violation), and a checkpoint is inserted or moved at once.
+        self._insert_tracking = dialect_insert(tracking_table).on_conflict_do_nothing()
+        self._insert_idempotency = dialect_insert(idempotency_table).on_conflict_do_nothing()
+        checkpoint = dialect_insert(checkpoints_table)
+        self._set_checkpoint_query = checkpoint.on_conflict_do_update(
+            index_elements=["name"], set_={"position": checkpoint.excluded.position})
         # The service's lists, kept in memory per aggregate kind and refreshed with what
         # changed since (refresh(); UnitOfWork.find and get read them).
         self.indexes: dict[str, StateIndex] = {}
@@ -527,9 +533,10 @@ class EventStore:
                             results.append(await self._apply(conn, commit, head, rows))
                             continue
                         try:
-                            # A stale version is refused before anything is written; a
-                            # commit that may be refused after writing gets a savepoint.
-                            if commit.tracking or commit.idempotency or commit.writes:
+                            # A stale version or a tracked event is refused before anything
+                            # is written; a commit that may be refused after writing (its
+                            # Idempotency-Key, its own writes) gets a savepoint.
+                            if commit.idempotency or commit.writes:
                                 async with conn.begin_nested():
                                     results.append(await self._apply(conn, commit, head, rows))
                             else:
@@ -570,14 +577,13 @@ class EventStore:
     ) -> list[Envelope]:
         """One commit's writes; its events join `rows` and move `head` only once all of its
         writes succeeded."""
+        written, new_rows = self._events(commit, head) if head is not None else ([], [])
         if commit.tracking is not None:
             consumer, event_id = commit.tracking
-            try:
-                async with conn.begin_nested():
-                    await conn.execute(INSERT_TRACKING, {"consumer": consumer, "event_id": event_id})
-            except IntegrityError as exc:
-                raise AlreadyApplied(f"{consumer} applied {event_id} before") from exc
-        written, new_rows = self._events(commit, head) if head is not None else ([], [])
+            tracked = await conn.execute(
+                self._insert_tracking, {"consumer": consumer, "event_id": event_id})
+            if tracked.rowcount == 0:  # inserted nothing: the row is there
+                raise AlreadyApplied(f"{consumer} applied {event_id} before")
         last_position = written[-1].position if written else None
         if commit.states:
             await conn.execute(self._upsert_states, [
@@ -592,13 +598,11 @@ class EventStore:
             await write(conn)
         if commit.idempotency is not None:
             rec = commit.idempotency
-            try:
-                async with conn.begin_nested():
-                    await conn.execute(INSERT_IDEMPOTENCY, {
-                        "key": rec.key, "request_hash": rec.request_hash,
-                        "status_code": rec.status_code, "body": rec.body})
-            except IntegrityError as exc:
-                raise IdempotencyKeyTaken(rec.key) from exc
+            kept = await conn.execute(self._insert_idempotency, {
+                "key": rec.key, "request_hash": rec.request_hash,
+                "status_code": rec.status_code, "body": rec.body})
+            if kept.rowcount == 0:
+                raise IdempotencyKeyTaken(rec.key)
         if written and head is not None:
             rows.extend(new_rows)
             head.position, head.hash = written[-1].position, written[-1].hash
@@ -647,13 +651,7 @@ class EventStore:
         return written, rows
 
     async def _set_checkpoint(self, conn: AsyncConnection, name: str, position: int) -> None:
-        updated = await conn.execute(
-            checkpoints_table.update()
-            .where(checkpoints_table.c.name == name)
-            .values(position=position)
-        )
-        if updated.rowcount == 0:
-            await conn.execute(insert(checkpoints_table).values(name=name, position=position))
+        await conn.execute(self._set_checkpoint_query, {"name": name, "position": position})
 
     # -- reading -----------------------------------------------------------------
 
