@@ -281,16 +281,17 @@ class Subscription:
                 await backoff.wait()
 
     async def process(self, batch: list[Envelope]) -> None:
-        last_checkpointed: int | None = None
-        for env in batch:
-            handler = self.handlers.get(env.type) or self.handlers.get(ALL_TYPES)
-            if handler is None:
-                continue
-            await self._apply(env, handler)
-            last_checkpointed = env.position
         tail = batch[-1]
+        handled = [(env, handler) for env in batch
+                   if (handler := self.handlers.get(env.type) or self.handlers.get(ALL_TYPES))]
+        checkpointed = False
+        for i, (env, handler) in enumerate(handled):
+            # The batch's last effect also moves the checkpoint past the uninteresting events
+            # after it, in the same commit.
+            upto = tail.position if i == len(handled) - 1 else env.position
+            checkpointed = await self._apply(env, handler, upto)
         cp = self.source.checkpoint_name(tail)
-        if cp is not None and last_checkpointed != tail.position:
+        if cp is not None and not checkpointed:
             # Only uninteresting events after the last effect: move past them.
             await self.store.commit(Commit(meta=self._meta(tail), checkpoint=(cp, tail.position)))
 
@@ -298,25 +299,27 @@ class Subscription:
         return Meta(actor=f"system:{self.name}", role="system",
                     correlation_id=env.correlation_id, causation_id=str(env.event_id))
 
-    async def _apply(self, env: Envelope, handler: Handler) -> None:
+    async def _apply(self, env: Envelope, handler: Handler, upto: int) -> bool:
+        """Applies one event, moving the checkpoint (if the source keeps one) to `upto` with
+        it. True when that commit happened (False: applied before)."""
         if await self.store.is_applied(self.name, str(env.event_id)):
             self.duplicates += 1
-            return
+            return False
         cp = self.source.checkpoint_name(env)
         backoff = Backoff()
         while True:
             uow = UnitOfWork(
                 self.store, self._meta(env), tracking=(self.name, str(env.event_id)),
-                checkpoint=(cp, env.position) if cp else None,
+                checkpoint=(cp, upto) if cp else None,
             )
             try:
                 await handler(env, uow)
                 await uow.commit()
                 self.applied += 1
-                return
+                return True
             except AlreadyApplied:
                 self.duplicates += 1
-                return
+                return False
             except ConcurrencyError:
                 continue
             except DomainError as refusal:
@@ -324,10 +327,12 @@ class Subscription:
                 # that it was seen so the stream moves on; the refusal is logged.
                 log.warning("%s declined %s %s: %s", self.name, env.type, env.event_id, refusal)
                 uow = UnitOfWork(self.store, self._meta(env), tracking=(self.name, str(env.event_id)),
-                                 checkpoint=(cp, env.position) if cp else None)
-                with contextlib.suppress(AlreadyApplied):
+                                 checkpoint=(cp, upto) if cp else None)
+                try:
                     await uow.commit()
-                return
+                except AlreadyApplied:
+                    return False
+                return True
             except Exception:
                 log.exception("%s failed on %s %s; retrying", self.name, env.type, env.event_id)
                 await backoff.wait()
