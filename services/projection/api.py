@@ -35,7 +35,8 @@ from services.projection.timeline import timeline_view
 router = APIRouter(prefix="/audit", tags=["audit"], route_class=DisclosingRoute)
 Store = Annotated[EventStore, Depends(store_dep("projection"))]
 Limit = Annotated[int, Query(ge=1, le=5000)]
-Offset = Annotated[int, Query(ge=0)]
+POSITION_MAX = 2**63 - 1  # a bigint: past it, PostgreSQL and SQLite fail to compare (500)
+Offset = Annotated[int, Query(ge=0, le=POSITION_MAX)]
 
 
 class EventStream(StreamingResponse):
@@ -196,7 +197,7 @@ def _frame(row: Any) -> str:
         "retry": {"type": "integer", "minimum": 0}}}}}}})
 async def stream(request: Request, store: Store,
                  last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-                 after: Annotated[int | None, Query(ge=0)] = None, follow: bool = True,
+                 after: Annotated[int | None, Query(ge=0, le=POSITION_MAX)] = None, follow: bool = True,
                  heartbeat: Annotated[float, Query(gt=0, le=60)] = 15.0) -> StreamingResponse:
     """Server-sent events: every event the projection takes in, in the order it took them
     (`id` is that order). A console that reconnects with Last-Event-ID resumes after it;
@@ -204,9 +205,12 @@ async def stream(request: Request, store: Store,
     if after is None:
         try:
             after = int(last_event_id) if last_event_id else 0
+            if not 0 <= after <= POSITION_MAX:
+                raise ValueError(after)
         except ValueError as exc:
-            raise InvalidField("Last-Event-ID", "invalid_last_event_id", "Last-Event-ID is a number",
-                               "Last-Event-ID须为数字") from exc
+            raise InvalidField("Last-Event-ID", "invalid_last_event_id",
+                               "Last-Event-ID is an event's id (a number from 0)",
+                               "Last-Event-ID须为事件编号（非负整数）") from exc
     start = after
 
     async def frames() -> Any:

@@ -266,6 +266,35 @@ async def nul_and_methods_in_the_url(c: httpx.AsyncClient) -> None:
     assert set(resp.headers["allow"].split(", ")) >= {"GET", "POST"}
 
 
+async def numbers_out_of_reach(c: httpx.AsyncClient) -> None:
+    """Past a bigint (PostgreSQL's, SQLite's) a position or offset was a 500; NaN and
+    infinities (Python's JSON reads them) are no coordinates or counts."""
+    auditor = as_(c, "auditor")
+    big = str(10**30)
+    problem(await c.get(f"{API}/audit/disclosures", params={"offset": big}, headers=auditor),
+            422, "offset")
+    problem(await c.get(f"{API}/audit/stream", params={"after": big, "follow": "false"},
+                        headers=auditor), 422, "after")
+    problem(await c.get(f"{API}/audit/stream", params={"follow": "false"},
+                        headers={**auditor, "Last-Event-ID": big}), 422, "Last-Event-ID")
+    await reference_data(c)
+    before = await counts(c)
+    for raw, field in (('{"lat": NaN, "lon": 106.2}', "origin.location.lat"),
+                       ('{"lat": 38.2, "lon": Infinity}', "origin.location.lon"),
+                       ('{"lat": 1e400, "lon": 106.2}', "origin.location.lat"),
+                       ('{"lat": true, "lon": 106.2}', "origin.location.lat"),
+                       ('{"lat": "38.2", "lon": 106.2}', "origin.location.lat")):
+        body = json.dumps({**TRANSFER, "origin": {**TRANSFER["origin"], "location": "@L@"}})
+        resp = await c.post(f"{API}/transfers", content=body.replace('"@L@"', raw).encode(),
+                            headers={"Content-Type": "application/json"})
+        problem(resp, 422, field)
+    load = {"fever_clinic_occupied": 10**30, "reported_at": "2022-11-20T09:00:00+08:00"}
+    problem(await c.post(f"{API}/facilities/yc-first/load", json=load), 422, "fever_clinic_occupied")
+    problem(await c.post(f"{API}/facilities/yc-first/load", json={**load, "fever_clinic_occupied": "5"}),
+            422, "fever_clinic_occupied")
+    assert await counts(c) == before
+
+
 async def lab_and_staff_times(c: httpx.AsyncClient) -> None:
     """The disinfection service's times: far off is a 422 naming the field (nested too);
     ahead of the server is its existing clock-skew refusal."""
@@ -288,11 +317,13 @@ async def lab_and_staff_times(c: httpx.AsyncClient) -> None:
 
 
 EMBEDDED: list[Scenario] = [oversize_bodies, wrong_media_types, unicode_names, times_out_of_reach,
-                            device_clocks_off, nul_and_methods_in_the_url, lab_and_staff_times]
-# Where PostgreSQL could answer otherwise than SQLite: text, NUL, times; and the limits once.
+                            device_clocks_off, nul_and_methods_in_the_url, numbers_out_of_reach,
+                            lab_and_staff_times]
+# Where PostgreSQL could answer otherwise than SQLite: text, NUL, times, big numbers; and
+# the media types once.
 # In this order on one cluster: the first takes the one negative-pressure ambulance.
 DISTRIBUTED: list[Scenario] = [times_out_of_reach, unicode_names, nul_and_methods_in_the_url,
-                               wrong_media_types]
+                               numbers_out_of_reach, wrong_media_types]
 
 
 @pytest.mark.parametrize("scenario", EMBEDDED, ids=lambda s: s.__name__)
