@@ -220,6 +220,7 @@ def create_app(services: Sequence[str] | None = None, settings: Settings | None 
         if spec.policy is None:
             raise ValueError(f"service {name} has no access policy")
         app.include_router(spec.router, prefix=API_PREFIX, dependencies=[Depends(spec.policy.guard)])
+    problems.document(app, API_PREFIX)
     return app
 
 

@@ -18,6 +18,8 @@ from typing import Any
 import httpx
 
 from libs.auth.issuer import LocalIssuer
+from libs.auth.policy import Grant
+from services.runtime import SERVICES
 from services.settings import Settings
 
 TRIP = re.compile(r"^/trips/([^/]+)/(steps|positions|abort|handover|return-request|admission"
@@ -77,6 +79,15 @@ class Acting(httpx.Auth):
                 role = next((r for m, p, r in BY_PATH if m == request.method and p.match(path)), role)
             request.headers["Authorization"] = f"Bearer {self.token(role, None, **scope)}"
         yield request
+
+
+def access_rules() -> dict[str, tuple[Grant, ...]]:
+    """Every service's rules table, merged: "METHOD /path" -> the roles it grants."""
+    merged: dict[str, tuple[Grant, ...]] = {}
+    for spec in SERVICES.values():
+        assert spec.policy is not None
+        merged.update(spec.policy.rules)
+    return merged
 
 
 def as_(client: httpx.AsyncClient, role: str, subject: str | None = None,

@@ -687,9 +687,13 @@ class EventStore:
     async def wait_for_append(self, timeout: float) -> None:
         """Returns when this process appends to the store, or after the timeout (other
         processes' appends are found by polling)."""
+        # asyncio.timeout, not wait_for: wait_for waits in a second task, and a cancel that
+        # lands while that task takes the lock back left the lock taken by nobody (every
+        # later append then hung on notify, and shutdown on this wait).
         async with self._appended:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._appended.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._appended.wait()
 
     async def verify(self, page: int = 1000) -> ChainBreak | None:
         prev, after = GENESIS_HASH, 0

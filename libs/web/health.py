@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from sqlalchemy import text
 
@@ -19,7 +20,8 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["ops"])
+@router.get("/readyz", tags=["ops"],
+            responses={503: {"description": "a store is unreachable (which: `stores`)"}})
 async def readyz(request: Request, response: Response) -> dict[str, object]:
     stores: dict[str, EventStore] = request.app.state.stores
     checks: dict[str, str] = {}
@@ -35,6 +37,6 @@ async def readyz(request: Request, response: Response) -> dict[str, object]:
     return {"status": "ready" if ready else "not_ready", "stores": checks}
 
 
-@router.get("/metrics", tags=["ops"])
+@router.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
 async def metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

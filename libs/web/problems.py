@@ -9,7 +9,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from libs.auth.tokens import Unauthenticated
 from libs.events.aggregate import DomainError, InvalidField, RuleRefused
@@ -34,8 +36,95 @@ def problem(status: int, code: str, title: str, detail: str, message_zh: str,
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
 
 
-def _field_of(loc: tuple[Any, ...] | list[Any]) -> str:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+class FieldProblem(BaseModel):
+    field: str
+    code: str
+    detail: str
+
+
+class Problem(BaseModel):
+    """What every refusal answers (application/problem+json). A refusal may carry more
+    members (the current status, the allowed roles...): they ride beside these."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    message_zh: str
+    field: str | None = None  # 422: the first field at fault
+    errors: list[FieldProblem] | None = None  # 422: every field at fault
+    rule: str | None = None  # 409: the rule that refused (R1-R14)
+
+
+WRITE_METHODS = ("post", "put", "patch", "delete")
+# Why each refusal happens; which operation may answer which is decided in `document`.
+WHY = {
+    401: "no valid bearer token (the code names the defect)",
+    403: "the token's role may not call this, or its vehicle/facility/site is another",
+    404: "an id in the path or the body names nothing",
+    409: "a rule or the current state refuses the command (`rule` names it)",
+    413: "the body is larger than the limit",
+    415: "the body is not JSON",
+    422: "a field is missing or wrong (`field` names it)",
+    429: "too many writes from this client (Retry-After)",
+}
+HEADERS = {
+    401: {"WWW-Authenticate": {"schema": {"type": "string"}, "required": True}},
+    429: {"Retry-After": {"schema": {"type": "integer"}, "required": True}},
+}
+
+
+def _refusals(method: str, operation: dict[str, Any]) -> list[int]:
+    write = method in WRITE_METHODS
+    has_path_id = any(p.get("in") == "path" for p in operation.get("parameters", []))
+    codes = [401, 403]
+    if has_path_id or write:
+        codes.append(404)
+    if write:
+        codes += [409, 413, 415, 429]
+    if write or "422" in operation.get("responses", {}):
+        codes.append(422)
+    return sorted(codes)
+
+
+def document(app: FastAPI, guarded_prefix: str) -> None:
+    """The OpenAPI document tells the truth about refusals: under the guarded prefix, each
+    operation lists the problem responses it can give, as application/problem+json (not
+    FastAPI's default 422 body, which this API never sends)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        doc = build()
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        shape = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(shape.pop("$defs", {}))
+        schemas["Problem"] = shape
+        content = {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+        for path, item in doc.get("paths", {}).items():
+            if not path.startswith(guarded_prefix):
+                continue
+            for method, operation in item.items():
+                responses = operation.setdefault("responses", {})
+                for code in _refusals(method, operation):
+                    responses[str(code)] = {"description": WHY[code], "content": content,
+                                            **({"headers": HEADERS[code]} if code in HEADERS else {})}
+                operation["responses"] = dict(sorted(responses.items()))
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _field_of(error: Any) -> str:
+    if error.get("type") == "json_invalid":  # its loc is ("body", offset): the body is at fault
+        return "body"
+    parts = [str(p) for p in error.get("loc", ()) if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or "body"
 
 
@@ -64,7 +153,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [
-            {"field": _field_of(e.get("loc", ())), "code": e.get("type", "invalid"),
+            {"field": _field_of(e), "code": e.get("type", "invalid"),
              "detail": e.get("msg", "")}
             for e in exc.errors()
         ]
@@ -79,7 +168,23 @@ def install(app: FastAPI) -> None:
                        "数据已被他人同时修改，请重试", {"stream_id": exc.stream_id})
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:  # FastAPI could not decode the body (not UTF-8): a bad field
+            return problem(422, "validation_failed", "Unprocessable content",
+                           "invalid field: body (not JSON in UTF-8)", "字段无效：body（须为UTF-8编码的JSON）",
+                           {"field": "body", "errors": [{"field": "body", "code": "json_invalid",
+                                                         "detail": str(exc.detail)}]})
         zh = {404: "未找到", 405: "方法不允许", 413: "请求体过大", 415: "不支持的媒体类型"}
-        return problem(exc.status_code, f"http_{exc.status_code}", str(exc.detail),
-                       str(exc.detail), zh.get(exc.status_code, "请求被拒绝"))
+        response = problem(exc.status_code, f"http_{exc.status_code}", str(exc.detail),
+                           str(exc.detail), zh.get(exc.status_code, "请求被拒绝"))
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:  # Starlette names the first route of the path only (RFC 9110)
+            response.headers["Allow"] = ", ".join(_allowed(request))
+        return response
+
+
+def _allowed(request: Request) -> list[str]:
+    """The methods some route of this path takes (asked of the router, method by method)."""
+    return [m for m in ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+            if any(route.matches({**request.scope, "method": m})[0] == Match.FULL
+                   for route in request.app.router.routes)]

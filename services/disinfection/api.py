@@ -3,7 +3,7 @@ stages, swabs, the lab's results, a supervisor's early release, and the exposure
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
@@ -23,9 +23,9 @@ router = APIRouter(prefix="/disinfection", tags=["disinfection"], route_class=Di
 Store = Annotated[EventStore, Depends(store_dep("disinfection"))]
 Limit = Annotated[int, Query(ge=1, le=500)]
 Offset = Annotated[int, Query(ge=0)]
-Statuses = Annotated[list[str] | None, Query(
-    description="repeatable: open, awaiting_result, resample_required, released, closed, "
-                "quarantined, superseded")]
+CycleStatus = Literal["open", "awaiting_result", "resample_required", "released", "closed",
+                      "quarantined", "superseded"]  # Cycle._settle's; another is a 422, not []
+Statuses = Annotated[list[CycleStatus] | None, Query(description="repeatable")]
 
 
 @router.get("/cycles")
@@ -34,7 +34,7 @@ async def list_cycles(store: Store, vehicle_id: str | None = None, status: Statu
     """The staff's work list: `status=open` (stages or a swab to do) and
     `status=resample_required` (the lab found the sample invalid) need someone."""
     found = await UnitOfWork.reading(store).find(
-        Cycle, ref=vehicle_id, status=status, limit=limit, offset=offset)
+        Cycle, ref=vehicle_id, status=list(status) if status else None, limit=limit, offset=offset)
     return [handlers.cycle_view(c, rules()) for c in found]
 
 

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 
 from libs.events.aggregate import InvalidField
 from libs.events.envelope import iso
+from libs.web.fields import CLOCK_SKEW, not_ahead
 
 SURFACE = "surface"
 AIR = "air"
@@ -65,7 +66,7 @@ class Rules:
     min_swab_sites: int = 3
     result_sla: timedelta = timedelta(hours=6)
     # How far ahead of the server's clock a reported time may be (phone clocks drift).
-    clock_skew: timedelta = timedelta(minutes=5)
+    clock_skew: timedelta = CLOCK_SKEW
 
     def protocols(self, target: str) -> Mapping[str, Protocol]:
         return self.surface if target == SURFACE else self.air
@@ -88,10 +89,7 @@ class Rules:
     def check_not_future(self, field_name: str, at: datetime, now: datetime) -> None:
         """A time that has not happened yet is a typing error or a wrong clock; it would also
         push a result's due time (R14) out of reach."""
-        if at > now + self.clock_skew:
-            raise InvalidField(field_name, "time_in_the_future",
-                               f"{field_name} {iso(at)} is later than the server's clock {iso(now)}",
-                               f"{field_name}晚于服务器当前时间", server_time=iso(now))
+        not_ahead(field_name, at, now, self.clock_skew)
 
 
 DEFAULT_RULES = Rules()

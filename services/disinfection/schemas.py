@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
+
+from libs.web.fields import Instant, Real, Text
 
 IDENT = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
 
@@ -23,35 +25,35 @@ class Video(Strict):
     """The video-surveillance evidence: which camera, a reference that retrieves the clip
     from the recorder, and the time window it covers."""
 
-    camera_id: str = Field(min_length=1, max_length=100)
-    clip_ref: str = Field(min_length=1, max_length=500)
-    from_: AwareDatetime = Field(alias="from")
-    to: AwareDatetime
+    camera_id: Text = Field(min_length=1, max_length=100)
+    clip_ref: Text = Field(min_length=1, max_length=500)
+    from_: Instant = Field(alias="from")
+    to: Instant
 
 
 class AirTreatmentIn(Strict):
     """Spraying the closed cabin's air in the same stage (e.g. hydrogen peroxide 3%, i.e.
     30000 mg/L, at 20 mL/m³, closed for 60 minutes)."""
 
-    disinfectant: str = Field(min_length=1, max_length=50)
-    concentration_mg_per_l: float = Field(gt=0, le=1_000_000)
-    dose_ml_per_m3: float = Field(gt=0, le=1000)
-    method: str = Field(default="aerosol_spray", min_length=1, max_length=50)
-    started_at: AwareDatetime
-    ended_at: AwareDatetime
+    disinfectant: Text = Field(min_length=1, max_length=50)
+    concentration_mg_per_l: Real = Field(gt=0, le=1_000_000)
+    dose_ml_per_m3: Real = Field(gt=0, le=1000)
+    method: Text = Field(default="aerosol_spray", min_length=1, max_length=50)
+    started_at: Instant
+    ended_at: Instant
 
 
 class StageIn(Strict):
     """A stage's surface treatment (the fields of API-EXAMPLES.md), optionally the air."""
 
     stage: StageName
-    disinfectant: str = Field(min_length=1, max_length=50)
-    concentration_mg_per_l: float = Field(gt=0, le=1_000_000)
-    method: str = Field(min_length=1, max_length=50)
-    started_at: AwareDatetime
-    ended_at: AwareDatetime
-    operator: str = Field(min_length=1, max_length=100)
-    location: str = Field(min_length=1, max_length=200)
+    disinfectant: Text = Field(min_length=1, max_length=50)
+    concentration_mg_per_l: Real = Field(gt=0, le=1_000_000)
+    method: Text = Field(min_length=1, max_length=50)
+    started_at: Instant
+    ended_at: Instant
+    operator: Text = Field(min_length=1, max_length=100)
+    location: Text = Field(min_length=1, max_length=200)
     video: Video
     air: AirTreatmentIn | None = None
 
@@ -68,10 +70,10 @@ class SwabSite(StrEnum):
 
 
 class SwabIn(Strict):
-    sample_id: str = Field(pattern=IDENT)
+    sample_id: Text = Field(pattern=IDENT)
     sites: list[SwabSite] = Field(min_length=1, max_length=20)
-    collected_by: str = Field(min_length=1, max_length=100)
-    collected_at: AwareDatetime
+    collected_by: Text = Field(min_length=1, max_length=100)
+    collected_at: Instant
 
 
 class SwabResult(StrEnum):
@@ -82,15 +84,15 @@ class SwabResult(StrEnum):
 
 class ResultIn(Strict):
     result: SwabResult
-    lab: str = Field(min_length=1, max_length=200)
-    reported_at: AwareDatetime
+    lab: Text = Field(min_length=1, max_length=200)
+    reported_at: Instant
 
 
 class EarlyReleaseIn(Strict):
     """A supervisor's release before the cycle would release (R2 override)."""
 
-    reason: str = Field(min_length=4, max_length=500)
+    reason: Text = Field(min_length=4, max_length=500)
 
 
 class AcknowledgeIn(Strict):
-    note: str | None = Field(default=None, max_length=500)
+    note: Text | None = Field(default=None, max_length=500)

@@ -11,6 +11,7 @@ from libs.events.aggregate import DomainError, InvalidField, StateConflict, Unit
 from libs.events.catalog import dispatch as ev
 from libs.events.envelope import iso, utcnow
 from libs.events.store import EventStore, Meta
+from libs.web.fields import not_ahead
 from services.dispatch.config import region
 from services.dispatch.domain import (
     LIVE,
@@ -293,6 +294,7 @@ async def report_position(uow: UnitOfWork, vehicle_id: str, cmd: PositionIn) -> 
     """Positions arrive often; one is recorded when the vehicle moved 200 m or a minute
     passed, so the store keeps a track without a flood."""
     vehicle = await uow.require(Vehicle, vehicle_id, "vehicle")
+    not_ahead("at", cmd.at, utcnow())  # else one wrong clock would hide every later position
     last = datetime.fromisoformat(vehicle.position_at) if vehicle.position_at else None
     moved = distance_km(vehicle.location, cmd.location) >= 0.2
     if last is not None and not moved and cmd.at - last < timedelta(minutes=1):

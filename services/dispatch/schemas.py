@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import re
-from datetime import date, datetime
+from datetime import datetime
 from enum import StrEnum
 from typing import Annotated
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from libs.events.catalog.common import Location
+from libs.web.fields import Day, Flag, Instant, Real, Text, Whole
 
 IDENT = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
+Ident = Annotated[Text, Field(pattern=IDENT)]  # optional ids keep their pattern in the document
 _ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
 _ID_CHECK = "10X98765432"
 _MOBILE = re.compile(r"^1[3-9]\d{9}$")
@@ -49,18 +51,18 @@ class FacilityRole(StrEnum):
 
 
 class FacilityIn(Strict):
-    id: str = Field(pattern=IDENT)
-    name: str = Field(min_length=1, max_length=200)
+    id: Text = Field(pattern=IDENT)
+    name: Text = Field(min_length=1, max_length=200)
     roles: list[FacilityRole] = Field(min_length=1)
     location: Location
-    fever_clinic_capacity: int | None = Field(default=None, ge=0, le=100_000)
-    backup_ids: list[str] = []
-    overflow_threshold: float | None = Field(default=None, gt=0, le=1)  # the region's default
+    fever_clinic_capacity: Whole | None = Field(default=None, ge=0, le=100_000)
+    backup_ids: list[Text] = []
+    overflow_threshold: Real | None = Field(default=None, gt=0, le=1)  # the region's default
 
 
 class LoadIn(Strict):
-    fever_clinic_occupied: int = Field(ge=0, le=100_000)
-    reported_at: AwareDatetime
+    fever_clinic_occupied: Whole = Field(ge=0, le=100_000)
+    reported_at: Instant
 
 
 class VehicleKind(StrEnum):
@@ -70,19 +72,19 @@ class VehicleKind(StrEnum):
 
 
 class VehicleIn(Strict):
-    id: str = Field(pattern=IDENT)
-    plate: str = Field(min_length=1, max_length=20)
+    id: Text = Field(pattern=IDENT)
+    plate: Text = Field(min_length=1, max_length=20)
     kind: VehicleKind
-    dedicated_pool: bool
-    life_support: bool = False
-    station: str = Field(min_length=1, max_length=200)
+    dedicated_pool: Flag
+    life_support: Flag = False
+    station: Text = Field(min_length=1, max_length=200)
     location: Location
 
 
 class Patient(Strict):
-    name: str = Field(min_length=1, max_length=100)
-    id_number: str | None = None
-    phone: str | None = None
+    name: Text = Field(min_length=1, max_length=100)
+    id_number: Text | None = None
+    phone: Text | None = None
 
     @field_validator("id_number")
     @classmethod
@@ -121,18 +123,18 @@ class CriticalKind(StrEnum):
 
 
 class Condition(Strict):
-    fever: bool = False
-    critical: bool = False
-    covid_symptoms: bool = False
+    fever: Flag = False
+    critical: Flag = False
+    covid_symptoms: Flag = False
     kind: CriticalKind | None = None
-    severity: str | None = Field(default=None, max_length=50)
+    severity: Text | None = Field(default=None, max_length=50)
 
 
 class Place(Strict):
-    kind: str = Field(min_length=1, max_length=50)
-    name: str = Field(min_length=1, max_length=200)
+    kind: Text = Field(min_length=1, max_length=50)
+    name: Text = Field(min_length=1, max_length=200)
     location: Location
-    facility_id: str | None = None
+    facility_id: Text | None = None
 
 
 class Purpose(StrEnum):
@@ -154,8 +156,8 @@ class Channel(StrEnum):
 
 class RequestedBy(Strict):
     channel: Channel
-    org: str | None = Field(default=None, max_length=200)
-    name: str | None = Field(default=None, max_length=100)
+    org: Text | None = Field(default=None, max_length=200)
+    name: Text | None = Field(default=None, max_length=100)
 
 
 class TransferIn(Strict):
@@ -164,27 +166,27 @@ class TransferIn(Strict):
     condition: Condition = Condition()
     origin: Place
     purpose: Purpose
-    return_required: bool = False
+    return_required: Flag = False
     requested_by: RequestedBy
-    destination_wish: str | None = Field(default=None, pattern=IDENT)
+    destination_wish: Ident | None = None
 
 
-Reason = Annotated[str, Field(min_length=1, max_length=500)]
+Reason = Annotated[Text, Field(min_length=1, max_length=500)]
 
 
 class AssignIn(Strict):
-    vehicle_id: str = Field(pattern=IDENT)
+    vehicle_id: Text = Field(pattern=IDENT)
     override_reason: Reason | None = None
 
 
 class ReprioritizeIn(Strict):
-    priority: int = Field(ge=1, le=4)
+    priority: Whole = Field(ge=1, le=4)
     reason: Reason
 
 
 class RedirectIn(Strict):
     reason: Reason
-    facility_id: str | None = Field(default=None, pattern=IDENT)
+    facility_id: Ident | None = None
     condition: Condition | None = None
 
 
@@ -193,8 +195,8 @@ class CancelIn(Strict):
 
 
 class DutyIn(Strict):
-    on_duty: bool
-    reason: str = Field(default="", max_length=500)
+    on_duty: Flag
+    reason: Text = Field(default="", max_length=500)
 
 
 class OutOfServiceIn(Strict):
@@ -203,23 +205,21 @@ class OutOfServiceIn(Strict):
 
 class PositionIn(Strict):
     location: Location
-    at: AwareDatetime
+    at: Instant
 
 
 class CareSeriesIn(Strict):
     transfer: TransferIn
-    weekdays: list[int] = Field(min_length=1, max_length=7)
-    time: str = Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
-    timezone: str = "Asia/Shanghai"
-    starts_on: date
-    until: date | None = None
-    lead_minutes: int = Field(default=60, ge=0, le=1440)
+    weekdays: list[Annotated[Whole, Field(ge=1, le=7)]] = Field(min_length=1, max_length=7)  # ISO
+    time: Text = Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$")
+    timezone: Text = "Asia/Shanghai"
+    starts_on: Day
+    until: Day | None = None
+    lead_minutes: Whole = Field(default=60, ge=0, le=1440)
 
     @field_validator("weekdays")
     @classmethod
     def _weekdays(cls, v: list[int]) -> list[int]:
-        if any(d < 1 or d > 7 for d in v):
-            raise ValueError("weekdays are ISO numbers: Monday 1 to Sunday 7")
         return sorted(set(v))
 
     @field_validator("timezone")

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import TypeAdapter, ValidationError
 
 import libs.events.catalog  # noqa: F401  (registers the event types the checks look for)
 from libs.auth.privacy import DisclosingRoute, disclose, mask
@@ -19,6 +20,7 @@ from libs.events.contracts import registry
 from libs.events.envelope import utcnow
 from libs.events.store import EventStore
 from libs.web.deps import store_dep
+from libs.web.fields import FIRST_YEAR, LAST_YEAR, Day, Instant
 from services.projection import custody as custody_view
 from services.projection import findings as findings_view
 from services.projection import kpis as kpis_view
@@ -33,7 +35,15 @@ from services.projection.timeline import timeline_view
 router = APIRouter(prefix="/audit", tags=["audit"], route_class=DisclosingRoute)
 Store = Annotated[EventStore, Depends(store_dep("projection"))]
 Limit = Annotated[int, Query(ge=1, le=5000)]
-Offset = Annotated[int, Query(ge=0)]
+POSITION_MAX = 2**63 - 1  # a bigint: past it, PostgreSQL and SQLite fail to compare (500)
+Offset = Annotated[int, Query(ge=0, le=POSITION_MAX)]
+
+
+class EventStream(StreamingResponse):
+    media_type = "text/event-stream"  # for the OpenAPI document: the route streams its own frames
+
+
+INSTANT, DAY = TypeAdapter(Instant), TypeAdapter(Day)
 
 
 def _known_types() -> set[str]:
@@ -41,20 +51,19 @@ def _known_types() -> set[str]:
 
 
 def _bound(value: str | None, field: str) -> datetime | None:
-    """A date (a local day: its midnight in the region) or an RFC 3339 time."""
-    if value is None:
+    """A date (a local day: its midnight in the region) or an RFC 3339 time, read as the
+    commands read them (libs.web.fields); empty is no bound (a cleared date picker)."""
+    if not value:
         return None
     try:
         if len(value) == 10:
-            return datetime.combine(datetime.fromisoformat(value).date(), time(), REGION_TZ)
-        parsed = datetime.fromisoformat(value)
-    except ValueError as exc:
-        raise InvalidField(field, "invalid_time", f"{field} must be a date or an RFC 3339 time",
-                           f"{field}须为日期或带时区的时间") from exc
-    if parsed.tzinfo is None:
-        raise InvalidField(field, "time_without_offset", f"{field} needs its UTC offset",
-                           f"{field}须带时区偏移")
-    return parsed
+            return datetime.combine(DAY.validate_python(value), time(), REGION_TZ)
+        return INSTANT.validate_python(value)
+    except ValidationError as exc:
+        raise InvalidField(field, "invalid_time",
+                           f"{field} must be a date or an RFC 3339 time with its offset, "
+                           f"between {FIRST_YEAR} and {LAST_YEAR}",
+                           f"{field}须为{FIRST_YEAR}年至{LAST_YEAR}年间的日期或带时区的时间") from exc
 
 
 def _day(value: str | None, field: str) -> str | None:
@@ -135,13 +144,16 @@ async def kpis(store: Store, from_: Annotated[str | None, Query(alias="from")] =
     return kpis_view.indicators(data, utcnow(), clock, day_from, day_to)
 
 
-@router.get("/ledger", response_model=None)
+@router.get("/ledger", response_model=None, responses={200: {"content": {
+    "text/csv": {"schema": {"type": "string"}},
+    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet": {
+        "schema": {"type": "string", "format": "binary"}}}}})
 async def ledger(request: Request, store: Store, date: str | None = None,
                  from_: Annotated[str | None, Query(alias="from")] = None, to: str | None = None,
                  format: Literal["json", "csv", "xlsx"] = "json") -> Response | dict[str, Any]:
     """The 台账: every outgoing trip by person and day. `date` is one local day."""
     day_from, day_to = _day(from_, "from"), _day(to, "to")
-    if date is not None:
+    if date:
         day_from = _day(date, "date")
         day_to = (datetime.fromisoformat(day_from or "") + timedelta(days=1)).date().isoformat()
     data = await _data(store, day_from=day_from, day_to=day_to)
@@ -178,10 +190,14 @@ def _frame(row: Any) -> str:
     return f"id: {row.seq}\nevent: {row.type}\ndata: {body}\n\n"
 
 
-@router.get("/stream")
+@router.get("/stream", response_class=EventStream, responses={200: {"content": {
+    "text/event-stream": {"itemSchema": {"type": "object", "properties": {
+        "id": {"type": "string"}, "event": {"type": "string"},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+        "retry": {"type": "integer", "minimum": 0}}}}}}})
 async def stream(request: Request, store: Store,
                  last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
-                 after: Annotated[int | None, Query(ge=0)] = None, follow: bool = True,
+                 after: Annotated[int | None, Query(ge=0, le=POSITION_MAX)] = None, follow: bool = True,
                  heartbeat: Annotated[float, Query(gt=0, le=60)] = 15.0) -> StreamingResponse:
     """Server-sent events: every event the projection takes in, in the order it took them
     (`id` is that order). A console that reconnects with Last-Event-ID resumes after it;
@@ -189,9 +205,12 @@ async def stream(request: Request, store: Store,
     if after is None:
         try:
             after = int(last_event_id) if last_event_id else 0
+            if not 0 <= after <= POSITION_MAX:
+                raise ValueError(after)
         except ValueError as exc:
-            raise InvalidField("Last-Event-ID", "invalid_last_event_id", "Last-Event-ID is a number",
-                               "Last-Event-ID须为数字") from exc
+            raise InvalidField("Last-Event-ID", "invalid_last_event_id",
+                               "Last-Event-ID is an event's id (a number from 0)",
+                               "Last-Event-ID须为事件编号（非负整数）") from exc
     start = after
 
     async def frames() -> Any:

@@ -11,6 +11,7 @@ from libs.events.catalog import dispatch as dsp
 from libs.events.catalog import transfer as ev
 from libs.events.catalog.common import Location
 from libs.events.envelope import Envelope, utcnow
+from libs.web.fields import not_ahead
 from services.transfer.config import settings
 from services.transfer.domain import Destination, Trip, eta_minutes, reassigned_trip_id_for, trip_id_for
 from services.transfer.schemas import (
@@ -63,6 +64,7 @@ async def acknowledge_notice(uow: UnitOfWork, trip_id: str, cmd: NoticeAckIn) ->
 
 async def report_position(uow: UnitOfWork, trip_id: str, cmd: PositionIn) -> tuple[Trip, bool]:
     trip = await uow.require(Trip, trip_id, "trip")
+    not_ahead("at", cmd.at, utcnow())  # else one wrong clock would hide every later point
     cfg = settings()
     recorded = trip.report_position(cmd.location, cmd.at, await eta_from(uow, trip, cmd.location),
                                     cfg.track_min_distance_m, cfg.track_min_interval_s)

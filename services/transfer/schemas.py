@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from libs.events.catalog.common import Location
+from libs.web.fields import Instant, Text
 
 
 class Strict(BaseModel):
@@ -24,30 +25,30 @@ class Step(StrEnum):
 
 class StepIn(Strict):
     step: Step
-    at: AwareDatetime
-    client_event_id: str = Field(min_length=1, max_length=100)
+    at: Instant
+    client_event_id: Text = Field(min_length=1, max_length=100)
     position: Location | None = None
-    received_by: str | None = Field(default=None, max_length=100)
+    received_by: Text | None = Field(default=None, max_length=100)
 
 
 class HandoverIn(Strict):
-    facility_id: str = Field(min_length=1, max_length=64)
-    received_by: str = Field(min_length=1, max_length=100)
-    at: AwareDatetime
+    facility_id: Text = Field(min_length=1, max_length=64)
+    received_by: Text = Field(min_length=1, max_length=100)
+    at: Instant
 
 
 class ReturnRequestIn(Strict):
     """The hospital (HIS) asks for the return leg (R11); `facility_id` is where the patient is."""
 
-    facility_id: str = Field(min_length=1, max_length=64)
-    at: AwareDatetime
+    facility_id: Text = Field(min_length=1, max_length=64)
+    at: Instant
 
 
 class AdmissionIn(Strict):
     """The hospital admits the patient instead of sending them back: the loop closes (R11)."""
 
-    facility_id: str = Field(min_length=1, max_length=64)
-    at: AwareDatetime
+    facility_id: Text = Field(min_length=1, max_length=64)
+    at: Instant
 
 
 class AbortCode(StrEnum):
@@ -66,8 +67,8 @@ class AbortIn(Strict):
     absent patient puts it back in the queue; `dispatch_action` says otherwise."""
 
     code: AbortCode
-    reason: str = Field(min_length=1, max_length=500)
-    at: AwareDatetime
+    reason: Text = Field(min_length=1, max_length=500)
+    at: Instant
     dispatch_action: DispatchAction | None = None
 
 
@@ -75,11 +76,11 @@ class NoticeAckIn(Strict):
     """The hospital acknowledges the pre-arrival notice (`notice_id` from the webhook body;
     without it, the trip's current notice)."""
 
-    notice_id: str | None = Field(default=None, max_length=64)
-    acknowledged_by: str = Field(min_length=1, max_length=100)
-    at: AwareDatetime
+    notice_id: Text | None = Field(default=None, max_length=64)
+    acknowledged_by: Text = Field(min_length=1, max_length=100)
+    at: Instant
 
 
 class PositionIn(Strict):
     location: Location
-    at: AwareDatetime
+    at: Instant

@@ -13,12 +13,12 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from libs.auth.policy import API_PREFIX, Grant
+from libs.auth.policy import API_PREFIX
 from libs.auth.privacy import UNMASK_ROLES
 from libs.auth.tokens import ROLES, SCOPE_CLAIMS
-from services.runtime import SERVICES, create_app
+from services.runtime import create_app
 from services.settings import Settings
-from tests.actors import Acting, as_
+from tests.actors import Acting, access_rules, as_
 from tests.scenarios import API, STEPS, TRANSFER, eventually, load_reference_data, ok, trip_of
 
 ID_NUMBER, PHONE = TRANSFER["patient"]["id_number"], TRANSFER["patient"]["phone"]
@@ -28,14 +28,6 @@ FROM_SITE = {**TRANSFER, "patient": {"name": "王二", "id_number": "64012119900
              "origin": {**TRANSFER["origin"], "facility_id": SITE},
              "requested_by": {"channel": "isolation_site", "org": "永宁县集中隔离医学观察点"}}
 ELSEWHERE = {"vehicle_id": "yn-bus-02", "facility_id": "nx-cardio", "site_id": "another-site"}
-
-
-def rules() -> dict[str, tuple[Grant, ...]]:
-    merged: dict[str, tuple[Grant, ...]] = {}
-    for spec in SERVICES.values():
-        assert spec.policy is not None
-        merged.update(spec.policy.rules)
-    return merged
 
 
 @pytest.fixture
@@ -82,9 +74,9 @@ def url(path: str, world: dict[str, str]) -> str:
 
 async def test_every_endpoint_has_a_rule_and_nothing_else_is_open(app: FastAPI) -> None:
     ops = {f"{m} {p}" for m, p in operations(app)}
-    assert ops == set(rules()), {"without a rule": ops - set(rules()),
-                                 "rule without an endpoint": set(rules()) - ops}
-    for key, grants in rules().items():
+    assert ops == set(access_rules()), {"without a rule": ops - set(access_rules()),
+                                        "rule without an endpoint": set(access_rules()) - ops}
+    for key, grants in access_rules().items():
         assert grants, f"{key}: a rule that lets nobody in"
         assert {g.role for g in grants} <= ROLES, key
 
@@ -97,7 +89,7 @@ async def test_role_by_endpoint_matrix(app: FastAPI, client: httpx.AsyncClient,
     before = await heads(app)
     granted: list[tuple[str, str, httpx.Response]] = []
     for method, path in operations(app):
-        grants = {g.role: g for g in rules()[f"{method} {path}"]}
+        grants = {g.role: g for g in access_rules()[f"{method} {path}"]}
         for role in sorted(ROLES):
             claim = SCOPE_CLAIMS.get(role)
             headers = as_(client, role, **({claim: ELSEWHERE[claim]} if claim else {}))
@@ -212,7 +204,7 @@ async def test_every_view_masks_for_those_who_do_not_need_the_numbers(
     for method, path in operations(app):
         if method != "GET":
             continue
-        grants = rules()[f"{method} {path}"]
+        grants = access_rules()[f"{method} {path}"]
         for grant in [g for g in grants if g.role not in UNMASK_ROLES]:
             bound = {"site_id": SITE} if grant.role == "site" else {}
             resp = await client.get(url(path, world), headers=as_(client, grant.role, **bound),

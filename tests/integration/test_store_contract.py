@@ -366,3 +366,19 @@ async def test_the_write_turn_keeps_other_writers_out_until_released(make_store:
         order.append("holder committed")
     await waiting
     assert order == ["holder committed", "other committed"]
+
+
+async def test_a_wait_cancelled_as_it_times_out_leaves_appends_free(make_store: MakeStore) -> None:
+    """Shutdown cancels the tails while they wait for appends. A cancel landing just as a
+    wait timed out, while a notify held the lock, used to leave the lock taken by nobody:
+    the wait failed with "Lock is not acquired" instead of stopping, and every later
+    append hung on its notify (and shutdown on the tails, 10 s each)."""
+    store = await make_store()
+    waiter = asyncio.create_task(store.wait_for_append(0.05))
+    await asyncio.sleep(0.01)  # waiting, the lock given back
+    async with store._appended:  # an append notifying, past the wait's timeout
+        await asyncio.sleep(0.1)
+        waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    await asyncio.wait_for(store.append("thing-1", 0, things(1), META), 5)

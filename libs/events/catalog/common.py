@@ -12,8 +12,9 @@ from libs.events.contracts import Event, registry
 class Location(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    lat: float = Field(ge=-90, le=90)
-    lon: float = Field(ge=-180, le=180)
+    # strict: a number, not "38.5" or true (what the JSON Schema of the API promises)
+    lat: float = Field(ge=-90, le=90, strict=True)
+    lon: float = Field(ge=-180, le=180, strict=True)
 
 
 # Contracts below are emitted by every service, each into its own store.
