@@ -59,6 +59,17 @@ class AuditData:
         trips = self.trips_of_transfer(transfer_id)
         return trips[0] if trips else None
 
+    def scope_ids(self, scope: str) -> set[str]:
+        """Every vehicle id ("vehicle") or transfer id ("transfer") these rows name."""
+        column = f"{scope}_id"
+        found: set[str] = set()
+        for name in ("transfers", "trips", "cycles", "swabs", "vehicles"):
+            found.update(r.get(column) for r in getattr(self, name).values())
+        for name in ("vehicle_log", "decisions", "others"):
+            found.update(r.get(column) for r in getattr(self, name))
+        found.discard(None)
+        return found
+
     def indexed(self) -> AuditData:
         """Builds the by-key indexes once, so the joins above stay linear on large data."""
         by_transfer: dict[str, list[dict[str, Any]]] = {}
@@ -85,6 +96,13 @@ class _Indexed(AuditData):
                  cycles_by_trip: dict[str, list[dict[str, Any]]],
                  swabs_by_cycle: dict[str, list[dict[str, Any]]]) -> None:
         super().__init__(**{k: getattr(base, k) for k in base.__dataclass_fields__})
+        # Rows in the order of their streams, not of the query that loaded them: what the
+        # checks find (and the order of its evidence) must not depend on how rows came back.
+        self.decisions = sorted(base.decisions, key=lambda r: (r["position"], r["event_id"]))
+        self.facility_loads = sorted(base.facility_loads, key=lambda r: (r["position"], r["event_id"]))
+        self.vehicle_log = sorted(base.vehicle_log, key=lambda r: (r["vehicle_id"], r["stream_version"],
+                                                                   r["event_id"]))
+        self.others = sorted(base.others, key=lambda r: (r["stream_id"], r["stream_version"], r["event_id"]))
         self._by_transfer, self._by_vehicle = by_transfer, by_vehicle
         self._cycles_by_trip, self._swabs_by_cycle = cycles_by_trip, swabs_by_cycle
 

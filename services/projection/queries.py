@@ -3,6 +3,7 @@ timelines, the feed and verification."""
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import orjson
@@ -14,6 +15,7 @@ from libs.events.envelope import GENESIS_HASH, ChainBreak, Envelope, verify_chai
 from libs.events.store import events_table
 from services.projection.data import AuditData
 from services.projection.facts import JSON_COLUMNS, SPECS
+from services.projection.findings import VEHICLE
 from services.projection.tables import Generation, active_generation, archive, envelope_of_row, generation
 
 KEYED = ("transfers", "trips", "cycles", "swabs", "vehicles", "facilities")
@@ -24,11 +26,94 @@ _LAZY = frozenset({"data"})  # whole payloads: the checks that need them parse t
 
 
 def _parse(row: Any) -> dict[str, Any]:
-    out = dict(row._mapping)
+    return _parse_map(dict(row._mapping))
+
+
+def _parse_map(out: dict[str, Any]) -> dict[str, Any]:
     for k, v in out.items():
         if v.__class__ is str and k in JSON_COLUMNS and k not in _LAZY:
             out[k] = orjson.loads(v)
     return out
+
+
+def parse_rows(result: Iterable[Any]) -> list[dict[str, Any]]:
+    return [_parse(r) for r in result]
+
+
+async def _fetch(conn: AsyncConnection, stmt: Any) -> list[dict[str, Any]]:
+    """Rows as dicts with their JSON parsed. A statement without parameters runs through
+    the asyncpg connection itself on PostgreSQL (a rebuild reads whole tables this way:
+    SQLAlchemy's row layer would cost it more than the database does)."""
+    if conn.dialect.name == "postgresql":
+        compiled = stmt.compile(dialect=conn.dialect)
+        if not compiled.params:
+            raw = await conn.get_raw_connection()
+            records = await raw.driver_connection.fetch(str(compiled))  # type: ignore[union-attr]
+            return [_parse_map(dict(r)) for r in records]
+    return parse_rows(await conn.execute(stmt))
+
+
+async def load_scope(conn: AsyncConnection, gen: Generation, scope: str | None,
+                     ids: Collection[str] | None) -> AuditData:
+    """The rows the checks of one scope read (findings.VEHICLE or findings.TRANSFER), for
+    these vehicles or transfers, or for all of them (`ids` None). The union of the loads of
+    single ids is the load of all: that is what lets a rebuild evaluate every scope at
+    once and find what the live model found one scope at a time."""
+    data = AuditData()
+
+    def sel(column: Any) -> Any:
+        return column.is_not(None) if ids is None else column.in_(list(ids))
+
+    async def rows(name: str, where: Any = None) -> list[dict[str, Any]]:
+        table = gen[name]
+        return await _fetch(conn, select(table) if where is None else select(table).where(where))
+
+    def keyed(name: str, found: list[dict[str, Any]]) -> None:
+        key = SPECS[name].key[0]
+        getattr(data, name).update({r[key]: r for r in found})
+
+    if scope == VEHICLE:
+        for name in ("vehicles", "cycles", "swabs"):
+            keyed(name, await rows(name, sel(gen[name].c.vehicle_id)))
+        # Its trips: those the transfer service opened with it, and those its own stream
+        # names (awaiting disinfection, returned to service), opened or not.
+        trips, log = gen["trips"], gen["vehicle_log"]
+        keyed("trips", await rows("trips", or_(sel(trips.c.vehicle_id), trips.c.trip_id.in_(
+            select(log.c.trip_id).where(and_(sel(log.c.vehicle_id), log.c.trip_id.is_not(None)))))))
+        for name in ("vehicle_log", "decisions", "others"):
+            getattr(data, name).extend(await rows(name, sel(gen[name].c.vehicle_id)))
+        return data
+    t = gen["transfers"]
+    keyed("transfers", await rows("transfers", None if ids is None else or_(sel(t.c.transfer_id),
+                                                                              sel(t.c.return_of))))
+    keyed("trips", await rows("trips", sel(gen["trips"].c.transfer_id)))
+    data.decisions = await rows("decisions", sel(gen["decisions"].c.transfer_id))
+    data.others = await rows("others", sel(gen["others"].c.transfer_id))
+    if ids is None:
+        for name in ("vehicles", "facilities"):
+            keyed(name, await rows(name))
+        data.facility_loads = await rows("facility_loads")
+        return data
+    # Only what these transfers name: the vehicles given to them, the facilities they
+    # went to, and the load report that came last before each destination decision (R7).
+    vehicle_ids = {d["vehicle_id"] for d in data.decisions if d.get("vehicle_id")}
+    facility_ids = {d["facility_id"] for d in data.decisions if d.get("facility_id")} | {
+        x["destination_id"] for x in data.transfers.values() if x.get("destination_id")}
+    if vehicle_ids:
+        keyed("vehicles", await rows("vehicles", gen["vehicles"].c.vehicle_id.in_(vehicle_ids)))
+    if facility_ids:
+        keyed("facilities", await rows("facilities", gen["facilities"].c.facility_id.in_(facility_ids)))
+    loads = gen["facility_loads"]
+    seen: set[str] = set()
+    for d in data.decisions:
+        if d.get("facility_id"):
+            for r in await _fetch(conn, select(loads).where(and_(
+                    loads.c.facility_id == d["facility_id"], loads.c.position < d["position"]))
+                    .order_by(loads.c.position.desc()).limit(1)):
+                if r["event_id"] not in seen:
+                    seen.add(r["event_id"])
+                    data.facility_loads.append(r)
+    return data
 
 
 async def current(conn: AsyncConnection) -> Generation | None:

@@ -94,16 +94,24 @@ _TYPES: dict[str, Any] = {
     "stream_version": Integer, "occupied": Integer, "ratio": Float, "overflowing": Boolean,
     "dedicated_pool": Boolean, "life_support": Boolean,
 }
-_INDEXED = {
-    "transfers": ("day", "vehicle_id", "destination_id"),
-    "decisions": ("transfer_id",),
-    "vehicle_log": ("vehicle_id",),
-    "facility_loads": ("facility_id",),
-    "trips": ("transfer_id", "vehicle_id"),
-    "cycles": ("vehicle_id", "trip_id"),
-    "swabs": ("vehicle_id", "cycle_id"),
-    "others": ("type",),
+# Indexes of the fact tables: what the views filter on, and what the findings model looks
+# up to know which scopes an event touches (violations.touched).
+_INDEXED: dict[str, tuple[tuple[str, ...], ...]] = {
+    "transfers": (("day",), ("vehicle_id",), ("destination_id",), ("return_of",)),
+    "decisions": (("transfer_id",), ("vehicle_id",), ("facility_id", "position"), ("position",)),
+    "vehicle_log": (("vehicle_id",),),
+    "facility_loads": (("facility_id", "position"),),
+    "trips": (("transfer_id",), ("vehicle_id",)),
+    "cycles": (("vehicle_id",), ("trip_id",)),
+    "swabs": (("vehicle_id",), ("cycle_id",)),
+    "others": (("type",), ("transfer_id",), ("vehicle_id",)),
 }
+# The findings, kept as a read model (violations.py): one row per finding, paged by
+# (at_key, id); `scope` is what re-evaluating a vehicle or a transfer replaces.
+FINDING_COLUMNS = ("id", "scope", "rule", "check", "kind", "at_key", "transfer_id", "vehicle_id",
+                   "facility_id", "body")
+_FINDING_PAGES = (("at_key", "id"), ("rule", "at_key", "id"), ("vehicle_id", "at_key", "id"),
+                  ("transfer_id", "at_key", "id"), ("facility_id", "at_key", "id"), ("scope",))
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,10 @@ class Generation:
 def generation(number: int) -> Generation:
     md = MetaData()
     tables: dict[str, Table] = {}
+
+    def indexes(name: str, sets: tuple[tuple[str, ...], ...]) -> list[Index]:
+        return [Index(f"ix_g{number}_{name}_{'_'.join(cols)}", *cols) for cols in sets]
+
     for name, spec in SPECS.items():
         cols: list[Any] = [Column(k, String(200), primary_key=True) for k in spec.key]
         for c in spec.columns:
@@ -127,8 +139,22 @@ def generation(number: int) -> Generation:
                 cols.append(Column(c, Text))
             else:
                 cols.append(Column(c, _TYPES.get(c, String(200))))
-        indexes = [Index(f"ix_g{number}_{name}_{c}", c) for c in _INDEXED.get(name, ())]
-        tables[name] = Table(f"g{number}_{name}", md, *cols, *indexes)
+        tables[name] = Table(f"g{number}_{name}", md, *cols, *indexes(name, _INDEXED.get(name, ())))
+    tables["findings"] = Table(
+        f"g{number}_findings", md, Column("id", String(16), primary_key=True),
+        Column("scope", String(220), nullable=False), Column("rule", String(40), nullable=False),
+        Column("check", String(80), nullable=False), Column("kind", String(20), nullable=False),
+        Column("at_key", String(30), nullable=False), Column("transfer_id", String(200)),
+        Column("vehicle_id", String(200)), Column("facility_id", String(200)),
+        Column("body", Text, nullable=False), *indexes("findings", _FINDING_PAGES))
+    # A check that failed on a scope's rows: reported beside the findings, never hiding them.
+    tables["check_failures"] = Table(
+        f"g{number}_check_failures", md, Column("scope", String(220), primary_key=True),
+        Column("check", String(80), primary_key=True), Column("rule", String(40), nullable=False),
+        Column("error", Text, nullable=False))
+    # Folds kept between events (the R4 queue fold: its position in dispatch's store and state).
+    tables["folds"] = Table(f"g{number}_folds", md, Column("name", String(50), primary_key=True),
+                            Column("value", Text, nullable=False))
     return Generation(number, md, tables)
 
 
@@ -229,14 +255,25 @@ async def bulk_insert(conn: AsyncConnection, gen: Generation, buffer: Buffer) ->
         spec = SPECS[name]
         columns = [*spec.key, *spec.columns]
         if conn.dialect.name == "postgresql":
-            raw = await conn.get_raw_connection()
-            records = [(*key, *(row.get(c) for c in spec.columns)) for key, row in rows.items()]
-            await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
-                gen[name].name, records=records, columns=columns)
+            await copy_records(conn, gen[name].name, columns, records_of(name, rows))
         else:
             full = [{**dict(zip(spec.key, key, strict=True)), **{c: row.get(c) for c in spec.columns}}
                     for key, row in rows.items()]
             await conn.execute(insert(gen[name]), full)
+
+
+def records_of(name: str, rows: dict[tuple[Any, ...], dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """Rows as tuples in the table's column order (key first), for COPY."""
+    cols = SPECS[name].columns
+    return [key + tuple(map(row.get, cols)) for key, row in rows.items()]
+
+
+async def copy_records(conn: AsyncConnection, table: str, columns: list[str],
+                       records: list[tuple[Any, ...]]) -> None:
+    """COPY through the asyncpg connection under SQLAlchemy's (PostgreSQL only)."""
+    raw = await conn.get_raw_connection()
+    await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
+        table, records=records, columns=columns)
 
 
 # -- the archive ------------------------------------------------------------------------
@@ -299,9 +336,9 @@ def envelope_of_row(row: Any) -> Envelope:
     )
 
 
-async def apply_live(conn: AsyncConnection, env: Envelope) -> int:
+async def apply_live(conn: AsyncConnection, env: Envelope) -> Generation:
     """One delivered event: archive it and fold it into the active generation, in the
-    subscription's transaction (with its tracking row). Returns its seq."""
+    subscription's transaction (with its tracking row). Returns that generation."""
     await lock_archive(conn)
     gen = await ensure_active(conn)
     seq = await next_seq(conn)
@@ -310,4 +347,4 @@ async def apply_live(conn: AsyncConnection, env: Envelope) -> int:
     buffer = Buffer()
     buffer.add_event(ev_of(env, row["payload"]))
     await flush(conn, gen, buffer)
-    return seq
+    return gen
