@@ -29,10 +29,10 @@ from libs.events.catalog import dispatch as dsp
 from libs.events.store import EventStore, Meta
 from services.projection import findings, kpis, ledger, queries
 from services.projection.consumers import CONSUMES
-from services.projection.facts import dump
+from services.projection.facts import ARCHIVE_COLUMNS, dump
 from services.projection.kpis import percentile
 from services.projection.rebuild import rebuild
-from services.projection.tables import ARCHIVE_COLUMNS, archive, metadata
+from services.projection.tables import archive, metadata
 
 PG = os.environ.get(
     "CLOSEDLOOP_TEST_PG_DSN",

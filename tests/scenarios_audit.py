@@ -213,7 +213,8 @@ async def check_views(c: httpx.AsyncClient, ids: dict[str, Any]) -> None:
     assert "candidates" in dest["why"] and dest["place"] == "yc-second"
     step = next(e for e in tl["entries"] if e["type"] == "TripStepReported")
     assert step["occurred_at"] != step["recorded_at"]  # the phone's clock beside the server's
-    assert [n["what"] for n in tl["notifications"]] == ["报备 (R10)"]
+    sent = [(n["what"], n["state"]) for n in tl["notifications"]]
+    assert sent[0] == ("报备 (R10)", "sent") and ("pre-arrival notice", "issued") in sent, sent
 
     # -- custody of nx-120-07: three trips, stages with footage, swabs, release, quarantine ----
     cu = ok(await c.get(f"{API}/audit/vehicles/nx-120-07/custody"))

@@ -7,6 +7,24 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import orjson
+
+from services.projection.facts import SPECS
+
+# A load plan as SQL for a worker process (queries.plan_sql): (AuditData attribute, SQL, its
+# JSON columns, whether it takes the share's ids as its one argument).
+PlanSql = list[tuple[str, str, tuple[str, ...], bool]]
+
+
+def parse_json(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Parses these JSON columns of loaded rows, in place."""
+    loads = orjson.loads
+    for row in rows:
+        for c in columns:
+            if row[c] is not None:
+                row[c] = loads(row[c])
+    return rows
+
 
 def ts(value: str | None) -> datetime | None:
     """RFC 3339 text to an aware datetime; None stays None."""
@@ -58,6 +76,15 @@ class AuditData:
     def first_trip(self, transfer_id: str) -> dict[str, Any] | None:
         trips = self.trips_of_transfer(transfer_id)
         return trips[0] if trips else None
+
+    def assemble(self, name: str, rows: list[dict[str, Any]]) -> None:
+        """Loaded rows of a fact table into this data: by key, or listed."""
+        target = getattr(self, name)
+        if isinstance(target, dict):
+            key = SPECS[name].key[0]
+            target.update({r[key]: r for r in rows})
+        else:
+            target.extend(rows)
 
     def scope_ids(self, scope: str) -> set[str]:
         """Every vehicle id ("vehicle") or transfer id ("transfer") these rows name."""
@@ -130,9 +157,7 @@ class _Indexed(AuditData):
 def from_rows(rows: dict[str, dict[tuple[Any, ...], dict[str, Any]]]) -> AuditData:
     """AuditData straight from folded fact rows (facts.Buffer.rows), with no database:
     what the unit tests and the benchmarks evaluate views on."""
-    import orjson
-
-    from services.projection.facts import JSON_COLUMNS, SPECS
+    from services.projection.facts import JSON_COLUMNS
 
     data = AuditData()
     for name, table in rows.items():

@@ -23,8 +23,6 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from libs.events.contracts import UnknownEventType, registry
-
 log = logging.getLogger(__name__)
 
 # The region's civil time (China has one zone and no daylight saving): ledger days and
@@ -55,10 +53,44 @@ class Ev(NamedTuple):
 
 def upcast(type_: str, version: int, payload: dict[str, Any]) -> dict[str, Any]:
     """Old payloads read as the current contract; unknown types pass as they are."""
+    # Imported here: a rebuild's worker processes fold without the catalogue (pydantic)
+    # until an event needs an upcaster.
+    import libs.events.catalog  # noqa: F401  (registers the contracts and their upcasters)
+    from libs.events.contracts import UnknownEventType, registry
+
     try:
         return registry.upcast(type_, version, payload)[1]
     except (UnknownEventType, LookupError):
         return payload
+
+
+def current_versions() -> dict[str, int]:
+    """Each registered type's schema version: an archived event at it needs no upcaster."""
+    import libs.events.catalog  # noqa: F401  (registers the contracts)
+    from libs.events.contracts import registry
+
+    return {name: cls.schema_version for name, cls in registry.types().items()}
+
+
+# An archive row as the rebuild reads it (audit_archive, tables.py).
+ARCHIVE_COLUMNS = ("seq", "event_id", "store", "position", "stream_id", "stream_version", "type",
+                   "schema_version", "occurred_at", "recorded_at", "actor", "role", "payload")
+
+
+def ev_of_row(row: Any, current: dict[str, int]) -> Ev:
+    """From an archive row in ARCHIVE_COLUMNS order (a SQLAlchemy row or an asyncpg
+    record): by position, and without the upcaster when the version is current, because
+    a rebuild does this a million times."""
+    (_, event_id, store, position, stream_id, stream_version, type_, schema_version,
+     occurred_at, recorded_at, actor, role, text_) = row
+    payload = orjson.loads(text_)
+    if current.get(type_) != schema_version:
+        upcasted = upcast(type_, schema_version, payload)
+        if upcasted is not payload:
+            return Ev(event_id, type_, store, stream_id, stream_version, position, occurred_at,
+                      recorded_at, actor, role, upcasted, schema_version, None)
+    return Ev(event_id, type_, store, stream_id, stream_version, position, occurred_at, recorded_at,
+              actor, role, payload, schema_version, text_)
 
 
 @dataclass(frozen=True)
@@ -480,6 +512,11 @@ class Buffer:
                 self.put(table, key, values)
         self.events += other.events
         self.unreadable += other.unreadable
+
+    def records(self, name: str) -> list[tuple[Any, ...]]:
+        """A table's rows as tuples in its column order (key first), for COPY."""
+        cols = SPECS[name].columns
+        return [key + tuple(map(row.get, cols)) for key, row in self.rows.get(name, {}).items()]
 
     def size(self) -> int:
         return sum(len(t) for t in self.rows.values())

@@ -24,6 +24,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from typing import Any
 
 import orjson
@@ -83,7 +84,7 @@ class Finding:
     vehicle_id: str | None = None
     facility_id: str | None = None
 
-    @property
+    @cached_property
     def id(self) -> str:
         ids = ",".join(sorted(str(e.get("event_id")) for e in self.evidence))
         return hashlib.sha256(f"{self.rule}:{self.check}:{ids}".encode()).hexdigest()[:16]
@@ -98,6 +99,18 @@ class Finding:
             "evidence": [{k: e.get(k) for k in ("event_id", "type", "store", "at", "recorded_at",
                                                  "actor", "role")} for e in self.evidence],
         }
+
+
+# A finding as a row of the findings read model (tables.generation, violations.py).
+ROW_COLUMNS = ("id", "scope", "rule", "check", "kind", "at_key", "transfer_id", "vehicle_id",
+               "facility_id", "body")
+
+
+def row_of(scope: str, f: Finding) -> dict[str, Any]:
+    return {"id": f.id, "scope": scope, "rule": f.rule, "check": f.check, "kind": f.kind,
+            "at_key": utc_key(f.at), "transfer_id": f.transfer_id, "vehicle_id": f.vehicle_id,
+            "facility_id": f.facility_id,
+            "body": orjson.dumps(f.view(), option=orjson.OPT_SORT_KEYS).decode()}
 
 
 Check = Callable[[AuditData], Iterable[Finding]]

@@ -3,7 +3,7 @@ timelines, the feed and verification."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 import orjson
@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from libs.events.catalog.common import PatientDataDisclosed
 from libs.events.envelope import GENESIS_HASH, ChainBreak, Envelope, verify_chain
 from libs.events.store import events_table
-from services.projection.data import AuditData
+from services.projection.data import AuditData, PlanSql, parse_json
 from services.projection.facts import JSON_COLUMNS, SPECS
 from services.projection.findings import VEHICLE
 from services.projection.tables import Generation, active_generation, archive, envelope_of_row, generation
@@ -40,74 +40,114 @@ def parse_rows(result: Iterable[Any]) -> list[dict[str, Any]]:
     return [_parse(r) for r in result]
 
 
-async def _fetch(conn: AsyncConnection, stmt: Any) -> list[dict[str, Any]]:
-    """Rows as dicts with their JSON parsed. A statement without parameters runs through
-    the asyncpg connection itself on PostgreSQL (a rebuild reads whole tables this way:
-    SQLAlchemy's row layer would cost it more than the database does)."""
+def _json_of(stmt: Any) -> tuple[str, ...]:
+    """The JSON columns a statement selects that are parsed as they load (`data`, whole
+    payloads, is parsed by the checks that need it)."""
+    return tuple(c.name for c in stmt.selected_columns if c.name in JSON_COLUMNS and c.name not in _LAZY)
+
+
+async def fetch(conn: AsyncConnection, stmt: Any) -> list[dict[str, Any]]:
+    """Rows as dicts with their JSON parsed. On PostgreSQL the statement runs through the
+    asyncpg connection itself (a rebuild reads whole tables this way: SQLAlchemy's row
+    layer would cost it more than the database does)."""
     if conn.dialect.name == "postgresql":
+        compiled = stmt.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+        args = [compiled.params[name] for name in compiled.positiontup or ()]
+        raw = await conn.get_raw_connection()
+        records = await raw.driver_connection.fetch(str(compiled), *args)  # type: ignore[union-attr]
+        return parse_json([dict(r) for r in records], _json_of(stmt))
+    return parse_json([dict(r._mapping) for r in await conn.execute(stmt)], _json_of(stmt))
+
+
+# What the checks read of the keyed tables: a rebuild evaluates every scope at once, and
+# parsing the JSON of columns no check reads (a trip's six steps, ...) would double its cost.
+_CHECKED: dict[str, tuple[str, ...]] = {
+    "transfers": ("transfer_id", "origin_kind", "risk_category", "destination_id", "vehicle_id", "return_of",
+                  "request", "destination", "reported", "handed_over"),
+    "trips": ("trip_id", "transfer_id", "vehicle_id", "opened_at", "opened", "completed", "handover",
+              "returned"),
+    "vehicles": ("vehicle_id", "kind", "dedicated_pool", "life_support"),
+}
+
+
+def _select(gen: Generation, name: str, where: Any = None) -> Any:
+    table = gen[name]
+    stmt = select(*(table.c[c] for c in _CHECKED[name])) if name in _CHECKED else select(table)
+    return stmt if where is None else stmt.where(where)
+
+
+def scope_plan(gen: Generation, scope: str, sel: Callable[[Any], Any]) -> list[tuple[str, Any]]:
+    """(AuditData attribute, statement) of what the checks of a scope read, for the keys
+    `sel` picks (sel(column) is the condition on a vehicle id or transfer id column).
+    Selected by key, the union of the loads of single keys is the load of them all: what
+    lets a rebuild evaluate every scope at once, or a share of them per worker process,
+    and find what the live model found one scope at a time."""
+    if scope == VEHICLE:
+        trips, log = gen["trips"], gen["vehicle_log"]
+        return [
+            *((name, _select(gen, name, sel(gen[name].c.vehicle_id)))
+              for name in ("vehicles", "cycles", "swabs", "vehicle_log", "decisions", "others")),
+            # Its trips: those the transfer service opened with it, and those its own stream
+            # names (awaiting disinfection, returned to service), opened or not.
+            ("trips", _select(gen, "trips", or_(sel(trips.c.vehicle_id), trips.c.trip_id.in_(
+                select(log.c.trip_id).where(and_(sel(log.c.vehicle_id), log.c.trip_id.is_not(None))))))),
+        ]
+    t = gen["transfers"]
+    return [
+        # Its return leg too (R11 closes the loop on its handover).
+        ("transfers", _select(gen, "transfers", or_(sel(t.c.transfer_id), sel(t.c.return_of)))),
+        *((name, _select(gen, name, sel(gen[name].c.transfer_id)))
+          for name in ("trips", "decisions", "others")),
+    ]
+
+
+def reference_plan(gen: Generation) -> list[tuple[str, Any]]:
+    """What transfers name, in full: vehicles, facilities and their load reports (the
+    checks look them up by id, so all of them serve any share of the transfers)."""
+    return [(name, _select(gen, name)) for name in ("vehicles", "facilities", "facility_loads")]
+
+
+def plan_sql(conn: AsyncConnection, plan: list[tuple[str, Any]]) -> PlanSql:
+    """A plan as PostgreSQL's SQL for a worker process: (attribute, SQL, JSON columns,
+    whether it takes the share's ids as its one argument)."""
+    out = []
+    for attr, stmt in plan:
         compiled = stmt.compile(dialect=conn.dialect)
-        if not compiled.params:
-            raw = await conn.get_raw_connection()
-            records = await raw.driver_connection.fetch(str(compiled))  # type: ignore[union-attr]
-            return [_parse_map(dict(r)) for r in records]
-    return parse_rows(await conn.execute(stmt))
+        out.append((attr, str(compiled), _json_of(stmt), bool(compiled.params)))
+    return out
 
 
 async def load_scope(conn: AsyncConnection, gen: Generation, scope: str | None,
                      ids: Collection[str] | None) -> AuditData:
     """The rows the checks of one scope read (findings.VEHICLE or findings.TRANSFER), for
-    these vehicles or transfers, or for all of them (`ids` None). The union of the loads of
-    single ids is the load of all: that is what lets a rebuild evaluate every scope at
-    once and find what the live model found one scope at a time."""
+    these vehicles or transfers, or for all of them (`ids` None)."""
     data = AuditData()
 
     def sel(column: Any) -> Any:
         return column.is_not(None) if ids is None else column.in_(list(ids))
 
-    async def rows(name: str, where: Any = None) -> list[dict[str, Any]]:
-        table = gen[name]
-        return await _fetch(conn, select(table) if where is None else select(table).where(where))
-
-    def keyed(name: str, found: list[dict[str, Any]]) -> None:
-        key = SPECS[name].key[0]
-        getattr(data, name).update({r[key]: r for r in found})
-
+    for attr, stmt in scope_plan(gen, scope or VEHICLE, sel):
+        data.assemble(attr, await fetch(conn, stmt))
     if scope == VEHICLE:
-        for name in ("vehicles", "cycles", "swabs"):
-            keyed(name, await rows(name, sel(gen[name].c.vehicle_id)))
-        # Its trips: those the transfer service opened with it, and those its own stream
-        # names (awaiting disinfection, returned to service), opened or not.
-        trips, log = gen["trips"], gen["vehicle_log"]
-        keyed("trips", await rows("trips", or_(sel(trips.c.vehicle_id), trips.c.trip_id.in_(
-            select(log.c.trip_id).where(and_(sel(log.c.vehicle_id), log.c.trip_id.is_not(None)))))))
-        for name in ("vehicle_log", "decisions", "others"):
-            getattr(data, name).extend(await rows(name, sel(gen[name].c.vehicle_id)))
         return data
-    t = gen["transfers"]
-    keyed("transfers", await rows("transfers", None if ids is None else or_(sel(t.c.transfer_id),
-                                                                              sel(t.c.return_of))))
-    keyed("trips", await rows("trips", sel(gen["trips"].c.transfer_id)))
-    data.decisions = await rows("decisions", sel(gen["decisions"].c.transfer_id))
-    data.others = await rows("others", sel(gen["others"].c.transfer_id))
     if ids is None:
-        for name in ("vehicles", "facilities"):
-            keyed(name, await rows(name))
-        data.facility_loads = await rows("facility_loads")
+        for attr, stmt in reference_plan(gen):
+            data.assemble(attr, await fetch(conn, stmt))
         return data
     # Only what these transfers name: the vehicles given to them, the facilities they
     # went to, and the load report that came last before each destination decision (R7).
     vehicle_ids = {d["vehicle_id"] for d in data.decisions if d.get("vehicle_id")}
     facility_ids = {d["facility_id"] for d in data.decisions if d.get("facility_id")} | {
         x["destination_id"] for x in data.transfers.values() if x.get("destination_id")}
-    if vehicle_ids:
-        keyed("vehicles", await rows("vehicles", gen["vehicles"].c.vehicle_id.in_(vehicle_ids)))
-    if facility_ids:
-        keyed("facilities", await rows("facilities", gen["facilities"].c.facility_id.in_(facility_ids)))
+    for name, wanted in (("vehicles", vehicle_ids), ("facilities", facility_ids)):
+        if wanted:
+            column = gen[name].c[SPECS[name].key[0]]
+            data.assemble(name, await fetch(conn, _select(gen, name, column.in_(wanted))))
     loads = gen["facility_loads"]
     seen: set[str] = set()
     for d in data.decisions:
         if d.get("facility_id"):
-            for r in await _fetch(conn, select(loads).where(and_(
+            for r in await fetch(conn, select(loads).where(and_(
                     loads.c.facility_id == d["facility_id"], loads.c.position < d["position"]))
                     .order_by(loads.c.position.desc()).limit(1)):
                 if r["event_id"] not in seen:

@@ -23,35 +23,37 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
+import gc
 import os
+import pickle
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import and_, func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from libs.events.contracts import registry
+import services
 from libs.events.envelope import iso, utcnow
 from libs.events.store import EventStore
 from services.projection import violations
-from services.projection.facts import SPECS, Buffer, Ev
+from services.projection.facts import ARCHIVE_COLUMNS, Buffer, Ev, current_versions, ev_of_row
 from services.projection.findings import registry_types
+from services.projection.slices import APPEND_ONLY, Part
 from services.projection.tables import (
-    ARCHIVE_COLUMNS,
     Generation,
     active_generation,
     archive,
     bulk_insert,
     create_generation,
+    create_indexes,
     drop_generation,
     ensure_active,
-    ev_of_row,
     flush,
     generation,
     generations_present,
@@ -78,6 +80,8 @@ class Report:
     seconds: float = 0.0
     events_per_second: float = 0.0
     findings: int = 0
+    workers: int = 1
+    phases: dict[str, float] = field(default_factory=dict)  # seconds each step took
     started_at: str = field(default_factory=lambda: iso(utcnow()))
     finished_at: str | None = None
 
@@ -95,7 +99,6 @@ async def write_tx(store: EventStore) -> AsyncIterator[AsyncConnection]:
 
 
 _COLS = [archive.c[c] for c in ARCHIVE_COLUMNS]
-APPEND_ONLY = [name for name, spec in SPECS.items() if spec.append_only]
 
 
 class _Reader:
@@ -105,52 +108,32 @@ class _Reader:
     def __init__(self, conn: AsyncConnection) -> None:
         self.conn = conn
         self.pg = conn.dialect.name == "postgresql"
-        self.cols = ", ".join(ARCHIVE_COLUMNS)
 
-    async def _fetch(self, sql: str, stmt: Any, *args: Any) -> list[Any]:
+    async def page(self, part: Part, after: int | None, page: int) -> list[Any]:
         if self.pg:
+            sql, args = part.query(after, page)
             raw = await self.conn.get_raw_connection()
             return list(await raw.driver_connection.fetch(sql, *args))  # type: ignore[union-attr]
-        return list(await self.conn.execute(stmt))
+        frm = part.lo if after is None else after
+        if part.order == "seq":
+            cond = [archive.c.seq > frm, *([archive.c.seq <= part.hi] if part.hi is not None else [])]
+            order: Any = archive.c.seq
+        else:
+            cond = [archive.c.store == part.store, archive.c.position > frm, archive.c.position <= part.hi,
+                    archive.c.seq <= part.seq_upto]
+            order = archive.c.position
+        return list(await self.conn.execute(select(*_COLS).where(and_(*cond)).order_by(order).limit(page)))
 
     async def by_seq(self, after: int, upto: int | None, page: int) -> list[Any]:
-        cond = archive.c.seq > after if upto is None else and_(archive.c.seq > after, archive.c.seq <= upto)
-        stmt = select(*_COLS).where(cond).order_by(archive.c.seq).limit(page)
-        bound = "" if upto is None else f" AND seq <= {int(upto)}"
-        sql = f"SELECT {self.cols} FROM audit_archive WHERE seq > $1{bound} ORDER BY seq LIMIT {int(page)}"
-        return await self._fetch(sql, stmt, after)
-
-    async def by_store(self, store: str, after: int, upto: int, seq_upto: int, page: int) -> list[Any]:
-        """A store's events with positions in (after, upto], among those archived up to seq_upto."""
-        stmt = (select(*_COLS).where(and_(
-            archive.c.store == store, archive.c.position > after, archive.c.position <= upto,
-            archive.c.seq <= seq_upto)).order_by(archive.c.position).limit(page))
-        sql = (f"SELECT {self.cols} FROM audit_archive WHERE store = $1 AND position > $2 "
-               f"AND position <= $3 AND seq <= $4 ORDER BY position LIMIT {int(page)}")
-        return await self._fetch(sql, stmt, store, after, upto, seq_upto)
-
-
-@dataclass(frozen=True)
-class Part:
-    """A slice of the archive folded on its own: seq in (lo, hi], or (order "store") the
-    positions (lo, hi] of one store among the events archived up to `seq_upto`. Slices
-    merge in their order like one fold (facts.Buffer.merge), since each keeps every
-    stream's own order."""
-
-    order: str
-    lo: int
-    hi: int
-    store: str = ""
-    seq_upto: int = 0
+        return await self.page(Part("seq", after, upto), None, page)
 
 
 async def _plan(conn: AsyncConnection, order: str, upto: int, slices: int) -> list[Part]:
+    step = max(1, -(-upto // slices))
     if order == "seq":
-        step = max(1, -(-upto // slices))
         return [Part("seq", lo, min(lo + step, upto)) for lo in range(0, upto, step)]
     tops = (await conn.execute(select(archive.c.store, func.max(archive.c.position)).where(
         archive.c.seq <= upto).group_by(archive.c.store).order_by(archive.c.store))).all()
-    step = max(1, -(-upto // slices))
     return [Part("store", lo, min(lo + step, top), store, upto)
             for store, top in tops for lo in range(0, top, step)]
 
@@ -158,20 +141,11 @@ async def _plan(conn: AsyncConnection, order: str, upto: int, slices: int) -> li
 async def _pages(reader: _Reader, part: Part, page: int) -> AsyncIterator[list[Any]]:
     """The part's pages in order; the next page is already being read while the caller
     folds this one (the database works on the other core meanwhile)."""
-    def next_page(rows: list[Any] | None) -> Any:
-        if part.order == "seq":
-            return reader.by_seq(rows[-1][0] if rows else part.lo, part.hi, page)
-        return reader.by_store(part.store, rows[-1][3] if rows else part.lo, part.hi, part.seq_upto, page)
-
-    pending = asyncio.ensure_future(next_page(None))
+    pending = asyncio.ensure_future(reader.page(part, None, page))
     while rows := await pending:
-        pending = asyncio.ensure_future(next_page(rows))
+        pending = asyncio.ensure_future(reader.page(part, part.last(rows[-1]), page))
         yield rows
     await pending
-
-
-def _versions() -> dict[str, int]:
-    return {name: cls.schema_version for name, cls in registry.types().items()}
 
 
 class _AppendWriter:
@@ -209,58 +183,87 @@ async def _write_fresh(store: EventStore, gen: Generation, part: Buffer) -> None
 
 
 async def _fold_part(store: EventStore, part: Part, page: int, buffer: Buffer, writer: _AppendWriter,
-                     spill: Callable[[], Awaitable[None]] | None = None) -> None:
-    current = _versions()
+                     spill: Callable[[], Awaitable[None]]) -> None:
+    current = current_versions()
     async with store.engine.connect() as rconn:
         async for rows in _pages(_Reader(rconn), part, page):
             add = buffer.add_event
             for row in rows:
                 add(ev_of_row(row, current))
             await writer.drain(buffer)
-            if spill is not None:
-                await spill()
+            await spill()
 
 
-def fold_in_process(url: str, search_path: str, number: int, part: Part, page: int) -> tuple[
-        dict[str, dict[tuple[Any, ...], dict[str, Any]]], int, int]:
-    """A worker process's part: folded, its append-only rows written, its keyed rows (a
-    transfer, a trip, ...) returned, since they may take facts from other parts too."""
-    async def run() -> tuple[dict[str, dict[tuple[Any, ...], dict[str, Any]]], int, int]:
-        store = EventStore.from_url("projection", url, pool_size=2, max_overflow=2,
-                                    connect_args={"server_settings": {"search_path": search_path}})
-        writer = _AppendWriter(store, generation(number), page)
-        buffer = Buffer()
+# Where the `services` package is: the workers import it from there whatever their cwd.
+_ROOT = str(Path(services.__file__).resolve().parent.parent)
+
+
+class _Workers:
+    """Worker processes (slices.py) for the PostgreSQL rebuild, fed jobs over pipes."""
+
+    def __init__(self, store: EventStore, count: int) -> None:
+        self.count = count
+        self.dsn = store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self.search_path = ""
+        self.procs: list[asyncio.subprocess.Process] = []
+        self.idle: asyncio.Queue[asyncio.subprocess.Process] = asyncio.Queue()
+
+    async def start(self, conn: AsyncConnection) -> None:
+        self.search_path = str(await conn.scalar(text("SHOW search_path")))
+        paths = (_ROOT, os.environ.get("PYTHONPATH"))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+        for _ in range(self.count):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "services.projection.slices", stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, env=env)
+            self.procs.append(proc)
+            self.idle.put_nowait(proc)
+
+    async def run(self, name: str, *args: Any) -> Any:
+        """One job on the next idle worker."""
+        proc = await self.idle.get()
+        assert proc.stdin is not None and proc.stdout is not None
         try:
-            await _fold_part(store, part, page, buffer, writer)
-            await writer.drain(buffer, force=True)
-            await writer.wait()
+            body = pickle.dumps((name, (self.dsn, self.search_path, *args)), protocol=pickle.HIGHEST_PROTOCOL)
+            proc.stdin.write(len(body).to_bytes(8, "big") + body)
+            await proc.stdin.drain()
+            size = int.from_bytes(await proc.stdout.readexactly(8), "big")
+            status, result = pickle.loads(await proc.stdout.readexactly(size))
         finally:
-            writer.cancel()
-            await store.close()
-        return buffer.rows, buffer.events, buffer.unreadable
+            self.idle.put_nowait(proc)
+        if status != "ok":
+            raise RuntimeError(f"rebuild worker failed on {name}:\n{result}")
+        return result
 
-    return asyncio.run(run())
-
-
-async def _fold_in_workers(store: EventStore, conn: AsyncConnection, gen: Generation, order: str,
-                           upto: int, page: int, workers: int) -> Buffer:
-    parts = await _plan(conn, order, upto, workers * 2)
-    url = store.engine.url.render_as_string(hide_password=False)
-    search_path = str(await conn.scalar(text("SHOW search_path")))
-    loop = asyncio.get_running_loop()
-    merged = Buffer()
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [loop.run_in_executor(pool, fold_in_process, url, search_path, gen.number, part, page)
-                   for part in parts]
+    async def fold(self, conn: AsyncConnection, gen: Generation, order: str, upto: int, page: int) -> Buffer:
+        versions = current_versions()
+        futures = [asyncio.ensure_future(self.run("fold_slice", gen.number, part, page, versions))
+                   for part in await _plan(conn, order, upto, self.count * 2)]
+        merged = Buffer()
         try:
             for future in futures:  # merged in the parts' order
                 rows, events, unreadable = await future
                 merged.merge(Buffer(rows, events, unreadable))
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
-    return merged
+        finally:
+            await asyncio.gather(*futures, return_exceptions=True)
+        return merged
+
+    async def findings(self, conn: AsyncConnection, gen: Generation, known: set[str]) -> int:
+        plans = violations.plans(conn, gen)
+        counts = await asyncio.gather(*(self.run("evaluate_share", gen.number, plans, share, known)
+                                        for share in await violations.shares(conn, gen, self.count * 2)))
+        return sum(counts)
+
+    async def close(self) -> None:
+        for proc in self.procs:
+            if proc.stdin is not None:
+                proc.stdin.close()
+        for proc in self.procs:
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
 
 
 def default_workers(store: EventStore) -> int:
@@ -279,7 +282,21 @@ async def rebuild(store: EventStore, *, order: str = "seq", page: int = 10_000,
     than `flush_rows` of them are held."""
     if order not in ("seq", "store"):
         raise ValueError("order is seq or store")
-    workers = default_workers(store) if workers is None else workers
+    collecting = gc.isenabled()
+    # A rebuild allocates millions of small objects that live until it ends: the cyclic
+    # collector would rescan them again and again (it doubled the time of the findings
+    # pass). Reference counting still frees what is dropped.
+    gc.disable()
+    try:
+        return await _rebuild(store, order, page, flush_rows, force,
+                              default_workers(store) if workers is None else workers)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+async def _rebuild(store: EventStore, order: str, page: int, flush_rows: int, force: bool,
+                   workers: int) -> Report:
     started = time.perf_counter()
     async with write_tx(store) as conn:
         await lock_archive(conn)
@@ -296,12 +313,21 @@ async def rebuild(store: EventStore, *, order: str = "seq", page: int = 10_000,
         for old in present:
             if old < active - 1 or old > active:
                 await drop_generation(conn, old)
-        gen = await create_generation(conn, number)
+        gen = await create_generation(conn, number, indexes=False)
         await set_meta(conn, BUILDING, f"{number}@{iso(utcnow())}")
         upto = int(await conn.scalar(select(func.max(archive.c.seq))) or 0)
-    report = Report(generation=number, previous=active, order=order)
+    report = Report(generation=number, previous=active, order=order, workers=workers)
+    mark = started
+
+    def lap(phase: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        report.phases[phase] = round(now - mark, 3)
+        mark = now
+
+    lap("setup")
     known = registry_types()
-    current = _versions()
+    current = current_versions()
     written: set[str] = set()  # keyed tables already holding rows: later writes must merge
     writer = _AppendWriter(store, gen, page)
     buffer = Buffer()
@@ -327,16 +353,20 @@ async def rebuild(store: EventStore, *, order: str = "seq", page: int = 10_000,
             add(ev)
         return evs
 
+    pool = _Workers(store, workers) if workers > 1 else None
     try:
-        if workers > 1:
+        if pool is not None:
             async with store.engine.connect() as pconn:
-                buffer = await _fold_in_workers(store, pconn, gen, order, upto, page, workers)
+                await pool.start(pconn)
+                lap("workers started")
+                buffer = await pool.fold(pconn, gen, order, upto, page)
         else:
             async with store.engine.connect() as pconn:
                 parts = await _plan(pconn, order, upto, 1)
             for part in parts:
                 await _fold_part(store, part, page, buffer, writer, spill)
         report.events = buffer.events
+        lap("fold")
         async with store.engine.connect() as rconn:
             # Catch up with what the live subscription archived meanwhile.
             reader = _Reader(rconn)
@@ -350,10 +380,20 @@ async def rebuild(store: EventStore, *, order: str = "seq", page: int = 10_000,
                     break
         await writer.drain(buffer, force=True)
         await writer.wait()
+        lap("catch up")
         await write_keyed()
-        # The findings of every scope, from the fact rows just written.
+        lap("keyed rows")
         async with write_tx(store) as conn:
-            report.findings = await violations.build(conn, gen, known, last)
+            await create_indexes(conn, gen)
+        lap("indexes")
+        # The findings of every scope, from the fact rows just written.
+        if pool is not None:
+            async with store.engine.connect() as conn:
+                report.findings = await pool.findings(conn, gen, known)
+            lap("findings in workers")
+        async with write_tx(store) as conn:
+            report.findings += await violations.build(conn, gen, known, last, shared=pool is not None)
+        lap("findings" if pool is None else "R4 queue")
         # The switch: live appends wait on the archive lock; whatever they archived since
         # the last read is folded here, with the findings it touches, as the live path
         # does, so the new generation misses nothing.
@@ -377,13 +417,18 @@ async def rebuild(store: EventStore, *, order: str = "seq", page: int = 10_000,
             await violations.advance_queue(conn, gen, known)
             await set_meta(conn, "active_generation", str(number))
             await conn.execute(meta_table.delete().where(meta_table.c.name == BUILDING))
+        lap("switch")
     except BaseException:
         writer.cancel()
+        if pool is not None:
+            await pool.close()
         async with write_tx(store) as conn:
             await conn.execute(meta_table.delete().where(meta_table.c.name == BUILDING))
             if await active_generation(conn) != number:
                 await drop_generation(conn, number)
         raise
+    if pool is not None:
+        await pool.close()
     report.seconds = time.perf_counter() - started
     report.events_per_second = (report.events + report.caught_up) / report.seconds if report.seconds else 0.0
     report.finished_at = iso(utcnow())

@@ -36,8 +36,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.schema import CreateTable
 
-from libs.events.contracts import registry
 from libs.events.envelope import Envelope, iso, utcnow
 from services.projection.facts import JSON_COLUMNS, SPECS, Buffer, Ev, dump, upcast
 
@@ -85,9 +85,6 @@ meta_table = Table(
 
 ACTIVE = "active_generation"
 ARCHIVE_LOCK = zlib.crc32(b"closedloop-projection-archive")
-ARCHIVE_COLUMNS = ("seq", "event_id", "store", "position", "stream_id", "stream_version", "type",
-                   "schema_version", "occurred_at", "recorded_at", "actor", "role", "payload")
-
 _TYPES: dict[str, Any] = {
     "day": String(10), "requested_at": String(40), "opened_at": String(40), "collected_at": String(40),
     "at": String(40), "recorded_at": String(40), "priority": Integer, "position": BigInteger,
@@ -108,8 +105,6 @@ _INDEXED: dict[str, tuple[tuple[str, ...], ...]] = {
 }
 # The findings, kept as a read model (violations.py): one row per finding, paged by
 # (at_key, id); `scope` is what re-evaluating a vehicle or a transfer replaces.
-FINDING_COLUMNS = ("id", "scope", "rule", "check", "kind", "at_key", "transfer_id", "vehicle_id",
-                   "facility_id", "body")
 _FINDING_PAGES = (("at_key", "id"), ("rule", "at_key", "id"), ("vehicle_id", "at_key", "id"),
                   ("transfer_id", "at_key", "id"), ("facility_id", "at_key", "id"), ("scope",))
 
@@ -179,11 +174,24 @@ async def set_meta(conn: AsyncConnection, name: str, value: str) -> None:
         await conn.execute(insert(meta_table).values(name=name, value=value))
 
 
-async def create_generation(conn: AsyncConnection, number: int) -> Generation:
+async def create_generation(conn: AsyncConnection, number: int, indexes: bool = True) -> Generation:
+    """The generation's tables; without their secondary indexes when `indexes` is false (a
+    rebuild loads them in bulk first: building an index once is cheaper than keeping it up
+    row by row), to be added by create_indexes."""
     gen = generation(number)
     await conn.run_sync(gen.metadata.drop_all)  # leftovers of an interrupted rebuild
-    await conn.run_sync(gen.metadata.create_all)
+    if indexes:
+        await conn.run_sync(gen.metadata.create_all)
+    else:
+        for table in gen.metadata.sorted_tables:
+            await conn.execute(CreateTable(table))
     return gen
+
+
+async def create_indexes(conn: AsyncConnection, gen: Generation) -> None:
+    for table in gen.metadata.sorted_tables:
+        for index in sorted(table.indexes, key=lambda i: str(i.name)):
+            await conn.run_sync(index.create)
 
 
 async def ensure_active(conn: AsyncConnection) -> Generation:
@@ -255,17 +263,11 @@ async def bulk_insert(conn: AsyncConnection, gen: Generation, buffer: Buffer) ->
         spec = SPECS[name]
         columns = [*spec.key, *spec.columns]
         if conn.dialect.name == "postgresql":
-            await copy_records(conn, gen[name].name, columns, records_of(name, rows))
+            await copy_records(conn, gen[name].name, columns, buffer.records(name))
         else:
             full = [{**dict(zip(spec.key, key, strict=True)), **{c: row.get(c) for c in spec.columns}}
                     for key, row in rows.items()]
             await conn.execute(insert(gen[name]), full)
-
-
-def records_of(name: str, rows: dict[tuple[Any, ...], dict[str, Any]]) -> list[tuple[Any, ...]]:
-    """Rows as tuples in the table's column order (key first), for COPY."""
-    cols = SPECS[name].columns
-    return [key + tuple(map(row.get, cols)) for key, row in rows.items()]
 
 
 async def copy_records(conn: AsyncConnection, table: str, columns: list[str],
@@ -304,26 +306,6 @@ def ev_of(env: Envelope, raw: str | None = None) -> Ev:
     return Ev(str(env.event_id), env.type, env.store, env.stream_id, env.stream_version,
               env.position, env.occurred_at, env.recorded_at, env.actor, env.role, payload,
               env.schema_version, raw if payload is env.payload else None)
-
-
-def _current_versions() -> dict[str, int]:
-    return {name: cls.schema_version for name, cls in registry.types().items()}
-
-
-def ev_of_row(row: Any, current: dict[str, int] | None = None) -> Ev:
-    """From an archive row in ARCHIVE_COLUMNS order (a SQLAlchemy row or an asyncpg
-    record): by position, and without the upcaster when the version is current, because
-    a rebuild does this a million times."""
-    (_, event_id, store, position, stream_id, stream_version, type_, schema_version,
-     occurred_at, recorded_at, actor, role, text_) = row
-    payload = orjson.loads(text_)
-    if (current or _current_versions()).get(type_) != schema_version:
-        upcasted = upcast(type_, schema_version, payload)
-        if upcasted is not payload:
-            return Ev(event_id, type_, store, stream_id, stream_version, position, occurred_at,
-                      recorded_at, actor, role, upcasted, schema_version, None)
-    return Ev(event_id, type_, store, stream_id, stream_version, position, occurred_at, recorded_at,
-              actor, role, payload, schema_version, text_)
 
 
 def envelope_of_row(row: Any) -> Envelope:

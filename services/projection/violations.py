@@ -29,27 +29,21 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, delete, func, insert, or_, select
+from sqlalchemy import String, and_, any_, bindparam, delete, func, insert, or_, select, union
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.events.envelope import Envelope
 from services.projection import findings as checks
-from services.projection.data import AuditData
-from services.projection.queries import load_scope, parse_rows
-from services.projection.tables import FINDING_COLUMNS, Generation, archive, copy_records
+from services.projection.data import AuditData, PlanSql
+from services.projection.queries import fetch, load_scope, parse_rows, plan_sql, reference_plan, scope_plan
+from services.projection.tables import Generation, archive, copy_records
 
 log = logging.getLogger(__name__)
 
 QUEUE_FOLD = "r4_queue"
 DISPATCH_STORE = "dispatch"
 MAX_PAGE = 1000
-
-
-def _row(scope: str, f: checks.Finding) -> dict[str, Any]:
-    return {"id": f.id, "scope": scope, "rule": f.rule, "check": f.check, "kind": f.kind,
-            "at_key": checks.utc_key(f.at), "transfer_id": f.transfer_id, "vehicle_id": f.vehicle_id,
-            "facility_id": f.facility_id,
-            "body": orjson.dumps(f.view(), option=orjson.OPT_SORT_KEYS).decode()}
 
 
 # -- which scopes an event touches ------------------------------------------------------
@@ -112,7 +106,7 @@ async def _replace(conn: AsyncConnection, gen: Generation, keys: set[str],
     await conn.execute(delete(table).where(table.c.scope.in_(keys)))
     await conn.execute(delete(failures).where(failures.c.scope.in_(keys)))
     if found:
-        await conn.execute(insert(table), [_row(k, f) for k, f in found])
+        await conn.execute(insert(table), [checks.row_of(k, f) for k, f in found])
     if failed:
         await conn.execute(insert(failures), failed)
 
@@ -171,7 +165,7 @@ async def advance_queue(conn: AsyncConnection, gen: Generation, known: set[str])
     found = await _queue(conn, gen, fold, rows)
     fold.position = upto
     if found:
-        await conn.execute(insert(gen["findings"]), [_row(checks.DISPATCH, f) for f in found])
+        await conn.execute(insert(gen["findings"]), [checks.row_of(checks.DISPATCH, f) for f in found])
     await _save_fold(conn, gen, fold, fresh)
 
 
@@ -206,35 +200,28 @@ async def apply(conn: AsyncConnection, gen: Generation, env: Envelope, known: se
         await advance_queue(conn, gen, known)
 
 
-async def build(conn: AsyncConnection, gen: Generation, known: set[str], upto_seq: int) -> int:
+async def build(conn: AsyncConnection, gen: Generation, known: set[str], upto_seq: int,
+                shared: bool = False) -> int:
     """Every scope at once (a rebuild, before its switch): the rows the live path would
-    have written, given the events archived up to `upto_seq` (all of them folded). A
-    check that fails over all the rows is run again scope by scope, so that one odd
-    scope costs only its own findings, as it does live. Returns how many findings."""
+    have written, given the events archived up to `upto_seq` (all of them folded). With
+    `shared`, worker processes have evaluated the vehicles and transfers (shares), and
+    only R4's fold is left here. Returns how many findings this wrote."""
     rows: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
-    transfers = AuditData()
-    for scope in (checks.VEHICLE, checks.TRANSFER):
-        data = await load_scope(conn, gen, scope, None)
-        if scope == checks.TRANSFER:
-            transfers = data
-        failed: list[dict[str, str]] = []
-        rows += [_row(k, f) for k, f in checks.evaluate_scope(data, scope, known, failed)]
-        if failed:
-            rows = [r for r in rows if not r["scope"].startswith(f"{scope}:")]
-            found, failures_of = await _scope_by_scope(conn, gen, scope, data, known)
+    if not shared:
+        for scope in (checks.VEHICLE, checks.TRANSFER):
+            found, failed = await _evaluate(conn, gen, scope, None, known)
             rows += found
-            failures += failures_of
+            failures += failed
     if checks.R4_SPEC.needs <= known:
         fold = checks.QueueFold()
         fold.position = await contiguous(conn, DISPATCH_STORE, 0, upto_seq)
         queue: dict[str, checks.Finding] = {}
-        for d in sorted((d for d in transfers.decisions
-                         if d["type"] in checks.R4_TYPES and d["position"] <= fold.position),
-                        key=lambda d: d["position"]):
-            for f in fold.apply(d, transfers):
+        data = await load_queue(conn, gen, fold.position)
+        for d in data.decisions:
+            for f in fold.apply(d, data):
                 queue.setdefault(f.id, f)
-        rows += [_row(checks.DISPATCH, f) for f in queue.values()]
+        rows += [checks.row_of(checks.DISPATCH, f) for f in queue.values()]
         await _save_fold(conn, gen, fold, fresh=True)
     await write_rows(conn, gen, rows)
     if failures:
@@ -242,18 +229,66 @@ async def build(conn: AsyncConnection, gen: Generation, known: set[str], upto_se
     return len(rows)
 
 
-async def _scope_by_scope(conn: AsyncConnection, gen: Generation, scope: str, data: AuditData,
-                          known: set[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    ids = data.scope_ids(scope)
+async def _evaluate(conn: AsyncConnection, gen: Generation, scope: str, ids: list[str] | None,
+                    known: set[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rows and failures of these scopes (all: None). A check that fails over many scopes
+    is run again scope by scope, so that one odd scope costs only its own findings, as it
+    does live."""
+    failed: list[dict[str, str]] = []
+    found = checks.evaluate_scope(await load_scope(conn, gen, scope, ids), scope, known, failed)
+    if not failed:
+        return [checks.row_of(k, f) for k, f in found], []
+    if ids is not None and len(ids) == 1:
+        key = f"{scope}:{ids[0]}"
+        return [checks.row_of(k, f) for k, f in found if k == key], [{**x, "scope": key} for x in failed]
     rows: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
-    for one in sorted(ids):
-        key = f"{scope}:{one}"
-        failed: list[dict[str, str]] = []
-        found = checks.evaluate_scope(await load_scope(conn, gen, scope, {one}), scope, known, failed)
-        rows += [_row(k, f) for k, f in found if k == key]
-        failures += [{**x, "scope": key} for x in failed]
+    for one in sorted(ids or await scope_ids(conn, gen, scope)):
+        r, x = await _evaluate(conn, gen, scope, [one], known)
+        rows += r
+        failures += x
     return rows, failures
+
+
+async def scope_ids(conn: AsyncConnection, gen: Generation, scope: str) -> list[str]:
+    """Every vehicle or transfer some fact row names (the keys of the scopes)."""
+    column = f"{scope}_id"
+    names = {checks.VEHICLE: ("vehicles", "vehicle_log", "trips", "cycles", "swabs", "decisions", "others"),
+             checks.TRANSFER: ("transfers", "trips", "decisions", "others")}[scope]
+    query = union(*(select(gen[n].c[column]).where(gen[n].c[column].is_not(None)) for n in names))
+    return sorted(r[0] for r in await conn.execute(query))
+
+
+async def load_queue(conn: AsyncConnection, gen: Generation, upto: int) -> AuditData:
+    """What R4's fold reads, up to a position of dispatch's store: the decisions it folds,
+    in order; every vehicle; the requests of the transfers that ever waited."""
+    d, t = gen["decisions"], gen["transfers"]
+    data = AuditData()
+    data.decisions = await fetch(conn, select(d).where(and_(
+        d.c.position <= upto, d.c.type.in_(checks.R4_TYPES))).order_by(d.c.position))
+    data.assemble("vehicles", await fetch(conn, select(gen["vehicles"])))
+    waited = select(d.c.transfer_id).where(d.c.type == "TransferQueued")
+    data.assemble("transfers", await fetch(conn, select(t.c.transfer_id, t.c.request).where(
+        t.c.transfer_id.in_(waited))))
+    return data
+
+
+async def shares(conn: AsyncConnection, gen: Generation, count: int) -> list[dict[str, list[str]]]:
+    """Every vehicle and transfer, dealt into `count` shares for worker processes."""
+    out: list[dict[str, list[str]]] = [{} for _ in range(count)]
+    for scope in (checks.VEHICLE, checks.TRANSFER):
+        ids = await scope_ids(conn, gen, scope)
+        for n, share in enumerate(out):
+            share[scope] = ids[n::count]
+    return out
+
+
+def plans(conn: AsyncConnection, gen: Generation) -> dict[str, PlanSql]:
+    """The scope loads as SQL taking a share's ids (worker processes run them)."""
+    ids = bindparam("ids", type_=ARRAY(String))
+    return {scope: plan_sql(conn, scope_plan(gen, scope, lambda column: column == any_(ids))
+                            + (reference_plan(gen) if scope == checks.TRANSFER else []))
+            for scope in (checks.VEHICLE, checks.TRANSFER)}
 
 
 async def write_rows(conn: AsyncConnection, gen: Generation, rows: list[dict[str, Any]]) -> None:
@@ -261,8 +296,8 @@ async def write_rows(conn: AsyncConnection, gen: Generation, rows: list[dict[str
     if not unique:
         return
     if conn.dialect.name == "postgresql":
-        await copy_records(conn, gen["findings"].name, list(FINDING_COLUMNS),
-                           [tuple(r[c] for c in FINDING_COLUMNS) for r in unique])
+        await copy_records(conn, gen["findings"].name, list(checks.ROW_COLUMNS),
+                           [tuple(r[c] for c in checks.ROW_COLUMNS) for r in unique])
     else:
         await conn.execute(insert(gen["findings"]), unique)
 
