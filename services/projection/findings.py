@@ -911,8 +911,6 @@ R4_SPEC = CheckSpec("R4", "priority_inversion",
                                "TransferReprioritized", "TransferCancelled"}),
                     r4_priority_inversion, DISPATCH)
 ALL_CHECKS = (*CHECKS, R4_SPEC)
-# R5 is checked by r3_r5_vehicle_fit (listed under R3 above) and named in its findings.
-ALSO_CHECKED_BY = {"R5": "vehicle_not_dedicated"}
 
 
 def active_checks(known_types: set[str]) -> tuple[list[CheckSpec], list[CheckSpec]]:

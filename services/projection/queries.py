@@ -4,10 +4,12 @@ timelines, the feed and verification."""
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable
+from functools import lru_cache
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, or_, select
+from sqlalchemy import BigInteger, String, and_, any_, bindparam, literal_column, or_, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.events.catalog.common import PatientDataDisclosed
@@ -16,6 +18,7 @@ from libs.events.store import events_table
 from services.projection.data import AuditData, PlanSql, parse_json
 from services.projection.facts import JSON_COLUMNS, SPECS
 from services.projection.findings import VEHICLE
+from services.projection.slices import run_plan
 from services.projection.tables import Generation, active_generation, archive, envelope_of_row, generation
 
 KEYED = ("transfers", "trips", "cycles", "swabs", "vehicles", "facilities")
@@ -107,26 +110,59 @@ def reference_plan(gen: Generation) -> list[tuple[str, Any]]:
     return [(name, _select(gen, name)) for name in ("vehicles", "facilities", "facility_loads")]
 
 
-def plan_sql(conn: AsyncConnection, plan: list[tuple[str, Any]]) -> PlanSql:
-    """A plan as PostgreSQL's SQL for a worker process: (attribute, SQL, JSON columns,
-    whether it takes the share's ids as its one argument)."""
+IDS = bindparam("ids", type_=ARRAY(String))  # a list of vehicle or transfer ids, on PostgreSQL
+
+
+def _any(column: Any) -> Any:
+    return column == any_(IDS)
+
+
+@lru_cache(maxsize=64)
+def _compiled(number: int, scope: str, dialect: Any) -> tuple[PlanSql, PlanSql]:
+    """A generation's scope plan for a list of ids as PostgreSQL SQL, and what the
+    transfers' checks look up by id (compiled once: the live path loads a scope per
+    event, and compiling a dozen statements each time would cost more than running them)."""
+    gen = generation(number)
+    loads = gen["facility_loads"]
+    named: list[tuple[str, Any]] = [
+        ("vehicles", _select(gen, "vehicles", _any(gen["vehicles"].c.vehicle_id))),
+        ("facilities", _select(gen, "facilities", _any(gen["facilities"].c.facility_id))),
+        # The load report that came last before a destination decision (R7): $1 the
+        # facility, $2 the decision's position.
+        ("facility_loads", select(loads).where(and_(
+            loads.c.facility_id == bindparam("f", type_=String),
+            loads.c.position < bindparam("p", type_=BigInteger))).order_by(loads.c.position.desc())
+         .limit(literal_column("1"))),
+    ]
+    return _to_sql(dialect, scope_plan(gen, scope, _any)), _to_sql(dialect, named)
+
+
+def _to_sql(dialect: Any, plan: list[tuple[str, Any]]) -> PlanSql:
     out = []
     for attr, stmt in plan:
-        compiled = stmt.compile(dialect=conn.dialect)
+        compiled = stmt.compile(dialect=dialect)
         out.append((attr, str(compiled), _json_of(stmt), bool(compiled.params)))
     return out
+
+
+def plan_sql(conn: AsyncConnection, plan: list[tuple[str, Any]]) -> PlanSql:
+    """A plan as PostgreSQL's SQL for a worker process."""
+    return _to_sql(conn.dialect, plan)
 
 
 async def load_scope(conn: AsyncConnection, gen: Generation, scope: str | None,
                      ids: Collection[str] | None) -> AuditData:
     """The rows the checks of one scope read (findings.VEHICLE or findings.TRANSFER), for
     these vehicles or transfers, or for all of them (`ids` None)."""
+    scope = scope or VEHICLE
+    if ids is not None and conn.dialect.name == "postgresql":
+        return await _load_ids_pg(conn, gen, scope, list(ids))
     data = AuditData()
 
     def sel(column: Any) -> Any:
         return column.is_not(None) if ids is None else column.in_(list(ids))
 
-    for attr, stmt in scope_plan(gen, scope or VEHICLE, sel):
+    for attr, stmt in scope_plan(gen, scope, sel):
         data.assemble(attr, await fetch(conn, stmt))
     if scope == VEHICLE:
         return data
@@ -134,25 +170,50 @@ async def load_scope(conn: AsyncConnection, gen: Generation, scope: str | None,
         for attr, stmt in reference_plan(gen):
             data.assemble(attr, await fetch(conn, stmt))
         return data
-    # Only what these transfers name: the vehicles given to them, the facilities they
-    # went to, and the load report that came last before each destination decision (R7).
-    vehicle_ids = {d["vehicle_id"] for d in data.decisions if d.get("vehicle_id")}
-    facility_ids = {d["facility_id"] for d in data.decisions if d.get("facility_id")} | {
-        x["destination_id"] for x in data.transfers.values() if x.get("destination_id")}
-    for name, wanted in (("vehicles", vehicle_ids), ("facilities", facility_ids)):
+    vehicles, facilities, loads = _named(data)
+    for name, wanted in (("vehicles", vehicles), ("facilities", facilities)):
         if wanted:
             column = gen[name].c[SPECS[name].key[0]]
             data.assemble(name, await fetch(conn, _select(gen, name, column.in_(wanted))))
-    loads = gen["facility_loads"]
-    seen: set[str] = set()
-    for d in data.decisions:
-        if d.get("facility_id"):
-            for r in await fetch(conn, select(loads).where(and_(
-                    loads.c.facility_id == d["facility_id"], loads.c.position < d["position"]))
-                    .order_by(loads.c.position.desc()).limit(1)):
-                if r["event_id"] not in seen:
-                    seen.add(r["event_id"])
-                    data.facility_loads.append(r)
+    table = gen["facility_loads"]
+    found: dict[str, dict[str, Any]] = {}
+    for facility_id, position in loads:
+        for r in await fetch(conn, select(table).where(and_(
+                table.c.facility_id == facility_id, table.c.position < position))
+                .order_by(table.c.position.desc()).limit(1)):
+            found[r["event_id"]] = r
+    data.facility_loads = list(found.values())
+    return data
+
+
+def _named(data: AuditData) -> tuple[set[str], set[str], list[tuple[str, int]]]:
+    """Only what these transfers name: the vehicles given to them, the facilities they
+    went to, and (facility, position) of each destination decision, whose last load
+    report before it R7 reads."""
+    vehicles = {d["vehicle_id"] for d in data.decisions if d.get("vehicle_id")}
+    facilities = {d["facility_id"] for d in data.decisions if d.get("facility_id")} | {
+        x["destination_id"] for x in data.transfers.values() if x.get("destination_id")}
+    loads = sorted({(d["facility_id"], d["position"]) for d in data.decisions if d.get("facility_id")})
+    return vehicles, facilities, loads
+
+
+async def _load_ids_pg(conn: AsyncConnection, gen: Generation, scope: str, ids: list[str]) -> AuditData:
+    plan, named = _compiled(gen.number, scope, conn.dialect)
+    raw: Any = (await conn.get_raw_connection()).driver_connection
+    data = await run_plan(raw, plan, ids)
+    if scope == VEHICLE:
+        return data
+    vehicles, facilities, loads = _named(data)
+    (_, vehicles_sql, vehicles_json, _), (_, facilities_sql, facilities_json, _), (_, loads_sql, _, _) = named
+    data.assemble("vehicles", parse_json([dict(r) for r in await raw.fetch(vehicles_sql, sorted(vehicles))],
+                                         vehicles_json))
+    data.assemble("facilities", parse_json([dict(r) for r in await raw.fetch(
+        facilities_sql, sorted(facilities))], facilities_json))
+    found: dict[str, dict[str, Any]] = {}
+    for facility_id, position in loads:
+        for r in await raw.fetch(loads_sql, facility_id, position):
+            found[r["event_id"]] = dict(r)
+    data.facility_loads = list(found.values())
     return data
 
 

@@ -113,6 +113,15 @@ async def _fold_slice(dsn: str, search_path: str, number: int, part: Part, page:
     return buffer.rows, buffer.events, buffer.unreadable
 
 
+async def run_plan(conn: Any, plan: PlanSql, ids: list[str]) -> AuditData:
+    """A load plan (queries.scope_plan as SQL) for these ids, on an asyncpg connection."""
+    data = AuditData()
+    for attr, sql, json, takes_ids in plan:
+        rows = await (conn.fetch(sql, ids) if takes_ids else conn.fetch(sql))
+        data.assemble(attr, parse_json([dict(r) for r in rows], json))
+    return data
+
+
 def evaluate_share(dsn: str, search_path: str, number: int, plans: dict[str, PlanSql],
                    share: dict[str, list[str]], known: set[str]) -> int:
     """Runs in a worker process: writes the findings of these vehicles and transfers (and
@@ -126,11 +135,7 @@ async def _evaluate_share(dsn: str, search_path: str, number: int, plans: dict[s
     conn = await asyncpg.connect(dsn, server_settings={"search_path": search_path})
 
     async def load(plan: PlanSql, ids: list[str]) -> AuditData:
-        data = AuditData()
-        for attr, sql, json, takes_ids in plan:
-            rows = await (conn.fetch(sql, ids) if takes_ids else conn.fetch(sql))
-            data.assemble(attr, parse_json([dict(r) for r in rows], json))
-        return data
+        return await run_plan(conn, plan, ids)
 
     async def evaluate(scope: str, ids: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         keys = {f"{scope}:{i}" for i in ids}

@@ -29,14 +29,21 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import String, and_, any_, bindparam, delete, func, insert, or_, select, union
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import and_, any_, delete, func, insert, or_, select, union
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.events.envelope import Envelope
 from services.projection import findings as checks
 from services.projection.data import AuditData, PlanSql
-from services.projection.queries import fetch, load_scope, parse_rows, plan_sql, reference_plan, scope_plan
+from services.projection.queries import (
+    IDS,
+    fetch,
+    load_scope,
+    parse_rows,
+    plan_sql,
+    reference_plan,
+    scope_plan,
+)
 from services.projection.tables import Generation, archive, copy_records
 
 log = logging.getLogger(__name__)
@@ -284,9 +291,9 @@ async def shares(conn: AsyncConnection, gen: Generation, count: int) -> list[dic
 
 
 def plans(conn: AsyncConnection, gen: Generation) -> dict[str, PlanSql]:
-    """The scope loads as SQL taking a share's ids (worker processes run them)."""
-    ids = bindparam("ids", type_=ARRAY(String))
-    return {scope: plan_sql(conn, scope_plan(gen, scope, lambda column: column == any_(ids))
+    """The scope loads as SQL taking a share's ids (worker processes run them), with every
+    vehicle, facility and load report for the transfers' checks."""
+    return {scope: plan_sql(conn, scope_plan(gen, scope, lambda column: column == any_(IDS))
                             + (reference_plan(gen) if scope == checks.TRANSFER else []))
             for scope in (checks.VEHICLE, checks.TRANSFER)}
 
