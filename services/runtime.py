@@ -50,6 +50,7 @@ from services.projection import access as projection_access
 from services.projection import api as projection_api
 from services.projection import consumers as projection_consumers
 from services.projection import read_models
+from services.projection import rebuild as projection_rebuild
 from services.settings import PORTS, Settings
 from services.transfer import access as transfer_access
 from services.transfer import api as transfer_api
@@ -89,6 +90,7 @@ SERVICES: dict[str, ServiceSpec] = {
     "projection": ServiceSpec("projection", projection_api.router,
                               {"projection": projection_consumers.CONSUMES},
                               publishes=False, tables=read_models.metadata,
+                              background=(projection_rebuild.upgrade,),
                               policy=projection_access.POLICY),
 }
 STOP_GRACE_S = 10.0

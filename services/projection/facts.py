@@ -7,10 +7,11 @@ their stream gave (`first`) or the last (`last`). Both sources of events (the st
 and Kafka) keep the order within a stream and nothing else, so this rule makes the
 tables a function of the set of events, whatever order the streams interleave in: the
 live model folded from Kafka and a rebuild folded store after store come out identical
-(tests/unit/test_projection_facts.py shuffles to show it).
+(tests/unit/test_projection_findings.py shuffles to show it).
 
-Views (findings, KPIs, custody, ledger, exposures) are pure functions over these rows,
-evaluated when asked; they join across streams then, not here.
+Views (KPIs, custody, ledger, exposures) are pure functions over these rows, evaluated
+when asked; the findings are too, but kept as a read model of their own (violations.py).
+They join across streams then, not here.
 """
 
 from __future__ import annotations
@@ -172,6 +173,7 @@ JSON_COLUMNS = frozenset({
     "collected", "result",
 })
 _LAST = {name: spec.last for name, spec in SPECS.items()}
+_APPEND_ONLY = frozenset(name for name, spec in SPECS.items() if spec.append_only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,6 +474,9 @@ class Buffer:
         rows = self.rows.get(table)
         if rows is None:
             rows = self.rows[table] = {}
+        if table in _APPEND_ONLY:  # one row per event: the first one stays, as in the database
+            rows.setdefault(key, values)
+            return
         row = rows.get(key)
         if row is None:
             rows[key] = values

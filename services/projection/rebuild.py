@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import logging
 import os
 import pickle
 import sys
@@ -46,8 +47,10 @@ from services.projection.facts import ARCHIVE_COLUMNS, Buffer, Ev, current_versi
 from services.projection.findings import registry_types
 from services.projection.slices import APPEND_ONLY, Part
 from services.projection.tables import (
+    SCHEMA,
     Generation,
     active_generation,
+    active_schema,
     archive,
     bulk_insert,
     create_generation,
@@ -59,8 +62,11 @@ from services.projection.tables import (
     generations_present,
     lock_archive,
     meta_table,
+    schema_digest,
     set_meta,
 )
+
+log = logging.getLogger(__name__)
 
 BUILDING = "building_generation"
 STALE_SECONDS = 3600
@@ -416,6 +422,7 @@ async def _rebuild(store: EventStore, order: str, page: int, flush_rows: int, fo
             await violations.refresh(conn, gen, known, vehicles=vehicles, transfers=transfers)
             await violations.advance_queue(conn, gen, known)
             await set_meta(conn, "active_generation", str(number))
+            await set_meta(conn, SCHEMA, schema_digest())
             await conn.execute(meta_table.delete().where(meta_table.c.name == BUILDING))
         lap("switch")
     except BaseException:
@@ -435,9 +442,25 @@ async def _rebuild(store: EventStore, order: str, page: int, flush_rows: int, fo
     return report
 
 
-def main() -> None:
-    import logging
+async def upgrade(store: EventStore, stop: asyncio.Event) -> None:
+    """At start: when the active generation was built by older code (other tables or
+    columns), rebuild it with this code's, so that the live path can write to it. Until
+    the switch the subscription's writes fail and are retried; reads go on."""
+    async with store.engine.connect() as conn:
+        if await active_generation(conn) is None or await active_schema(conn) == schema_digest():
+            return
+    log.warning("projection: the read models were built by older code; rebuilding them")
+    while not stop.is_set():
+        try:
+            report = await rebuild(store, force=True)
+            log.info("projection: rebuilt as generation %d (%d events)", report.generation, report.events)
+            return
+        except Exception:
+            log.exception("projection: the upgrade rebuild failed; trying again")
+            await asyncio.sleep(5)
 
+
+def main() -> None:
     from services.projection.tables import metadata
     from services.settings import Settings
 

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -194,6 +195,19 @@ async def create_indexes(conn: AsyncConnection, gen: Generation) -> None:
             await conn.run_sync(index.create)
 
 
+def schema_digest() -> str:
+    """What a generation's tables look like (names, columns, indexes): a generation built
+    by older code differs, and is rebuilt (rebuild.upgrade) before the live path uses it."""
+    gen = generation(0)
+    shape = sorted((t.name, [(c.name, str(c.type)) for c in t.columns],
+                    sorted(sorted(c.name for c in i.columns) for i in t.indexes))
+                   for t in gen.tables.values())
+    return hashlib.sha256(repr(shape).encode()).hexdigest()[:16]
+
+
+SCHEMA = "generation_schema"
+
+
 async def ensure_active(conn: AsyncConnection) -> Generation:
     """The active generation, created as generation 1 on a fresh database."""
     number = await active_generation(conn)
@@ -201,8 +215,14 @@ async def ensure_active(conn: AsyncConnection) -> Generation:
         gen = generation(1)
         await conn.run_sync(gen.metadata.create_all)
         await set_meta(conn, ACTIVE, "1")
+        await set_meta(conn, SCHEMA, schema_digest())
         return gen
     return generation(number)
+
+
+async def active_schema(conn: AsyncConnection) -> str | None:
+    """The schema digest of the active generation (None: older than the digest)."""
+    return await conn.scalar(select(meta_table.c.value).where(meta_table.c.name == SCHEMA))
 
 
 async def generations_present(conn: AsyncConnection) -> list[int]:

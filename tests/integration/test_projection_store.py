@@ -22,8 +22,17 @@ from libs.events.contracts import Event
 from libs.events.store import EventStore, Meta
 from services.projection import queries, violations
 from services.projection.consumers import CONSUMES
-from services.projection.rebuild import rebuild
-from services.projection.tables import archive, generation, metadata
+from services.projection.rebuild import rebuild, upgrade
+from services.projection.tables import (
+    SCHEMA,
+    active_generation,
+    active_schema,
+    archive,
+    generation,
+    meta_table,
+    metadata,
+    schema_digest,
+)
 from tests.conftest import fresh_pg_schema, pg_store
 
 LOC = {"lat": 38.0, "lon": 106.0}
@@ -214,3 +223,22 @@ async def test_rebuild_while_events_keep_arriving_misses_nothing(stores: dict[st
     report = await rebuild(proj, order="store")
     async with proj.engine.connect() as conn:
         assert await queries.dump(conn, generation(report.generation)) == live
+
+
+async def test_read_models_built_by_older_code_are_rebuilt_at_start(stores: dict[str, EventStore]) -> None:
+    """A projection database whose active generation predates this code's tables (no
+    schema digest, or another one) is rebuilt at start; a current one is left alone."""
+    await forbidden_histories(stores)
+    await run_projection(stores)
+    proj = stores["projection"]
+    async with proj.engine.begin() as conn:
+        before = await queries.dump(conn, generation(1))
+        await conn.execute(meta_table.delete().where(meta_table.c.name == SCHEMA))
+    await upgrade(proj, asyncio.Event())
+    async with proj.engine.connect() as conn:
+        assert await active_generation(conn) == 2
+        assert await active_schema(conn) == schema_digest()
+        assert await queries.dump(conn, generation(2)) == before
+    await upgrade(proj, asyncio.Event())
+    async with proj.engine.connect() as conn:
+        assert await active_generation(conn) == 2
