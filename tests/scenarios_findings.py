@@ -13,10 +13,9 @@ from typing import Any
 import httpx
 
 from tests import scenarios_disinfection, scenarios_dispatch, scenarios_trip
+from tests.actors import as_
 from tests.scenarios import API, drive_to_handover, load_reference_data, ok, patient, trip_of, vehicle_status
 from tests.scenarios_audit import caught_up
-
-SUPERVISOR = {"X-Actor": "supervisor-ma", "X-Role": "supervisor"}
 
 
 async def findings(c: httpx.AsyncClient, **params: Any) -> list[dict[str, Any]]:
@@ -99,7 +98,8 @@ async def supervisor_assigns_before_release(c: httpx.AsyncClient) -> None:
     second = ok(await c.post(f"{API}/transfers", json=patient(2)), 201)
     reason = "批量伤员，洗消前紧急出车"
     ok(await c.post(f"{API}/transfers/{second['id']}/assign",
-                    json={"vehicle_id": "nx-120-07", "override_reason": reason}, headers=SUPERVISOR))
+                    json={"vehicle_id": "nx-120-07", "override_reason": reason},
+                    headers=as_(c, "supervisor", "supervisor-ma")))
     await trip_of(c, "nx-120-07", second["id"])
     found = await findings(c, transfer_id=second["id"])
     r2 = of(found, "R2")

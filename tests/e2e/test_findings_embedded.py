@@ -12,14 +12,15 @@ import pytest
 from services.runtime import create_app
 from services.settings import Settings
 from tests import scenarios_findings as scenarios
+from tests.actors import Acting
 
 
 @pytest.fixture
 async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings=Settings(mode="embedded", data_dir=tmp_path))
-    transport = httpx.ASGITransport(app=app)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport,
-                                                                    base_url="http://embedded") as c:
+    transport, acting = httpx.ASGITransport(app=app), Acting.for_settings(app.state.settings)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+            transport=transport, base_url="http://embedded", auth=acting) as c:
         yield c
 
 
