@@ -34,8 +34,8 @@ catalog: install  ## the event catalogue as JSON Schema and AsyncAPI, in docs/ev
 bench: install  ## every bench/bench_*.py (or BENCH="bench_x ..."), PostgreSQL and Kafka up
 	bash deploy/local/with-infra.sh $(UV) run --frozen python -m bench $(BENCH)
 
-rebuild: install  ## the projection's read models rebuilt beside the live ones, then switched (ORDER=seq|store)
-	$(UV) run --frozen python -m services.projection.rebuild $(if $(ORDER),--order $(ORDER),)
+rebuild: install  ## the projection's read models rebuilt beside the live ones, then switched (ORDER=seq|store, WORKERS=n)
+	$(UV) run --frozen python -m services.projection.rebuild $(if $(ORDER),--order $(ORDER),) $(if $(WORKERS),--workers $(WORKERS),)
 
 up: install  ## distributed: PostgreSQL, Kafka, and each service as its own process (8001-8004)
 	bash deploy/local/postgres.sh start

@@ -50,7 +50,8 @@ from services.projection import access as projection_access
 from services.projection import api as projection_api
 from services.projection import consumers as projection_consumers
 from services.projection import read_models
-from services.settings import Settings
+from services.projection import rebuild as projection_rebuild
+from services.settings import PORTS, Settings
 from services.transfer import access as transfer_access
 from services.transfer import api as transfer_api
 from services.transfer import handlers as transfer_handlers
@@ -89,10 +90,10 @@ SERVICES: dict[str, ServiceSpec] = {
     "projection": ServiceSpec("projection", projection_api.router,
                               {"projection": projection_consumers.CONSUMES},
                               publishes=False, tables=read_models.metadata,
+                              background=(projection_rebuild.upgrade,),
                               policy=projection_access.POLICY),
 }
 STOP_GRACE_S = 10.0
-PORTS = {"dispatch": 8001, "transfer": 8002, "disinfection": 8003, "projection": 8004}
 
 
 @dataclass

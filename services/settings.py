@@ -10,6 +10,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from libs.auth.issuer import LocalIssuer
 from libs.auth.tokens import JwksUrl, KeySet, TokenVerifier
 
+# Each service's default port when they run as separate processes (make up).
+PORTS = {"dispatch": 8001, "transfer": 8002, "disinfection": 8003, "projection": 8004}
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CLOSEDLOOP_")
@@ -32,6 +35,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = 256 * 1024
     write_rate_per_s: float = 50.0
     write_burst: int = 200
+    # Where each service answers (distributed mode): the projection asks each one for its
+    # own hash chain (/chain/{store}). JSON, e.g. {"dispatch": "http://10.0.0.5:8001"};
+    # a service not named is on this host at its default port.
+    service_urls: dict[str, str] = {}
 
     def local_issuer(self) -> LocalIssuer:
         return LocalIssuer(self.data_dir / "auth" / "issuer-ed25519.pem", self.auth_issuer,
@@ -41,6 +48,9 @@ class Settings(BaseSettings):
         keys = (JwksUrl(self.auth_jwks_url) if self.auth_jwks_url
                 else KeySet(self.local_issuer().jwks()))
         return TokenVerifier(self.auth_issuer, self.auth_audience, keys)
+
+    def service_url(self, service: str) -> str:
+        return self.service_urls.get(service) or f"http://127.0.0.1:{PORTS[service]}"
 
     def store_url(self, service: str) -> str:
         if self.mode == "embedded":

@@ -30,6 +30,7 @@ from libs.events.aggregate import InvalidField
 from libs.events.envelope import iso
 
 FIRST_YEAR, LAST_YEAR = 1970, 2099
+POSITION_MAX = 2**63 - 1  # a bigint: past it, PostgreSQL and SQLite fail to compare (500)
 CLOCK_SKEW = timedelta(minutes=5)  # how far ahead of the server a phone's clock may be
 # The years in the pattern too, so the OpenAPI document says what is refused (JSON Schema
 # has no range for times); a whole pattern, as generators build values from it.

@@ -1,13 +1,17 @@
-"""/healthz, /readyz and /metrics, the same for every service."""
+"""/healthz, /readyz, /metrics and /chain, the same for every service."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from sqlalchemy import text
 
+from libs.events.aggregate import NotFound
 from libs.events.store import EventStore
+from libs.web.fields import POSITION_MAX
 
 REQUESTS = Counter("closedloop_http_requests_total", "HTTP requests", ["method", "status"])
 LATENCY = Histogram("closedloop_http_request_seconds", "HTTP request latency", ["method"])
@@ -40,3 +44,29 @@ async def readyz(request: Request, response: Response) -> dict[str, object]:
 @router.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
 async def metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/chain/{store}", tags=["ops"])
+async def chain(store: str, request: Request,
+                at: Annotated[int | None, Query(ge=1, le=POSITION_MAX)] = None) -> dict[str, Any]:
+    """This service's own store, checked by this service: its hash chain recomputed (the
+    first broken link), its head, and the hash at position `at`. The projection asks every
+    service for this (/audit/verify) and compares it with the copy it received: the
+    service owns its tables, so no other service reads them."""
+    stores: dict[str, EventStore] = request.app.state.stores
+    if store not in stores:
+        raise NotFound("store", store)
+    return await chain_report(stores[store], at)
+
+
+async def chain_report(store: EventStore, at: int | None = None) -> dict[str, Any]:
+    broken = await store.verify()
+    head = await store.head()
+
+    async def hash_at(position: int) -> str | None:
+        found = await store.read_all(position - 1, 1) if position >= 1 else []
+        return found[0].hash if found and found[0].position == position else None
+
+    return {"store": store.name, "events": head, "head_hash": await hash_at(head), "ok": broken is None,
+            "first_break": broken.model_dump() if broken else None,
+            "at": {"position": at, "hash": await hash_at(at)} if at is not None else None}

@@ -20,13 +20,13 @@ from libs.events.contracts import registry
 from libs.events.envelope import utcnow
 from libs.events.store import EventStore
 from libs.web.deps import store_dep
-from libs.web.fields import FIRST_YEAR, LAST_YEAR, Day, Instant
+from libs.web.fields import FIRST_YEAR, LAST_YEAR, POSITION_MAX, Day, Instant
 from services.projection import custody as custody_view
 from services.projection import findings as findings_view
 from services.projection import kpis as kpis_view
 from services.projection import ledger as ledger_view
-from services.projection import queries
-from services.projection.data import ts
+from services.projection import queries, verification
+from services.projection import violations as violations_model
 from services.projection.facts import REGION_TZ
 from services.projection.rebuild import RebuildRunning, rebuild
 from services.projection.tables import envelope_of_row
@@ -35,7 +35,6 @@ from services.projection.timeline import timeline_view
 router = APIRouter(prefix="/audit", tags=["audit"], route_class=DisclosingRoute)
 Store = Annotated[EventStore, Depends(store_dep("projection"))]
 Limit = Annotated[int, Query(ge=1, le=5000)]
-POSITION_MAX = 2**63 - 1  # a bigint: past it, PostgreSQL and SQLite fail to compare (500)
 Offset = Annotated[int, Query(ge=0, le=POSITION_MAX)]
 
 
@@ -90,8 +89,9 @@ async def transfer_timeline(transfer_id: str, store: Store) -> Any:
 
 @router.get("/vehicles/{vehicle_id}/custody")
 async def vehicle_custody(vehicle_id: str, store: Store) -> Any:
-    data = await _data(store, vehicle_id=vehicle_id)
-    found = findings_view.evaluate(data, utcnow(), _known_types())
+    async with store.engine.connect() as conn:
+        data = await queries.load(conn, vehicle_id=vehicle_id)
+        found = await violations_model.of_vehicle(conn, await queries.current(conn), vehicle_id, utcnow())
     view = custody_view.custody(data, vehicle_id, found)
     if view is None:
         raise NotFound("vehicle", vehicle_id)
@@ -104,27 +104,27 @@ async def violations(
     kind: Literal["violation", "override", "sla"] | None = None,
     from_: Annotated[str | None, Query(alias="from")] = None,
     to: str | None = None, vehicle_id: str | None = None, facility_id: str | None = None,
-    transfer_id: str | None = None, limit: Limit = 500, offset: Offset = 0,
+    transfer_id: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=violations_model.MAX_PAGE)] = 100, cursor: str | None = None,
 ) -> Any:
     """Every rule of R1-R14 that events can show broken, and every override: rule id,
-    time, actors, and the events that prove it. `rules` says which checks ran and which
-    wait for events other services do not emit yet."""
+    time, actors, and the events that prove it; in time order, a page at a time
+    (`next_cursor` asks for the next). `rules` says which checks run."""
     lo, hi = _bound(from_, "from"), _bound(to, "to")
+    try:
+        after = violations_model.parse_cursor(cursor) if cursor else None
+    except ValueError as exc:
+        raise InvalidField("cursor", "invalid_cursor", "cursor is not one this view gave",
+                           "cursor无效，请使用上一页返回的next_cursor") from exc
     now = utcnow()
-    failed: list[dict[str, str]] = []
-    found = findings_view.evaluate(await _data(store), now, _known_types(), failed)
-    selected = [
-        f for f in found
-        if (rule is None or f.rule == rule or (rule == "R5" and f.check == "negative_pressure_required"))
-        and (kind is None or f.kind == kind)
-        and (vehicle_id is None or f.vehicle_id == vehicle_id)
-        and (facility_id is None or f.facility_id == facility_id)
-        and (transfer_id is None or f.transfer_id == transfer_id)
-        and (lo is None or (ts(f.at) or lo) >= lo) and (hi is None or (ts(f.at) or hi) < hi)
-    ]
+    async with store.engine.connect() as conn:
+        gen = await queries.current(conn)
+        found, next_cursor, total = await violations_model.page(
+            conn, gen, now=now, limit=limit, after=after, rule=rule, kind=kind, lo=lo, hi=hi,
+            vehicle_id=vehicle_id, facility_id=facility_id, transfer_id=transfer_id)
+        failed = await violations_model.failures(conn, gen)
     return {
-        "as_of": now.isoformat(), "total": len(selected),
-        "findings": [f.view() for f in selected[offset:offset + limit]],
+        "as_of": now.isoformat(), "total": total, "findings": found, "next_cursor": next_cursor,
         "rules": findings_view.rules_status(_known_types()), "failed_checks": failed,
     }
 
@@ -239,35 +239,12 @@ async def stream(request: Request, store: Store,
 
 @router.get("/verify")
 async def verify(store: Store, request: Request) -> dict[str, Any]:
-    """Recomputes the hash chain of the projection's copy of every store's events and of
-    every store this process hosts, naming the first broken link; where both are seen,
-    also checks that the store still holds the history the projection received."""
-    results: dict[str, Any] = {}
-    copies: dict[str, tuple[int, str | None]] = {}
+    """Every store's hash chain, store by store: the projection's copy (recomputed here)
+    and the store itself (recomputed by the service that owns it, which also says whether
+    it still holds the history the projection received); each with its first broken link."""
     async with store.engine.connect() as conn:
-        for name in await queries.stores_seen(conn):
-            count, last_hash, broken = await queries.verify_copy(conn, name)
-            copies[name] = (count, last_hash)
-            results[f"copy:{name}"] = {"events": count, "ok": broken is None,
-                                       "first_break": broken.model_dump() if broken else None}
-    hosted: dict[str, EventStore] = request.app.state.stores
-    for name, hosted_store in sorted(hosted.items()):
-        if name == "projection":
-            continue
-        broken_store = await hosted_store.verify()
-        entry: dict[str, Any] = {"events": await hosted_store.head(), "ok": broken_store is None,
-                                 "first_break": broken_store.model_dump() if broken_store else None}
-        count, last_hash = copies.get(name, (0, None))
-        if broken_store is None and count:
-            at = await hosted_store.read_all(count - 1, 1)
-            if not at or at[0].hash != last_hash:
-                entry["ok"] = False
-                entry["first_break"] = {
-                    "store": name, "position": count, "event_id": str(at[0].event_id) if at else "",
-                    "reason": "the store's chain no longer matches the history the projection received "
-                              "(rewritten and re-hashed?)"}
-        results[f"store:{name}"] = entry
-    return {"ok": all(r["ok"] for r in results.values()), "chains": results}
+        return await verification.verify_all(conn, request.app.state.stores,
+                                             request.app.state.runtime.settings)
 
 
 @router.post("/rebuild", status_code=202)

@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from services.projection.data import AuditData, ts
-from services.projection.findings import Finding, positives
+from services.projection.findings import positives
 
 
 def _stage(ref: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -44,7 +44,7 @@ def _cycle_view(data: AuditData, cycle: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def custody(data: AuditData, vehicle_id: str, findings: list[Finding]) -> dict[str, Any] | None:
+def custody(data: AuditData, vehicle_id: str, findings: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Trip, first stage, terminal stage (each with its footage), swab, result, release,
     back in service; link after link over the vehicle's whole life, and where a link is
     broken, the finding that says so."""
@@ -75,7 +75,7 @@ def custody(data: AuditData, vehicle_id: str, findings: list[Finding]) -> dict[s
                         key=lambda c: c.get("opened_at") or ""):
         links.append({"trip_id": None, "transfer_id": cycle.get("transfer_id"), "opened": None,
                       "cycles": [_cycle_view(data, cycle)]})
-    mine = [f.view() for f in findings if f.vehicle_id == vehicle_id]
+    mine = [f for f in findings if f.get("vehicle_id") == vehicle_id]
     return {
         "vehicle_id": vehicle_id,
         "vehicle": {k: (vehicle or {}).get(k) for k in ("plate", "kind", "dedicated_pool", "life_support")},

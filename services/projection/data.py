@@ -7,6 +7,24 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import orjson
+
+from services.projection.facts import SPECS
+
+# A load plan as SQL for a worker process (queries.plan_sql): (AuditData attribute, SQL, its
+# JSON columns, whether it takes the share's ids as its one argument).
+PlanSql = list[tuple[str, str, tuple[str, ...], bool]]
+
+
+def parse_json(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Parses these JSON columns of loaded rows, in place."""
+    loads = orjson.loads
+    for row in rows:
+        for c in columns:
+            if row[c] is not None:
+                row[c] = loads(row[c])
+    return rows
+
 
 def ts(value: str | None) -> datetime | None:
     """RFC 3339 text to an aware datetime; None stays None."""
@@ -59,6 +77,26 @@ class AuditData:
         trips = self.trips_of_transfer(transfer_id)
         return trips[0] if trips else None
 
+    def assemble(self, name: str, rows: list[dict[str, Any]]) -> None:
+        """Loaded rows of a fact table into this data: by key, or listed."""
+        target = getattr(self, name)
+        if isinstance(target, dict):
+            key = SPECS[name].key[0]
+            target.update({r[key]: r for r in rows})
+        else:
+            target.extend(rows)
+
+    def scope_ids(self, scope: str) -> set[str]:
+        """Every vehicle id ("vehicle") or transfer id ("transfer") these rows name."""
+        column = f"{scope}_id"
+        found: set[str] = set()
+        for name in ("transfers", "trips", "cycles", "swabs", "vehicles"):
+            found.update(r.get(column) for r in getattr(self, name).values())
+        for name in ("vehicle_log", "decisions", "others"):
+            found.update(r.get(column) for r in getattr(self, name))
+        found.discard(None)
+        return found
+
     def indexed(self) -> AuditData:
         """Builds the by-key indexes once, so the joins above stay linear on large data."""
         by_transfer: dict[str, list[dict[str, Any]]] = {}
@@ -85,6 +123,13 @@ class _Indexed(AuditData):
                  cycles_by_trip: dict[str, list[dict[str, Any]]],
                  swabs_by_cycle: dict[str, list[dict[str, Any]]]) -> None:
         super().__init__(**{k: getattr(base, k) for k in base.__dataclass_fields__})
+        # Rows in the order of their streams, not of the query that loaded them: what the
+        # checks find (and the order of its evidence) must not depend on how rows came back.
+        self.decisions = sorted(base.decisions, key=lambda r: (r["position"], r["event_id"]))
+        self.facility_loads = sorted(base.facility_loads, key=lambda r: (r["position"], r["event_id"]))
+        self.vehicle_log = sorted(base.vehicle_log, key=lambda r: (r["vehicle_id"], r["stream_version"],
+                                                                   r["event_id"]))
+        self.others = sorted(base.others, key=lambda r: (r["stream_id"], r["stream_version"], r["event_id"]))
         self._by_transfer, self._by_vehicle = by_transfer, by_vehicle
         self._cycles_by_trip, self._swabs_by_cycle = cycles_by_trip, swabs_by_cycle
 
@@ -112,9 +157,7 @@ class _Indexed(AuditData):
 def from_rows(rows: dict[str, dict[tuple[Any, ...], dict[str, Any]]]) -> AuditData:
     """AuditData straight from folded fact rows (facts.Buffer.rows), with no database:
     what the unit tests and the benchmarks evaluate views on."""
-    import orjson
-
-    from services.projection.facts import JSON_COLUMNS, SPECS
+    from services.projection.facts import JSON_COLUMNS
 
     data = AuditData()
     for name, table in rows.items():

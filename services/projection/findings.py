@@ -1,14 +1,19 @@
 """Compliance findings from the event history: the audit's second line of defence.
 
-Each check is a pure function of the fact rows (AuditData) and the time of asking. None
-of them calls the command side's code: the rules are restated here from DOMAIN.md, so a
-bug that let a forbidden history through the command side is still caught here (the
-tests append such histories straight into a store).
+Each check is a pure function of the fact rows (AuditData). None of them calls the command
+side's code: the rules are restated here from DOMAIN.md, so a bug that let a forbidden
+history through the command side is still caught here (the tests append such histories
+straight into a store). None of them reads the clock either: a rule that breaks when
+time passes without an event (报备 not filed, a swab result not back) gives a finding
+whose `at` is the deadline, and a finding counts only once its `at` has come. So the
+findings are a function of the events alone, and are kept as a read model
+(violations.py) that a rebuild reproduces exactly.
 
-A check names the event types it needs. Checks whose events the catalogue does not have
-yet (overrides of issue 3, early release and exposure lists of issue 5, return legs and
-aborts of issue 4) are written against the names we expect and reported as waiting, not
-as passing; they switch on by themselves once those events are registered.
+Every check has a scope, the one thing whose rows it reads and whose id its findings
+carry: a vehicle (its own stream, its trips, cycles and swabs), a transfer (its
+decisions, trips, return leg, and the vehicles and facilities those name), or dispatch's
+store order (R4: what waited in the queue when a vehicle was given). A new event
+re-evaluates the scopes it touches; a rebuild evaluates them all.
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ import bisect
 import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cached_property
 from typing import Any
 
 import orjson
@@ -46,10 +52,23 @@ R6_ROLES = {
 }
 STAGE_ZH = {"initial": "首次消毒", "terminal": "终末消毒"}
 NPA_AREAS = {"isolation_site", "sealed_area", "controlled_area"}
-# What ends a vehicle's reservation on its own stream (the last two are expected from
-# issue 3: cancellation and reassignment).
-RESERVATION_ENDS = {"VehicleAwaitingDisinfection", "VehicleTakenOutOfService", "VehicleUnreserved",
-                    "VehicleReassigned"}
+# What ends a vehicle's reservation on its own stream: its trip ended (it now waits for
+# disinfection), it stood down from a transfer it never carried (cancelled, crew abort,
+# reassigned), or it broke down.
+RESERVATION_ENDS = {"VehicleAwaitingDisinfection", "VehicleStoodDown", "VehicleTakenOutOfService"}
+# Ends of a trip besides TripCompleted: a trip aborted before pickup carried nobody.
+TRIP_ENDS = {"TripAborted"}
+DESTINATIONS = ("DestinationAssigned", "TransferRedirected")
+VEHICLE, TRANSFER, DISPATCH = "vehicle", "transfer", "dispatch"
+
+
+def utc_key(at: str) -> str:
+    """A finding's time as sortable text (UTC, fixed width): pages and filters compare it."""
+    return datetime.fromisoformat(at).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _later(at: str, delta: timedelta) -> str:
+    return (datetime.fromisoformat(at) + delta).isoformat()
 
 
 @dataclass(frozen=True)
@@ -57,7 +76,7 @@ class Finding:
     rule: str
     check: str
     kind: str  # violation | override | sla
-    at: str
+    at: str  # when the rule broke; for a deadline that passed, the deadline
     detail: str
     message_zh: str
     evidence: tuple[dict[str, Any], ...]
@@ -65,7 +84,7 @@ class Finding:
     vehicle_id: str | None = None
     facility_id: str | None = None
 
-    @property
+    @cached_property
     def id(self) -> str:
         ids = ",".join(sorted(str(e.get("event_id")) for e in self.evidence))
         return hashlib.sha256(f"{self.rule}:{self.check}:{ids}".encode()).hexdigest()[:16]
@@ -82,7 +101,19 @@ class Finding:
         }
 
 
-Check = Callable[[AuditData, datetime], Iterable[Finding]]
+# A finding as a row of the findings read model (tables.generation, violations.py).
+ROW_COLUMNS = ("id", "scope", "rule", "check", "kind", "at_key", "transfer_id", "vehicle_id",
+               "facility_id", "body")
+
+
+def row_of(scope: str, f: Finding) -> dict[str, Any]:
+    return {"id": f.id, "scope": scope, "rule": f.rule, "check": f.check, "kind": f.kind,
+            "at_key": utc_key(f.at), "transfer_id": f.transfer_id, "vehicle_id": f.vehicle_id,
+            "facility_id": f.facility_id,
+            "body": orjson.dumps(f.view(), option=orjson.OPT_SORT_KEYS).decode()}
+
+
+Check = Callable[[AuditData], Iterable[Finding]]
 
 
 @dataclass(frozen=True)
@@ -92,23 +123,42 @@ class CheckSpec:
     summary: str
     needs: frozenset[str]
     run: Check
-    waiting_on: str | None = None  # which issue brings the events, while they are missing
+    scope: str  # vehicle | transfer (dispatch's store order is the R4 fold below)
 
 
 def _ev(ref: dict[str, Any] | None, type_: str) -> dict[str, Any]:
     return {**(ref or {}), "type": type_}
 
 
-def _log_ev(row: dict[str, Any]) -> dict[str, Any]:
+def _log_ev(row: dict[str, Any], store: str = "dispatch") -> dict[str, Any]:
     return {"event_id": row["event_id"], "type": row["type"], "at": row["at"],
             "recorded_at": row["recorded_at"], "actor": row["actor"], "role": row["role"],
-            "store": "dispatch"}
+            "store": store}
+
+
+def payload(row: dict[str, Any]) -> dict[str, Any]:
+    """A row's whole payload (kept as text until a check needs it)."""
+    value = row["data"]
+    if isinstance(value, str):
+        value = row["data"] = orjson.loads(value)
+    return value  # type: ignore[no-any-return]
 
 
 def _after(a: str | None, b: str | None) -> bool:
     """a strictly after b (server clocks)."""
     d = seconds(b, a)
     return d is not None and d > 0
+
+
+def _overrides_of(data: AuditData, transfer_id: str | None, vehicle_id: str | None) -> list[dict[str, Any]]:
+    """Dispatch's RuleOverridden events for this transfer and vehicle."""
+    return [d for d in data.decisions if d["type"] == "RuleOverridden" and d["transfer_id"] == transfer_id
+            and d.get("vehicle_id") == vehicle_id]
+
+
+def _overrides(data: AuditData, rule: str, transfer_id: str | None, vehicle_id: str | None) -> list[
+        dict[str, Any]]:
+    return [d for d in _overrides_of(data, transfer_id, vehicle_id) if payload(d).get("rule") == rule]
 
 
 # -- R1 one patient, one vehicle ---------------------------------------------------------
@@ -123,7 +173,7 @@ def _vehicle_streams(data: AuditData) -> dict[str, list[dict[str, Any]]]:
     return by
 
 
-def r1_reserved_twice(data: AuditData, now: datetime) -> Iterator[Finding]:
+def r1_reserved_twice(data: AuditData) -> Iterator[Finding]:
     for vehicle_id, rows in _vehicle_streams(data).items():
         holding: dict[str, Any] | None = None
         for row in rows:
@@ -141,31 +191,33 @@ def r1_reserved_twice(data: AuditData, now: datetime) -> Iterator[Finding]:
                 holding = None
 
 
-# Ends of a trip other than TripCompleted (issue 4's abort), read when they exist.
-TRIP_ENDS = {"TripAborted"}
-
-
-def _trip_ends(data: AuditData) -> dict[str, str]:
-    out: dict[str, str] = {}
+def _trip_ends(data: AuditData) -> dict[tuple[str, str], str]:
+    out: dict[tuple[str, str], str] = {}
     for row in data.others:
         if row["type"] in TRIP_ENDS:
-            p = orjson.loads(row["data"]) if isinstance(row["data"], str) else row["data"]
-            if p.get("trip_id"):
-                out.setdefault(p["trip_id"], row["recorded_at"])
+            p = payload(row)
+            if p.get("trip_id") and row.get("vehicle_id"):
+                out.setdefault((row["vehicle_id"], p["trip_id"]), row["recorded_at"])
     return out
 
 
-def r1_overlapping_trips(data: AuditData, now: datetime) -> Iterator[Finding]:
-    """Independent of dispatch's stream: two trips of one vehicle open at once."""
+def _trips_by_vehicle(data: AuditData) -> dict[str, list[dict[str, Any]]]:
     by: dict[str, list[dict[str, Any]]] = {}
     for trip in data.trips.values():
         if trip.get("opened") and trip.get("vehicle_id"):
             by.setdefault(trip["vehicle_id"], []).append(trip)
+    for trips in by.values():
+        trips.sort(key=lambda t: (ts(t["opened"]["recorded_at"]), t["trip_id"]))
+    return by
+
+
+def r1_overlapping_trips(data: AuditData) -> Iterator[Finding]:
+    """Independent of dispatch's stream: two trips of one vehicle open at once."""
     ended = _trip_ends(data)
-    for vehicle_id, trips in by.items():
-        trips.sort(key=lambda t: (t["opened"]["recorded_at"], t["trip_id"]))
+    for vehicle_id, trips in _trips_by_vehicle(data).items():
         for i, first in enumerate(trips):
-            end = (first.get("completed") or {}).get("recorded_at") or ended.get(first["trip_id"])
+            end = ((first.get("completed") or {}).get("recorded_at")
+                   or ended.get((vehicle_id, first["trip_id"])))
             for later in trips[i + 1:]:
                 if end is not None and not _after(end, later["opened"]["recorded_at"]):
                     break
@@ -181,53 +233,66 @@ def r1_overlapping_trips(data: AuditData, now: datetime) -> Iterator[Finding]:
 # -- R2 no assignment before release -----------------------------------------------------
 
 
-def r2_reserved_awaiting(data: AuditData, now: datetime) -> Iterator[Finding]:
+def _r2_override(data: AuditData, transfer_id: str | None, vehicle_id: str) -> tuple[
+        str, tuple[dict[str, Any], ...], str, str]:
+    """(kind, extra evidence, why, why in Chinese) for a vehicle taken before its release:
+    a supervisor's recorded R2 override makes it an override, else a violation."""
+    found = _overrides(data, "R2", transfer_id, vehicle_id)
+    if not found:
+        return "violation", (), "", ""
+    reason = payload(found[0]).get("reason") or ""
+    return ("override", tuple(_log_ev(d) for d in found), f"; overridden: {reason}",
+            f"（督查越权理由：{reason}）")
+
+
+def r2_reserved_awaiting(data: AuditData) -> Iterator[Finding]:
     for vehicle_id, rows in _vehicle_streams(data).items():
         awaiting: dict[str, dict[str, Any]] = {}
         for row in rows:
             if row["type"] == "VehicleAwaitingDisinfection":
                 awaiting[row["trip_id"]] = row
             elif row["type"] == "VehicleReturnedToService":
-                awaiting.pop(row["trip_id"], None)
+                if payload(row).get("quarantine_lifted"):
+                    awaiting.clear()  # the re-disinfection after a positive covers every trip
+                else:
+                    awaiting.pop(row["trip_id"], None)
             elif row["type"] == "VehicleReserved" and awaiting:
                 held = next(iter(awaiting.values()))
+                kind, extra, why, why_zh = _r2_override(data, row["transfer_id"], vehicle_id)
                 yield Finding(
-                    "R2", "reserved_before_release", "violation", row["recorded_at"],
+                    "R2", "reserved_before_release", kind, row["recorded_at"],
                     f"vehicle {vehicle_id} reserved for {row['transfer_id']} while awaiting "
-                    f"disinfection after trip {held['trip_id']}",
-                    f"车辆{vehicle_id}洗消未放行即被派车（一车一消）",
-                    (_log_ev(held), _log_ev(row)), transfer_id=row["transfer_id"],
+                    f"disinfection after trip {held['trip_id']}" + why,
+                    f"车辆{vehicle_id}洗消未放行即被派车（一车一消）" + why_zh,
+                    (_log_ev(held), _log_ev(row), *extra), transfer_id=row["transfer_id"],
                     vehicle_id=vehicle_id)
 
 
-def r2_trip_before_release(data: AuditData, now: datetime) -> Iterator[Finding]:
+def r2_trip_before_release(data: AuditData) -> Iterator[Finding]:
     """Across stores: a trip opened after the vehicle's previous trip completed and before
     disinfection released it."""
-    by: dict[str, list[dict[str, Any]]] = {}
-    for trip in data.trips.values():
-        if trip.get("vehicle_id") and trip.get("opened"):
-            by.setdefault(trip["vehicle_id"], []).append(trip)
-    for vehicle_id, trips in by.items():
-        trips.sort(key=lambda t: (ts(t["opened"]["recorded_at"]), t["trip_id"]))
+    for vehicle_id, trips in _trips_by_vehicle(data).items():
         opened_at = [ts(t["opened"]["recorded_at"]) for t in trips]
         for done in trips:
             completed = done.get("completed")
             if not completed:
                 continue
-            releases = [c["released"] for c in data.cycles_of_trip(done["trip_id"]) if c.get("released")]
+            releases = [c["released"] for c in data.cycles_of_trip(done["trip_id"])
+                        if c.get("released") and c.get("vehicle_id") == vehicle_id]
             released_at = min((ts(r["recorded_at"]) for r in releases), key=_key, default=None)
             start = bisect.bisect_right(opened_at, ts(completed["recorded_at"]))  # type: ignore[type-var]
             for later in trips[start:]:
                 opened = later["opened"]
                 if released_at is not None and not (ts(opened["recorded_at"]) or released_at) < released_at:
                     break
+                kind, extra, why, why_zh = _r2_override(data, later.get("transfer_id"), vehicle_id)
                 yield Finding(
-                    "R2", "trip_before_release", "violation", opened["recorded_at"],
+                    "R2", "trip_before_release", kind, opened["recorded_at"],
                     f"vehicle {vehicle_id} started trip {later['trip_id']} before disinfection "
-                    f"released it after trip {done['trip_id']}",
-                    f"车辆{vehicle_id}上一趟转运后未经洗消放行即再次出车（一车一消）",
+                    f"released it after trip {done['trip_id']}" + why,
+                    f"车辆{vehicle_id}上一趟转运后未经洗消放行即再次出车（一车一消）" + why_zh,
                     (_ev(completed, "TripCompleted"), _ev(opened, "TripOpened"),
-                     *(_ev(r, "VehicleReleased") for r in releases)),
+                     *(_ev(r, "VehicleReleased") for r in releases), *extra),
                     transfer_id=later.get("transfer_id"), vehicle_id=vehicle_id)
 
 
@@ -243,10 +308,10 @@ def needs_negative_pressure(risk_category: str | None, condition: dict[str, Any]
     return risk_category in ("confirmed", "suspected") or (risk_category in NPA_AREAS and covid_like)
 
 
-def _assignments(data: AuditData) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+def _of_type(data: AuditData, *types: str) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
     for d in data.decisions:
-        if d["type"] == "VehicleAssigned":
-            yield d, orjson.loads(d["data"]) if isinstance(d["data"], str) else d["data"]
+        if d["type"] in types:
+            yield d, payload(d)
 
 
 def _decision_ev(d: dict[str, Any]) -> dict[str, Any]:
@@ -273,55 +338,76 @@ def broken_by_assignment(data: AuditData, transfer_id: str, vehicle_id: str) -> 
     return broken
 
 
-def r3_r5_vehicle_fit(data: AuditData, now: datetime) -> Iterator[Finding]:
-    for d, p in _assignments(data):
+def r3_r5_vehicle_fit(data: AuditData) -> Iterator[Finding]:
+    for d, p in _of_type(data, "VehicleAssigned"):
         for rule, code, why in broken_by_assignment(data, p["transfer_id"], p["vehicle_id"]):
             reason = p.get("override_reason")
+            recorded = _overrides(data, rule, p["transfer_id"], p["vehicle_id"]) if reason else []
             yield Finding(
                 rule, code, "override" if reason else "violation", d["recorded_at"],
                 why + (f"; overridden: {reason}" if reason else ""),
                 ("专车专用：风险转运使用了非专用车辆" if rule == "R3" else "应使用负压救护车而未使用")
                 + (f"（调度员改派理由：{reason}）" if reason else ""),
-                (_decision_ev(d),), transfer_id=p["transfer_id"], vehicle_id=p["vehicle_id"])
+                (_decision_ev(d), *(_decision_ev(o) for o in recorded)),
+                transfer_id=p["transfer_id"], vehicle_id=p["vehicle_id"])
 
 
-def manual_overrides(data: AuditData, now: datetime) -> Iterator[Finding]:
-    """Every manual assignment with an override reason, whether or not it broke a rule."""
-    for d, p in _assignments(data):
-        if p.get("manual") and p.get("override_reason"):
-            yield Finding(
-                "override", "manual_assignment_override", "override", d["recorded_at"],
-                f"{d['actor']} ({d['role']}) assigned {p['vehicle_id']} by hand: {p['override_reason']}",
-                f"{d['actor']}手动改派车辆{p['vehicle_id']}，理由：{p['override_reason']}",
-                (_decision_ev(d),), transfer_id=p["transfer_id"], vehicle_id=p["vehicle_id"])
-
-
-# Overrides that other issues will emit: type -> (rule, field holding the reason).
-OVERRIDE_EVENTS = {
-    "AssignmentOverridden": ("R3", "reason"),
-    "TransferReprioritized": ("R4", "reason"),
-    "VehicleReleasedEarly": ("R2", "reason"),
-    "EarlyReleaseAuthorized": ("R2", "reason"),
-}
-
-
-def other_overrides(data: AuditData, now: datetime) -> Iterator[Finding]:
-    for row in data.others:
-        if row["type"] not in OVERRIDE_EVENTS:
+def manual_overrides(data: AuditData) -> Iterator[Finding]:
+    """Every assignment with an override reason, with the rules dispatch recorded as
+    overridden (RuleOverridden, written just before it on the transfer's stream)."""
+    assignments = sorted(_of_type(data, "VehicleAssigned"), key=lambda dp: dp[0]["stream_version"])
+    previous: dict[str, int] = {}
+    for d, p in assignments:
+        tid = p["transfer_id"]
+        since = previous.get(tid, 0)
+        previous[tid] = d["stream_version"]
+        if not p.get("override_reason"):
             continue
-        rule, field = OVERRIDE_EVENTS[row["type"]]
-        p = orjson.loads(row["data"]) if isinstance(row["data"], str) else row["data"]
-        rule = p.get("rule") or rule
+        recorded = [o for o in _overrides_of(data, tid, p["vehicle_id"])
+                    if since < o["stream_version"] < d["stream_version"]]
+        rules = sorted({payload(o).get("rule") or "" for o in recorded})
+        named = f" (rules {', '.join(rules)})" if rules else " (no RuleOverridden recorded)"
+        reason = p["override_reason"]
         yield Finding(
-            rule, f"{row['type']}", "override", row["recorded_at"],
-            f"{row['actor']} ({row['role']}): {row['type']}: {p.get(field)}",
-            f"{row['actor']}越权操作（{row['type']}），理由：{p.get(field)}",
-            ({"event_id": row["event_id"], "type": row["type"], "at": row["at"],
-              "recorded_at": row["recorded_at"], "actor": row["actor"], "role": row["role"]},),
-            transfer_id=row.get("transfer_id"), vehicle_id=row.get("vehicle_id"))
+            "override", "manual_assignment_override", "override", d["recorded_at"],
+            f"{d['actor']} ({d['role']}) assigned {p['vehicle_id']}{named}: {reason}",
+            f"{d['actor']}越权派车{p['vehicle_id']}（{'、'.join(rules) or '未记录规则'}），理由：{reason}",
+            (_decision_ev(d), *(_decision_ev(o) for o in recorded)), transfer_id=tid,
+            vehicle_id=p["vehicle_id"])
 
 
-# -- R4 critical first ------------------------------------------------------------------
+def reprioritized(data: AuditData) -> Iterator[Finding]:
+    """A dispatcher's change to a transfer's priority moves it in R4's queue: logged."""
+    for d, p in _of_type(data, "TransferReprioritized"):
+        yield Finding(
+            "override", "reprioritized", "override", d["recorded_at"],
+            f"{d['actor']} ({d['role']}) set the priority of {p['transfer_id']} from {p.get('previous')} "
+            f"to {p.get('priority')} (R4): {p.get('reason')}",
+            f"{d['actor']}调整转运{p['transfer_id']}的优先级（{p.get('previous')}→{p.get('priority')}），"
+            f"理由：{p.get('reason')}",
+            (_decision_ev(d),), transfer_id=p["transfer_id"])
+
+
+def early_releases(data: AuditData) -> Iterator[Finding]:
+    """A supervisor released a vehicle before its cycle would have (R2's override)."""
+    for cycle in data.cycles.values():
+        released = cycle.get("released") or {}
+        if not released.get("override") or not cycle.get("vehicle_id"):
+            continue
+        rules = ", ".join(released.get("overridden_rules") or []) or "R2"
+        missing = ", ".join(released.get("missing") or []) or "nothing"
+        yield Finding(
+            "override", "supervisor_early_release", "override", released["recorded_at"],
+            f"{released.get('actor')} ({released.get('role')}) released vehicle {cycle['vehicle_id']} "
+            f"early from cycle {cycle['cycle_id']} (rules {rules}; missing {missing}): "
+            f"{released.get('override_reason')}",
+            f"{released.get('actor')}提前放行车辆{cycle['vehicle_id']}（{rules}；缺：{missing}），"
+            f"理由：{released.get('override_reason')}",
+            (_ev(released, "VehicleReleased"),), transfer_id=cycle.get("transfer_id"),
+            vehicle_id=cycle["vehicle_id"])
+
+
+# -- R4 critical first: a fold in dispatch's store order ----------------------------------
 
 
 def fits(vehicle: dict[str, Any], request: dict[str, Any]) -> bool:
@@ -334,39 +420,73 @@ def fits(vehicle: dict[str, Any], request: dict[str, Any]) -> bool:
     return not (condition.get("critical") and not vehicle.get("life_support"))
 
 
-def r4_priority_inversion(data: AuditData, now: datetime) -> Iterator[Finding]:
-    """In dispatch's store order: a vehicle went to a transfer while a more urgent one it
-    could carry waited in the queue."""
-    waiting: dict[str, dict[str, Any]] = {}
-    for d in sorted(data.decisions, key=lambda d: d["position"]):
-        tid = d["transfer_id"]
-        if d["type"] == "TransferQueued":
-            waiting[tid] = d
-        elif d["type"] == "VehicleAssigned":
-            waiting.pop(tid, None)
-            p = orjson.loads(d["data"]) if isinstance(d["data"], str) else d["data"]
-            vehicle = data.vehicles.get(p["vehicle_id"])
-            mine = (data.transfers.get(tid) or {}).get("priority")
+R4_TYPES = ("TransferPrioritized", "TransferReprioritized", "TransferQueued", "VehicleAssigned",
+            "TransferCancelled", "TransferHandedOver")
+
+
+@dataclass
+class QueueFold:
+    """R4 over dispatch's decisions in store order: which transfers waited in the queue,
+    at what priority, when a vehicle was given to another. Its state is small (the live
+    transfers) and is kept between events (violations.py), so the live model folds each
+    decision once, in position order, as a rebuild does."""
+
+    position: int = 0
+    priority: dict[str, int] = field(default_factory=dict)  # until cancelled or handed over
+    waiting: dict[str, dict[str, Any]] = field(default_factory=dict)  # the TransferQueued decision
+
+    def state(self) -> dict[str, Any]:
+        return {"position": self.position, "priority": self.priority, "waiting": self.waiting}
+
+    @classmethod
+    def of(cls, state: dict[str, Any]) -> QueueFold:
+        return cls(state["position"], dict(state["priority"]), dict(state["waiting"]))
+
+    def apply(self, d: dict[str, Any], data: AuditData) -> Iterator[Finding]:
+        """One decision (a `decisions` row); `data` holds the vehicles and the requests."""
+        tid, t = d["transfer_id"], d["type"]
+        if t in ("TransferPrioritized", "TransferReprioritized"):
+            priority = payload(d).get("priority")
+            if isinstance(priority, int):
+                self.priority[tid] = priority
+        elif t == "TransferQueued":
+            self.waiting[tid] = _decision_ev(d)
+        elif t in ("TransferCancelled", "TransferHandedOver"):
+            self.waiting.pop(tid, None)
+            self.priority.pop(tid, None)
+        elif t == "VehicleAssigned":
+            self.waiting.pop(tid, None)
+            vehicle_id = payload(d).get("vehicle_id") or ""
+            vehicle = data.vehicles.get(vehicle_id)
+            mine = self.priority.get(tid)
             if vehicle is None or mine is None:
-                continue
-            for other_id, queued in waiting.items():
-                other = data.transfers.get(other_id) or {}
-                if other.get("priority") is not None and other["priority"] < mine and \
-                        fits(vehicle, other.get("request") or {}):
+                return
+            for other_id, queued in self.waiting.items():
+                theirs = self.priority.get(other_id)
+                request = (data.transfers.get(other_id) or {}).get("request") or {}
+                if theirs is not None and theirs < mine and fits(vehicle, request):
                     yield Finding(
                         "R4", "priority_inversion", "violation", d["recorded_at"],
-                        f"vehicle {p['vehicle_id']} went to {tid} (priority {mine}) while {other_id} "
-                        f"(priority {other['priority']}) waited and could ride it",
-                        f"车辆{p['vehicle_id']}派给了优先级{mine}的转运，而优先级{other['priority']}的转运{other_id}仍在排队",
-                        (_decision_ev(queued), _decision_ev(d)), transfer_id=other_id,
-                        vehicle_id=p["vehicle_id"])
+                        f"vehicle {vehicle_id} went to {tid} (priority {mine}) while {other_id} "
+                        f"(priority {theirs}) waited and could ride it",
+                        f"车辆{vehicle_id}派给了优先级{mine}的转运，而优先级{theirs}的转运{other_id}仍在排队",
+                        (queued, _decision_ev(d)), transfer_id=other_id, vehicle_id=vehicle_id)
+
+
+def r4_priority_inversion(data: AuditData) -> list[Finding]:
+    """The whole fold at once (tests, and a rebuild's reference)."""
+    fold = QueueFold()
+    out: list[Finding] = []
+    for d in sorted((d for d in data.decisions if d["type"] in R4_TYPES), key=lambda d: d["position"]):
+        out.extend(fold.apply(d, data))
+    return out
 
 
 # -- R6 / R7 destination --------------------------------------------------------------
 
 
-def patient_class(request: dict[str, Any]) -> str:
-    condition = request.get("condition") or {}
+def patient_class(request: dict[str, Any], condition: dict[str, Any] | None = None) -> str:
+    condition = condition if condition is not None else (request.get("condition") or {})
     if condition.get("critical") and condition.get("kind") in ("stroke", "chest_pain"):
         return "cardio_cerebro"
     if condition.get("critical"):
@@ -378,55 +498,63 @@ def patient_class(request: dict[str, Any]) -> str:
     return "other"
 
 
-def r6_destination_role(data: AuditData, now: datetime) -> Iterator[Finding]:
-    for d in data.decisions:
-        if d["type"] != "DestinationAssigned":
-            continue
-        p = orjson.loads(d["data"]) if isinstance(d["data"], str) else d["data"]
+def _destinations(data: AuditData) -> Iterator[tuple[dict[str, Any], str, str, dict[str, Any]]]:
+    """(decision, transfer, facility, request) of every destination dispatch chose or
+    redirected to; a return leg goes back to its origin whatever its role (R11), so R6 and
+    R7 do not apply to it."""
+    for d, p in _of_type(data, *DESTINATIONS):
         request = (data.transfers.get(p["transfer_id"]) or {}).get("request") or {}
-        facility = data.facilities.get(p["facility_id"])
-        allowed = R6_ROLES.get(patient_class(request)) if request else None
+        facility_id = p.get("facility_id") or p.get("to_facility_id")
+        if not facility_id or request.get("return_of"):
+            continue
+        yield d, p["transfer_id"], facility_id, request
+
+
+def r6_destination_role(data: AuditData) -> Iterator[Finding]:
+    for d, tid, facility_id, request in _destinations(data):
+        condition = payload(d).get("condition")
+        facility = data.facilities.get(facility_id)
+        pclass = patient_class(request, condition) if request else None
+        allowed = R6_ROLES.get(pclass or "")
         if facility is None or allowed is None:
             continue
         roles = set((facility.get("registered") or {}).get("roles") or [])
         if not roles & allowed:
             yield Finding(
                 "R6", "destination_role_mismatch", "violation", d["recorded_at"],
-                f"{patient_class(request)} patient sent to {p['facility_id']} (roles {sorted(roles)}), "
+                f"{pclass} patient sent to {facility_id} (roles {sorted(roles)}), "
                 f"which is none of {sorted(allowed)}",
-                f"目的地{facility.get('name') or p['facility_id']}的职能与患者类别不符",
-                (_decision_ev(d),), transfer_id=p["transfer_id"], facility_id=p["facility_id"])
+                f"目的地{facility.get('name') or facility_id}的职能与患者类别不符",
+                (_decision_ev(d),), transfer_id=tid, facility_id=facility_id)
 
 
-def r7_overflowing_destination(data: AuditData, now: datetime) -> Iterator[Finding]:
+def r7_overflowing_destination(data: AuditData) -> Iterator[Finding]:
     loads: dict[str, list[dict[str, Any]]] = {}
     for row in data.facility_loads:
         loads.setdefault(row["facility_id"], []).append(row)
     for rows in loads.values():
         rows.sort(key=lambda r: r["position"])
-    for d in data.decisions:
-        if d["type"] != "DestinationAssigned":
-            continue
-        p = orjson.loads(d["data"]) if isinstance(d["data"], str) else d["data"]
-        before = [r for r in loads.get(p["facility_id"], []) if r["position"] < d["position"]]
-        request = (data.transfers.get(p["transfer_id"]) or {}).get("request") or {}
-        facility = data.facilities.get(p["facility_id"]) or {}
+    positions = {f: [r["position"] for r in rows] for f, rows in loads.items()}
+    for d, tid, facility_id, request in _destinations(data):
+        # The facility's last load report before this decision, in dispatch's store order.
+        at = bisect.bisect_left(positions.get(facility_id, []), d["position"])
+        last = loads[facility_id][at - 1] if at else None
+        facility = data.facilities.get(facility_id) or {}
         other_wards = set((facility.get("registered") or {}).get("roles") or []) - {
             "fever_clinic", "backup"}
         # R7 is about the fever clinic: a full one does not close the hospital's other wards
         # (a severe confirmed case still goes to its designated ward), as dispatch reads it.
-        if patient_class(request) != "fever" and other_wards:
+        if patient_class(request, payload(d).get("condition")) != "fever" and other_wards:
             continue
-        if before and before[-1]["overflowing"]:
-            last = before[-1]
+        if last is not None and last["overflowing"]:
             yield Finding(
                 "R7", "overflowing_destination", "violation", d["recorded_at"],
-                f"{p['facility_id']} was past its overflow threshold (load {last['ratio']}) and still "
+                f"{facility_id} was past its overflow threshold (load {last['ratio']}) and still "
                 "got a new patient instead of its backups",
-                f"{p['facility_id']}发热门诊负荷已超过阈值，仍被指定为目的地，未启用备用医院",
+                f"{facility_id}发热门诊负荷已超过阈值，仍被指定为目的地，未启用备用医院",
                 ({"event_id": last["event_id"], "type": "FacilityLoadReported", "at": last["at"],
                   "recorded_at": last["at"], "actor": "", "role": ""}, _decision_ev(d)),
-                transfer_id=p["transfer_id"], facility_id=p["facility_id"])
+                transfer_id=tid, facility_id=facility_id)
 
 
 # -- R8 two stages before release --------------------------------------------------------
@@ -454,9 +582,22 @@ def stage_problems(stage: dict[str, Any]) -> list[str]:
     return problems
 
 
-def r8_stages(data: AuditData, now: datetime) -> Iterator[Finding]:
-    for cycle in data.cycles.values():
-        vid, cid = cycle.get("vehicle_id"), cycle["cycle_id"]
+def _release_kind(released: dict[str, Any]) -> tuple[str, str, str]:
+    """A release a supervisor forced (R2's override) makes what it skipped an override."""
+    if released.get("override"):
+        reason = released.get("override_reason") or ""
+        return ("override", f"; released early by {released.get('actor')}: {reason}",
+                f"（督查提前放行：{reason}）")
+    return "violation", "", ""
+
+
+def _vehicle_cycles(data: AuditData) -> Iterator[dict[str, Any]]:
+    return (c for c in data.cycles.values() if c.get("vehicle_id"))
+
+
+def r8_stages(data: AuditData) -> Iterator[Finding]:
+    for cycle in _vehicle_cycles(data):
+        vid, cid = cycle["vehicle_id"], cycle["cycle_id"]
         initial, terminal, released = cycle.get("initial"), cycle.get("terminal"), cycle.get("released")
         for name, ref in (("initial", initial), ("terminal", terminal)):
             if ref and (problems := stage_problems(ref.get("stage") or {})):
@@ -476,32 +617,38 @@ def r8_stages(data: AuditData, now: datetime) -> Iterator[Finding]:
             missing = [n for n, ref in (("initial", initial), ("terminal", terminal))
                        if ref is None or ref["v"] > released["v"]]
             if missing:
+                kind, why, why_zh = _release_kind(released)
                 yield Finding(
-                    "R8", "released_without_both_stages", "violation", released["recorded_at"],
-                    f"cycle {cid} released vehicle {vid} without the {' and '.join(missing)} stage",
-                    f"车辆{vid}未完成{'、'.join(STAGE_ZH[m] for m in missing)}即被放行",
+                    "R8", "released_without_both_stages", kind, released["recorded_at"],
+                    f"cycle {cid} released vehicle {vid} without the {' and '.join(missing)} stage" + why,
+                    f"车辆{vid}未完成{'、'.join(STAGE_ZH[m] for m in missing)}即被放行" + why_zh,
                     tuple(_ev(r, t) for r, t in ((released, "VehicleReleased"),
                                                  (cycle.get("opened"), "CycleOpened")) if r),
                     transfer_id=cycle.get("transfer_id"), vehicle_id=vid)
 
 
-def r8_returned_without_terminal(data: AuditData, now: datetime) -> Iterator[Finding]:
+def r8_returned_without_terminal(data: AuditData) -> Iterator[Finding]:
     """Across stores: dispatch put the vehicle back in service, but no terminal stage of
     that trip's cycle was on record by then."""
     for trip in data.trips.values():
         returned = trip.get("returned")
         if not returned:
             continue
-        cycles = data.cycles_of_trip(trip["trip_id"])
+        # Dispatch may return a vehicle after a trip the transfer service never opened.
         vid = trip.get("vehicle_id") or returned.get("vehicle_id")
+        if not vid:
+            continue
+        cycles = [c for c in data.cycles_of_trip(trip["trip_id"]) if c.get("vehicle_id") == vid]
         terminals = [c["terminal"] for c in cycles if c.get("terminal")]
         if any(not _after(t["recorded_at"], returned["recorded_at"]) for t in terminals):
             continue
+        forced = next((c["released"] for c in cycles if (c.get("released") or {}).get("override")), None)
+        kind, why, why_zh = _release_kind(forced or {})
         yield Finding(
-            "R8", "returned_without_terminal", "violation", returned["recorded_at"],
+            "R8", "returned_without_terminal", kind, returned["recorded_at"],
             f"vehicle {vid} returned to service after trip {trip['trip_id']} with no "
-            "terminal disinfection on record",
-            f"车辆{vid}未完成终末消毒即恢复可派状态",
+            "terminal disinfection on record" + why,
+            f"车辆{vid}未完成终末消毒即恢复可派状态" + why_zh,
             (_ev(returned, "VehicleReturnedToService"),
              *(_ev(c.get("opened"), "CycleOpened") for c in cycles if c.get("opened"))),
             transfer_id=trip.get("transfer_id"), vehicle_id=vid)
@@ -510,20 +657,23 @@ def r8_returned_without_terminal(data: AuditData, now: datetime) -> Iterator[Fin
 # -- R9 swabs and positives ---------------------------------------------------------------
 
 
-def r9_released_without_swab(data: AuditData, now: datetime) -> Iterator[Finding]:
-    for cycle in data.cycles.values():
+def r9_released_without_swab(data: AuditData) -> Iterator[Finding]:
+    for cycle in _vehicle_cycles(data):
         released = cycle.get("released")
         if not released:
             continue
         swabs = [s for s in data.swabs_of_cycle(cycle["cycle_id"])
-                 if s.get("collected") and s["collected"]["v"] < released["v"]]
+                 if s.get("vehicle_id") == cycle["vehicle_id"] and s.get("collected")
+                 and s["collected"]["v"] < released["v"]]
         if not swabs:
+            kind, why, why_zh = _release_kind(released)
             yield Finding(
-                "R9", "released_without_swab", "violation", released["recorded_at"],
-                f"cycle {cycle['cycle_id']} released vehicle {cycle.get('vehicle_id')} with no surface swab",
-                f"车辆{cycle.get('vehicle_id')}未做物体表面核酸采样即被放行",
+                "R9", "released_without_swab", kind, released["recorded_at"],
+                f"cycle {cycle['cycle_id']} released vehicle {cycle['vehicle_id']} with no surface swab"
+                + why,
+                f"车辆{cycle['vehicle_id']}未做物体表面核酸采样即被放行" + why_zh,
                 (_ev(released, "VehicleReleased"),), transfer_id=cycle.get("transfer_id"),
-                vehicle_id=cycle.get("vehicle_id"))
+                vehicle_id=cycle["vehicle_id"])
 
 
 def positives(data: AuditData) -> list[dict[str, Any]]:
@@ -532,11 +682,15 @@ def positives(data: AuditData) -> list[dict[str, Any]]:
                   key=lambda s: s["result"]["recorded_at"])
 
 
-def r9_positive_handling(data: AuditData, now: datetime) -> Iterator[Finding]:
+def r9_positive_handling(data: AuditData) -> Iterator[Finding]:
     for swab in positives(data):
         result = swab["result"]
-        cycle = data.cycles.get(swab.get("cycle_id") or "") or {}
         vid = swab.get("vehicle_id")
+        if not vid:
+            continue
+        cycle = data.cycles.get(swab.get("cycle_id") or "") or {}
+        if cycle.get("vehicle_id") != vid:
+            cycle = {}
         if not cycle.get("quarantined"):
             yield Finding(
                 "R9", "positive_not_quarantined", "violation", result["recorded_at"],
@@ -548,9 +702,9 @@ def r9_positive_handling(data: AuditData, now: datetime) -> Iterator[Finding]:
                        if s.get("vehicle_id") == vid and (s.get("result") or {}).get("result") == "negative"
                        and _after(s.get("collected_at"), result.get("reported_at") or result["recorded_at"])),
                       default=None)
-        for trip in data.trips_of_vehicle(vid or ""):
-            opened = trip["opened"]
-            if _after(opened["recorded_at"], result["recorded_at"]) and (
+        for trip in data.trips_of_vehicle(vid):
+            opened = trip.get("opened")
+            if opened and _after(opened["recorded_at"], result["recorded_at"]) and (
                     cleared is None or _after(cleared, opened["recorded_at"])):
                 yield Finding(
                     "R9", "trip_after_positive", "violation", opened["recorded_at"],
@@ -564,28 +718,28 @@ def r9_positive_handling(data: AuditData, now: datetime) -> Iterator[Finding]:
 # -- R10 报备 -------------------------------------------------------------------------------
 
 
-def r10_reporting(data: AuditData, now: datetime) -> Iterator[Finding]:
+def r10_reporting(data: AuditData) -> Iterator[Finding]:
+    minutes = int(REPORT_SLA.total_seconds() // 60)
     for tid, t in data.transfers.items():
         request = t.get("request")
         if not request:
             continue
         reported = t.get("reported")
-        if reported is None:
-            waited = now - (ts(request["recorded_at"]) or now)
-            if waited > REPORT_SLA:
-                yield Finding(
-                    "R10", "not_reported", "sla", request["recorded_at"],
-                    f"transfer {tid} not reported to the county health bureau after {waited}",
-                    f"转运{tid}超过{int(REPORT_SLA.total_seconds() // 60)}分钟未向县卫健局报备",
-                    (_ev(request, "TransferRequested"),), transfer_id=tid)
-            continue
-        late = seconds(request["recorded_at"], reported["recorded_at"])
-        if late is not None and late > REPORT_SLA.total_seconds():
+        late = seconds(request["recorded_at"], reported["recorded_at"]) if reported else None
+        if reported is None or (late is not None and late > REPORT_SLA.total_seconds()):
+            # Not reported by the deadline: a finding from the deadline on, whether the
+            # report came later (then it names how late) or never.
             yield Finding(
-                "R10", "reported_late", "sla", reported["recorded_at"],
-                f"transfer {tid} reported {late / 60:.0f} min after the request",
-                f"转运{tid}报备延迟{late / 60:.0f}分钟",
-                (_ev(request, "TransferRequested"), _ev(reported, "TransferReported")), transfer_id=tid)
+                "R10", "reported_late" if reported else "not_reported", "sla",
+                _later(request["recorded_at"], REPORT_SLA),
+                f"transfer {tid} reported {(late or 0) / 60:.0f} min after the request" if reported
+                else f"transfer {tid} not reported to the county health bureau within {minutes} min",
+                f"转运{tid}报备延迟{(late or 0) / 60:.0f}分钟" if reported
+                else f"转运{tid}超过{minutes}分钟未向县卫健局报备",
+                tuple(_ev(r, ty) for r, ty in ((request, "TransferRequested"), (reported, "TransferReported"))
+                      if r), transfer_id=tid)
+        if reported is None:
+            continue
         channel = (request.get("requested_by") or {}).get("channel")
         if channel == "direct_call" and reported.get("reported_by") != "120":
             yield Finding(
@@ -595,40 +749,39 @@ def r10_reporting(data: AuditData, now: datetime) -> Iterator[Finding]:
                 (_ev(reported, "TransferReported"),), transfer_id=tid)
 
 
-# -- R11 the loop closes (waiting on issue 4) ------------------------------------------------
+# -- R11 the loop closes -------------------------------------------------------------------
 
 
-def r11_loop_closed(data: AuditData, now: datetime) -> Iterator[Finding]:
-    """Return-required transfers handed over more than RETURN_LEG_SLA ago, with neither a
-    return leg that ended nor an admission. Written against issue 4's expected events."""
-    closed: set[str] = set()
-    return_of: dict[str, str] = {}
-    for row in data.others:
-        p = orjson.loads(row["data"]) if isinstance(row["data"], str) else row["data"]
-        if row["type"] in ("PatientAdmitted", "LoopClosed") and p.get("transfer_id"):
-            closed.add(p["transfer_id"])
-        elif row["type"] == "ReturnLegRequested" and p.get("return_transfer_id"):
-            return_of[p["return_transfer_id"]] = p.get("transfer_id") or ""
-    for rid, origin in return_of.items():
-        if (data.transfers.get(rid) or {}).get("handed_over"):
-            closed.add(origin)
+def r11_loop_closed(data: AuditData) -> Iterator[Finding]:
+    """A return-required transfer whose patient was handed over is closed by the hospital's
+    admission (PatientAdmitted) or by its return leg (the transfer whose request names it
+    in `return_of`) handed over in turn; not by the transfer service's own LoopClosed,
+    which this check does not take on trust. Open RETURN_LEG_SLA after the handover (the
+    crew's time, as R13 reads it): a finding from then on."""
+    admitted = {row["transfer_id"] for row in data.others if row["type"] == "PatientAdmitted"}
+    returned = {t["return_of"] for t in data.transfers.values()
+                if t.get("return_of") and t.get("handed_over")}
     for tid, t in data.transfers.items():
         request = t.get("request") or {}
         handed = t.get("handed_over")
-        if not request.get("return_required") or not handed or tid in closed:
+        if not request.get("return_required") or not handed or tid in admitted or tid in returned:
             continue
-        if now - (ts(handed["recorded_at"]) or now) > RETURN_LEG_SLA:
-            yield Finding(
-                "R11", "loop_not_closed", "sla", handed["recorded_at"],
-                f"transfer {tid} needs the return leg; neither returned nor admitted",
-                f"转运{tid}需闭环返回，至今未返回也未收治入院", (_ev(handed, "TransferHandedOver"),),
-                transfer_id=tid)
+        trip = data.first_trip(tid) or {}
+        handover = trip.get("handover") or handed
+        hours = int(RETURN_LEG_SLA.total_seconds() // 3600)
+        yield Finding(
+            "R11", "loop_not_closed", "sla", _later(handover["at"], RETURN_LEG_SLA),
+            f"transfer {tid} needs the return leg; neither returned nor admitted {hours} h after "
+            "the handover",
+            f"转运{tid}需闭环返回，交接后{hours}小时内既未返回也未收治入院",
+            (_ev(handover, "PatientHandedOver" if trip.get("handover") else "TransferHandedOver"),),
+            transfer_id=tid, facility_id=handover.get("facility_id"))
 
 
 # -- R12 the ledger names everyone ---------------------------------------------------------
 
 
-def r12_trip_without_request(data: AuditData, now: datetime) -> Iterator[Finding]:
+def r12_trip_without_request(data: AuditData) -> Iterator[Finding]:
     for trip in data.trips.values():
         tid = trip.get("transfer_id")
         if trip.get("opened") and tid and not (data.transfers.get(tid) or {}).get("request"):
@@ -643,7 +796,8 @@ def r12_trip_without_request(data: AuditData, now: datetime) -> Iterator[Finding
 # -- R13 fever-clinic cases move at once ------------------------------------------------------
 
 
-def r13_fever_clinic_cases(data: AuditData, now: datetime) -> Iterator[Finding]:
+def r13_fever_clinic_cases(data: AuditData) -> Iterator[Finding]:
+    hours = int(FEVER_CLINIC_TRANSFER_SLA.total_seconds() // 3600)
     for tid, t in data.transfers.items():
         request = t.get("request") or {}
         from_clinic = t.get("origin_kind") == "fever_clinic" or t.get("risk_category") == "fever_clinic"
@@ -653,15 +807,14 @@ def r13_fever_clinic_cases(data: AuditData, now: datetime) -> Iterator[Finding]:
             continue
         trip = data.first_trip(tid)
         handover = (trip or {}).get("handover")
-        end = handover["at"] if handover else None
-        hours = int(FEVER_CLINIC_TRANSFER_SLA.total_seconds() // 3600)
-        took = seconds(request["at"], end) if end else (now - (ts(request["at"]) or now)).total_seconds()
-        if took is not None and took > FEVER_CLINIC_TRANSFER_SLA.total_seconds():
+        took = seconds(request["at"], handover["at"]) if handover else None
+        if handover is None or (took is not None and took > FEVER_CLINIC_TRANSFER_SLA.total_seconds()):
             yield Finding(
-                "R13", "fever_clinic_case_delayed", "sla", end or request["recorded_at"],
-                f"case {tid} from a fever clinic reached the designated hospital after {took / 60:.0f} min"
-                if end else f"case {tid} from a fever clinic not yet at a designated hospital after "
-                f"{took / 60:.0f} min",
+                "R13", "fever_clinic_case_delayed", "sla",
+                handover["at"] if handover else _later(request["at"], FEVER_CLINIC_TRANSFER_SLA),
+                f"case {tid} from a fever clinic reached the designated hospital after "
+                f"{(took or 0) / 60:.0f} min" if handover
+                else f"case {tid} from a fever clinic not at a designated hospital within {hours} h",
                 f"发热门诊疑似/确诊病例{tid}未在{hours}小时内转运至定点医院（责任倒查）",
                 tuple(e for e in (_ev(request, "TransferRequested"),
                                   _ev(handover, "PatientHandedOver") if handover else None) if e),
@@ -680,101 +833,137 @@ def r13_fever_clinic_cases(data: AuditData, now: datetime) -> Iterator[Finding]:
 # -- R14 swab results on time -----------------------------------------------------------------
 
 
-def r14_swab_overdue(data: AuditData, now: datetime) -> Iterator[Finding]:
+def r14_swab_overdue(data: AuditData) -> Iterator[Finding]:
+    hours = int(SWAB_RESULT_SLA.total_seconds() // 3600)
     for sid, s in data.swabs.items():
         collected = s.get("collected")
-        if not collected:
+        if not collected or not s.get("vehicle_id"):
             continue
         result = s.get("result")
         start = s.get("collected_at") or collected["at"]
         if result is None:
-            late = (now - (ts(start) or now)).total_seconds()
-            what = f"no result for sample {sid} after {late / 3600:.1f} h"
+            at, what = _later(start, SWAB_RESULT_SLA), f"no result for sample {sid} within {hours} h"
         else:
             late = seconds(start, result.get("reported_at") or result["recorded_at"]) or 0.0
+            if late <= SWAB_RESULT_SLA.total_seconds():
+                continue
+            at = result["recorded_at"]
             what = f"result for sample {sid} came {late / 3600:.1f} h after collection"
-        if late > SWAB_RESULT_SLA.total_seconds():
-            yield Finding(
-                "R14", "swab_result_overdue", "sla", result["recorded_at"] if result else start,
-                what, f"样本{sid}核酸结果超过{int(SWAB_RESULT_SLA.total_seconds() // 3600)}小时未回报",
-                tuple(_ev(r, t) for r, t in ((collected, "SurfaceSwabCollected"),
-                                             (result, "SwabResultRecorded")) if r),
-                vehicle_id=s.get("vehicle_id"))
+        yield Finding(
+            "R14", "swab_result_overdue", "sla", at, what,
+            f"样本{sid}核酸结果超过{hours}小时未回报",
+            tuple(_ev(r, t) for r, t in ((collected, "SurfaceSwabCollected"), (result, "SwabResultRecorded"))
+                  if r),
+            vehicle_id=s["vehicle_id"])
 
 
 CHECKS: tuple[CheckSpec, ...] = (
     CheckSpec("R1", "vehicle_reserved_twice", "a vehicle reserved again before its trip ended",
-              frozenset({"VehicleReserved", "VehicleAwaitingDisinfection"}), r1_reserved_twice),
+              frozenset({"VehicleReserved", "VehicleAwaitingDisinfection", "VehicleStoodDown"}),
+              r1_reserved_twice, VEHICLE),
     CheckSpec("R1", "overlapping_trips", "two trips of one vehicle open at once",
-              frozenset({"TripOpened", "TripCompleted"}), r1_overlapping_trips),
-    CheckSpec("R2", "reserved_before_release", "reserved while awaiting disinfection",
-              frozenset({"VehicleAwaitingDisinfection", "VehicleReserved", "VehicleReturnedToService"}),
-              r2_reserved_awaiting),
+              frozenset({"TripOpened", "TripCompleted", "TripAborted"}), r1_overlapping_trips, VEHICLE),
+    CheckSpec("R2", "reserved_before_release",
+              "reserved while awaiting disinfection (or a supervisor's override)",
+              frozenset({"VehicleAwaitingDisinfection", "VehicleReserved", "VehicleReturnedToService",
+                         "RuleOverridden"}), r2_reserved_awaiting, VEHICLE),
     CheckSpec("R2", "trip_before_release", "a trip started before disinfection released the vehicle",
-              frozenset({"TripCompleted", "TripOpened", "VehicleReleased"}), r2_trip_before_release),
+              frozenset({"TripCompleted", "TripOpened", "VehicleReleased"}), r2_trip_before_release, VEHICLE),
     CheckSpec("R3", "vehicle_not_dedicated", "risk transfer in a vehicle outside the dedicated pool",
-              frozenset({"VehicleAssigned", "VehicleRegistered"}), r3_r5_vehicle_fit),
-    CheckSpec("override", "manual_assignment_override", "every manual assignment with an override reason",
-              frozenset({"VehicleAssigned"}), manual_overrides),
-    CheckSpec("override", "overrides_of_other_services",
-              "reprioritisation (issue 3), supervisor early release (issue 5)",
-              frozenset({"TransferReprioritized", "VehicleReleasedEarly"}), other_overrides,
-              waiting_on="TransferReprioritized (issue 3), VehicleReleasedEarly (issue 5)"),
-    CheckSpec("R4", "priority_inversion", "a queued, more urgent transfer passed over for a vehicle it fits",
-              frozenset({"TransferQueued", "VehicleAssigned", "TransferPrioritized"}), r4_priority_inversion),
+              frozenset({"VehicleAssigned", "VehicleRegistered"}), r3_r5_vehicle_fit, TRANSFER),
+    CheckSpec("override", "manual_assignment_override",
+              "every assignment with an override reason, with the rules recorded as overridden",
+              frozenset({"VehicleAssigned", "RuleOverridden"}), manual_overrides, TRANSFER),
+    CheckSpec("override", "reprioritized", "every change of a transfer's priority by a dispatcher (R4)",
+              frozenset({"TransferReprioritized"}), reprioritized, TRANSFER),
+    CheckSpec("override", "supervisor_early_release", "every release a supervisor forced (R2, R8)",
+              frozenset({"VehicleReleased"}), early_releases, VEHICLE),
     CheckSpec("R6", "destination_role_mismatch", "destination role does not fit the patient",
-              frozenset({"DestinationAssigned", "FacilityRegistered"}), r6_destination_role),
+              frozenset({"DestinationAssigned", "TransferRedirected", "FacilityRegistered"}),
+              r6_destination_role, TRANSFER),
     CheckSpec("R7", "overflowing_destination", "a facility past its threshold took a new patient",
-              frozenset({"DestinationAssigned", "FacilityLoadReported"}), r7_overflowing_destination),
+              frozenset({"DestinationAssigned", "FacilityLoadReported"}), r7_overflowing_destination,
+              TRANSFER),
     CheckSpec("R8", "stages", "stage below protocol, terminal before initial, release without both stages",
               frozenset({"InitialDisinfectionLogged", "TerminalDisinfectionLogged", "VehicleReleased"}),
-              r8_stages),
+              r8_stages, VEHICLE),
     CheckSpec("R8", "returned_without_terminal", "back in service with no terminal stage on record",
               frozenset({"VehicleReturnedToService", "TerminalDisinfectionLogged"}),
-              r8_returned_without_terminal),
+              r8_returned_without_terminal, VEHICLE),
     CheckSpec("R9", "released_without_swab", "released with no surface swab",
-              frozenset({"VehicleReleased", "SurfaceSwabCollected"}), r9_released_without_swab),
+              frozenset({"VehicleReleased", "SurfaceSwabCollected"}), r9_released_without_swab, VEHICLE),
     CheckSpec("R9", "positive_handling", "a positive not quarantined, or the vehicle used again",
-              frozenset({"SwabResultRecorded", "VehicleQuarantined"}), r9_positive_handling),
+              frozenset({"SwabResultRecorded", "VehicleQuarantined"}), r9_positive_handling, VEHICLE),
     CheckSpec("R10", "reporting", "not reported, reported late, or a direct call not reported by 120",
-              frozenset({"TransferRequested", "TransferReported"}), r10_reporting),
+              frozenset({"TransferRequested", "TransferReported"}), r10_reporting, TRANSFER),
     CheckSpec("R11", "loop_not_closed", "return leg neither done nor replaced by an admission",
-              frozenset({"ReturnLegRequested", "PatientAdmitted"}), r11_loop_closed,
-              waiting_on="ReturnLegRequested and PatientAdmitted (issue 4)"),
+              frozenset({"TransferHandedOver", "PatientAdmitted"}), r11_loop_closed, TRANSFER),
     CheckSpec("R12", "trip_without_request", "a trip the ledger cannot attribute to a person",
-              frozenset({"TripOpened", "TransferRequested"}), r12_trip_without_request),
+              frozenset({"TripOpened", "TransferRequested"}), r12_trip_without_request, TRANSFER),
     CheckSpec("R13", "fever_clinic_cases", "fever-clinic cases not at a designated hospital in time",
-              frozenset({"TransferRequested", "PatientHandedOver"}), r13_fever_clinic_cases),
+              frozenset({"TransferRequested", "PatientHandedOver"}), r13_fever_clinic_cases, TRANSFER),
     CheckSpec("R14", "swab_result_overdue", "swab result later than the lab SLA",
-              frozenset({"SurfaceSwabCollected", "SwabResultRecorded"}), r14_swab_overdue),
+              frozenset({"SurfaceSwabCollected", "SwabResultRecorded"}), r14_swab_overdue, VEHICLE),
 )
-# R5 is checked by r3_r5_vehicle_fit (listed under R3 above) and named in its findings.
-ALSO_CHECKED_BY = {"R5": "vehicle_not_dedicated"}
+R4_SPEC = CheckSpec("R4", "priority_inversion",
+                    "a queued, more urgent transfer passed over for a vehicle it fits",
+                    frozenset({"TransferQueued", "VehicleAssigned", "TransferPrioritized",
+                               "TransferReprioritized", "TransferCancelled"}),
+                    r4_priority_inversion, DISPATCH)
+ALL_CHECKS = (*CHECKS, R4_SPEC)
 
 
 def active_checks(known_types: set[str]) -> tuple[list[CheckSpec], list[CheckSpec]]:
-    """(checks that run, checks waiting for events the catalogue does not have yet)."""
-    running = [c for c in CHECKS if c.needs <= known_types]
-    waiting = [c for c in CHECKS if not c.needs <= known_types]
+    """(checks that run, checks waiting for events the catalogue does not have)."""
+    running = [c for c in ALL_CHECKS if c.needs <= known_types]
+    waiting = [c for c in ALL_CHECKS if not c.needs <= known_types]
     return running, waiting
 
 
-def evaluate(data: AuditData, now: datetime, known_types: set[str],
-             failed: list[dict[str, str]] | None = None) -> list[Finding]:
-    """Every running check over the data. A check that trips over odd data is reported in
+def scope_key(check: CheckSpec, f: Finding) -> str | None:
+    """Which scope a finding belongs to: the key the live model re-evaluates it under."""
+    if check.scope == DISPATCH:
+        return DISPATCH
+    key = f.vehicle_id if check.scope == VEHICLE else f.transfer_id
+    return f"{check.scope}:{key}" if key else None
+
+
+def evaluate_scope(data: AuditData, scope: str, known_types: set[str],
+                   failed: list[dict[str, str]] | None = None) -> list[tuple[str, Finding]]:
+    """(scope key, finding) of every running check of this scope (vehicle or transfer)
+    over the data, whatever their time. A check that trips over odd data is reported in
     `failed` (and logged), never allowed to hide the others' findings."""
     indexed = data.indexed()
     running, _ = active_checks(known_types)
-    found: dict[str, Finding] = {}
+    out: dict[str, tuple[str, Finding]] = {}
     for check in running:
+        if check.scope != scope:
+            continue
         try:
-            for f in check.run(indexed, now):
-                found.setdefault(f.id, f)
+            for f in check.run(indexed):
+                key = scope_key(check, f)
+                if key is not None:
+                    out.setdefault(f.id, (key, f))
         except Exception as exc:
             log.exception("check %s %s failed", check.rule, check.code)
             if failed is not None:
                 failed.append({"rule": check.rule, "check": check.code, "error": repr(exc)})
-    return sorted(found.values(), key=lambda f: (f.at, f.rule, f.id))
+    return list(out.values())
+
+
+def evaluate(data: AuditData, now: datetime, known_types: set[str],
+             failed: list[dict[str, str]] | None = None) -> list[Finding]:
+    """Every running check over the data, the findings whose time has come by `now`."""
+    found: dict[str, Finding] = {}
+    for scope in (VEHICLE, TRANSFER):
+        for _, f in evaluate_scope(data, scope, known_types, failed):
+            found.setdefault(f.id, f)
+    if R4_SPEC.needs <= known_types:
+        for f in r4_priority_inversion(data.indexed()):
+            found.setdefault(f.id, f)
+    cut = utc_key(now.isoformat())
+    return sorted((f for f in found.values() if utc_key(f.at) <= cut),
+                  key=lambda f: (utc_key(f.at), f.rule, f.id))
 
 
 def rules_status(known_types: set[str]) -> list[dict[str, Any]]:
@@ -782,7 +971,7 @@ def rules_status(known_types: set[str]) -> list[dict[str, Any]]:
     out = [{"rule": c.rule, "check": c.code, "summary": c.summary, "status": "checked"}
            for c in running]
     out += [{"rule": c.rule, "check": c.code, "summary": c.summary, "status": "waiting",
-             "waiting_on": c.waiting_on or ", ".join(sorted(c.needs - known_types))} for c in waiting]
+             "waiting_on": ", ".join(sorted(c.needs - known_types))} for c in waiting]
     if "vehicle_not_dedicated" in {c.code for c in running}:
         out.append({"rule": "R5", "check": "negative_pressure_required",
                     "summary": "fever/COVID-like patients from risk areas in a negative-pressure ambulance",

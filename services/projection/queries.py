@@ -3,17 +3,22 @@ timelines, the feed and verification."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection, Iterable
+from functools import lru_cache
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, or_, select
+from sqlalchemy import BigInteger, String, and_, any_, bindparam, literal_column, or_, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.events.catalog.common import PatientDataDisclosed
 from libs.events.envelope import GENESIS_HASH, ChainBreak, Envelope, verify_chain
 from libs.events.store import events_table
-from services.projection.data import AuditData
+from services.projection.data import AuditData, PlanSql, parse_json
 from services.projection.facts import JSON_COLUMNS, SPECS
+from services.projection.findings import VEHICLE
+from services.projection.slices import run_plan
 from services.projection.tables import Generation, active_generation, archive, envelope_of_row, generation
 
 KEYED = ("transfers", "trips", "cycles", "swabs", "vehicles", "facilities")
@@ -24,11 +29,192 @@ _LAZY = frozenset({"data"})  # whole payloads: the checks that need them parse t
 
 
 def _parse(row: Any) -> dict[str, Any]:
-    out = dict(row._mapping)
+    return _parse_map(dict(row._mapping))
+
+
+def _parse_map(out: dict[str, Any]) -> dict[str, Any]:
     for k, v in out.items():
         if v.__class__ is str and k in JSON_COLUMNS and k not in _LAZY:
             out[k] = orjson.loads(v)
     return out
+
+
+def parse_rows(result: Iterable[Any]) -> list[dict[str, Any]]:
+    return [_parse(r) for r in result]
+
+
+def _json_of(stmt: Any) -> tuple[str, ...]:
+    """The JSON columns a statement selects that are parsed as they load (`data`, whole
+    payloads, is parsed by the checks that need it)."""
+    return tuple(c.name for c in stmt.selected_columns if c.name in JSON_COLUMNS and c.name not in _LAZY)
+
+
+async def fetch(conn: AsyncConnection, stmt: Any) -> list[dict[str, Any]]:
+    """Rows as dicts with their JSON parsed. On PostgreSQL the statement runs through the
+    asyncpg connection itself (a rebuild reads whole tables this way: SQLAlchemy's row
+    layer would cost it more than the database does)."""
+    if conn.dialect.name == "postgresql":
+        compiled = stmt.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+        args = [compiled.params[name] for name in compiled.positiontup or ()]
+        raw = await conn.get_raw_connection()
+        records = await raw.driver_connection.fetch(str(compiled), *args)  # type: ignore[union-attr]
+        return parse_json([dict(r) for r in records], _json_of(stmt))
+    return parse_json([dict(r._mapping) for r in await conn.execute(stmt)], _json_of(stmt))
+
+
+# What the checks read of the keyed tables: a rebuild evaluates every scope at once, and
+# parsing the JSON of columns no check reads (a trip's six steps, ...) would double its cost.
+_CHECKED: dict[str, tuple[str, ...]] = {
+    "transfers": ("transfer_id", "origin_kind", "risk_category", "destination_id", "vehicle_id", "return_of",
+                  "request", "destination", "reported", "handed_over"),
+    "trips": ("trip_id", "transfer_id", "vehicle_id", "opened_at", "opened", "completed", "handover",
+              "returned"),
+    "vehicles": ("vehicle_id", "kind", "dedicated_pool", "life_support"),
+}
+
+
+def _select(gen: Generation, name: str, where: Any = None) -> Any:
+    table = gen[name]
+    stmt = select(*(table.c[c] for c in _CHECKED[name])) if name in _CHECKED else select(table)
+    return stmt if where is None else stmt.where(where)
+
+
+def scope_plan(gen: Generation, scope: str, sel: Callable[[Any], Any]) -> list[tuple[str, Any]]:
+    """(AuditData attribute, statement) of what the checks of a scope read, for the keys
+    `sel` picks (sel(column) is the condition on a vehicle id or transfer id column).
+    Selected by key, the union of the loads of single keys is the load of them all: what
+    lets a rebuild evaluate every scope at once, or a share of them per worker process,
+    and find what the live model found one scope at a time."""
+    if scope == VEHICLE:
+        trips, log = gen["trips"], gen["vehicle_log"]
+        return [
+            *((name, _select(gen, name, sel(gen[name].c.vehicle_id)))
+              for name in ("vehicles", "cycles", "swabs", "vehicle_log", "decisions", "others")),
+            # Its trips: those the transfer service opened with it, and those its own stream
+            # names (awaiting disinfection, returned to service), opened or not.
+            ("trips", _select(gen, "trips", or_(sel(trips.c.vehicle_id), trips.c.trip_id.in_(
+                select(log.c.trip_id).where(and_(sel(log.c.vehicle_id), log.c.trip_id.is_not(None))))))),
+        ]
+    t = gen["transfers"]
+    return [
+        # Its return leg too (R11 closes the loop on its handover).
+        ("transfers", _select(gen, "transfers", or_(sel(t.c.transfer_id), sel(t.c.return_of)))),
+        *((name, _select(gen, name, sel(gen[name].c.transfer_id)))
+          for name in ("trips", "decisions", "others")),
+    ]
+
+
+def reference_plan(gen: Generation) -> list[tuple[str, Any]]:
+    """What transfers name, in full: vehicles, facilities and their load reports (the
+    checks look them up by id, so all of them serve any share of the transfers)."""
+    return [(name, _select(gen, name)) for name in ("vehicles", "facilities", "facility_loads")]
+
+
+IDS = bindparam("ids", type_=ARRAY(String))  # a list of vehicle or transfer ids, on PostgreSQL
+
+
+def _any(column: Any) -> Any:
+    return column == any_(IDS)
+
+
+@lru_cache(maxsize=64)
+def _compiled(number: int, scope: str, dialect: Any) -> tuple[PlanSql, PlanSql]:
+    """A generation's scope plan for a list of ids as PostgreSQL SQL, and what the
+    transfers' checks look up by id (compiled once: the live path loads a scope per
+    event, and compiling a dozen statements each time would cost more than running them)."""
+    gen = generation(number)
+    loads = gen["facility_loads"]
+    named: list[tuple[str, Any]] = [
+        ("vehicles", _select(gen, "vehicles", _any(gen["vehicles"].c.vehicle_id))),
+        ("facilities", _select(gen, "facilities", _any(gen["facilities"].c.facility_id))),
+        # The load report that came last before a destination decision (R7): $1 the
+        # facility, $2 the decision's position.
+        ("facility_loads", select(loads).where(and_(
+            loads.c.facility_id == bindparam("f", type_=String),
+            loads.c.position < bindparam("p", type_=BigInteger))).order_by(loads.c.position.desc())
+         .limit(literal_column("1"))),
+    ]
+    return _to_sql(dialect, scope_plan(gen, scope, _any)), _to_sql(dialect, named)
+
+
+def _to_sql(dialect: Any, plan: list[tuple[str, Any]]) -> PlanSql:
+    out = []
+    for attr, stmt in plan:
+        compiled = stmt.compile(dialect=dialect)
+        out.append((attr, str(compiled), _json_of(stmt), bool(compiled.params)))
+    return out
+
+
+def plan_sql(conn: AsyncConnection, plan: list[tuple[str, Any]]) -> PlanSql:
+    """A plan as PostgreSQL's SQL for a worker process."""
+    return _to_sql(conn.dialect, plan)
+
+
+async def load_scope(conn: AsyncConnection, gen: Generation, scope: str | None,
+                     ids: Collection[str] | None) -> AuditData:
+    """The rows the checks of one scope read (findings.VEHICLE or findings.TRANSFER), for
+    these vehicles or transfers, or for all of them (`ids` None)."""
+    scope = scope or VEHICLE
+    if ids is not None and conn.dialect.name == "postgresql":
+        return await _load_ids_pg(conn, gen, scope, list(ids))
+    data = AuditData()
+
+    def sel(column: Any) -> Any:
+        return column.is_not(None) if ids is None else column.in_(list(ids))
+
+    for attr, stmt in scope_plan(gen, scope, sel):
+        data.assemble(attr, await fetch(conn, stmt))
+    if scope == VEHICLE:
+        return data
+    if ids is None:
+        for attr, stmt in reference_plan(gen):
+            data.assemble(attr, await fetch(conn, stmt))
+        return data
+    vehicles, facilities, loads = _named(data)
+    for name, wanted in (("vehicles", vehicles), ("facilities", facilities)):
+        if wanted:
+            column = gen[name].c[SPECS[name].key[0]]
+            data.assemble(name, await fetch(conn, _select(gen, name, column.in_(wanted))))
+    table = gen["facility_loads"]
+    found: dict[str, dict[str, Any]] = {}
+    for facility_id, position in loads:
+        for r in await fetch(conn, select(table).where(and_(
+                table.c.facility_id == facility_id, table.c.position < position))
+                .order_by(table.c.position.desc()).limit(1)):
+            found[r["event_id"]] = r
+    data.facility_loads = list(found.values())
+    return data
+
+
+def _named(data: AuditData) -> tuple[set[str], set[str], list[tuple[str, int]]]:
+    """Only what these transfers name: the vehicles given to them, the facilities they
+    went to, and (facility, position) of each destination decision, whose last load
+    report before it R7 reads."""
+    vehicles = {d["vehicle_id"] for d in data.decisions if d.get("vehicle_id")}
+    facilities = {d["facility_id"] for d in data.decisions if d.get("facility_id")} | {
+        x["destination_id"] for x in data.transfers.values() if x.get("destination_id")}
+    loads = sorted({(d["facility_id"], d["position"]) for d in data.decisions if d.get("facility_id")})
+    return vehicles, facilities, loads
+
+
+async def _load_ids_pg(conn: AsyncConnection, gen: Generation, scope: str, ids: list[str]) -> AuditData:
+    plan, named = _compiled(gen.number, scope, conn.dialect)
+    raw: Any = (await conn.get_raw_connection()).driver_connection
+    data = await run_plan(raw, plan, ids)
+    if scope == VEHICLE:
+        return data
+    vehicles, facilities, loads = _named(data)
+    (_, vehicles_sql, vehicles_json, _), (_, facilities_sql, facilities_json, _), (_, loads_sql, _, _) = named
+    data.assemble("vehicles", parse_json([dict(r) for r in await raw.fetch(vehicles_sql, sorted(vehicles))],
+                                         vehicles_json))
+    data.assemble("facilities", parse_json([dict(r) for r in await raw.fetch(
+        facilities_sql, sorted(facilities))], facilities_json))
+    found: dict[str, dict[str, Any]] = {}
+    for facility_id, position in loads:
+        for r in await raw.fetch(loads_sql, facility_id, position):
+            found[r["event_id"]] = dict(r)
+    data.facility_loads = list(found.values())
+    return data
 
 
 async def current(conn: AsyncConnection) -> Generation | None:

@@ -3,52 +3,70 @@
 1. Pick the next generation number and create its tables (the active one keeps serving
    reads and taking live events).
 2. Fold the archive into it in pages: a page of events is merged in memory
-   (facts.Buffer) and written as one upsert per row, not one write per event.
-3. Catch up with what arrived meanwhile, then, holding the archive lock (live appends
-   wait a moment), fold the last few events and switch `active_generation` in the same
-   transaction. Reads move to the new tables at their next query.
+   (facts.Buffer) and written in bulk (COPY on PostgreSQL), not one write per event. On
+   PostgreSQL, worker processes fold slices of the archive side by side (the fold is
+   Python, bound to one core each); their keyed rows are merged here in slice order.
+3. Evaluate the findings of every scope over the fact rows (violations.build).
+4. Catch up with what arrived meanwhile, then, holding the archive lock (live appends
+   wait a moment), fold the last few events, re-evaluate the findings they touch and
+   switch `active_generation` in the same transaction. Reads move to the new tables at
+   their next query.
 
 `order="store"` folds store after store in position order instead of in the order the
 events were applied live: the result must still be identical, which is what shows that
 the read models do not depend on how Kafka interleaved the streams.
 
-    python -m services.projection.rebuild [--order seq|store] [--page N]
+    python -m services.projection.rebuild [--order seq|store] [--page N] [--workers N]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
+import logging
+import os
+import pickle
+import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, text
+from sqlalchemy import and_, func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from libs.events.contracts import registry
+import services
 from libs.events.envelope import iso, utcnow
 from libs.events.store import EventStore
-from services.projection.facts import SPECS, Buffer
+from services.projection import violations
+from services.projection.facts import ARCHIVE_COLUMNS, Buffer, Ev, current_versions, ev_of_row
+from services.projection.findings import registry_types
+from services.projection.slices import APPEND_ONLY, Part
 from services.projection.tables import (
-    ARCHIVE_COLUMNS,
+    SCHEMA,
+    Generation,
     active_generation,
+    active_schema,
     archive,
     bulk_insert,
     create_generation,
+    create_indexes,
     drop_generation,
     ensure_active,
-    ev_of_row,
     flush,
     generation,
     generations_present,
     lock_archive,
     meta_table,
+    schema_digest,
     set_meta,
 )
+
+log = logging.getLogger(__name__)
 
 BUILDING = "building_generation"
 STALE_SECONDS = 3600
@@ -67,6 +85,9 @@ class Report:
     caught_up: int = 0
     seconds: float = 0.0
     events_per_second: float = 0.0
+    findings: int = 0
+    workers: int = 1
+    phases: dict[str, float] = field(default_factory=dict)  # seconds each step took
     started_at: str = field(default_factory=lambda: iso(utcnow()))
     finished_at: str | None = None
 
@@ -84,7 +105,6 @@ async def write_tx(store: EventStore) -> AsyncIterator[AsyncConnection]:
 
 
 _COLS = [archive.c[c] for c in ARCHIVE_COLUMNS]
-APPEND_ONLY = [name for name, spec in SPECS.items() if spec.append_only]
 
 
 class _Reader:
@@ -94,54 +114,195 @@ class _Reader:
     def __init__(self, conn: AsyncConnection) -> None:
         self.conn = conn
         self.pg = conn.dialect.name == "postgresql"
-        self.cols = ", ".join(ARCHIVE_COLUMNS)
 
-    async def _fetch(self, sql: str, stmt: Any, *args: Any) -> list[Any]:
+    async def page(self, part: Part, after: int | None, page: int) -> list[Any]:
         if self.pg:
+            sql, args = part.query(after, page)
             raw = await self.conn.get_raw_connection()
             return list(await raw.driver_connection.fetch(sql, *args))  # type: ignore[union-attr]
-        return list(await self.conn.execute(stmt))
+        frm = part.lo if after is None else after
+        if part.order == "seq":
+            cond = [archive.c.seq > frm, *([archive.c.seq <= part.hi] if part.hi is not None else [])]
+            order: Any = archive.c.seq
+        else:
+            cond = [archive.c.store == part.store, archive.c.position > frm, archive.c.position <= part.hi,
+                    archive.c.seq <= part.seq_upto]
+            order = archive.c.position
+        return list(await self.conn.execute(select(*_COLS).where(and_(*cond)).order_by(order).limit(page)))
 
     async def by_seq(self, after: int, upto: int | None, page: int) -> list[Any]:
-        cond = archive.c.seq > after if upto is None else and_(archive.c.seq > after, archive.c.seq <= upto)
-        stmt = select(*_COLS).where(cond).order_by(archive.c.seq).limit(page)
-        bound = "" if upto is None else f" AND seq <= {int(upto)}"
-        sql = f"SELECT {self.cols} FROM audit_archive WHERE seq > $1{bound} ORDER BY seq LIMIT {int(page)}"
-        return await self._fetch(sql, stmt, after)
-
-    async def by_store(self, store: str, position: int, upto: int, page: int) -> list[Any]:
-        stmt = (select(*_COLS).where(and_(
-            archive.c.seq <= upto,
-            or_(archive.c.store > store, and_(archive.c.store == store, archive.c.position > position))))
-            .order_by(archive.c.store, archive.c.position).limit(page))
-        sql = (f"SELECT {self.cols} FROM audit_archive WHERE seq <= $3 AND (store > $1 OR "
-               f"(store = $1 AND position > $2)) ORDER BY store, position LIMIT {int(page)}")
-        return await self._fetch(sql, stmt, store, position, upto)
+        return await self.page(Part("seq", after, upto), None, page)
 
 
-async def _pages(reader: _Reader, order: str, upto: int, page: int) -> AsyncIterator[list[Any]]:
-    """Pages in the chosen order; the next page is already being read while the caller
+async def _plan(conn: AsyncConnection, order: str, upto: int, slices: int) -> list[Part]:
+    step = max(1, -(-upto // slices))
+    if order == "seq":
+        return [Part("seq", lo, min(lo + step, upto)) for lo in range(0, upto, step)]
+    tops = (await conn.execute(select(archive.c.store, func.max(archive.c.position)).where(
+        archive.c.seq <= upto).group_by(archive.c.store).order_by(archive.c.store))).all()
+    return [Part("store", lo, min(lo + step, top), store, upto)
+            for store, top in tops for lo in range(0, top, step)]
+
+
+async def _pages(reader: _Reader, part: Part, page: int) -> AsyncIterator[list[Any]]:
+    """The part's pages in order; the next page is already being read while the caller
     folds this one (the database works on the other core meanwhile)."""
-    def next_page(rows: list[Any] | None) -> Any:
-        if order == "seq":
-            return reader.by_seq(rows[-1][0] if rows else 0, upto, page)
-        return reader.by_store(rows[-1][2] if rows else "", rows[-1][3] if rows else 0, upto, page)
-
-    pending = asyncio.ensure_future(next_page(None))
+    pending = asyncio.ensure_future(reader.page(part, None, page))
     while rows := await pending:
-        pending = asyncio.ensure_future(next_page(rows))
+        pending = asyncio.ensure_future(reader.page(part, part.last(rows[-1]), page))
         yield rows
     await pending
 
 
+class _AppendWriter:
+    """Writes the append-only rows (one per event) as pages fill the buffer, in the
+    background, so the database inserts one batch while this process folds the next."""
+
+    def __init__(self, store: EventStore, gen: Generation, page: int) -> None:
+        self.store, self.gen, self.page = store, gen, page
+        self.pending: asyncio.Task[None] | None = None
+
+    async def drain(self, buffer: Buffer, force: bool = False) -> None:
+        if not force and sum(len(buffer.rows.get(n, ())) for n in APPEND_ONLY) < self.page * 2:
+            return
+        await self.wait()
+        part = Buffer(buffer.take(APPEND_ONLY))
+        if part.rows:
+            self.pending = asyncio.create_task(_write_fresh(self.store, self.gen, part))
+
+    async def wait(self) -> None:
+        if self.pending is not None:
+            task, self.pending = self.pending, None
+            await task
+
+    def cancel(self) -> None:
+        if self.pending is not None:
+            self.pending.cancel()
+
+
+async def _write_fresh(store: EventStore, gen: Generation, part: Buffer) -> None:
+    async with write_tx(store) as conn:
+        if not store.is_sqlite:
+            # Nothing reads this generation before the switch, whose commit is durable.
+            await conn.execute(text("SET LOCAL synchronous_commit = off"))
+        await bulk_insert(conn, gen, part)
+
+
+async def _fold_part(store: EventStore, part: Part, page: int, buffer: Buffer, writer: _AppendWriter,
+                     spill: Callable[[], Awaitable[None]]) -> None:
+    current = current_versions()
+    async with store.engine.connect() as rconn:
+        async for rows in _pages(_Reader(rconn), part, page):
+            add = buffer.add_event
+            for row in rows:
+                add(ev_of_row(row, current))
+            await writer.drain(buffer)
+            await spill()
+
+
+# Where the `services` package is: the workers import it from there whatever their cwd.
+_ROOT = str(Path(services.__file__).resolve().parent.parent)
+
+
+class _Workers:
+    """Worker processes (slices.py) for the PostgreSQL rebuild, fed jobs over pipes."""
+
+    def __init__(self, store: EventStore, count: int) -> None:
+        self.count = count
+        self.dsn = store.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self.search_path = ""
+        self.procs: list[asyncio.subprocess.Process] = []
+        self.idle: asyncio.Queue[asyncio.subprocess.Process] = asyncio.Queue()
+
+    async def start(self, conn: AsyncConnection) -> None:
+        self.search_path = str(await conn.scalar(text("SHOW search_path")))
+        paths = (_ROOT, os.environ.get("PYTHONPATH"))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+        for _ in range(self.count):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "services.projection.slices", stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE, env=env)
+            self.procs.append(proc)
+            self.idle.put_nowait(proc)
+
+    async def run(self, name: str, *args: Any) -> Any:
+        """One job on the next idle worker."""
+        proc = await self.idle.get()
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            body = pickle.dumps((name, (self.dsn, self.search_path, *args)), protocol=pickle.HIGHEST_PROTOCOL)
+            proc.stdin.write(len(body).to_bytes(8, "big") + body)
+            await proc.stdin.drain()
+            size = int.from_bytes(await proc.stdout.readexactly(8), "big")
+            status, result = pickle.loads(await proc.stdout.readexactly(size))
+        finally:
+            self.idle.put_nowait(proc)
+        if status != "ok":
+            raise RuntimeError(f"rebuild worker failed on {name}:\n{result}")
+        return result
+
+    async def fold(self, conn: AsyncConnection, gen: Generation, order: str, upto: int, page: int) -> Buffer:
+        versions = current_versions()
+        futures = [asyncio.ensure_future(self.run("fold_slice", gen.number, part, page, versions))
+                   for part in await _plan(conn, order, upto, self.count * 2)]
+        merged = Buffer()
+        try:
+            for future in futures:  # merged in the parts' order
+                rows, events, unreadable = await future
+                merged.merge(Buffer(rows, events, unreadable))
+        finally:
+            await asyncio.gather(*futures, return_exceptions=True)
+        return merged
+
+    async def findings(self, conn: AsyncConnection, gen: Generation, known: set[str]) -> int:
+        plans = violations.plans(conn, gen)
+        counts = await asyncio.gather(*(self.run("evaluate_share", gen.number, plans, share, known)
+                                        for share in await violations.shares(conn, gen, self.count * 2)))
+        return sum(counts)
+
+    async def close(self) -> None:
+        for proc in self.procs:
+            if proc.stdin is not None:
+                proc.stdin.close()
+        for proc in self.procs:
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+def default_workers(store: EventStore) -> int:
+    """Worker processes for a rebuild: one per core on PostgreSQL (the fold is Python,
+    bound to a core; the database works beside it), none on SQLite (one writer)."""
+    return 1 if store.is_sqlite else max(1, min(4, os.cpu_count() or 1))
+
+
 async def rebuild(store: EventStore, *, order: str = "seq", page: int = 10_000,
-                  flush_rows: int = 500_000, force: bool = False) -> Report:
+                  flush_rows: int = 500_000, force: bool = False, workers: int | None = None) -> Report:
     """Pages of events are folded in memory (facts.Buffer). Append-only tables (one row per
     event) are written as they fill; keyed rows (a transfer, a trip, ...) gather facts from
-    many events, so they are kept until the end and written once, unless there are more
-    than `flush_rows` of them, when they are merged into the table by upsert."""
+    many events, so they are kept until the end and written once. With worker processes
+    (PostgreSQL), each folds a slice of the archive and the keyed rows are merged here;
+    in this process alone, keyed rows are merged into the table by upsert whenever more
+    than `flush_rows` of them are held."""
     if order not in ("seq", "store"):
         raise ValueError("order is seq or store")
+    collecting = gc.isenabled()
+    # A rebuild allocates millions of small objects that live until it ends: the cyclic
+    # collector would rescan them again and again (it doubled the time of the findings
+    # pass). Reference counting still frees what is dropped.
+    gc.disable()
+    try:
+        return await _rebuild(store, order, page, flush_rows, force,
+                              default_workers(store) if workers is None else workers)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+async def _rebuild(store: EventStore, order: str, page: int, flush_rows: int, force: bool,
+                   workers: int) -> Report:
     started = time.perf_counter()
     async with write_tx(store) as conn:
         await lock_archive(conn)
@@ -158,98 +319,148 @@ async def rebuild(store: EventStore, *, order: str = "seq", page: int = 10_000,
         for old in present:
             if old < active - 1 or old > active:
                 await drop_generation(conn, old)
-        gen = await create_generation(conn, number)
+        gen = await create_generation(conn, number, indexes=False)
         await set_meta(conn, BUILDING, f"{number}@{iso(utcnow())}")
         upto = int(await conn.scalar(select(func.max(archive.c.seq))) or 0)
-    report = Report(generation=number, previous=active, order=order)
-    buffer = Buffer()
+    report = Report(generation=number, previous=active, order=order, workers=workers)
+    mark = started
+
+    def lap(phase: str) -> None:
+        nonlocal mark
+        now = time.perf_counter()
+        report.phases[phase] = round(now - mark, 3)
+        mark = now
+
+    lap("setup")
+    known = registry_types()
+    current = current_versions()
     written: set[str] = set()  # keyed tables already holding rows: later writes must merge
-    current = {name: cls.schema_version for name, cls in registry.types().items()}
+    writer = _AppendWriter(store, gen, page)
+    buffer = Buffer()
 
-    async def write(part: Buffer, conn: AsyncConnection) -> None:
-        fresh = Buffer({n: r for n, r in part.rows.items() if n in APPEND_ONLY or n not in written})
-        merge = Buffer({n: r for n, r in part.rows.items() if n not in fresh.rows})
-        await bulk_insert(conn, gen, fresh)
-        await flush(conn, gen, merge)
-        written.update(n for n in part.rows if n not in APPEND_ONLY)
-
-    pending: list[asyncio.Task[None]] = []
-
-    async def write_part(part: Buffer) -> None:
+    async def write_keyed() -> None:
+        """The keyed rows held: inserted into a table that has none yet, else merged."""
+        part = Buffer(buffer.take(list(buffer.rows)))
         async with write_tx(store) as wconn:
-            if not store.is_sqlite:
-                # Nothing reads this generation before the switch, whose commit is durable.
-                await wconn.execute(text("SET LOCAL synchronous_commit = off"))
-            await write(part, wconn)
+            await bulk_insert(wconn, gen, Buffer({n: r for n, r in part.rows.items() if n not in written}))
+            await flush(wconn, gen, Buffer({n: r for n, r in part.rows.items() if n in written}))
+        written.update(part.rows)
 
-    async def drain(keyed: bool) -> None:
-        """Writes what the buffer holds. Append-only rows go in the background, so the
-        database inserts one batch while this process folds the next pages."""
-        while pending:
-            await pending.pop()
-        part = Buffer(buffer.take(APPEND_ONLY if not keyed else list(buffer.rows)))
-        if not part.rows:
-            return
-        if keyed:
-            await write_part(part)
-        else:
-            pending.append(asyncio.create_task(write_part(part)))
+    async def spill() -> None:
+        """Keyed rows beyond `flush_rows` go to the table (one process only)."""
+        if buffer.size() >= flush_rows:
+            await writer.wait()
+            await write_keyed()
 
-    def fold(rows: list[Any]) -> None:
+    def fold(rows: list[Any]) -> list[Ev]:
+        evs = [ev_of_row(row, current) for row in rows]
         add = buffer.add_event
-        for row in rows:
-            add(ev_of_row(row, current))
+        for ev in evs:
+            add(ev)
+        return evs
 
+    pool = _Workers(store, workers) if workers > 1 else None
     try:
+        if pool is not None:
+            async with store.engine.connect() as pconn:
+                await pool.start(pconn)
+                lap("workers started")
+                buffer = await pool.fold(pconn, gen, order, upto, page)
+        else:
+            async with store.engine.connect() as pconn:
+                parts = await _plan(pconn, order, upto, 1)
+            for part in parts:
+                await _fold_part(store, part, page, buffer, writer, spill)
+        report.events = buffer.events
+        lap("fold")
         async with store.engine.connect() as rconn:
-            reader = _Reader(rconn)
-            async for rows in _pages(reader, order, upto, page):
-                fold(rows)
-                report.events += len(rows)
-                if sum(len(buffer.rows.get(n, ())) for n in APPEND_ONLY) >= page * 2:
-                    await drain(keyed=False)
-                if buffer.size() >= flush_rows:
-                    await drain(keyed=True)
             # Catch up with what the live subscription archived meanwhile.
+            reader = _Reader(rconn)
             last = upto
             while rows := await reader.by_seq(last, None, page):
                 fold(rows)
                 report.caught_up += len(rows)
                 last = rows[-1][0]
+                await writer.drain(buffer)
                 if len(rows) < page:
                     break
-            await drain(keyed=True)
+        await writer.drain(buffer, force=True)
+        await writer.wait()
+        lap("catch up")
+        await write_keyed()
+        lap("keyed rows")
+        async with write_tx(store) as conn:
+            await create_indexes(conn, gen)
+        lap("indexes")
+        # The findings of every scope, from the fact rows just written.
+        if pool is not None:
+            async with store.engine.connect() as conn:
+                report.findings = await pool.findings(conn, gen, known)
+            lap("findings in workers")
+        async with write_tx(store) as conn:
+            report.findings += await violations.build(conn, gen, known, last, shared=pool is not None)
+        lap("findings" if pool is None else "R4 queue")
         # The switch: live appends wait on the archive lock; whatever they archived since
-        # the last read is folded here, so the new generation misses nothing.
+        # the last read is folded here, with the findings it touches, as the live path
+        # does, so the new generation misses nothing.
         async with write_tx(store) as conn:
             await lock_archive(conn)
             reader = _Reader(conn)
+            late: list[Ev] = []
             while rows := await reader.by_seq(last, None, page):
-                fold(rows)
+                late += fold(rows)
                 report.caught_up += len(rows)
                 last = rows[-1][0]
             await flush(conn, gen, buffer)
             buffer.clear()
+            vehicles: set[str] = set()
+            transfers: set[str] = set()
+            for ev in late:
+                v, t = await violations.touched(conn, gen, ev.type, ev.position, ev.payload)
+                vehicles |= v
+                transfers |= t
+            await violations.refresh(conn, gen, known, vehicles=vehicles, transfers=transfers)
+            await violations.advance_queue(conn, gen, known)
             await set_meta(conn, "active_generation", str(number))
+            await set_meta(conn, SCHEMA, schema_digest())
             await conn.execute(meta_table.delete().where(meta_table.c.name == BUILDING))
+        lap("switch")
     except BaseException:
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        writer.cancel()
+        if pool is not None:
+            await pool.close()
         async with write_tx(store) as conn:
             await conn.execute(meta_table.delete().where(meta_table.c.name == BUILDING))
             if await active_generation(conn) != number:
                 await drop_generation(conn, number)
         raise
+    if pool is not None:
+        await pool.close()
     report.seconds = time.perf_counter() - started
     report.events_per_second = (report.events + report.caught_up) / report.seconds if report.seconds else 0.0
     report.finished_at = iso(utcnow())
     return report
 
 
-def main() -> None:
-    import logging
+async def upgrade(store: EventStore, stop: asyncio.Event) -> None:
+    """At start: when the active generation was built by older code (other tables or
+    columns), rebuild it with this code's, so that the live path can write to it. Until
+    the switch the subscription's writes fail and are retried; reads go on."""
+    async with store.engine.connect() as conn:
+        if await active_generation(conn) is None or await active_schema(conn) == schema_digest():
+            return
+    log.warning("projection: the read models were built by older code; rebuilding them")
+    while not stop.is_set():
+        try:
+            report = await rebuild(store, force=True)
+            log.info("projection: rebuilt as generation %d (%d events)", report.generation, report.events)
+            return
+        except Exception:
+            log.exception("projection: the upgrade rebuild failed; trying again")
+            await asyncio.sleep(5)
 
+
+def main() -> None:
     from services.projection.tables import metadata
     from services.settings import Settings
 
@@ -257,6 +468,8 @@ def main() -> None:
     parser.add_argument("--order", choices=("seq", "store"), default="seq")
     parser.add_argument("--page", type=int, default=10_000)
     parser.add_argument("--force", action="store_true", help="even if another rebuild seems to run")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes folding slices of the archive (default: one per core on PostgreSQL)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
 
@@ -265,7 +478,8 @@ def main() -> None:
         store = EventStore.from_url("projection", settings.store_url("projection"))
         try:
             await store.create_schema(metadata)
-            report = await rebuild(store, order=args.order, page=args.page, force=args.force)
+            report = await rebuild(store, order=args.order, page=args.page, force=args.force,
+                                   workers=args.workers)
             print(report.view())
         finally:
             await store.close()

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -36,8 +37,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.schema import CreateTable
 
-from libs.events.contracts import registry
 from libs.events.envelope import Envelope, iso, utcnow
 from services.projection.facts import JSON_COLUMNS, SPECS, Buffer, Ev, dump, upcast
 
@@ -85,25 +86,28 @@ meta_table = Table(
 
 ACTIVE = "active_generation"
 ARCHIVE_LOCK = zlib.crc32(b"closedloop-projection-archive")
-ARCHIVE_COLUMNS = ("seq", "event_id", "store", "position", "stream_id", "stream_version", "type",
-                   "schema_version", "occurred_at", "recorded_at", "actor", "role", "payload")
-
 _TYPES: dict[str, Any] = {
     "day": String(10), "requested_at": String(40), "opened_at": String(40), "collected_at": String(40),
     "at": String(40), "recorded_at": String(40), "priority": Integer, "position": BigInteger,
     "stream_version": Integer, "occupied": Integer, "ratio": Float, "overflowing": Boolean,
     "dedicated_pool": Boolean, "life_support": Boolean,
 }
-_INDEXED = {
-    "transfers": ("day", "vehicle_id", "destination_id"),
-    "decisions": ("transfer_id",),
-    "vehicle_log": ("vehicle_id",),
-    "facility_loads": ("facility_id",),
-    "trips": ("transfer_id", "vehicle_id"),
-    "cycles": ("vehicle_id", "trip_id"),
-    "swabs": ("vehicle_id", "cycle_id"),
-    "others": ("type",),
+# Indexes of the fact tables: what the views filter on, and what the findings model looks
+# up to know which scopes an event touches (violations.touched).
+_INDEXED: dict[str, tuple[tuple[str, ...], ...]] = {
+    "transfers": (("day",), ("vehicle_id",), ("destination_id",), ("return_of",)),
+    "decisions": (("transfer_id",), ("vehicle_id",), ("facility_id", "position"), ("position",)),
+    "vehicle_log": (("vehicle_id",),),
+    "facility_loads": (("facility_id", "position"),),
+    "trips": (("transfer_id",), ("vehicle_id",)),
+    "cycles": (("vehicle_id",), ("trip_id",)),
+    "swabs": (("vehicle_id",), ("cycle_id",)),
+    "others": (("type",), ("transfer_id",), ("vehicle_id",)),
 }
+# The findings, kept as a read model (violations.py): one row per finding, paged by
+# (at_key, id); `scope` is what re-evaluating a vehicle or a transfer replaces.
+_FINDING_PAGES = (("at_key", "id"), ("rule", "at_key", "id"), ("vehicle_id", "at_key", "id"),
+                  ("transfer_id", "at_key", "id"), ("facility_id", "at_key", "id"), ("scope",))
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,10 @@ class Generation:
 def generation(number: int) -> Generation:
     md = MetaData()
     tables: dict[str, Table] = {}
+
+    def indexes(name: str, sets: tuple[tuple[str, ...], ...]) -> list[Index]:
+        return [Index(f"ix_g{number}_{name}_{'_'.join(cols)}", *cols) for cols in sets]
+
     for name, spec in SPECS.items():
         cols: list[Any] = [Column(k, String(200), primary_key=True) for k in spec.key]
         for c in spec.columns:
@@ -127,8 +135,22 @@ def generation(number: int) -> Generation:
                 cols.append(Column(c, Text))
             else:
                 cols.append(Column(c, _TYPES.get(c, String(200))))
-        indexes = [Index(f"ix_g{number}_{name}_{c}", c) for c in _INDEXED.get(name, ())]
-        tables[name] = Table(f"g{number}_{name}", md, *cols, *indexes)
+        tables[name] = Table(f"g{number}_{name}", md, *cols, *indexes(name, _INDEXED.get(name, ())))
+    tables["findings"] = Table(
+        f"g{number}_findings", md, Column("id", String(16), primary_key=True),
+        Column("scope", String(220), nullable=False), Column("rule", String(40), nullable=False),
+        Column("check", String(80), nullable=False), Column("kind", String(20), nullable=False),
+        Column("at_key", String(30), nullable=False), Column("transfer_id", String(200)),
+        Column("vehicle_id", String(200)), Column("facility_id", String(200)),
+        Column("body", Text, nullable=False), *indexes("findings", _FINDING_PAGES))
+    # A check that failed on a scope's rows: reported beside the findings, never hiding them.
+    tables["check_failures"] = Table(
+        f"g{number}_check_failures", md, Column("scope", String(220), primary_key=True),
+        Column("check", String(80), primary_key=True), Column("rule", String(40), nullable=False),
+        Column("error", Text, nullable=False))
+    # Folds kept between events (the R4 queue fold: its position in dispatch's store and state).
+    tables["folds"] = Table(f"g{number}_folds", md, Column("name", String(50), primary_key=True),
+                            Column("value", Text, nullable=False))
     return Generation(number, md, tables)
 
 
@@ -153,11 +175,37 @@ async def set_meta(conn: AsyncConnection, name: str, value: str) -> None:
         await conn.execute(insert(meta_table).values(name=name, value=value))
 
 
-async def create_generation(conn: AsyncConnection, number: int) -> Generation:
+async def create_generation(conn: AsyncConnection, number: int, indexes: bool = True) -> Generation:
+    """The generation's tables; without their secondary indexes when `indexes` is false (a
+    rebuild loads them in bulk first: building an index once is cheaper than keeping it up
+    row by row), to be added by create_indexes."""
     gen = generation(number)
     await conn.run_sync(gen.metadata.drop_all)  # leftovers of an interrupted rebuild
-    await conn.run_sync(gen.metadata.create_all)
+    if indexes:
+        await conn.run_sync(gen.metadata.create_all)
+    else:
+        for table in gen.metadata.sorted_tables:
+            await conn.execute(CreateTable(table))
     return gen
+
+
+async def create_indexes(conn: AsyncConnection, gen: Generation) -> None:
+    for table in gen.metadata.sorted_tables:
+        for index in sorted(table.indexes, key=lambda i: str(i.name)):
+            await conn.run_sync(index.create)
+
+
+def schema_digest() -> str:
+    """What a generation's tables look like (names, columns, indexes): a generation built
+    by older code differs, and is rebuilt (rebuild.upgrade) before the live path uses it."""
+    gen = generation(0)
+    shape = sorted((t.name, [(c.name, str(c.type)) for c in t.columns],
+                    sorted(sorted(c.name for c in i.columns) for i in t.indexes))
+                   for t in gen.tables.values())
+    return hashlib.sha256(repr(shape).encode()).hexdigest()[:16]
+
+
+SCHEMA = "generation_schema"
 
 
 async def ensure_active(conn: AsyncConnection) -> Generation:
@@ -167,8 +215,14 @@ async def ensure_active(conn: AsyncConnection) -> Generation:
         gen = generation(1)
         await conn.run_sync(gen.metadata.create_all)
         await set_meta(conn, ACTIVE, "1")
+        await set_meta(conn, SCHEMA, schema_digest())
         return gen
     return generation(number)
+
+
+async def active_schema(conn: AsyncConnection) -> str | None:
+    """The schema digest of the active generation (None: older than the digest)."""
+    return await conn.scalar(select(meta_table.c.value).where(meta_table.c.name == SCHEMA))
 
 
 async def generations_present(conn: AsyncConnection) -> list[int]:
@@ -229,14 +283,19 @@ async def bulk_insert(conn: AsyncConnection, gen: Generation, buffer: Buffer) ->
         spec = SPECS[name]
         columns = [*spec.key, *spec.columns]
         if conn.dialect.name == "postgresql":
-            raw = await conn.get_raw_connection()
-            records = [(*key, *(row.get(c) for c in spec.columns)) for key, row in rows.items()]
-            await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
-                gen[name].name, records=records, columns=columns)
+            await copy_records(conn, gen[name].name, columns, buffer.records(name))
         else:
             full = [{**dict(zip(spec.key, key, strict=True)), **{c: row.get(c) for c in spec.columns}}
                     for key, row in rows.items()]
             await conn.execute(insert(gen[name]), full)
+
+
+async def copy_records(conn: AsyncConnection, table: str, columns: list[str],
+                       records: list[tuple[Any, ...]]) -> None:
+    """COPY through the asyncpg connection under SQLAlchemy's (PostgreSQL only)."""
+    raw = await conn.get_raw_connection()
+    await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
+        table, records=records, columns=columns)
 
 
 # -- the archive ------------------------------------------------------------------------
@@ -269,26 +328,6 @@ def ev_of(env: Envelope, raw: str | None = None) -> Ev:
               env.schema_version, raw if payload is env.payload else None)
 
 
-def _current_versions() -> dict[str, int]:
-    return {name: cls.schema_version for name, cls in registry.types().items()}
-
-
-def ev_of_row(row: Any, current: dict[str, int] | None = None) -> Ev:
-    """From an archive row in ARCHIVE_COLUMNS order (a SQLAlchemy row or an asyncpg
-    record): by position, and without the upcaster when the version is current, because
-    a rebuild does this a million times."""
-    (_, event_id, store, position, stream_id, stream_version, type_, schema_version,
-     occurred_at, recorded_at, actor, role, text_) = row
-    payload = orjson.loads(text_)
-    if (current or _current_versions()).get(type_) != schema_version:
-        upcasted = upcast(type_, schema_version, payload)
-        if upcasted is not payload:
-            return Ev(event_id, type_, store, stream_id, stream_version, position, occurred_at,
-                      recorded_at, actor, role, upcasted, schema_version, None)
-    return Ev(event_id, type_, store, stream_id, stream_version, position, occurred_at, recorded_at,
-              actor, role, payload, schema_version, text_)
-
-
 def envelope_of_row(row: Any) -> Envelope:
     return Envelope(
         event_id=row.event_id, type=row.type, schema_version=row.schema_version, store=row.store,
@@ -299,9 +338,9 @@ def envelope_of_row(row: Any) -> Envelope:
     )
 
 
-async def apply_live(conn: AsyncConnection, env: Envelope) -> int:
+async def apply_live(conn: AsyncConnection, env: Envelope) -> Generation:
     """One delivered event: archive it and fold it into the active generation, in the
-    subscription's transaction (with its tracking row). Returns its seq."""
+    subscription's transaction (with its tracking row). Returns that generation."""
     await lock_archive(conn)
     gen = await ensure_active(conn)
     seq = await next_seq(conn)
@@ -310,4 +349,4 @@ async def apply_live(conn: AsyncConnection, env: Envelope) -> int:
     buffer = Buffer()
     buffer.add_event(ev_of(env, row["payload"]))
     await flush(conn, gen, buffer)
-    return seq
+    return gen

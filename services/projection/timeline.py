@@ -37,17 +37,21 @@ LABELS_ZH = {
 }
 STEP_ZH = {"acknowledged": "接单", "en_route": "出发", "at_pickup": "到达接人点",
            "patient_aboard": "患者上车", "at_destination": "到达目的地", "handed_over": "完成交接"}
-# Notifications: type -> (what, to whom, sent or acknowledged). Issue 3 brings the 报备
-# webhook's delivery, issue 4 the hospital's pre-arrival notice; both are shown as soon
-# as they exist.
+# Notifications: type -> (what, to whom, what happened to it), as dispatch (报备) and the
+# transfer service (the hospital's pre-arrival notice) record them.
 NOTIFICATIONS = {
     "TransferReported": ("报备 (R10)", "county_health_bureau", "sent"),
     "ReportDelivered": ("报备 (R10)", "county_health_bureau", "acknowledged"),
-    "PreArrivalNoticeSent": ("pre-arrival notice", "receiving hospital", "sent"),
+    "ReportDeliveryFailed": ("报备 (R10)", "county_health_bureau", "failed"),
+    "PreArrivalNoticeIssued": ("pre-arrival notice", "receiving hospital", "issued"),
+    "PreArrivalNoticeDelivered": ("pre-arrival notice", "receiving hospital", "delivered"),
+    "PreArrivalNoticeDeliveryFailed": ("pre-arrival notice", "receiving hospital", "failed"),
+    "PreArrivalNoticeResent": ("pre-arrival notice", "receiving hospital", "resent"),
     "PreArrivalNoticeAcknowledged": ("pre-arrival notice", "receiving hospital", "acknowledged"),
+    "PreArrivalNoticeEscalated": ("pre-arrival notice", "dispatcher", "escalated"),
 }
 REASON_KEYS = ("reason", "override_reason", "candidates", "policy", "priority")
-CLOSING = {"ReturnTripCompleted", "PatientAdmitted", "LoopClosed"}
+CLOSING = {"PatientAdmitted", "LoopClosed"}
 
 
 def place(env: Envelope) -> Any:

@@ -4,6 +4,7 @@ with fresh databases and topics, and routes one client to them like a gateway wo
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -59,14 +60,19 @@ class Cluster:
     @property
     def env(self) -> dict[str, str]:
         base = PG_DSN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+        urls = {s: f"http://127.0.0.1:{self.port(s)}" for s in SERVICES}
         return {**os.environ, "CLOSEDLOOP_MODE": "distributed",
                 "CLOSEDLOOP_PG_URL": f"{base}/{{service}}_{self.run_id}",
                 "CLOSEDLOOP_KAFKA_BOOTSTRAP": KAFKA, "CLOSEDLOOP_TOPIC_PREFIX": f"e2e{self.run_id}",
                 "CLOSEDLOOP_DATA_DIR": str(self.log_dir / "data"),
-                **self.extra_env}
+                "CLOSEDLOOP_SERVICE_URLS": json.dumps(urls), **self.extra_env}
+
+    def port(self, service: str) -> int:
+        """Chosen before any service starts, so each one knows where the others answer."""
+        return self.ports.setdefault(service, free_port())
 
     async def start(self, service: str) -> None:
-        port = self.ports.setdefault(service, free_port())
+        port = self.port(service)
         log = open(self.log_dir / f"{service}.log", "ab")  # noqa: SIM115 (the process owns it)
         self.procs[service] = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "services.runtime", "--service", service, "--port", str(port),

@@ -86,11 +86,30 @@ async def test_audit_views_rebuild_and_tampering_distributed(cluster: Cluster) -
                 assert await queries.dump(conn, generation(status["active_generation"])) == live
             await scenarios_audit.check_views(c, ids)  # now served from the rebuilt generation
 
+            # Each store is checked by the service that owns it, asked over HTTP.
+            chains = ok(await c.get(f"{API}/audit/verify"))["chains"]
+            for store in ("dispatch", "transfer", "disinfection"):
+                entry = chains[f"store:{store}"]
+                assert entry["ok"] and entry["events"] == chains[f"copy:{store}"]["events"], entry
+                assert entry["checked_by"].endswith(f":{cluster.ports[store]}/chain/{store}"), entry
+
             async with projection.engine.begin() as conn:
                 await conn.execute(text("UPDATE audit_archive SET occurred_at = '2022-01-01T00:00:00+08:00' "
                                         "WHERE store = 'disinfection' AND position = 2"))
             verify = ok(await c.get(f"{API}/audit/verify"))
             assert not verify["ok"]
             assert verify["chains"]["copy:disinfection"]["first_break"]["position"] == 2
+            assert verify["chains"]["store:disinfection"]["ok"]  # the service still has the truth
+
+            # An event edited in dispatch's own database: dispatch finds the broken link.
+            conn2 = await asyncpg.connect(db(cluster, "dispatch"))
+            try:
+                await conn2.execute("UPDATE events SET actor = 'someone-else' WHERE position = 3")
+            finally:
+                await conn2.close()
+            verify = ok(await c.get(f"{API}/audit/verify"))
+            brk = verify["chains"]["store:dispatch"]["first_break"]
+            assert brk["position"] == 3 and "edited" in brk["reason"], verify["chains"]["store:dispatch"]
+            assert verify["chains"]["copy:dispatch"]["ok"]
         finally:
             await projection.close()

@@ -20,10 +20,19 @@ from libs.events.catalog import dispatch as dsp
 from libs.events.catalog import transfer as trn
 from libs.events.contracts import Event
 from libs.events.store import EventStore, Meta
-from services.projection import findings, queries
+from services.projection import queries, violations
 from services.projection.consumers import CONSUMES
-from services.projection.rebuild import rebuild
-from services.projection.tables import archive, generation, metadata
+from services.projection.rebuild import rebuild, upgrade
+from services.projection.tables import (
+    SCHEMA,
+    active_generation,
+    active_schema,
+    archive,
+    generation,
+    meta_table,
+    metadata,
+    schema_digest,
+)
 from tests.conftest import fresh_pg_schema, pg_store
 
 LOC = {"lat": 38.0, "lon": 106.0}
@@ -98,6 +107,17 @@ async def forbidden_histories(s: dict[str, EventStore]) -> None:
                                        collected_by="x", collected_at=T0.isoformat()),
               dis.SwabResultRecorded(cycle_id="c3", vehicle_id="v1", sample_id="s3", result="positive",
                                      lab="l", reported_at=(T0 + timedelta(hours=9)).isoformat()))
+    # R4: an urgent transfer waits in the queue while v1 goes to a less urgent one.
+    for tid, priority in (("urgent", 1), ("later", 3)):
+        await put(d, f"transfer-{tid}", dsp.TransferRequested(
+            transfer_id=tid, patient={"name": tid}, risk_category="isolation_site",
+            condition={"fever": True}, origin={"kind": "isolation_site"}, purpose="outpatient_visit",
+            return_required=False, requested_by={"channel": "console"}),
+            dsp.TransferPrioritized(transfer_id=tid, priority=priority, reason="r"))
+    await put(d, "transfer-urgent", dsp.TransferQueued(transfer_id="urgent", reason="no vehicle"))
+    await put(d, "transfer-later", dsp.VehicleAssigned(
+        transfer_id="later", vehicle_id="v1", destination_id=None, origin={}, return_required=False,
+        reason="r"))
     # R12: a trip nobody requested; an unknown event type on it.
     await put(t, "trip-e", trn.TripOpened(trip_id="e", transfer_id="ghost", vehicle_id="v9",
                                           destination_id=None, origin={}, return_required=False),
@@ -130,21 +150,24 @@ async def test_forbidden_histories_appended_into_stores_are_found(stores: dict[s
     await forbidden_histories(stores)
     total = await run_projection(stores)
     async with stores["projection"].engine.connect() as conn:
-        data = await queries.load(conn)
+        # What the live model holds: the findings read model the subscription kept.
+        found, _, total_found = await violations.page(conn, generation(1), now=datetime.now(UTC), limit=1000)
         live = await queries.dump(conn, generation(1))
         unknown = await queries.timeline_events(conn, "trip-e", None)
-    found = findings.evaluate(data, datetime.now(UTC), set(findings.registry_types()))
-    got = {(f.rule, f.check, f.vehicle_id or f.transfer_id) for f in found}
+    got = {(f["rule"], f["check"], f["vehicle_id"] or f["transfer_id"]) for f in found}
     assert got >= {
         ("R1", "vehicle_reserved_twice", "v1"), ("R2", "reserved_before_release", "v2"),
         ("R8", "returned_without_terminal", "v3"), ("R8", "released_without_both_stages", "v2"),
         ("R9", "released_without_swab", "v2"), ("R9", "positive_not_quarantined", "v1"),
         ("R8", "stage_below_protocol", "v1"), ("R12", "trip_without_request", "v9"),
-        ("R14", "swab_result_overdue", "v1"),
+        ("R14", "swab_result_overdue", "v1"), ("R4", "priority_inversion", "v1"),
     }, got
+    assert total_found == len(found)
     assert any(r.type == "BrandNewThing" for r in unknown)
-    r1 = next(f for f in found if f.rule == "R1")
-    assert {e["actor"] for e in r1.view()["evidence"]} == {"forger"}
+    r1 = next(f for f in found if f["rule"] == "R1")
+    assert {e["actor"] for e in r1["evidence"]} == {"forger"}
+    r4 = next(f for f in found if f["rule"] == "R4")
+    assert r4["transfer_id"] == "urgent" and "priority 3" in r4["detail"]
 
     for order in ("seq", "store"):
         report = await rebuild(stores["projection"], order=order, page=7)
@@ -200,3 +223,22 @@ async def test_rebuild_while_events_keep_arriving_misses_nothing(stores: dict[st
     report = await rebuild(proj, order="store")
     async with proj.engine.connect() as conn:
         assert await queries.dump(conn, generation(report.generation)) == live
+
+
+async def test_read_models_built_by_older_code_are_rebuilt_at_start(stores: dict[str, EventStore]) -> None:
+    """A projection database whose active generation predates this code's tables (no
+    schema digest, or another one) is rebuilt at start; a current one is left alone."""
+    await forbidden_histories(stores)
+    await run_projection(stores)
+    proj = stores["projection"]
+    async with proj.engine.begin() as conn:
+        before = await queries.dump(conn, generation(1))
+        await conn.execute(meta_table.delete().where(meta_table.c.name == SCHEMA))
+    await upgrade(proj, asyncio.Event())
+    async with proj.engine.connect() as conn:
+        assert await active_generation(conn) == 2
+        assert await active_schema(conn) == schema_digest()
+        assert await queries.dump(conn, generation(2)) == before
+    await upgrade(proj, asyncio.Event())
+    async with proj.engine.connect() as conn:
+        assert await active_generation(conn) == 2

@@ -1,0 +1,68 @@
+"""Proof that history was not edited (/audit/verify), store by store.
+
+- `copy:<store>`: the projection's own copy of that store's events (the archive), its
+  hash chain recomputed here, with the first broken link or missing position.
+- `store:<store>`: the store itself, checked by the service that owns it: in-process when
+  this process hosts it (embedded), else asked over HTTP (GET /chain/{store} on that
+  service, settings.service_url). The projection never reads another service's tables;
+  each service recomputes its own chain and says its head and the hash at the position
+  the copy ends at. If that hash differs from the copy's, the store was rewritten after
+  the projection received it, even if it was re-hashed into a consistent chain.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from libs.events.store import EventStore
+from libs.web.health import chain_report
+from services.projection import queries
+from services.settings import Settings
+
+SOURCES = ("dispatch", "transfer", "disinfection")
+
+
+async def verify_all(conn: AsyncConnection, hosted: dict[str, EventStore], settings: Settings,
+                     timeout: float = 30.0) -> dict[str, Any]:
+    names = sorted(set(SOURCES) | set(await queries.stores_seen(conn)))
+    results: dict[str, Any] = {}
+    copies: dict[str, tuple[int, str | None]] = {}
+    for name in names:
+        count, last_hash, broken = await queries.verify_copy(conn, name)
+        copies[name] = (count, last_hash)
+        results[f"copy:{name}"] = {"events": count, "ok": broken is None,
+                                   "first_break": broken.model_dump() if broken else None}
+    async with httpx.AsyncClient(timeout=timeout) as client:
+        for name in names:
+            count, last_hash = copies[name]
+            results[f"store:{name}"] = await _store(name, count, last_hash, hosted, settings, client)
+    return {"ok": all(r["ok"] for r in results.values()), "chains": results}
+
+
+async def _store(name: str, count: int, last_hash: str | None, hosted: dict[str, EventStore],
+                 settings: Settings, client: httpx.AsyncClient) -> dict[str, Any]:
+    at = count or None
+    if name in hosted:
+        report, checked_by = await chain_report(hosted[name], at), "this process"
+    else:
+        checked_by = f"{settings.service_url(name)}/chain/{name}"
+        try:
+            resp = await client.get(checked_by, params={"at": at} if at else None)
+            resp.raise_for_status()
+            report = resp.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            # Not verified is not verified: said so, and the whole answer is not ok.
+            return {"events": None, "ok": False, "checked_by": checked_by, "first_break": None,
+                    "error": f"could not ask the service: {exc!r}"}
+    entry = {"events": report["events"], "head_hash": report["head_hash"], "ok": report["ok"],
+             "first_break": report["first_break"], "checked_by": checked_by}
+    if report["ok"] and count and (report.get("at") or {}).get("hash") != last_hash:
+        entry["ok"] = False
+        entry["first_break"] = {
+            "store": name, "position": count, "event_id": "",
+            "reason": "the store's chain no longer matches the history the projection received "
+                      "(rewritten and re-hashed?)"}
+    return entry

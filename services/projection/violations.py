@@ -1,0 +1,367 @@
+"""The findings as a maintained read model: `g<N>_findings`, one row per finding, paged
+by time.
+
+Findings are not computed when asked (over a million events that took seconds): each
+event re-evaluates the scopes it touches, in the transaction that archives it.
+
+- A vehicle's checks (findings.VEHICLE) read its own stream, its trips, cycles and swabs
+  and the overrides that name it; every event carrying its `vehicle_id` re-evaluates
+  them.
+- A transfer's checks (findings.TRANSFER) read its decisions, trips and return leg, and
+  the vehicles, facilities and facility loads these name; every event carrying its
+  `transfer_id` re-evaluates them, and so do the vehicle's registration, the facility's
+  registration and the load reports that come before its destination decision.
+- R4 (findings.QueueFold) folds dispatch's decisions in dispatch's store order, as far
+  as the archive holds that store without a gap, keeping its small state in `g<N>_folds`.
+
+Re-evaluating a scope deletes its rows and writes what the checks find now. A rebuild
+evaluates every scope at once over the same rows (`build`), which gives the same rows:
+each check's findings depend only on its scope's rows (the tests compare live and
+rebuilt tables). A finding whose `at` (a deadline) is still ahead is kept but not shown.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import and_, any_, delete, func, insert, or_, select, union
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from libs.events.envelope import Envelope
+from services.projection import findings as checks
+from services.projection.data import AuditData, PlanSql
+from services.projection.queries import (
+    IDS,
+    fetch,
+    load_scope,
+    parse_rows,
+    plan_sql,
+    reference_plan,
+    scope_plan,
+)
+from services.projection.tables import Generation, archive, copy_records
+
+log = logging.getLogger(__name__)
+
+QUEUE_FOLD = "r4_queue"
+DISPATCH_STORE = "dispatch"
+MAX_PAGE = 1000
+
+
+# -- which scopes an event touches ------------------------------------------------------
+
+
+async def touched(conn: AsyncConnection, gen: Generation, type_: str, position: int,
+                  p: dict[str, Any]) -> tuple[set[str], set[str]]:
+    """(vehicle ids, transfer ids) whose findings an event (its type, its position in its
+    store, its payload) may change."""
+    vehicles = {v for v in (p.get("vehicle_id"),) if isinstance(v, str) and v}
+    transfers = {t for t in (p.get("transfer_id"), p.get("return_of"))
+                 if isinstance(t, str) and t}
+    d = gen["decisions"]
+    if type_ == "VehicleRegistered" and vehicles:
+        transfers |= set(await _scalars(conn, select(d.c.transfer_id).where(
+            and_(d.c.vehicle_id.in_(vehicles), d.c.type == "VehicleAssigned"))))
+    elif type_ == "FacilityRegistered" and p.get("facility_id"):
+        transfers |= set(await _scalars(conn, select(d.c.transfer_id).where(
+            d.c.facility_id == p["facility_id"])))
+    elif type_ == "FacilityLoadReported" and p.get("facility_id"):
+        # R7 reads the last report before each destination decision: the decisions between
+        # this report and the facility's next one.
+        loads = gen["facility_loads"]
+        following = await conn.scalar(select(func.min(loads.c.position)).where(and_(
+            loads.c.facility_id == p["facility_id"], loads.c.position > position)))
+        cond = [d.c.facility_id == p["facility_id"], d.c.position > position]
+        if following is not None:
+            cond.append(d.c.position < following)
+        transfers |= set(await _scalars(conn, select(d.c.transfer_id).where(and_(*cond))))
+    if transfers:  # a return leg's handover closes its outbound transfer's loop (R11)
+        t = gen["transfers"]
+        transfers |= set(await _scalars(conn, select(t.c.return_of).where(
+            and_(t.c.transfer_id.in_(transfers), t.c.return_of.is_not(None)))))
+    return vehicles, transfers
+
+
+async def _scalars(conn: AsyncConnection, stmt: Any) -> list[Any]:
+    return [r[0] for r in await conn.execute(stmt) if r[0] is not None]
+
+
+# -- keeping it --------------------------------------------------------------------------
+
+
+async def refresh(conn: AsyncConnection, gen: Generation, known: set[str], *,
+                  vehicles: Iterable[str] = (), transfers: Iterable[str] = ()) -> None:
+    """Re-evaluates these scopes, one at a time: each one's rows are replaced by what the
+    checks find in its rows now."""
+    for scope, ids in ((checks.VEHICLE, vehicles), (checks.TRANSFER, transfers)):
+        for one in sorted(set(ids)):
+            key = f"{scope}:{one}"
+            data = await load_scope(conn, gen, scope, {one})
+            failed: list[dict[str, str]] = []
+            found = [(k, f) for k, f in checks.evaluate_scope(data, scope, known, failed) if k == key]
+            await _replace(conn, gen, {key}, found, [{**x, "scope": key} for x in failed])
+
+
+async def _replace(conn: AsyncConnection, gen: Generation, keys: set[str],
+                   found: list[tuple[str, checks.Finding]], failed: list[dict[str, str]]) -> None:
+    table, failures = gen["findings"], gen["check_failures"]
+    await conn.execute(delete(table).where(table.c.scope.in_(keys)))
+    await conn.execute(delete(failures).where(failures.c.scope.in_(keys)))
+    if found:
+        await conn.execute(insert(table), [checks.row_of(k, f) for k, f in found])
+    if failed:
+        await conn.execute(insert(failures), failed)
+
+
+async def _fold_state(conn: AsyncConnection, gen: Generation) -> checks.QueueFold:
+    folds = gen["folds"]
+    value = await conn.scalar(select(folds.c.value).where(folds.c.name == QUEUE_FOLD))
+    return checks.QueueFold.of(orjson.loads(value)) if value else checks.QueueFold()
+
+
+async def _save_fold(conn: AsyncConnection, gen: Generation, fold: checks.QueueFold, fresh: bool) -> None:
+    folds = gen["folds"]
+    value = orjson.dumps(fold.state(), option=orjson.OPT_SORT_KEYS).decode()
+    if fresh:
+        await conn.execute(insert(folds).values(name=QUEUE_FOLD, value=value))
+    else:
+        await conn.execute(folds.update().where(folds.c.name == QUEUE_FOLD).values(value=value))
+
+
+async def contiguous(conn: AsyncConnection, store: str, after: int, upto_seq: int | None = None) -> int:
+    """How far the archive holds `store` without a gap from position `after` on (among
+    the rows archived up to `upto_seq`, when given)."""
+    cond = [archive.c.store == store, archive.c.position > after]
+    if upto_seq is not None:
+        cond.append(archive.c.seq <= upto_seq)
+    count, top = (await conn.execute(
+        select(func.count(), func.max(archive.c.position)).where(and_(*cond)))).one()
+    if not count or top - after == count:  # positions are unique per store: no gap
+        return int(top or after)
+    upto, page = after, 10_000
+    while True:
+        positions = await _scalars(conn, select(archive.c.position).where(and_(
+            *cond[:1], archive.c.position > upto, *cond[2:])).order_by(archive.c.position).limit(page))
+        for position in positions:
+            if position != upto + 1:
+                return upto
+            upto = position
+        if len(positions) < page:
+            return upto
+
+
+async def advance_queue(conn: AsyncConnection, gen: Generation, known: set[str]) -> None:
+    """Folds dispatch's decisions (R4) up to where the archive has that store complete."""
+    if not checks.R4_SPEC.needs <= known:
+        return
+    folds = gen["folds"]
+    fresh = await conn.scalar(select(func.count()).select_from(folds).where(folds.c.name == QUEUE_FOLD)) == 0
+    fold = await _fold_state(conn, gen)
+    upto = await contiguous(conn, DISPATCH_STORE, fold.position)
+    if upto == fold.position:
+        return
+    d = gen["decisions"]
+    rows = parse_rows(await conn.execute(select(d).where(and_(
+        d.c.position > fold.position, d.c.position <= upto, d.c.type.in_(checks.R4_TYPES)))
+        .order_by(d.c.position)))
+    found = await _queue(conn, gen, fold, rows)
+    fold.position = upto
+    if found:
+        await conn.execute(insert(gen["findings"]), [checks.row_of(checks.DISPATCH, f) for f in found])
+    await _save_fold(conn, gen, fold, fresh)
+
+
+async def _queue(conn: AsyncConnection, gen: Generation, fold: checks.QueueFold,
+                 rows: list[dict[str, Any]]) -> list[checks.Finding]:
+    """Applies decisions to the fold, with the vehicles and requests an assignment needs
+    (registered, and requested, before it in the same store: already folded)."""
+    data = AuditData()
+    assigned = [r for r in rows if r["type"] == "VehicleAssigned"]
+    if assigned:
+        vehicle_ids = {checks.payload(r).get("vehicle_id") or "" for r in assigned}
+        v = gen["vehicles"]
+        data.vehicles = {r["vehicle_id"]: r for r in parse_rows(
+            await conn.execute(select(v).where(v.c.vehicle_id.in_(vehicle_ids))))}
+        wanted = set(fold.waiting) | {r["transfer_id"] for r in rows if r["type"] == "TransferQueued"}
+        t = gen["transfers"]
+        if wanted:
+            data.transfers = {r["transfer_id"]: r for r in parse_rows(await conn.execute(
+                select(t.c.transfer_id, t.c.request).where(t.c.transfer_id.in_(wanted))))}
+    found: dict[str, checks.Finding] = {}
+    for row in rows:
+        for f in fold.apply(row, data):
+            found.setdefault(f.id, f)
+    return list(found.values())
+
+
+async def apply(conn: AsyncConnection, gen: Generation, env: Envelope, known: set[str]) -> None:
+    """After one event's facts are written (the live path)."""
+    vehicles, transfers = await touched(conn, gen, env.type, env.position, env.payload)
+    await refresh(conn, gen, known, vehicles=vehicles, transfers=transfers)
+    if env.store == DISPATCH_STORE:
+        await advance_queue(conn, gen, known)
+
+
+async def build(conn: AsyncConnection, gen: Generation, known: set[str], upto_seq: int,
+                shared: bool = False) -> int:
+    """Every scope at once (a rebuild, before its switch): the rows the live path would
+    have written, given the events archived up to `upto_seq` (all of them folded). With
+    `shared`, worker processes have evaluated the vehicles and transfers (shares), and
+    only R4's fold is left here. Returns how many findings this wrote."""
+    rows: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    if not shared:
+        for scope in (checks.VEHICLE, checks.TRANSFER):
+            found, failed = await _evaluate(conn, gen, scope, None, known)
+            rows += found
+            failures += failed
+    if checks.R4_SPEC.needs <= known:
+        fold = checks.QueueFold()
+        fold.position = await contiguous(conn, DISPATCH_STORE, 0, upto_seq)
+        queue: dict[str, checks.Finding] = {}
+        data = await load_queue(conn, gen, fold.position)
+        for d in data.decisions:
+            for f in fold.apply(d, data):
+                queue.setdefault(f.id, f)
+        rows += [checks.row_of(checks.DISPATCH, f) for f in queue.values()]
+        await _save_fold(conn, gen, fold, fresh=True)
+    await write_rows(conn, gen, rows)
+    if failures:
+        await conn.execute(insert(gen["check_failures"]), failures)
+    return len(rows)
+
+
+async def _evaluate(conn: AsyncConnection, gen: Generation, scope: str, ids: list[str] | None,
+                    known: set[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rows and failures of these scopes (all: None). A check that fails over many scopes
+    is run again scope by scope, so that one odd scope costs only its own findings, as it
+    does live."""
+    failed: list[dict[str, str]] = []
+    found = checks.evaluate_scope(await load_scope(conn, gen, scope, ids), scope, known, failed)
+    if not failed:
+        return [checks.row_of(k, f) for k, f in found], []
+    if ids is not None and len(ids) == 1:
+        key = f"{scope}:{ids[0]}"
+        return [checks.row_of(k, f) for k, f in found if k == key], [{**x, "scope": key} for x in failed]
+    rows: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    for one in sorted(ids or await scope_ids(conn, gen, scope)):
+        r, x = await _evaluate(conn, gen, scope, [one], known)
+        rows += r
+        failures += x
+    return rows, failures
+
+
+async def scope_ids(conn: AsyncConnection, gen: Generation, scope: str) -> list[str]:
+    """Every vehicle or transfer some fact row names (the keys of the scopes)."""
+    column = f"{scope}_id"
+    names = {checks.VEHICLE: ("vehicles", "vehicle_log", "trips", "cycles", "swabs", "decisions", "others"),
+             checks.TRANSFER: ("transfers", "trips", "decisions", "others")}[scope]
+    query = union(*(select(gen[n].c[column]).where(gen[n].c[column].is_not(None)) for n in names))
+    return sorted(r[0] for r in await conn.execute(query))
+
+
+async def load_queue(conn: AsyncConnection, gen: Generation, upto: int) -> AuditData:
+    """What R4's fold reads, up to a position of dispatch's store: the decisions it folds,
+    in order; every vehicle; the requests of the transfers that ever waited."""
+    d, t = gen["decisions"], gen["transfers"]
+    data = AuditData()
+    data.decisions = await fetch(conn, select(d).where(and_(
+        d.c.position <= upto, d.c.type.in_(checks.R4_TYPES))).order_by(d.c.position))
+    data.assemble("vehicles", await fetch(conn, select(gen["vehicles"])))
+    waited = select(d.c.transfer_id).where(d.c.type == "TransferQueued")
+    data.assemble("transfers", await fetch(conn, select(t.c.transfer_id, t.c.request).where(
+        t.c.transfer_id.in_(waited))))
+    return data
+
+
+async def shares(conn: AsyncConnection, gen: Generation, count: int) -> list[dict[str, list[str]]]:
+    """Every vehicle and transfer, dealt into `count` shares for worker processes."""
+    out: list[dict[str, list[str]]] = [{} for _ in range(count)]
+    for scope in (checks.VEHICLE, checks.TRANSFER):
+        ids = await scope_ids(conn, gen, scope)
+        for n, share in enumerate(out):
+            share[scope] = ids[n::count]
+    return out
+
+
+def plans(conn: AsyncConnection, gen: Generation) -> dict[str, PlanSql]:
+    """The scope loads as SQL taking a share's ids (worker processes run them), with every
+    vehicle, facility and load report for the transfers' checks."""
+    return {scope: plan_sql(conn, scope_plan(gen, scope, lambda column: column == any_(IDS))
+                            + (reference_plan(gen) if scope == checks.TRANSFER else []))
+            for scope in (checks.VEHICLE, checks.TRANSFER)}
+
+
+async def write_rows(conn: AsyncConnection, gen: Generation, rows: list[dict[str, Any]]) -> None:
+    unique = list({r["id"]: r for r in rows}.values())
+    if not unique:
+        return
+    if conn.dialect.name == "postgresql":
+        await copy_records(conn, gen["findings"].name, list(checks.ROW_COLUMNS),
+                           [tuple(r[c] for c in checks.ROW_COLUMNS) for r in unique])
+    else:
+        await conn.execute(insert(gen["findings"]), unique)
+
+
+# -- reading it --------------------------------------------------------------------------
+
+
+def _cursor(at_key: str, id_: str) -> str:
+    return base64.urlsafe_b64encode(f"{at_key}|{id_}".encode()).decode()
+
+
+def parse_cursor(cursor: str) -> tuple[str, str]:
+    """The (at_key, id) a page ends at; ValueError when it is not one of ours."""
+    at_key, sep, id_ = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
+    if not sep or not at_key or not id_:
+        raise ValueError("not a cursor")
+    return at_key, id_
+
+
+async def page(conn: AsyncConnection, gen: Generation | None, *, now: datetime, limit: int,
+               after: tuple[str, str] | None = None, rule: str | None = None, kind: str | None = None,
+               lo: datetime | None = None, hi: datetime | None = None, vehicle_id: str | None = None,
+               facility_id: str | None = None, transfer_id: str | None = None,
+               ) -> tuple[list[dict[str, Any]], str | None, int]:
+    """A page of findings in time order: (findings, cursor of the next page, total)."""
+    if gen is None:
+        return [], None, 0
+    f = gen["findings"]
+    cond = [f.c.at_key <= checks.utc_key(now.isoformat())]
+    for column, value in ((f.c.rule, rule), (f.c.kind, kind), (f.c.vehicle_id, vehicle_id),
+                          (f.c.facility_id, facility_id), (f.c.transfer_id, transfer_id)):
+        if value is not None:
+            cond.append(column == value)
+    if lo is not None:
+        cond.append(f.c.at_key >= checks.utc_key(lo.isoformat()))
+    if hi is not None:
+        cond.append(f.c.at_key < checks.utc_key(hi.isoformat()))
+    total = int(await conn.scalar(select(func.count()).select_from(f).where(and_(*cond))) or 0)
+    if after is not None:
+        cond.append(or_(f.c.at_key > after[0], and_(f.c.at_key == after[0], f.c.id > after[1])))
+    rows = list(await conn.execute(select(f.c.at_key, f.c.id, f.c.body).where(and_(*cond))
+                                   .order_by(f.c.at_key, f.c.id).limit(limit + 1)))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    nxt = _cursor(rows[-1].at_key, rows[-1].id) if more else None
+    return [orjson.loads(r.body) for r in rows], nxt, total
+
+
+async def of_vehicle(conn: AsyncConnection, gen: Generation | None, vehicle_id: str,
+                     now: datetime) -> list[dict[str, Any]]:
+    found, _, _ = await page(conn, gen, now=now, limit=MAX_PAGE, vehicle_id=vehicle_id)
+    return found
+
+
+async def failures(conn: AsyncConnection, gen: Generation | None, limit: int = 50) -> list[dict[str, Any]]:
+    if gen is None:
+        return []
+    t = gen["check_failures"]
+    rows = await conn.execute(select(t).order_by(t.c.scope, t.c.check).limit(limit))
+    return [dict(r._mapping) for r in rows]
