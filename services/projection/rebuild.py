@@ -12,6 +12,11 @@
 events were applied live: the result must still be identical, which is what shows that
 the read models do not depend on how Kafka interleaved the streams.
 
+With `compare`, nothing switches: the built generation is handed to it in step 3, under
+the archive lock (nothing is archived meanwhile), then dropped. The invariant checker
+(services/invariants) compares the live read models with a rebuild this way, at any time,
+without changing what the views serve.
+
     python -m services.projection.rebuild [--order seq|store] [--page N]
 """
 
@@ -20,7 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -34,7 +39,9 @@ from libs.events.envelope import iso, utcnow
 from libs.events.store import EventStore
 from services.projection.facts import SPECS, Buffer
 from services.projection.tables import (
+    ACTIVE,
     ARCHIVE_COLUMNS,
+    Generation,
     active_generation,
     archive,
     bulk_insert,
@@ -52,6 +59,8 @@ from services.projection.tables import (
 
 BUILDING = "building_generation"
 STALE_SECONDS = 3600
+
+Compare = Callable[[AsyncConnection, Generation], Awaitable[None]]
 
 
 class RebuildRunning(Exception):
@@ -135,7 +144,7 @@ async def _pages(reader: _Reader, order: str, upto: int, page: int) -> AsyncIter
 
 
 async def rebuild(store: EventStore, *, order: str = "seq", page: int = 10_000,
-                  flush_rows: int = 500_000, force: bool = False) -> Report:
+                  flush_rows: int = 500_000, force: bool = False, compare: Compare | None = None) -> Report:
     """Pages of events are folded in memory (facts.Buffer). Append-only tables (one row per
     event) are written as they fill; keyed rows (a transfer, a trip, ...) gather facts from
     many events, so they are kept until the end and written once, unless there are more
@@ -230,8 +239,14 @@ async def rebuild(store: EventStore, *, order: str = "seq", page: int = 10_000,
                 last = rows[-1][0]
             await flush(conn, gen, buffer)
             buffer.clear()
-            await set_meta(conn, "active_generation", str(number))
+            if compare is None:
+                await set_meta(conn, ACTIVE, str(number))
+            else:
+                await compare(conn, gen)
             await conn.execute(meta_table.delete().where(meta_table.c.name == BUILDING))
+        if compare is not None:
+            async with write_tx(store) as conn:
+                await drop_generation(conn, number)
     except BaseException:
         for task in pending:
             task.cancel()
@@ -277,4 +292,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["RebuildRunning", "Report", "generation", "rebuild"]
+__all__ = ["Compare", "RebuildRunning", "Report", "generation", "rebuild"]

@@ -12,6 +12,7 @@ from services.disinfection import config
 from services.runtime import create_app
 from services.settings import Settings
 from tests import scenarios_disinfection as scenarios
+from tests.e2e.invariants import embedded_invariants_hold
 
 STRICT = {"release_policy": "after_negative_result", "sla_check_interval_s": "0.1"}
 
@@ -35,6 +36,7 @@ async def client(tmp_path: Path, disinfection_env: None) -> AsyncIterator[httpx.
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://embedded") as c:
             yield c
+        await embedded_invariants_hold(tmp_path)
 
 
 async def test_full_cycle_to_release_under_the_default_policy(client: httpx.AsyncClient) -> None:

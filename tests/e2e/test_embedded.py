@@ -12,6 +12,7 @@ from services.dispatch import config
 from services.runtime import create_app
 from services.settings import Settings
 from tests import scenarios, scenarios_dispatch
+from tests.e2e.invariants import embedded_invariants_hold
 from tests.e2e.receiver import Receiver, dispatch_env
 
 
@@ -34,6 +35,7 @@ async def client(tmp_path: Path, receiver: Receiver,
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://embedded") as c:
             yield c
+        await embedded_invariants_hold(tmp_path)
     config.settings.cache_clear()
 
 

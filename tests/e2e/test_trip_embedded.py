@@ -12,6 +12,7 @@ from services.runtime import create_app
 from services.settings import Settings
 from services.transfer import config
 from tests import scenarios_trip as scenarios
+from tests.e2e.invariants import embedded_invariants_hold
 from tests.e2e.receiver import Receiver
 from tests.scenarios import eventually
 
@@ -23,6 +24,7 @@ async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://embedded") as c:
             yield c
+        await embedded_invariants_hold(tmp_path)
 
 
 async def test_closed_loop_with_return_leg(client: httpx.AsyncClient) -> None:
@@ -70,6 +72,7 @@ async def notice_client(tmp_path: Path, receiver: Receiver,
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://embedded") as c:
             yield c
+        await embedded_invariants_hold(tmp_path)
     config.settings.cache_clear()
 
 
