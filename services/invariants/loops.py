@@ -1,13 +1,16 @@
 """Every loop closed or explicitly ended: transfers, trips, disinfection cycles, swabs and
 exposure lists. What is still open is listed with its age and what it waits for; it only
 counts as a failure past `max_open_age` (a simulation that drives everything home sets
-it), or when it cannot close any more (a trip left open after its transfer ended, a
-completed trip whose vehicle never got a cycle)."""
+it), or when nothing will close it any more: a trip left open after its transfer ended, a
+completed trip whose vehicle never got a cycle, a queued transfer beside a free vehicle
+that fits it (a vehicle takes the queue when it becomes free, R4; once the consumers have
+caught up, nothing else will)."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
+from services.dispatch.domain import vehicle_needs
 from services.invariants.history import Ev
 from services.invariants.report import Check, Item
 from services.invariants.rules import CycleRec, Fold
@@ -43,6 +46,7 @@ def _transfers(fold: Fold, ages: _Ages) -> Check:
     check = Check("loops", "transfers", "every transfer cancelled, or handed over (and brought back or "
                   "admitted where R11 asks), or open with its age")
     closed_loops = {ev.payload["transfer_id"] for ev in fold.loops_closed}
+    free = [(vid, v.as_vehicle(vid)) for vid, v in fold.vehicles.items() if v.free]
     for tid, t in fold.transfers.items():
         check.count("transfers")
         if t.status == "cancelled":
@@ -56,6 +60,13 @@ def _transfers(fold: Fold, ages: _Ages) -> Check:
                                else "a return request or an admission"), "R11", transfer_id=tid,
                             state="awaiting_return")
         else:
+            needs = vehicle_needs(t.risk_category, t.condition)
+            idle = next((vid for vid, v in free if v.fits(needs)), None) if t.status == "queued" else None
+            if idle is not None:
+                check.add(Item("waits_beside_free_vehicle", f"transfer {tid} queued for "
+                               f"{ages.age(t.requested):.0f} s while vehicle {idle}, which fits it, is free",
+                               (t.requested.ref(),), "R4", {"transfer_id": tid, "vehicle_id": idle}))
+                continue
             ages.still_open(check, t.requested, f"transfer {tid} {t.status}", transfer_id=tid, state=t.status)
     return check
 

@@ -90,6 +90,15 @@ class VehicleRec:
     # Apart from the status: whatever the status does, only a re-disinfection lifts it.
     quarantined: Ev | None = None
 
+    @property
+    def free(self) -> bool:
+        return self.status == "available" and self.quarantined is None
+
+    def as_vehicle(self, vid: str) -> Vehicle:
+        """The domain's vehicle, for what it says of who it may carry (R3, R5, life support)."""
+        return Vehicle(id=vid, kind=self.kind, dedicated_pool=self.dedicated_pool,
+                       life_support=self.life_support)
+
 
 @dataclass
 class TransferRec:
@@ -333,9 +342,7 @@ class Fold:
             self.flag("transfer_not_assignable", f"transfer {ev.payload['transfer_id']} assigned {vid} "
                       f"while {t.status}", t.ended, ev, transfer_id=ev.payload["transfer_id"], vehicle_id=vid)
         t.status = "assigned"
-        v = self.vehicles[vid]
-        unmet = Vehicle(id=vid, kind=v.kind, dedicated_pool=v.dedicated_pool, life_support=v.life_support
-                        ).unmet(vehicle_needs(t.risk_category, t.condition))
+        unmet = self.vehicles[vid].as_vehicle(vid).unmet(vehicle_needs(t.risk_category, t.condition))
         self.assignments.append((ev.keep("transfer_id", "vehicle_id"), [u.rule for u in unmet]))
 
     def _on_RuleOverridden(self, ev: Ev) -> None:

@@ -236,3 +236,17 @@ def test_a_vehicle_back_in_service_with_no_release_and_a_second_live_transfer_ar
     h.request("t9")  # the person of t1, which was handed over: allowed
     h.request("t10")  # the same person again while t9 is live
     assert failed(h) == {"returned_without_release", "second_live_transfer"}
+
+
+def test_a_queued_transfer_beside_a_free_vehicle_that_fits_it_is_a_loop_nothing_will_close() -> None:
+    h = History()
+    h.vehicle("car", CAR)  # free, but a fever patient from an isolation site needs negative pressure
+    h.request("t1")
+    h.commit("dispatch", ("transfer-t1", "TransferQueued", {"transfer_id": "t1", "reason": "none fits"}))
+    [transfers] = [c for c in loops(h.fold(), h.clock) if c.code == "transfers"]
+    assert transfers.ok and transfers.still_open == 1
+    h.vehicle("v1")  # a fitting vehicle, free: the system serves the queue with it, or nothing ever will
+    [transfers] = [c for c in loops(h.fold(), h.clock) if c.code == "transfers"]
+    [item] = transfers.items
+    assert item.code == "waits_beside_free_vehicle" and item.rule == "R4"
+    assert item.context == {"transfer_id": "t1", "vehicle_id": "v1"}
