@@ -563,7 +563,9 @@ class Fold:
         if not c.swabs:
             self.flag("released_without_swab", f"cycle {cid} released with no surface swab", ev,
                       cycle_id=cid, vehicle_id=vid)
-        elif (ev.payload.get("policy") == AFTER_NEGATIVE_RESULT or c.kind == REDISINFECTION) and \
+        # The policy the release names is the one configured then (a re-disinfection's is
+        # after_negative_result unless configured otherwise).
+        elif ev.payload.get("policy") == AFTER_NEGATIVE_RESULT and \
                 not any(s.result and s.result.payload["result"] == "negative" for s in c.swabs.values()):
             self.flag("released_without_negative_result", f"cycle {cid} ({c.kind}) released under "
                       f"{ev.payload.get('policy')} with no negative result", ev, cycle_id=cid, vehicle_id=vid)
