@@ -4,7 +4,7 @@ SHELL := /bin/bash
 UV := uv
 PYTEST_ARGS ?=
 
-.PHONY: install run token test test-unit lint catalog up down bench rebuild clean
+.PHONY: install run token test test-unit lint catalog up down bench rebuild check clean
 
 install:
 	@command -v $(UV) >/dev/null 2>&1 || python3 -m pip install --quiet --disable-pip-version-check "uv==0.13.9"
@@ -36,6 +36,11 @@ bench: install  ## every bench/bench_*.py (or BENCH="bench_x ..."), PostgreSQL a
 
 rebuild: install  ## the projection's read models rebuilt beside the live ones, then switched (ORDER=seq|store, WORKERS=n)
 	$(UV) run --frozen python -m services.projection.rebuild $(if $(ORDER),--order $(ORDER),) $(if $(WORKERS),--workers $(WORKERS),)
+
+check: install  ## the invariant checker over the stores of MODE (embedded: DATA_DIR; distributed: `make up`'s)
+	CLOSEDLOOP_PG_URL="$${CLOSEDLOOP_PG_URL:-postgresql+asyncpg://closedloop@127.0.0.1:$${CLOSEDLOOP_PG_PORT:-55432}/{service}}" \
+	$(UV) run --frozen python -m services.invariants $(if $(MODE),--mode $(MODE),) \
+	  $(if $(DATA_DIR),--data-dir $(DATA_DIR),) $(CHECK_ARGS)
 
 up: install  ## distributed: PostgreSQL, Kafka, and each service as its own process (8001-8004)
 	bash deploy/local/postgres.sh start

@@ -16,6 +16,11 @@
 events were applied live: the result must still be identical, which is what shows that
 the read models do not depend on how Kafka interleaved the streams.
 
+With `compare`, nothing switches: the built generation is handed to it in step 3, under
+the archive lock (nothing is archived meanwhile), then dropped. The invariant checker
+(services/invariants) compares the live read models with a rebuild this way, at any time,
+without changing what the views serve.
+
     python -m services.projection.rebuild [--order seq|store] [--page N] [--workers N]
 """
 
@@ -47,6 +52,7 @@ from services.projection.facts import ARCHIVE_COLUMNS, Buffer, Ev, current_versi
 from services.projection.findings import registry_types
 from services.projection.slices import APPEND_ONLY, Part
 from services.projection.tables import (
+    ACTIVE,
     SCHEMA,
     Generation,
     active_generation,
@@ -70,6 +76,8 @@ log = logging.getLogger(__name__)
 
 BUILDING = "building_generation"
 STALE_SECONDS = 3600
+
+Compare = Callable[[AsyncConnection, Generation], Awaitable[None]]
 
 
 class RebuildRunning(Exception):
@@ -279,7 +287,8 @@ def default_workers(store: EventStore) -> int:
 
 
 async def rebuild(store: EventStore, *, order: str = "seq", page: int = 10_000,
-                  flush_rows: int = 500_000, force: bool = False, workers: int | None = None) -> Report:
+                  flush_rows: int = 500_000, force: bool = False, workers: int | None = None,
+                  compare: Compare | None = None) -> Report:
     """Pages of events are folded in memory (facts.Buffer). Append-only tables (one row per
     event) are written as they fill; keyed rows (a transfer, a trip, ...) gather facts from
     many events, so they are kept until the end and written once. With worker processes
@@ -295,14 +304,14 @@ async def rebuild(store: EventStore, *, order: str = "seq", page: int = 10_000,
     gc.disable()
     try:
         return await _rebuild(store, order, page, flush_rows, force,
-                              default_workers(store) if workers is None else workers)
+                              default_workers(store) if workers is None else workers, compare)
     finally:
         if collecting:
             gc.enable()
 
 
 async def _rebuild(store: EventStore, order: str, page: int, flush_rows: int, force: bool,
-                   workers: int) -> Report:
+                   workers: int, compare: Compare | None) -> Report:
     started = time.perf_counter()
     async with write_tx(store) as conn:
         await lock_archive(conn)
@@ -421,9 +430,15 @@ async def _rebuild(store: EventStore, order: str, page: int, flush_rows: int, fo
                 transfers |= t
             await violations.refresh(conn, gen, known, vehicles=vehicles, transfers=transfers)
             await violations.advance_queue(conn, gen, known)
-            await set_meta(conn, "active_generation", str(number))
-            await set_meta(conn, SCHEMA, schema_digest())
+            if compare is None:
+                await set_meta(conn, ACTIVE, str(number))
+                await set_meta(conn, SCHEMA, schema_digest())
+            else:
+                await compare(conn, gen)
             await conn.execute(meta_table.delete().where(meta_table.c.name == BUILDING))
+        if compare is not None:
+            async with write_tx(store) as conn:
+                await drop_generation(conn, number)
         lap("switch")
     except BaseException:
         writer.cancel()
@@ -491,4 +506,4 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["RebuildRunning", "Report", "generation", "rebuild"]
+__all__ = ["Compare", "RebuildRunning", "Report", "generation", "rebuild"]

@@ -21,6 +21,7 @@ import httpx
 from services.settings import Settings
 from tests.actors import Acting
 from tests.conftest import KAFKA, PG_DSN
+from tests.e2e.invariants import invariants_hold
 
 SERVICES = ("dispatch", "transfer", "disinfection", "projection")
 ROUTES = (("/api/v1/trips", "transfer"), ("/api/v1/disinfection", "disinfection"),
@@ -116,6 +117,11 @@ class Cluster:
         path = self.log_dir / f"{service}.log"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
+    @property
+    def settings(self) -> Settings:
+        """Where the services' stores are, for the invariant checker."""
+        return Settings(mode="distributed", pg_url=self.env["CLOSEDLOOP_PG_URL"])
+
     def client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(transport=RoutingTransport(self.ports), base_url="http://cluster",
                                  timeout=30, auth=self.acting)
@@ -137,13 +143,18 @@ async def for_each_database(run_id: str, sql: str) -> None:
 
 
 @asynccontextmanager
-async def running_cluster(log_dir: Path, env: dict[str, str] | None = None) -> AsyncIterator[Cluster]:
+async def running_cluster(log_dir: Path, env: dict[str, str] | None = None,
+                          check_invariants: bool = True) -> AsyncIterator[Cluster]:
+    """The cluster for one test; when the test passed, the invariant checker runs before
+    the services stop."""
     run_id = uuid.uuid4().hex[:8]
     await for_each_database(run_id, 'CREATE DATABASE "{db}"')
     cluster = Cluster(run_id, log_dir, env or {})
     try:
         await asyncio.gather(*[cluster.start(s) for s in SERVICES])
         yield cluster
+        if check_invariants:
+            await invariants_hold(cluster.settings)
     finally:
         await cluster.stop()
         await for_each_database(run_id, 'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')

@@ -13,6 +13,7 @@ from services.runtime import create_app
 from services.settings import Settings
 from tests import scenarios_disinfection as scenarios
 from tests.actors import Acting
+from tests.e2e.invariants import embedded_invariants_hold
 
 STRICT = {"release_policy": "after_negative_result", "sla_check_interval_s": "0.1"}
 
@@ -37,6 +38,7 @@ async def client(tmp_path: Path, disinfection_env: None) -> AsyncIterator[httpx.
         async with httpx.AsyncClient(transport=transport, base_url="http://embedded",
                                  auth=Acting.for_settings(settings)) as c:
             yield c
+        await embedded_invariants_hold(tmp_path)
 
 
 async def test_full_cycle_to_release_under_the_default_policy(client: httpx.AsyncClient) -> None:

@@ -13,6 +13,7 @@ from services.runtime import create_app
 from services.settings import Settings
 from tests import scenarios, scenarios_dispatch
 from tests.actors import Acting
+from tests.e2e.invariants import embedded_invariants_hold
 from tests.e2e.receiver import Receiver, dispatch_env
 
 
@@ -36,6 +37,7 @@ async def client(tmp_path: Path, receiver: Receiver,
         async with httpx.AsyncClient(transport=transport, base_url="http://embedded",
                                  auth=Acting.for_settings(settings)) as c:
             yield c
+        await embedded_invariants_hold(tmp_path)
     config.settings.cache_clear()
 
 

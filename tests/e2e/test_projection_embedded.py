@@ -20,6 +20,7 @@ from services.runtime import create_app
 from services.settings import Settings
 from tests import scenarios_audit
 from tests.actors import Acting
+from tests.e2e.invariants import embedded_invariants_hold
 from tests.scenarios import eventually, ok
 
 API = "/api/v1"
@@ -53,7 +54,8 @@ async def rebuilt(c: httpx.AsyncClient, order: str) -> dict[str, Any]:
     return dict(status)
 
 
-async def test_audit_scenario_views_rebuild_and_tampering(app: FastAPI, client: httpx.AsyncClient) -> None:
+async def test_audit_scenario_views_rebuild_and_tampering(app: FastAPI, client: httpx.AsyncClient,
+                                                          tmp_path: Path) -> None:
     ids = await scenarios_audit.run(client)
     await scenarios_audit.check_views(client, ids)
     projection = app.state.stores["projection"]
@@ -73,6 +75,7 @@ async def test_audit_scenario_views_rebuild_and_tampering(app: FastAPI, client: 
     views_after = ok(await client.get(f"{API}/audit/violations"))
     assert [f["id"] for f in views_after["findings"]] == [f["id"] for f in views_before["findings"]]
     await scenarios_audit.check_views(client, ids)  # the views read the rebuilt generation
+    await embedded_invariants_hold(tmp_path)  # before the tampering below
 
     # Tamper evidence: edit one stored event in the dispatch store, and one in the copy.
     dispatch = app.state.stores["dispatch"]

@@ -13,6 +13,7 @@ from services.settings import Settings
 from services.transfer import config
 from tests import scenarios_trip as scenarios
 from tests.actors import Acting
+from tests.e2e.invariants import embedded_invariants_hold
 from tests.e2e.receiver import Receiver
 from tests.scenarios import eventually
 
@@ -25,6 +26,7 @@ async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
         async with httpx.AsyncClient(transport=transport, base_url="http://embedded",
                                  auth=Acting.for_settings(settings)) as c:
             yield c
+        await embedded_invariants_hold(tmp_path)
 
 
 async def test_closed_loop_with_return_leg(client: httpx.AsyncClient) -> None:
@@ -73,6 +75,7 @@ async def notice_client(tmp_path: Path, receiver: Receiver,
         async with httpx.AsyncClient(transport=transport, base_url="http://embedded",
                                  auth=Acting.for_settings(settings)) as c:
             yield c
+        await embedded_invariants_hold(tmp_path)
     config.settings.cache_clear()
 
 
