@@ -106,7 +106,7 @@ class World:
         """The n-th wait of a party looking for something the system is still making: a few
         ticks of the day, and at least a little wall time (its consumers' pace)."""
         await self.clock.sleep(self.clock.tick_s * min(2 ** n, 8))
-        await asyncio.sleep(min(0.05 * 2 ** n, 2.0))  # at work: the day waits for the system
+        await asyncio.sleep(min(0.1 * 2 ** n, 2.0))  # at work: the day waits for the system
 
     def hint(self, vehicle_id: str, transfer_id: str) -> None:
         agent = self.vehicles.get(vehicle_id)
@@ -264,6 +264,7 @@ class World:
         self.flows["return_legs_requested"] += 1
         self.flows["transfers_requested"] += 1
         for n in range(POLLS):
+            await self.poll(n)  # what consumers make is never there at once
             status, leg = await self.api.call(his, "GET", "/transfers/{}", back, not_yet=(404,))
             if status == 200 and leg.get("vehicle_id"):
                 self.hint(str(leg["vehicle_id"]), back)
@@ -272,7 +273,6 @@ class World:
                 self.flows["return_legs_queued"] += 1
                 self.maybe_queued.add(back)
                 return
-            await self.poll(n)
         self.maybe_queued.add(back)  # not seen yet: a freed vehicle may find it queued
 
     async def report_loads(self, facility_id: str) -> None:
@@ -355,6 +355,7 @@ class World:
     async def takeover(self, transfer_id: str, broken: str, district: int) -> None:
         """After a breakdown with the patient aboard, dispatch sends a second vehicle."""
         for n in range(POLLS):
+            await self.poll(n)  # what consumers make is never there at once
             body = await self.api.get(dispatcher(district), "/transfers/{}", transfer_id)
             vehicle = body.get("vehicle_id")
             if vehicle and vehicle != broken:
@@ -365,7 +366,6 @@ class World:
                 self.flows["takeovers_queued"] += 1
                 self.maybe_queued.add(transfer_id)
                 return
-            await self.poll(n)
 
     # -- the lab ------------------------------------------------------------------------
 
@@ -461,13 +461,13 @@ class VehicleAgent:
     async def find_trip(self, transfer_id: str) -> dict[str, Any] | None:
         """The crew's phone lists its vehicle's open trips until the assignment shows."""
         for n in range(POLLS):
+            await self.w.poll(n)  # what consumers make is never there at once
             trips = await self.w.api.get(self.crew, "/trips", params={
                 "vehicle_id": self.id, "status": "open"})
             found = next((t for t in trips if t["transfer_id"] == transfer_id), None)
             if found is not None:
                 self.catch_up()
                 return dict(found)
-            await self.w.poll(n)
         return None
 
     async def next_job(self, previous: str | None) -> None:
@@ -477,6 +477,7 @@ class VehicleAgent:
         if not self.w.maybe_queued:
             return
         for n in range(POLLS + 4):
+            await self.w.poll(n)  # what consumers make is never there at once
             v = await self.w.api.get(self.crew, "/vehicles/{}", self.id)
             status, current = v.get("status"), v.get("transfer_id")
             if status == "assigned" and current:
@@ -485,7 +486,6 @@ class VehicleAgent:
                     return
             elif status not in ("awaiting_disinfection", "quarantined"):
                 return
-            await self.w.poll(n)
 
     async def has_trip(self, transfer_id: str) -> bool:
         trips = await self.w.api.get(self.crew, "/trips", params={"vehicle_id": self.id, "status": "open"})
@@ -641,13 +641,13 @@ class VehicleAgent:
         new = str(view["destination"])
         w.flows[f"redirected_{why}"] += 1
         for n in range(POLLS):
+            await self.w.poll(n)  # what consumers make is never there at once
             trip = await w.api.get(self.crew, "/trips/{}", trip_id)
             if trip.get("destination_id") == new:
                 self.catch_up()
                 if trip.get("notice"):
                     await self.acknowledge(trip_id, new, rng)
                 return new
-            await self.w.poll(n)
         w.flows["redirects_not_seen_by_crew"] += 1
         return None
 
@@ -658,11 +658,12 @@ class VehicleAgent:
         it and disinfection opened it), and a re-disinfection a positive swab ordered."""
         w = self.w
         for n in range(POLLS):
+            if trip_id is not None:
+                await w.poll(n)  # the cycle follows the trip's end through two consumers
             cycles = await w.api.get(self.staff, "/disinfection/cycles", params={
                 "vehicle_id": self.id, "status": "open"})
             if trip_id is None or any(c["trip_id"] == trip_id for c in cycles):
                 break
-            await w.poll(n)
         else:
             w.flows["cycles_not_found"] += 1
             return
