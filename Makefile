@@ -4,7 +4,7 @@ SHELL := /bin/bash
 UV := uv
 PYTEST_ARGS ?=
 
-.PHONY: install run token test test-unit lint catalog up down bench rebuild check clean
+.PHONY: install run token test test-unit lint catalog up down bench rebuild check simulate clean
 
 install:
 	@command -v $(UV) >/dev/null 2>&1 || python3 -m pip install --quiet --disable-pip-version-check "uv==0.13.9"
@@ -17,8 +17,8 @@ token: install  ## a token from the local issuer: make token ROLE=crew VEHICLE=n
 	@$(UV) run --frozen python -m libs.auth.issuer --role $(ROLE) $(if $(VEHICLE),--vehicle $(VEHICLE),) $(if $(FACILITY),--facility $(FACILITY),) $(if $(SITE),--site $(SITE),) $(if $(SUBJECT),--subject $(SUBJECT),)
 
 lint: install
-	$(UV) run --frozen ruff check libs services tests bench
-	$(UV) run --frozen mypy --strict libs services
+	$(UV) run --frozen ruff check libs services sim tests bench
+	$(UV) run --frozen mypy --strict libs services sim
 
 test-unit: install
 	$(UV) run --frozen pytest tests/unit $(PYTEST_ARGS)
@@ -41,6 +41,9 @@ check: install  ## the invariant checker over the stores of MODE (embedded: DATA
 	CLOSEDLOOP_PG_URL="$${CLOSEDLOOP_PG_URL:-postgresql+asyncpg://closedloop@127.0.0.1:$${CLOSEDLOOP_PG_PORT:-55432}/{service}}" \
 	$(UV) run --frozen python -m services.invariants $(if $(MODE),--mode $(MODE),) \
 	  $(if $(DATA_DIR),--data-dir $(DATA_DIR),) $(CHECK_ARGS)
+
+simulate: install  ## a simulated day: TRANSFERS=50000 SPEED=max SEED=1; URL=http://... (make run) or TARGET=distributed (make up); else its own embedded app
+	$(UV) run --frozen python -m sim $(if $(TRANSFERS),--transfers $(TRANSFERS),) $(if $(SPEED),--speed $(SPEED),) $(if $(SEED),--seed $(SEED),) $(if $(URL),--url $(URL),) $(if $(filter distributed,$(TARGET)),--distributed,) $(if $(JSON),--json $(JSON),)
 
 up: install  ## distributed: PostgreSQL, Kafka, and each service as its own process (8001-8004)
 	bash deploy/local/postgres.sh start
