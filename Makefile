@@ -17,8 +17,8 @@ token: install  ## a token from the local issuer: make token ROLE=crew VEHICLE=n
 	@$(UV) run --frozen python -m libs.auth.issuer --role $(ROLE) $(if $(VEHICLE),--vehicle $(VEHICLE),) $(if $(FACILITY),--facility $(FACILITY),) $(if $(SITE),--site $(SITE),) $(if $(SUBJECT),--subject $(SUBJECT),)
 
 lint: install
-	$(UV) run --frozen ruff check libs services tests bench
-	$(UV) run --frozen mypy --strict libs services
+	$(UV) run --frozen ruff check libs services tests bench deploy
+	$(UV) run --frozen mypy --strict libs services deploy
 
 test-unit: install
 	$(UV) run --frozen pytest tests/unit $(PYTEST_ARGS)
@@ -37,10 +37,14 @@ bench: install  ## every bench/bench_*.py (or BENCH="bench_x ..."), PostgreSQL a
 rebuild: install  ## the projection's read models rebuilt beside the live ones, then switched (ORDER=seq|store)
 	$(UV) run --frozen python -m services.projection.rebuild $(if $(ORDER),--order $(ORDER),)
 
-up: install  ## distributed: PostgreSQL, Kafka, and each service as its own process (8001-8004)
+# SCALE=city: three Kafka brokers (topics replicated 3 times, min.insync.replicas 2) and two
+# replicas of each service behind deploy/local/balancer.py on 8001-8004.
+CITY := $(filter city,$(SCALE))
+up: install  ## distributed: PostgreSQL, Kafka, and each service as its own process (8001-8004); SCALE=city
+	@[[ -z "$(SCALE)" || "$(SCALE)" == city ]] || { echo "SCALE must be city (or unset)" >&2; exit 2; }
 	bash deploy/local/postgres.sh start
-	bash deploy/local/kafka.sh start $(if $(NODES),--nodes $(NODES),)
-	bash deploy/local/services.sh start
+	bash deploy/local/kafka.sh start $(if $(CITY),--nodes 3,$(if $(NODES),--nodes $(NODES),))
+	bash deploy/local/services.sh start $(if $(CITY),--replicas 2,)
 
 down:
 	-bash deploy/local/services.sh stop
