@@ -4,7 +4,7 @@ SHELL := /bin/bash
 UV := uv
 PYTEST_ARGS ?=
 
-.PHONY: install run token test test-unit lint catalog up down bench rebuild clean
+.PHONY: install run token test test-unit lint catalog up down bench rebuild clean faults soak
 
 install:
 	@command -v $(UV) >/dev/null 2>&1 || python3 -m pip install --quiet --disable-pip-version-check "uv==0.13.9"
@@ -27,6 +27,18 @@ test: install lint  ## every tier, PostgreSQL and Kafka started (and stopped) by
 	@start=$$(date +%s); \
 	CI=$${CI:-} bash deploy/local/with-infra.sh $(UV) run --frozen pytest -p no:cacheprovider -ra $(PYTEST_ARGS); \
 	status=$$?; echo "make test: $$(( $$(date +%s) - start )) s, exit $$status"; exit $$status
+
+# The fault tests run in `make test` at CI scale; these run them alone and write their report
+# where the README cites it. They start their own PostgreSQL, brokers and services (.run/faults).
+FAULTS_SCALE ?= ci
+faults: install  ## the fault tests alone (FAULTS_SCALE=ci|soak), report in docs/faults/<scale>.md
+	@start=$$(date +%s); \
+	CLOSEDLOOP_FAULTS_SCALE=$(FAULTS_SCALE) CLOSEDLOOP_FAULTS_REPORT=docs/faults/$(FAULTS_SCALE) \
+	  $(UV) run --frozen pytest tests/faults -p no:cacheprovider -ra $(PYTEST_ARGS); \
+	status=$$?; echo "make faults ($(FAULTS_SCALE)): $$(( $$(date +%s) - start )) s, exit $$status"; exit $$status
+
+soak: install  ## the fault tests at full scale: more crews, more and repeated faults (docs/faults/soak.md)
+	$(MAKE) faults FAULTS_SCALE=soak
 
 catalog: install  ## the event catalogue as JSON Schema and AsyncAPI, in docs/events/
 	$(UV) run --frozen python -m libs.events.catalogue docs/events
