@@ -32,7 +32,13 @@ replica_port() { # replica_port SERVICE R REPLICAS
 }
 status_port() { echo $((BASE + 99)); }
 pidfile() { echo "$run_dir/pids/$1.pid"; }
-alive() { [[ -f $(pidfile "$1") ]] && kill -0 "$(cat "$(pidfile "$1")")" 2>/dev/null; }
+# a killed process whose parent is gone stays a zombie until init reaps it, which may take
+# a while here: dead all the same (else a restart right after a kill would skip it)
+pid_alive() {
+  kill -0 "$1" 2>/dev/null || return 1
+  [[ $(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) != Z ]]
+}
+alive() { [[ -f $(pidfile "$1") ]] && pid_alive "$(cat "$(pidfile "$1")")"; }
 replicas_running() { [[ -f $conf ]] && cat "$conf" || true; }
 
 # setsid: a Ctrl-C or a process-group kill of the caller does not reach the services
@@ -115,9 +121,9 @@ stop_pid() { # stop_pid NAME: SIGTERM, SIGKILL after 10 s
   local pid
   [[ -f $(pidfile "$1") ]] || return 0
   pid=$(cat "$(pidfile "$1")")
-  if kill -0 "$pid" 2>/dev/null; then
+  if pid_alive "$pid"; then
     kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    for _ in $(seq 1 50); do pid_alive "$pid" || break; sleep 0.2; done
     kill -KILL "$pid" 2>/dev/null || true
   fi
   rm -f "$(pidfile "$1")"
