@@ -31,6 +31,7 @@ from tests.faults.topology import City
 class Scale:
     name: str
     crews: int  # concurrent crews (and vehicles) of the load
+    pause_s: float  # a crew's rest between two loops (about)
     warmup_s: float  # load before the first fault, and the no-fault end to end time
     replica_kills: int
     broker_outages: int  # each a different broker, down for broker_down_s
@@ -43,11 +44,11 @@ class Scale:
 
 SCALES = {
     # `make test` on CI: each fault dealt at least once, under a light load
-    "ci": Scale("ci", crews=4, warmup_s=5, replica_kills=2, broker_outages=1, broker_down_s=15,
-                postgres_restarts=1, relay_kills=2, story_days=4),
+    "ci": Scale("ci", crews=3, pause_s=1.5, warmup_s=5, replica_kills=2, broker_outages=1,
+                broker_down_s=15, postgres_restarts=1, relay_kills=2, story_days=4),
     # `make soak`: more crews, more and repeated faults
-    "soak": Scale("soak", crews=8, warmup_s=15, replica_kills=10, broker_outages=3, broker_down_s=30,
-                  postgres_restarts=3, relay_kills=6, story_days=14),
+    "soak": Scale("soak", crews=6, pause_s=1.0, warmup_s=15, replica_kills=10, broker_outages=3,
+                  broker_down_s=30, postgres_restarts=3, relay_kills=6, story_days=14),
 }
 
 
@@ -76,7 +77,7 @@ def city() -> Iterator[City]:
 @pytest.fixture
 def load(scale: Scale) -> LoadGenerator:
     """The load every fault runs under (a plug-in: see tests/faults/harness.py)."""
-    return crews(scale.crews, story_days=scale.story_days, seed=scale.seed)
+    return crews(scale.crews, story_days=scale.story_days, pause_s=scale.pause_s, seed=scale.seed)
 
 
 @pytest.fixture

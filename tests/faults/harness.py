@@ -302,9 +302,11 @@ def write(reports: list[FaultReport], path: Path, heading: str) -> None:
     path.with_suffix(".json").write_text(json.dumps([asdict(r) for r in reports], indent=1, default=str))
 
 
-async def _after(delay: float, action: Callable[[], Awaitable[Any]]) -> None:
+async def _after(delay: float, action: Callable[[], Awaitable[Any]]) -> float:
+    """Runs `action` after `delay`; returns when it was done (time.monotonic())."""
     await asyncio.sleep(delay)
     await action()
+    return time.monotonic()
 
 
 async def _nothing() -> None:
@@ -370,8 +372,7 @@ class FaultRun:
             injection.stores = {s: round(v, 1) for s, v in back.items()}
             injection.flow_s = max(back.values())
         if supervisor is not None and restart is not None:
-            await restart
-            injection.note = f"{supervisor[0]} after {time.monotonic() - injection.at:.1f} s"
+            injection.note = f"{supervisor[0]} after {await restart - injection.at:.1f} s"
             await self.inject(supervisor[0], _nothing, kind="restore")
         return injection
 
