@@ -172,7 +172,8 @@ async def ensure_topics(settings: Settings, topics: list[str]) -> None:
     await admin.start()
     try:
         existing = set(await admin.list_topics())
-        missing = [NewTopic(t, settings.kafka_partitions, settings.kafka_replication)
+        missing = [NewTopic(t, settings.kafka_partitions, settings.kafka_replication,
+                            topic_configs=settings.kafka_topic_config)
                    for t in topics if t not in existing]
         if missing:
             with contextlib.suppress(TopicAlreadyExistsError):

@@ -25,6 +25,10 @@ class Settings(BaseSettings):
     topic_prefix: str = "closedloop"
     kafka_partitions: int = 3
     kafka_replication: int = 1
+    # Replicas that must have an event before the broker acknowledges it (acks=all). None:
+    # 2 when there are at least 3 replicas (one broker may be down and no acknowledged event
+    # rests on a single disk), else 1.
+    kafka_min_insync: int | None = None
     relay_lease_ms: int = 5000
     # Who may call: tokens from this issuer for this audience. With no JWKS URL, the local
     # issuer's key under the data dir (made on first use) signs and verifies.
@@ -39,6 +43,11 @@ class Settings(BaseSettings):
     # own hash chain (/chain/{store}). JSON, e.g. {"dispatch": "http://10.0.0.5:8001"};
     # a service not named is on this host at its default port.
     service_urls: dict[str, str] = {}
+
+    @property
+    def kafka_topic_config(self) -> dict[str, str]:
+        isr = self.kafka_min_insync or (2 if self.kafka_replication >= 3 else 1)
+        return {"min.insync.replicas": str(isr)}
 
     def local_issuer(self) -> LocalIssuer:
         return LocalIssuer(self.data_dir / "auth" / "issuer-ed25519.pem", self.auth_issuer,

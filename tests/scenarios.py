@@ -58,7 +58,8 @@ SWAB = {"sample_id": "YN-SW-20221120-0007", "sites": ["stretcher", "handrail", "
 RESULT = {"result": "negative", "lab": "永宁县人民医院检验科", "reported_at": "2022-11-20T15:05:00+08:00"}
 
 
-async def eventually(probe: Callable[[], Awaitable[Any]], what: str, timeout: float = 30.0) -> Any:
+async def eventually(probe: Callable[[], Awaitable[Any]], what: str, timeout: float = 30.0,
+                     every: float = 0.05) -> Any:
     """Poll until the probe returns something truthy: services learn from events, later."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
@@ -67,7 +68,7 @@ async def eventually(probe: Callable[[], Awaitable[Any]], what: str, timeout: fl
             return value
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(every)
 
 
 def ok(resp: httpx.Response, *codes: int) -> Any:

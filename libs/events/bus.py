@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # type: ignore[import-untyped]
-from aiokafka.errors import CommitFailedError  # type: ignore[import-untyped]
+from aiokafka.errors import CommitFailedError, IllegalStateError  # type: ignore[import-untyped]
 from aiokafka.structs import TopicPartition  # type: ignore[import-untyped]
 
 from libs.events.aggregate import DomainError, UnitOfWork
@@ -229,11 +229,16 @@ class KafkaSource:
                 yield batch
 
     async def done(self, batch: list[Envelope]) -> None:
-        if not self._offsets:
+        # A rebalance while the batch was applied may have moved some of its partitions to
+        # another member: their offsets are not ours to commit any more (the new owner
+        # redelivers from the last commit; tracking drops the repeats).
+        assigned = self._consumer.assignment()
+        offsets = {tp: o for tp, o in self._offsets.items() if tp in assigned}
+        if not offsets:
             return
         try:
-            await self._consumer.commit(dict(self._offsets))
-        except CommitFailedError:
+            await self._consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError):
             log.info("offset commit lost to a rebalance; the new owner redelivers, tracking dedups")
 
     def checkpoint_name(self, env: Envelope) -> str | None:

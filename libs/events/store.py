@@ -413,6 +413,11 @@ class EventStore:
 
     async def create_schema(self, extra: MetaData | None = None) -> None:
         async with self.engine.begin() as conn:
+            if not self.is_sqlite:
+                # Replicas of a service start together on one database: CREATE TABLE IF NOT
+                # EXISTS races in PostgreSQL's catalog, so they take turns.
+                await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"),
+                                   {"k": zlib.crc32(f"closedloop-schema-{self.name}".encode())})
             await conn.run_sync(_create_with_indexes)
             if extra is not None:
                 await conn.run_sync(extra.create_all)

@@ -6,10 +6,16 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from asyncpg.exceptions import (  # type: ignore[import-untyped]
+    ConnectionDoesNotExistError,
+    OperatorInterventionError,
+    PostgresConnectionError,
+)
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -34,6 +40,23 @@ def problem(status: int, code: str, title: str, detail: str, message_zh: str,
     body.update({"type": f"https://closedloop.example/problems/{code}", "title": title,
                  "status": status, "detail": detail, "code": code, "message_zh": message_zh})
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
+
+
+# The store cannot be reached right now: refused or cut connections, a server shutting down
+# or starting up (SQL state class 57), a connection-level failure (class 08).
+UNREACHABLE = (OSError, ConnectionDoesNotExistError, OperatorInterventionError, PostgresConnectionError)
+
+
+def store_unreachable(exc: BaseException | None) -> bool:
+    """Whether an error means the store is down for now (a restart, a cut connection), as
+    opposed to a fault in the request or the code: along the chain of causes."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, UNREACHABLE) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+            return True
+        exc = getattr(exc, "orig", None) or exc.__cause__ or exc.__context__
+    return False
 
 
 class FieldProblem(BaseModel):
@@ -70,17 +93,19 @@ WHY = {
     415: "the body is not JSON",
     422: "a field is missing or wrong (`field` names it)",
     429: "too many writes from this client (Retry-After)",
+    503: "the service's store cannot be reached right now (Retry-After)",
 }
 HEADERS = {
     401: {"WWW-Authenticate": {"schema": {"type": "string"}, "required": True}},
     429: {"Retry-After": {"schema": {"type": "integer"}, "required": True}},
+    503: {"Retry-After": {"schema": {"type": "integer"}, "required": True}},
 }
 
 
 def _refusals(method: str, operation: dict[str, Any]) -> list[int]:
     write = method in WRITE_METHODS
     has_path_id = any(p.get("in") == "path" for p in operation.get("parameters", []))
-    codes = [401, 403]
+    codes = [401, 403, 503]
     if has_path_id or write:
         codes.append(404)
     if write:
@@ -166,6 +191,20 @@ def install(app: FastAPI) -> None:
     async def concurrent(_: Request, exc: ConcurrencyError) -> JSONResponse:
         return problem(409, "concurrent_update", "Conflict", str(exc),
                        "数据已被他人同时修改，请重试", {"stream_id": exc.stream_id})
+
+    async def store_error(_: Request, exc: Exception) -> JSONResponse:
+        """503 with Retry-After while the store restarts: a client retries (with its
+        Idempotency-Key) instead of taking the outage for a fault of its request."""
+        if not store_unreachable(exc):
+            raise exc  # a real fault: the server error it is
+        response = problem(503, "store_unavailable", "Service unavailable",
+                           "the service's store cannot be reached right now; retry shortly",
+                           "数据存储暂时不可用，请稍后重试")
+        response.headers["Retry-After"] = "1"
+        return response
+
+    app.add_exception_handler(DBAPIError, store_error)
+    app.add_exception_handler(OSError, store_error)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

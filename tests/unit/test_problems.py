@@ -40,3 +40,37 @@ def test_a_domain_refusal_carrying_a_status_answers_409_not_500() -> None:
     refusal = StateConflict("transfer_closed", "closed", "已结束", status="cancelled")
     resp = asyncio.run(handler(None, refusal))  # type: ignore[arg-type]
     assert resp.status_code == 409 and json.loads(resp.body)["current_status"] == "cancelled"
+
+
+async def test_a_store_that_cannot_be_reached_answers_503_and_a_bug_stays_a_500() -> None:
+    """A restarting PostgreSQL is an outage to wait out (503, Retry-After), not a fault of
+    the request; any other database error stays the server error it is."""
+    import httpx
+    from asyncpg.exceptions import CannotConnectNowError  # type: ignore[import-untyped]
+    from fastapi import FastAPI
+    from sqlalchemy.exc import DBAPIError
+
+    from libs.web import problems
+
+    app = FastAPI()
+    problems.install(app)
+
+    @app.get("/restarting")
+    async def restarting() -> None:
+        raise DBAPIError("SELECT 1", {}, CannotConnectNowError("the database system is shutting down"))
+
+    @app.get("/refused")
+    async def refused() -> None:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    @app.get("/bug")
+    async def bug() -> None:
+        raise DBAPIError("SELEC 1", {}, ValueError("syntax error"))
+
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+        for path in ("/restarting", "/refused"):
+            resp = await client.get(path)
+            assert resp.status_code == 503 and resp.headers["Retry-After"] == "1", path
+            assert resp.json()["code"] == "store_unavailable" and resp.json()["message_zh"]
+        assert (await client.get("/bug")).status_code == 500

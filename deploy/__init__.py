@@ -1,0 +1,1 @@
+"""Deployment helpers that are Python (the rest of deploy/ is shell)."""

@@ -1,0 +1,1 @@
+"""Local topology helpers: the load balancer in front of service replicas."""

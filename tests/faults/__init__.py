@@ -1,0 +1,1 @@
+"""Fault tests: the city topology broken under load (issue 8)."""

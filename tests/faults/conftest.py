@@ -1,0 +1,131 @@
+"""Fixtures of the fault tests: the city topology (once per session), the scale, and the two
+plug-ins. To drive the faults with another load or end them with another check, change
+`load` or `end_check` below; nothing else needs to know."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.faults.checks import nothing_lost_or_doubled
+from tests.faults.harness import (
+    EndCheck,
+    FaultReport,
+    FaultRun,
+    LoadGenerator,
+    Target,
+    details,
+    table,
+    write,
+)
+from tests.faults.load import crews
+from tests.faults.topology import City
+
+
+@dataclass(frozen=True)
+class Scale:
+    name: str
+    crews: int  # concurrent crews (and vehicles) of the load
+    pause_s: float  # a crew's rest between two loops (about)
+    warmup_s: float  # load before the first fault, and the no-fault end to end time
+    replica_kills: int
+    broker_outages: int  # each a different broker, down for broker_down_s
+    broker_down_s: float
+    postgres_restarts: int
+    relay_kills: int  # taking the stores in turn
+    story_days: float  # how far back the crews' story clocks start (80 minutes a loop)
+    seed: int = 8
+
+
+SCALES = {
+    # `make test` on CI: each fault dealt at least once, under a light load
+    "ci": Scale("ci", crews=3, pause_s=1.5, warmup_s=5, replica_kills=2, broker_outages=1,
+                broker_down_s=15, postgres_restarts=1, relay_kills=2, story_days=4),
+    # `make soak`: more crews, more and repeated faults
+    "soak": Scale("soak", crews=6, pause_s=1.0, warmup_s=15, replica_kills=10, broker_outages=3,
+                  broker_down_s=30, postgres_restarts=3, relay_kills=6, story_days=14),
+}
+
+
+@pytest.fixture(scope="session")
+def scale() -> Scale:
+    name = os.environ.get("CLOSEDLOOP_FAULTS_SCALE", "ci")
+    if name not in SCALES:
+        raise pytest.UsageError(f"CLOSEDLOOP_FAULTS_SCALE must be one of {sorted(SCALES)}, not {name!r}")
+    return SCALES[name]
+
+
+@pytest.fixture(scope="session")
+def city() -> Iterator[City]:
+    topology = City.from_environment()
+    t0 = time.monotonic()
+    took = topology.start()
+    parts = ", ".join(f"{k} {v:.0f} s" for k, v in took.items())
+    REPORTS.notes.append(f"topology up in {time.monotonic() - t0:.0f} s ({parts}); "
+                         f"logs in {topology.run_dir}/logs")
+    try:
+        yield topology
+    finally:
+        topology.stop()
+
+
+@pytest.fixture
+def load(scale: Scale) -> LoadGenerator:
+    """The load every fault runs under (a plug-in: see tests/faults/harness.py)."""
+    return crews(scale.crews, story_days=scale.story_days, pause_s=scale.pause_s, seed=scale.seed)
+
+
+@pytest.fixture
+def end_check() -> EndCheck:
+    """What must hold once the load stopped and the pipeline drained (a plug-in)."""
+    return nothing_lost_or_doubled
+
+
+@pytest.fixture
+def target(city: City) -> Target:
+    return Target(city)
+
+
+@pytest.fixture
+def fault_run(scale: Scale, target: Target, load: LoadGenerator,
+              end_check: EndCheck) -> Callable[[str], FaultRun]:
+    """A fault test's run, by the fault's name: the load, the measurements, the end check."""
+    return lambda name: FaultRun(name, scale.name, target, load, end_check, warmup_s=scale.warmup_s)
+
+
+class Reports:
+    def __init__(self) -> None:
+        self.items: list[FaultReport] = []
+        self.notes: list[str] = []
+        self.path: Path | None = None
+
+
+REPORTS = Reports()
+
+
+@pytest.fixture
+def record(city: City, scale: Scale) -> Iterator[list[FaultReport]]:
+    """Where a test puts its report: printed at the end of the run and written to
+    $CLOSEDLOOP_FAULTS_REPORT.md (and .json), by default <run dir>/report-<scale>."""
+    REPORTS.path = Path(os.environ.get("CLOSEDLOOP_FAULTS_REPORT") or city.run_dir / f"report-{scale.name}")
+    yield REPORTS.items
+    heading = (f"# Fault tests ({scale.name})\n\n" + "\n".join(f"- {n}" for n in REPORTS.notes))
+    write(REPORTS.items, REPORTS.path, heading)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not REPORTS.items:
+        return
+    terminalreporter.section("fault tests")
+    for note in REPORTS.notes:
+        terminalreporter.write_line(note)
+    terminalreporter.write_line(table(REPORTS.items))
+    for report in REPORTS.items:
+        terminalreporter.write_line(details(report))
+    if REPORTS.path is not None:
+        terminalreporter.write_line(f"written to {REPORTS.path.with_suffix('.md')}")
