@@ -12,6 +12,7 @@ from sqlalchemy import text
 from libs.events.aggregate import NotFound
 from libs.events.store import EventStore
 from libs.web.fields import POSITION_MAX
+from libs.web.problems import PROBLEM_JSON
 
 REQUESTS = Counter("closedloop_http_requests_total", "HTTP requests", ["method", "status"])
 LATENCY = Histogram("closedloop_http_request_seconds", "HTTP request latency", ["method"])
@@ -46,7 +47,13 @@ async def metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/chain/{store}", tags=["ops"])
+_PROBLEM = {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+
+
+@router.get("/chain/{store}", tags=["ops"], responses={
+    404: {"description": "this service keeps no store of that name", "content": _PROBLEM},
+    422: {"description": "`at` is not a position (`field` names it)", "content": _PROBLEM},
+    503: {"description": "the store cannot be reached right now (Retry-After)", "content": _PROBLEM}})
 async def chain(store: str, request: Request,
                 at: Annotated[int | None, Query(ge=1, le=POSITION_MAX)] = None) -> dict[str, Any]:
     """This service's own store, checked by this service: its hash chain recomputed (the

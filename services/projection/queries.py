@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from libs.events.catalog.common import PatientDataDisclosed
 from libs.events.envelope import GENESIS_HASH, ChainBreak, Envelope, verify_chain
 from libs.events.store import events_table
+from libs.web.fields import POSITION_MAX
 from services.projection.data import AuditData, PlanSql, parse_json
 from services.projection.facts import JSON_COLUMNS, SPECS
 from services.projection.findings import VEHICLE
@@ -315,7 +316,9 @@ async def disclosures(conn: AsyncConnection, actor: str | None, limit: int,
         query = select(table).where(table.c.type == kind)
         if actor is not None:
             query = query.where(table.c.actor == actor)
-        for row in await conn.execute(query.order_by(table.c.recorded_at.desc()).limit(offset + limit)):
+        # Both sources are merged here, so each gives its first offset + limit (a bigint at most).
+        upto = min(offset + limit, POSITION_MAX)
+        for row in await conn.execute(query.order_by(table.c.recorded_at.desc()).limit(upto)):
             found.append({"at": row.recorded_at, "actor": row.actor, "role": row.role,
                           "store": store or row.store, "event_id": row.event_id,
                           **orjson.loads(row.payload)})

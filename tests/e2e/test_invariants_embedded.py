@@ -20,15 +20,17 @@ from services.invariants import check
 from services.runtime import create_app
 from services.settings import Settings
 from tests import scenarios
+from tests.actors import Acting
 from tests.e2e.invariants import OFFLINE_CORRUPTIONS, embedded_invariants_hold, failed, sql
 
 VEHICLE = "nx-120-07"  # assigned to the second transfer when the scenario ends
 
 
 async def _scenario(data_dir: Path) -> None:
-    app = create_app(settings=Settings(mode="embedded", data_dir=data_dir))
+    app = create_app(settings=(settings := Settings(mode="embedded", data_dir=data_dir)))
     async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://embedded") as c:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://embedded",
+                                     auth=Acting.for_settings(settings)) as c:
             await scenarios.r2_not_assignable_before_release(c)
         await embedded_invariants_hold(data_dir)  # the history as the system wrote it passes
 
