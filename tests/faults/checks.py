@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncpg  # type: ignore[import-untyped]
 
-from services.invariants import check
+from services.invariants import Report, check
 from tests.faults.harness import Target, Verdict
 
 SETTLE_S = 120.0  # for the consumers to catch up (they have drained already: a margin)
@@ -43,10 +43,9 @@ async def acknowledged_transfers(target: Target, verdict: Verdict) -> None:
     verdict.counts["acknowledged transfers"] = len(target.ledger.transfers)
 
 
-async def invariants_hold(target: Target) -> Verdict:
-    verdict = Verdict()
-    await acknowledged_transfers(target, verdict)
-    report = await check(target.settings, settle_s=SETTLE_S)
+def tally(report: Report, verdict: Verdict) -> None:
+    """The checker's findings into the verdict: each failed check a problem (with its first
+    findings), those of something missing or applied twice counted as lost or doubled."""
     if not report.settled:
         verdict.problems.append(f"the consumers had not caught up after {SETTLE_S:.0f} s")
     for c in report.failed():
@@ -58,4 +57,10 @@ async def invariants_hold(target: Target) -> Verdict:
     verdict.counts["checks"] = len(report.checks)
     verdict.counts["still open"] = sum(c.still_open for c in report.checks)
     verdict.counts["checker s"] = round(report.seconds)
+
+
+async def invariants_hold(target: Target) -> Verdict:
+    verdict = Verdict()
+    await acknowledged_transfers(target, verdict)
+    tally(await check(target.settings, settle_s=SETTLE_S), verdict)
     return verdict
