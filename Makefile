@@ -37,7 +37,7 @@ faults: install  ## the fault tests alone (FAULTS_SCALE=ci|soak), report in docs
 	  $(UV) run --frozen pytest tests/faults -p no:cacheprovider -ra $(PYTEST_ARGS); \
 	status=$$?; echo "make faults ($(FAULTS_SCALE)): $$(( $$(date +%s) - start )) s, exit $$status"; exit $$status
 
-soak: install  ## the fault tests at full scale: more crews, more and repeated faults (docs/faults/soak.md)
+soak: install  ## the fault tests at full scale: more simulated load, more and repeated faults (docs/faults/soak.md)
 	$(MAKE) faults FAULTS_SCALE=soak
 
 catalog: install  ## the event catalogue as JSON Schema and AsyncAPI, in docs/events/

@@ -241,6 +241,12 @@ def build_plan(transfers: int, seed: int, region: Region, day: datetime) -> Plan
                 Counter(j.flow for j in journeys))
 
 
+def within(plan: Plan, start: datetime, end: datetime) -> Plan:
+    """The plan's journeys requested in [start, end) only (the fleet stays the day's)."""
+    journeys = [j for j in plan.journeys if start <= j.at < end]
+    return Plan(plan.seed, plan.day, journeys, plan.fleet, Counter(j.flow for j in journeys))
+
+
 def size_fleet(journeys: list[Journey], region: Region, seed: int) -> list[VehicleSpec]:
     """Enough vehicles of each kind for the busiest quarter hour of the plan, with headroom:
     each leg holds a vehicle about LEG_HOURS (trip, two-stage disinfection, swab); a return

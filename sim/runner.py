@@ -34,7 +34,7 @@ import httpx
 from services.settings import Settings
 from sim.api import Actor, Api, Refused
 from sim.clock import Clock
-from sim.plan import Plan, build_plan
+from sim.plan import Plan, build_plan, within
 from sim.region import Point, Region, build_region, distance_km
 from sim.summary import Summary
 from sim.world import TZ, VehicleAgent, World
@@ -78,17 +78,23 @@ async def run_day(base_urls: str | Mapping[str, str], *, transfers: int = 50_000
                   transport: httpx.AsyncBaseTransport | None = None, day: date | None = None,
                   tick_s: float = 20.0, max_inflight: int = 48, mode: str = "embedded",
                   pids: Mapping[str, int] | None = None,
-                  progress: Callable[[Progress], None] | None = None) -> Summary:
-    """Simulate one day of `transfers` requests; the plan is a function of `seed`."""
+                  progress: Callable[[Progress], None] | None = None,
+                  hours: tuple[float, float] = (0.0, 24.0),
+                  until: asyncio.Event | None = None) -> Summary:
+    """Simulate one day of `transfers` requests; the plan is a function of `seed`. Only
+    the requests of `hours` (from, to: hours of the day) are filed, and none once `until`
+    is set: what was filed then goes on to its end, at full speed (a load that stops)."""
     started = time.monotonic()
     issuer = Settings(data_dir=data_dir).local_issuer()
     api = Api(base_urls, issuer, transport=transport, max_inflight=max_inflight)
     start = datetime.combine(day, dtime(0, 0), TZ) if day else default_day()
     region = build_region(transfers, seed)
-    plan = build_plan(transfers, seed, region, start)
+    first, closes = start + timedelta(hours=hours[0]), start + timedelta(hours=hours[1])
+    plan = within(build_plan(transfers, seed, region, start), first, closes)
     run_tag = uuid.uuid4().hex[:8]
-    clock = Clock(start, tick_s=tick_s, speed=speed)
-    world = World(api, clock, plan, region, run_tag)
+    clock = Clock(first, tick_s=tick_s, speed=speed)
+    world = World(api, clock, plan, region, run_tag, until)
+    hurry = asyncio.create_task(_full_speed_once(until, clock)) if until is not None else None
     try:
         before = await event_counts(api)
         await register(api, world, region, plan)
@@ -107,7 +113,7 @@ async def run_day(base_urls: str | Mapping[str, str], *, transfers: int = 50_000
             last[0] = time.monotonic()
             progress(progress_of(world, started))
 
-        finished = await clock.run(world.finished, start + timedelta(days=1) + DRAIN, tick)
+        finished = await clock.run(world.finished, closes + DRAIN, tick)
         if progress is not None:
             progress(progress_of(world, started))
         await world.end_care()
@@ -116,6 +122,8 @@ async def run_day(base_urls: str | Mapping[str, str], *, transfers: int = 50_000
         caught_up = time.monotonic() - day_over
         wall_s = time.monotonic() - started
     finally:
+        if hurry is not None:
+            hurry.cancel()
         await api.aclose()
     flows = Counter(world.flows)
     unfinished = {"transfers": sorted(world.open_transfers), "loops": sorted(world.loops_pending),
@@ -131,7 +139,7 @@ async def run_day(base_urls: str | Mapping[str, str], *, transfers: int = 50_000
         target={"mode": mode, "base_urls": base_urls if isinstance(base_urls, str) else dict(base_urls),
                 "data_dir": str(data_dir)},
         day=start.date().isoformat(), finished=finished, wall_s=round(wall_s, 1),
-        setup_s=round(setup_s, 1), sim_hours=round((clock.now - start).total_seconds() / 3600, 1),
+        setup_s=round(setup_s, 1), sim_hours=round((clock.now - first).total_seconds() / 3600, 1),
         fleet=dict(sorted(fleet.items())), facilities=len(region.facilities), mix=dict(plan.mix),
         flows=dict(flows), requests=http["requests"], endpoints=http["endpoints"],
         refused=http["refused"], refused_by_endpoint=http["refused_by_endpoint"],
@@ -141,6 +149,11 @@ async def run_day(base_urls: str | Mapping[str, str], *, transfers: int = 50_000
         chains_ok=chains_ok, chain_breaks=breaks, projection_caught_up_s=round(caught_up, 1),
         peak_rss_mb=peak_rss_mb(pids or {}), unfinished={k: v[:20] for k, v in unfinished.items() if v},
         errors=[*world.errors, *clock.errors][:50])
+
+
+async def _full_speed_once(until: asyncio.Event, clock: Clock) -> None:
+    await until.wait()
+    clock.speed = None
 
 
 def progress_of(world: World, started: float) -> Progress:

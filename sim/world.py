@@ -69,8 +69,10 @@ def dispatcher(district: int) -> Actor:
 
 
 class World:
-    def __init__(self, api: Api, clock: Clock, plan: Plan, region: Region, run_tag: str) -> None:
+    def __init__(self, api: Api, clock: Clock, plan: Plan, region: Region, run_tag: str,
+                 until: asyncio.Event | None = None) -> None:
         self.api, self.clock, self.plan, self.region, self.run_tag = api, clock, plan, region, run_tag
+        self.until = until  # once set, no more requests are filed; what was filed goes on
         self.flows: Counter[str] = Counter()
         self.vehicles: dict[str, VehicleAgent] = {}
         self.places: dict[str, Point] = {c.id: c.at for c in region.communities}
@@ -151,8 +153,11 @@ class World:
     # -- intake -------------------------------------------------------------------------
 
     async def intake(self) -> None:
-        for j in self.plan.journeys:
+        for n, j in enumerate(self.plan.journeys):
             await self.clock.until(j.at)
+            if self.until is not None and self.until.is_set():
+                self.flows["journeys_not_filed"] = len(self.plan.journeys) - n
+                break
             self.clock.spawn(self.request(j), name=f"request {j.key}")
         self.intake_done = True
 
@@ -276,11 +281,11 @@ class World:
         self.maybe_queued.add(back)  # not seen yet: a freed vehicle may find it queued
 
     async def report_loads(self, facility_id: str) -> None:
-        """A hospital's HIS reports its fever-clinic load every half hour of the day (R7)."""
+        """A hospital's HIS reports its fever-clinic load every hour of the day (R7)."""
         f = self.region.by_id[facility_id]
         his, rng = hospital(facility_id), self.rng("load", facility_id)
         overflowing = False
-        t = self.plan.day
+        t = self.clock.start  # the day's first hour simulated (an hour of the day)
         while t < self.plan.day + timedelta(days=1):
             at = await self.clock.until(t, essential=False)
             body = {"fever_clinic_occupied": fever_load(f, (at - self.plan.day).total_seconds() / 3600, rng),

@@ -76,6 +76,12 @@ start() {
   local brokers
   brokers=$(tr ',' '\n' <<<"$CLOSEDLOOP_KAFKA_BOOTSTRAP" | grep -c .)
   export CLOSEDLOOP_KAFKA_REPLICATION="${CLOSEDLOOP_KAFKA_REPLICATION:-$((brokers < 3 ? brokers : 3))}"
+  # where each service finds the others (the projection asks each for its own chain): this
+  # deployment's front ports, not the defaults (8001-8004), which may be another deployment's
+  local urls="" i
+  for i in "${!SERVICES[@]}"; do urls+="${urls:+,}\"${SERVICES[$i]}\":\"http://127.0.0.1:$((BASE + i))\""; done
+  urls="{$urls}"
+  export CLOSEDLOOP_SERVICE_URLS="${CLOSEDLOOP_SERVICE_URLS:-$urls}"
   for svc in "${SERVICES[@]}"; do
     for ((r = 1; r <= replicas; r++)); do
       name="$svc-$r"

@@ -5,11 +5,11 @@ end-of-test check says whether anything was lost or doubled.
 Two plug-ins, so that other drivers and checkers can be wired in without touching the
 faults themselves:
 - `LoadGenerator`: `async (target, stop) -> None`, sends its requests through
-  `target.client()` (which retries what failed on the way and records every attempt in
+  `target.transport()` (which retries what failed on the way and records every attempt in
   `target.ledger`) until `stop` is set, then returns once its work in flight is done.
-  Default: `tests.faults.load.crews`.
+  Default: the simulator, `tests.faults.load.simulated_days`.
 - `EndCheck`: `async (target) -> Verdict`, run once the pipeline has drained. Default:
-  `tests.faults.checks.nothing_lost_or_doubled`.
+  the invariant checker and the acknowledged transfers, `tests.faults.checks.invariants_hold`.
 
 What is measured, per injection (a fault from the moment it was dealt; a restore, a
 replica or broker back, from the moment it was back, for its rejoining rebalances the
@@ -34,15 +34,12 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import asdict, dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
-import httpx
 
 from services.settings import Settings
-from tests.actors import Acting
 from tests.faults.ledger import Ledger, RetryingTransport
 from tests.faults.topology import PUBLISHING, City
 
@@ -74,19 +71,14 @@ class Target:
     city: City
     ledger: Ledger = field(default_factory=Ledger)
     notes: list[str] = field(default_factory=list)
+    load: dict[str, int] = field(default_factory=dict)  # what the load did (transfers requested, ...)
 
     def note(self, text: str) -> None:
         self.notes.append(text)
 
-    def client(self, retry_for_s: float = 180.0) -> httpx.AsyncClient:
-        """Through the balancers, retrying with the same Idempotency-Key, recorded in the ledger;
-        a request without an Authorization header gets the token of whoever would send it."""
-        return httpx.AsyncClient(transport=RetryingTransport(self.city.front_ports, self.ledger, retry_for_s),
-                                 base_url="http://city", timeout=30, auth=self.acting)
-
-    @cached_property
-    def acting(self) -> Acting:
-        return Acting.for_settings(Settings(data_dir=self.city.data_dir))
+    def transport(self, retry_for_s: float = 180.0) -> RetryingTransport:
+        """To the balancers by path, retrying with the same Idempotency-Key, recorded in the ledger."""
+        return RetryingTransport(self.city.front_ports, self.ledger, retry_for_s)
 
     @property
     def settings(self) -> Settings:
@@ -236,6 +228,7 @@ class FaultReport:
     verdict: Verdict
     errors: dict[str, int] = field(default_factory=dict)  # failed attempts by outcome
     notes: list[str] = field(default_factory=list)
+    load: dict[str, int] = field(default_factory=dict)  # what the load did
     load_error: str | None = None
 
     def worst(self, kind: str) -> float | None:
@@ -260,16 +253,18 @@ class FaultReport:
         if len(flows) > 1:
             flow += f" (median {statistics.median(flows):.1f})"
         restores = [i for i in self.injections if i.kind == "restore"]
-        return [self.fault, str(len(faults)), str(self.requests), str(self.refused), str(self.retried),
+        ended = self.load.get("transfers_completed", 0) + self.load.get("transfers_cancelled", 0)
+        return [self.fault, str(len(faults)), f"{self.load.get('transfers_requested', 0)} / {ended}",
+                str(self.requests), str(self.refused), str(self.retried),
                 str(self.gave_up), str(self.failovers), s(max((i.api_s for i in faults), default=0.0)),
                 flow, s(self.worst("restore")) if restores else "-",
                 f"{s(self.baseline_s)} / {self.threshold_s:.1f}", str(self.verdict.lost),
                 str(self.verdict.doubled)]
 
 
-HEADER = ["fault", "injections", "requests", "refused", "retried", "gave up", "LB failovers",
-          "last refusal at s (max)", "end to end back after s (max)", "after restore s (max)",
-          "no-fault end to end s / threshold", "lost", "doubled"]
+HEADER = ["fault", "injections", "transfers requested / ended", "requests", "refused", "retried",
+          "gave up", "LB failovers", "last refusal at s (max)", "end to end back after s (max)",
+          "after restore s (max)", "no-fault end to end s / threshold", "lost", "doubled"]
 
 
 def table(reports: list[FaultReport]) -> str:
@@ -314,8 +309,9 @@ async def _nothing() -> None:
 
 
 class FaultRun:
-    """One fault test: the load starts, runs `warmup_s`, the no-fault end to end time is
-    taken; then the test injects (and restores); `finish` stops the load, drains, checks."""
+    """One fault test: the load starts, runs `warmup_s` once it writes to every producing
+    store, the no-fault end to end time is taken; then the test injects (and restores);
+    `finish` stops the load, drains, checks."""
 
     def __init__(self, name: str, scale: str, target: Target, load: LoadGenerator, check: EndCheck,
                  warmup_s: float, recovery_timeout_s: float = 180.0) -> None:
@@ -331,7 +327,16 @@ class FaultRun:
     async def __aenter__(self) -> FaultRun:
         self.started = time.monotonic()
         self.lb_before = await self.target.city.balancer()
+        heads = await self.flow.heads()
         self._task = asyncio.create_task(self.load(self.target, self.stop))
+        # a load may set up first (the simulator registers its region): warm up from the
+        # moment every producing store writes
+        while any(h <= heads[s] for s, h in (await self.flow.heads()).items()):
+            if time.monotonic() - self.started > self.timeout:
+                raise AssertionError(f"the load wrote nothing to some store within {self.timeout:.0f} s")
+            await self.hold(POLL_S * 5)
+        self.target.note(f"the load wrote to every store {time.monotonic() - self.started:.1f} s "
+                         "after it began")
         await self.hold(self.warmup_s)
         took = await self.flow.baseline(BASELINE_S, self.timeout)
         self.baseline = statistics.median(took) if took else None
@@ -404,4 +409,4 @@ class FaultRun:
             gave_up=len(ledger.gave_up), failovers=sum(
                 lb_after[p]["failovers"] - self.lb_before.get(p, {}).get("failovers", 0) for p in lb_after),
             baseline_s=self.baseline, threshold_s=self.threshold, drain_s=drain, verdict=verdict,
-            errors=errors, notes=self.target.notes, load_error=load_error)
+            errors=errors, notes=self.target.notes, load=self.target.load, load_error=load_error)

@@ -1,6 +1,7 @@
 """What clients saw during a fault test, recorded by the HTTP transport every load generator
-sends through (`RetryingTransport`), so whatever drives the load (the crews here, the
-simulator later) is counted the same way.
+sends through (`RetryingTransport`; the simulator's client is built on it), so whatever
+drives the load is counted the same way. It routes each path to its service's balancer as
+the simulator routes it (sim.api.ROUTES).
 
 The transport behaves as a careful client of a replicated service would: a request that
 failed on the way (connection refused or reset, a timeout, a 5xx, a 409 `concurrent_update`)
@@ -19,8 +20,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
-ROUTES = (("/api/v1/trips", "transfer"), ("/api/v1/disinfection", "disinfection"),
-          ("/api/v1/audit", "projection"), ("/", "dispatch"))
+from sim.api import ROUTES
+
 RETRY_STATUSES = {500, 502, 503, 504}
 # decoded by the first read: the copy handed back is plain bytes
 HOP_HEADERS = {"content-encoding", "transfer-encoding", "content-length"}

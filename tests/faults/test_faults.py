@@ -1,8 +1,10 @@
 """Faults that real deployments see, each dealt to the city topology (three brokers, two
-replicas of each service behind the balancer) while crews run whole transfers through the
-API, and each ending with the check that nothing was lost or doubled. The report of each
-(requests refused and retried, how long until the API and the pipeline were back, lost,
-doubled) is printed at the end of the run and written beside the topology's logs.
+replicas of each service behind the balancer) under the simulator's load (a day of the
+sample region through the balancers, tests/faults/load.py), and each ending with the
+invariant checker over the city's stores (tests/faults/checks.py): any finding fails the
+test. The report of each (requests refused and retried, how long until the API and the
+pipeline were back, lost, doubled) is printed at the end of the run and written beside the
+topology's logs.
 
 CLOSEDLOOP_FAULTS_SCALE=ci (default, `make test`) or soak (`make soak`): see conftest.SCALES."""
 

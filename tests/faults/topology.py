@@ -101,7 +101,10 @@ class City:
                 "CLOSEDLOOP_PG_URL": self.pg_url(), "CLOSEDLOOP_KAFKA_BOOTSTRAP": self.bootstrap,
                 "CLOSEDLOOP_KAFKA_REPLICATION": str(self.brokers),
                 "CLOSEDLOOP_TOPIC_PREFIX": self.topic_prefix,
-                "CLOSEDLOOP_DATA_DIR": str(self.data_dir), "CLOSEDLOOP_REPLICAS": str(self.replicas)}
+                "CLOSEDLOOP_DATA_DIR": str(self.data_dir), "CLOSEDLOOP_REPLICAS": str(self.replicas),
+                # the simulator's care series start minutes ahead on the servers' clock: the
+                # scheduler looks every 2 s (30 by default) so the day does not wait for it
+                "CLOSEDLOOP_DISPATCH_SCHEDULE_INTERVAL_S": "2"}
 
     @property
     def front_ports(self) -> dict[str, int]:

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 from services.dispatch.schemas import TransferIn, resident_id_ok
 from sim.clock import Clock, Inbox
-from sim.plan import FLOWS, INCIDENTS, LAB, build_plan
+from sim.plan import FLOWS, INCIDENTS, LAB, build_plan, within
 from sim.region import build_region
 
 DAY = datetime(2022, 11, 20, tzinfo=UTC)
@@ -56,6 +56,14 @@ def test_the_fleet_fits_every_kind_of_patient_the_plan_holds() -> None:
     for needs in {j.needs for j in p.journeys}:
         assert needs in kinds, needs
     assert len(p.fleet) < 2000  # sized for the busiest hour, not one per transfer
+
+
+def test_a_window_of_the_day_keeps_its_requests_and_the_whole_fleet() -> None:
+    day = build_plan(300, 4, build_region(300, 4), DAY)
+    busy = within(day, DAY + timedelta(hours=8), DAY + timedelta(hours=18))
+    assert busy.journeys == [j for j in day.journeys if 8 <= j.at.hour < 18]
+    assert 0 < len(busy.journeys) < len(day.journeys)
+    assert sum(busy.mix.values()) == len(busy.journeys) and busy.fleet == day.fleet
 
 
 async def test_the_clock_waits_for_work_and_never_runs_past_its_window() -> None:
