@@ -34,18 +34,18 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 import orjson
 
 from bench.bench_dispatch import seed
+from bench.machine import RUN_DIR, cores, cpu_reading, service_ports
 from bench.report import Row, table
 from libs.events.store import EventStore
 from sim.summary import percentile
 from tests.conftest import PG_DSN
-from tests.e2e.cluster import SERVICES, Cluster, running_cluster
+from tests.e2e.cluster import Cluster, running_cluster
 
 RATES = tuple(float(r) for r in os.environ.get("BENCH_E2E_RATES", "50,200,500").split(","))
 SECONDS = float(os.environ.get("BENCH_E2E_SECONDS", "20"))
@@ -54,14 +54,6 @@ VISIBLE_TIMEOUT_S = 60.0  # after a rate's last request: what is not visible by 
 DRAIN_TIMEOUT_S = 300.0  # after a rate's last request, for the projection to catch up
 POLL_S = 0.002
 SOURCES = ("dispatch", "transfer", "disinfection")
-RUN_DIR = Path(os.environ.get("CLOSEDLOOP_RUN_DIR", ".run")).resolve()
-
-
-def service_ports(offset: int = 0) -> dict[str, int]:
-    """CLOSEDLOOP_SERVICE_PORT (+ offset) and the next three, as deploy/local/services.sh
-    places them; without it, free ports."""
-    base = os.environ.get("CLOSEDLOOP_SERVICE_PORT")
-    return {s: int(base) + offset + i for i, s in enumerate(SERVICES)} if base else {}
 
 
 def database(cluster: Cluster, service: str) -> str:
@@ -141,74 +133,6 @@ async def behind(cluster: Cluster, timeout_s: float) -> dict[str, int]:
         await projection.close()
 
 
-# -- CPU --------------------------------------------------------------------------------------
-
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_s(pid: int, children: bool = False) -> float:
-    """CPU seconds a process used (and, with `children`, those of its children it reaped)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    used = int(fields[11]) + int(fields[12]) + ((int(fields[13]) + int(fields[14])) if children else 0)
-    return used / TICK
-
-
-def processes() -> list[tuple[int, int, str]]:
-    """(pid, parent pid, command line) of every process."""
-    found = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            found.append((int(d.name), ppid, cmd))
-    return found
-
-
-def infrastructure() -> dict[str, list[int]]:
-    """The pids of this checkout's PostgreSQL (the postmaster first, then its backends) and
-    Kafka broker(s), found by the data dirs deploy/local/*.sh give them."""
-    procs = processes()
-    pg_data = str(RUN_DIR / "postgres" / "data")
-    postmaster = [p for p, _, cmd in procs if pg_data in cmd and "postgres" in cmd.split(" ", 1)[0]]
-    backends = [p for p, ppid, _ in procs if ppid in postmaster]
-    kafka = [p for p, _, cmd in procs if str(RUN_DIR / "kafka") in cmd and "java" in cmd.split(" ", 1)[0]]
-    return {"postgresql": postmaster + backends, "kafka": kafka}
-
-
-def machine_busy_s() -> float:
-    """CPU seconds the whole machine spent busy (every core; /proc/stat)."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = values[3] + values[4]  # idle, iowait
-    return (sum(values[:8]) - idle) / TICK
-
-
-def cpu_reading(cluster: Cluster, generator: int) -> dict[str, float]:
-    infra = infrastructure()
-    reading = {s: cpu_s(p.pid) for s, p in cluster.procs.items()}
-    reading["postgresql"] = sum(cpu_s(p, children=i == 0) for i, p in enumerate(infra["postgresql"]))
-    reading["kafka"] = sum(cpu_s(p) for p in infra["kafka"])
-    reading["load generator"] = cpu_s(generator)
-    reading["bench (watcher)"] = time.process_time()
-    reading["machine"] = machine_busy_s()
-    reading["wall"] = time.monotonic()
-    return reading
-
-
-def cores(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """Cores each one used between two readings; `others` is the rest of the machine."""
-    wall = after["wall"] - before["wall"]
-    used = {k: (after[k] - before[k]) / wall for k in before if k != "wall"}
-    used["others on the machine"] = used.pop("machine") - sum(used.values())
-    return used
-
-
 # -- one rate ------------------------------------------------------------------------------
 
 
@@ -284,9 +208,10 @@ async def load(cluster: Cluster, watcher: Watcher, rate: float, seconds: float, 
         raise RuntimeError(f"the load generator did not start: {first!r}")
     t0 = float(first.split()[1])
     await asyncio.sleep(max(0.0, t0 - time.monotonic()))
-    before = cpu_reading(cluster, gen.pid)
+    pids = {**{s: p.pid for s, p in cluster.procs.items()}, "load generator": gen.pid}
+    before = cpu_reading(pids, "bench (watcher)")
     await asyncio.sleep(max(0.0, t0 + seconds - time.monotonic()))
-    after = cpu_reading(cluster, gen.pid)  # the steady load: the answers still coming are not in it
+    after = cpu_reading(pids, "bench (watcher)")  # the steady load: the answers still coming are not in it
     out, _ = await gen.communicate()
     if gen.returncode != 0:
         raise RuntimeError(f"the load generator failed ({gen.returncode})")
