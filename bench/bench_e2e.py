@@ -133,6 +133,31 @@ async def behind(cluster: Cluster, timeout_s: float) -> dict[str, int]:
         await projection.close()
 
 
+async def sessions(cluster: Cluster, seconds: float, every_s: float = 0.05) -> dict[str, float]:
+    """What each service's database sessions were doing over `seconds`, sampled from
+    pg_stat_activity: the mean number of sessions per state (idle ones left out), e.g.
+    "projection: in a transaction, waiting for the service" or "dispatch: WALSync"."""
+    names = {f"{s}_{cluster.run_id}": s for s in cluster.procs}
+    conn = await asyncpg.connect(PG_DSN)
+    seen: Counter[str] = Counter()
+    samples = 0
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for db, state, kind, event in await conn.fetch(
+                    "SELECT datname, state, wait_event_type, wait_event FROM pg_stat_activity "
+                    "WHERE datname = ANY($1::text[])", list(names)):
+                if state == "idle in transaction":
+                    seen[f"{names[db]}: in a transaction, waiting for the service"] += 1
+                elif state == "active":
+                    seen[f"{names[db]}: " + (f"waiting on {kind} {event}" if kind else "running")] += 1
+            samples += 1
+            await asyncio.sleep(every_s)
+    finally:
+        await conn.close()
+    return {k: n / max(samples, 1) for k, n in sorted(seen.items())}
+
+
 # -- one rate ------------------------------------------------------------------------------
 
 
@@ -146,6 +171,7 @@ class Outcome:
     archived_per_s: float  # rows the projection archived per second during the load
     queued: int
     cpu: dict[str, float]
+    sessions: dict[str, float]  # database sessions per state, on average over the load
     drained_s: float | None  # from the last request until the projection had caught up (None: not)
 
     def sent_rate(self) -> float:
@@ -210,7 +236,7 @@ async def load(cluster: Cluster, watcher: Watcher, rate: float, seconds: float, 
     await asyncio.sleep(max(0.0, t0 - time.monotonic()))
     pids = {**{s: p.pid for s, p in cluster.procs.items()}, "load generator": gen.pid}
     before = cpu_reading(pids, "bench (watcher)")
-    await asyncio.sleep(max(0.0, t0 + seconds - time.monotonic()))
+    busy = await sessions(cluster, t0 + seconds - time.monotonic())
     after = cpu_reading(pids, "bench (watcher)")  # the steady load: the answers still coming are not in it
     out, _ = await gen.communicate()
     if gen.returncode != 0:
@@ -235,7 +261,7 @@ async def load(cluster: Cluster, watcher: Watcher, rate: float, seconds: float, 
     pipeline = [watcher.pipeline_ms[i] for i in due if i in watcher.pipeline_ms]
     archived = watcher.archived_between(t0, t0 + seconds) / seconds
     return Outcome(rate, t0, requests, visible, pipeline, archived, len(queued), cores(before, after),
-                   drained_s)
+                   busy, drained_s)
 
 
 async def main() -> str:
@@ -270,6 +296,10 @@ async def main() -> str:
     latency = [Row(TARGET, TARGET_P99_MS, "ms"), *(x for o in outcomes for x in o.rows())]
     cpu = [Row(f"{o.rate:g}/s: {who}", used * 100, "% of a core")
            for o in outcomes for who, used in o.cpu.items()]
+    busy = [Row(f"{o.rate:g}/s: {what}", mean, "sessions")
+            for o in outcomes for what, mean in o.sessions.items() if mean >= 0.05]
     n = os.cpu_count()
     return (table(title, latency, higher_is_better=False) + "\n"
-            + table(f"CPU during each rate's {SECONDS:g} s ({n} cores = {n}00%)", cpu))
+            + table(f"CPU during each rate's {SECONDS:g} s ({n} cores = {n}00%)", cpu) + "\n"
+            + table("The services' database sessions during each rate, by state (mean of samples "
+                    "every 50 ms; idle ones left out)", busy))
