@@ -7,8 +7,9 @@ omission); here request i is due at start + i/rate and its latency counts from t
 
 Prints `start <t0>` once its bodies and tokens are ready (t0 on the monotonic clock, which
 every process of the machine shares, a moment ahead), then, when every answer is in, one
-JSON line per request: i, due, sent, answered (monotonic s), status, transfer id, the
-transfer's status in the answer, and the problem code or error of a failure.
+JSON line per request: i; due, queued (handed to the connections: later than due only if
+the generator itself lagged), sent (a connection took it), answered (monotonic s); status,
+transfer id, the transfer's status in the answer, or the problem code or error.
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ from services.settings import Settings
 
 LEAD_S = 0.5  # from `start` to the first request: the bench takes its CPU readings at t0
 DISPATCHERS = 40  # a console each; 500 req/s over 40 stays within a token's 50 writes/s
+# Connections, each a worker that sends the due requests one after the other, as wrk2
+# does: a request due while every connection is busy waits in a queue, and that wait
+# counts in its latency (from when it was due). (One task per request over a shared pool
+# was tried: with thousands waiting, httpx's pool bookkeeping cost the generator more CPU
+# than the requests, and it fell minutes behind.)
+CONNECTIONS = 128
+ANSWER_TIMEOUT_S = 60.0  # from when a request was due: later than that it is an error
 
 
 def body(tag: str, i: int) -> bytes:
@@ -45,37 +53,50 @@ async def generate(url: str, data_dir: Path, rate: float, seconds: float, tag: s
     n = max(1, round(rate * seconds))
     bodies = [body(tag, i) for i in range(n)]
     results: list[dict[str, Any]] = [{} for _ in range(n)]
-    # No pool limit: a request never waits for a connection another one holds.
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+    due_queue: asyncio.Queue[tuple[int, float, float] | None] = asyncio.Queue()
 
-        async def post(i: int, due: float) -> None:
-            sent = time.monotonic()
-            out: dict[str, Any] = {"i": i, "due": due, "sent": sent}
-            try:
-                r = await client.post("/api/v1/transfers", content=bodies[i], headers={
-                    "Authorization": tokens[i % DISPATCHERS], "Content-Type": "application/json"})
-                out["status"] = r.status_code
-                answer = r.json()
-                if r.status_code in (200, 201):
-                    out["id"], out["transfer_status"] = answer["id"], answer["status"]
-                else:
-                    out["error"] = answer.get("code", r.reason_phrase)
-            except (httpx.HTTPError, ValueError) as exc:  # ValueError: a body that is not JSON
-                out["status"], out["error"] = 0, type(exc).__name__
-            out["answered"] = time.monotonic()
-            results[i] = out
+    async def connection(client: httpx.AsyncClient) -> None:
+        async with client:
+            while (item := await due_queue.get()) is not None:
+                i, due, queued = item
+                sent = time.monotonic()
+                out: dict[str, Any] = {"i": i, "due": due, "queued": queued, "sent": sent}
+                results[i] = out
+                if sent > due + ANSWER_TIMEOUT_S:  # not sent: it would be an error anyway
+                    out["status"], out["error"], out["answered"] = 0, "not sent in time", sent
+                    continue
+                try:
+                    r = await client.post(
+                        "/api/v1/transfers", content=bodies[i], timeout=due + ANSWER_TIMEOUT_S - sent,
+                        headers={"Authorization": tokens[i % DISPATCHERS],
+                                 "Content-Type": "application/json"})
+                    out["status"] = r.status_code
+                    answer = r.json()
+                    if r.status_code in (200, 201):
+                        out["id"], out["transfer_status"] = answer["id"], answer["status"]
+                    else:
+                        out["error"] = answer.get("code", r.reason_phrase)
+                except (httpx.HTTPError, ValueError) as exc:  # ValueError: a body that is not JSON
+                    out["status"], out["error"] = 0, type(exc).__name__
+                out["answered"] = time.monotonic()
 
-        t0 = time.monotonic() + LEAD_S
-        print(f"start {t0}", flush=True)
-        tasks = []
-        for i in range(n):
-            due = t0 + i / rate
-            delay = due - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(post(i, due)))
-        await asyncio.gather(*tasks)
+    # Made before the start: a client's making (its TLS context, unused here) takes
+    # milliseconds of CPU that would hold the first requests back.
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    clients = [httpx.AsyncClient(base_url=url, timeout=ANSWER_TIMEOUT_S, limits=limits, verify=False)
+               for _ in range(CONNECTIONS)]
+    workers = [asyncio.create_task(connection(c)) for c in clients]
+    t0 = time.monotonic() + LEAD_S
+    print(f"start {t0}", flush=True)
+    for i in range(n):
+        due = t0 + i / rate
+        delay = due - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        due_queue.put_nowait((i, due, time.monotonic()))
+    for _ in workers:
+        due_queue.put_nowait(None)
+    await asyncio.gather(*workers)
     return results
 
 
