@@ -44,7 +44,7 @@ from bench.loadgen import CONNECTIONS
 from bench.machine import RUN_DIR, cores, cpu_reading, service_ports
 from bench.report import Row, table
 from libs.events.store import EventStore
-from sim.summary import percentile
+from sim.summary import percentile as nearest_rank
 from tests.conftest import PG_DSN
 from tests.e2e.cluster import Cluster, running_cluster
 
@@ -57,6 +57,11 @@ DRAIN_TIMEOUT_S = 180.0  # after a rate's last request, for the projection to ca
 SETUP_TIMEOUT_S = 1200.0  # for the projection to take in the seeded fleet (about 60 events/s here)
 POLL_S = 0.002
 SOURCES = ("dispatch", "transfer", "disinfection")
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest rank; nan when there is nothing to rank (shown as such, never as 0)."""
+    return nearest_rank(values, p) if values else math.nan
 
 
 def database(cluster: Cluster, service: str) -> str:
