@@ -27,12 +27,11 @@ from pathlib import Path
 
 import asyncpg  # type: ignore[import-untyped]
 
-from bench.machine import RUN_DIR, cores, cpu_reading, service_ports
+from bench.machine import RUN_DIR, cores, cpu_reading, database, service_ports
 from bench.report import Row, table
 from sim import Progress, Summary, run_day
 from sim.__main__ import Bar
 from sim.runner import embedded, peak_rss_mb
-from tests.conftest import PG_DSN
 from tests.e2e.cluster import running_cluster
 
 TRANSFERS = int(os.environ.get("BENCH_SIMDAY_TRANSFERS", "50000"))
@@ -88,7 +87,7 @@ async def distributed(log_dir: Path) -> Day:
         async def events() -> dict[str, int]:  # (fresh databases: all they hold is the day's)
             counts = {}
             for store in STORES:
-                conn = await asyncpg.connect(PG_DSN.rsplit("/", 1)[0] + f"/{store}_{cluster.run_id}")
+                conn = await asyncpg.connect(database(cluster, store))
                 try:
                     counts[store] = await conn.fetchval("SELECT count(*) FROM events")
                 finally:

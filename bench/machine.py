@@ -1,6 +1,7 @@
-"""Where the distributed benchmarks' processes listen, and the CPU each one used, read from
-/proc: the services, this checkout's PostgreSQL and Kafka, this process, and the rest of
-the machine (on a shared machine, the others' share says how far to trust a figure)."""
+"""Where the distributed benchmarks' processes listen and keep their data, and the CPU
+each one used, read from /proc: the services, this checkout's PostgreSQL and Kafka, this
+process, and the rest of the machine (on a shared machine, the others' share says how far
+to trust a figure)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from tests.e2e.cluster import SERVICES
+from tests.conftest import PG_DSN
+from tests.e2e.cluster import SERVICES, Cluster
 
 RUN_DIR = Path(os.environ.get("CLOSEDLOOP_RUN_DIR", ".run")).resolve()
 TICK = os.sysconf("SC_CLK_TCK")
@@ -20,6 +22,11 @@ def service_ports(offset: int = 0) -> dict[str, int]:
     places them; without it, free ports."""
     base = os.environ.get("CLOSEDLOOP_SERVICE_PORT")
     return {s: int(base) + offset + i for i, s in enumerate(SERVICES)} if base else {}
+
+
+def database(cluster: Cluster, service: str) -> str:
+    """The DSN of a service's database in this cluster."""
+    return PG_DSN.rsplit("/", 1)[0] + f"/{service}_{cluster.run_id}"
 
 
 def cpu_s(pid: int, children: bool = False) -> float:
