@@ -49,6 +49,7 @@ class Day:
     wall_s: float
     summary: Summary | None
     last: Progress | None  # the last progress report (a stopped day's)
+    setup_s: float  # a stopped day's: until the first report (the region and fleet registered)
     events: dict[str, int]
     peak_rss_mb: dict[str, float]
     cpu: dict[str, float]
@@ -58,11 +59,12 @@ async def watched(day: Callable[[Callable[[Progress], None]], Awaitable[Summary]
                   this: str, infra: bool, events: Callable[[], Awaitable[dict[str, int]]]) -> Day:
     """Runs the day (given its progress callback) with its progress shown and remembered,
     stopped at the limit."""
-    bar, last = Bar(), list[Progress]()
+    bar, first, last = Bar(), list[Progress](), list[Progress]()
 
     def progress(p: Progress) -> None:
         bar(p)
         last[:] = [p]
+        first[:] = first or [p]
 
     started = time.monotonic()
     before = cpu_reading(pids, this, infra)
@@ -74,9 +76,9 @@ async def watched(day: Callable[[Callable[[Progress], None]], Awaitable[Summary]
         bar.close()
     cpu = cores(before, cpu_reading(pids, this, infra))
     if summary is not None:
-        return Day(summary.wall_s, summary, None, {s: e["written"] for s, e in summary.events.items()},
-                   summary.peak_rss_mb, cpu)
-    return Day(time.monotonic() - started, None, last[0] if last else None,
+        return Day(summary.wall_s, summary, None, summary.setup_s,
+                   {s: e["written"] for s, e in summary.events.items()}, summary.peak_rss_mb, cpu)
+    return Day(time.monotonic() - started, None, last[0] if last else None, first[0].wall_s if first else 0.0,
                await events(), peak_rss_mb(pids), cpu)
 
 
@@ -128,10 +130,12 @@ def rows(mode: str, day: Day) -> list[Row]:
         share = p.requested / TRANSFERS if p else 0.0
         done = (f"{share:.0%} of the plan's transfers requested, {p.completed:,} completed, "
                 f"{p.day_fraction:.0%} of the simulated day" if p else "no progress reported")
-        out = [Row(f"{mode}: NOT FINISHED, stopped at the {LIMIT_S:,.0f} s limit ({done})", day.wall_s, "s")]
+        out = [Row(f"{mode}: NOT FINISHED, stopped at the {LIMIT_S:,.0f} s limit ({done}; "
+                   f"setup {day.setup_s:,.0f} s)", day.wall_s, "s")]
         if share:
-            out.append(Row(f"{mode}: the whole day at that pace (estimate: the time / the share requested)",
-                           day.wall_s / share, "s", peer=TARGET))
+            out.append(Row(f"{mode}: the whole day at that pace (estimate: the setup, then the day's "
+                           "time so far / the share requested)",
+                           day.setup_s + (day.wall_s - day.setup_s) / share, "s", peer=TARGET))
         requests = p.requests if p else 0
     chains = f" (hash chains {'ok' if s.chains_ok else 'NOT ok'})" if s else ""
     out += [Row(f"{mode}: requests/s", requests / day.wall_s if day.wall_s else 0.0, "req/s"),
