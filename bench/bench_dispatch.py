@@ -51,9 +51,10 @@ def request(name: str, critical: bool) -> TransferIn:
         "requested_by": {"channel": "community"}})
 
 
-async def seed(store: EventStore) -> None:
+async def seed(store: EventStore, vehicles: int = VEHICLES, queued: int = QUEUED) -> None:
     """100 facilities; 1,000 dedicated cars, free; 5,000 critical patients queued (they need
-    life support, which no free vehicle has), so each decision scans a full fleet and queue."""
+    life support, which no free vehicle has), so each decision scans a full fleet and queue.
+    (bench_e2e seeds a bigger fleet and no queue.)"""
     await store.create_schema()
     uow = UnitOfWork(store, META)
     roles = ["fever_clinic", "designated", "county_hospital", "specialty_cardio_cerebro", "fangcang"]
@@ -61,12 +62,15 @@ async def seed(store: EventStore) -> None:
         uow.add(Facility.register(ev.FacilityRegistered(
             facility_id=f"f{i:03d}", name=f"医院{i}", roles=[roles[i % len(roles)]],
             location=Location(**spot()), fever_clinic_capacity=100)))
-    for i in range(VEHICLES):
-        uow.add(Vehicle.register(ev.VehicleRegistered(
-            vehicle_id=f"v{i:04d}", plate=f"宁A{i}", kind="dedicated_vehicle", dedicated_pool=True,
-            life_support=False, station="站", location=Location(**spot()))))
     await uow.commit()
-    for batch in range(QUEUED // 500):
+    for first in range(0, vehicles, 1000):  # commits of a bounded size, for a fleet of any size
+        uow = UnitOfWork(store, META)
+        for i in range(first, min(first + 1000, vehicles)):
+            uow.add(Vehicle.register(ev.VehicleRegistered(
+                vehicle_id=f"v{i:04d}", plate=f"宁A{i}", kind="dedicated_vehicle", dedicated_pool=True,
+                life_support=False, station="站", location=Location(**spot()))))
+        await uow.commit()
+    for batch in range(queued // 500):
         uow = UnitOfWork(store, META)
         for i in range(500):
             body = request(f"危重{batch}-{i}", critical=True).model_dump(mode="json", exclude_none=True)

@@ -270,11 +270,11 @@ def free_port() -> int:
 
 @contextlib.asynccontextmanager
 async def embedded(data_dir: Path, env: Mapping[str, str] | None = None,
-                   log: Path | None = None) -> AsyncIterator[Target]:
+                   log: Path | None = None, port: int | None = None) -> AsyncIterator[Target]:
     """The embedded default (`python -m services.runtime`, all four services, SQLite) in a
-    process of its own, on a free port, with its stores under `data_dir`."""
+    process of its own, on `port` (else a free one), with its stores under `data_dir`."""
     data_dir.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (once, before the day)
-    port = free_port()
+    port = port or free_port()
     out = open(log or data_dir / "embedded.log", "ab")  # noqa: SIM115, ASYNC230 (the process owns it)
     settings = {"CLOSEDLOOP_MODE": "embedded", "CLOSEDLOOP_DATA_DIR": str(data_dir)}
     proc = await asyncio.create_subprocess_exec(

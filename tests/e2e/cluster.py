@@ -10,7 +10,7 @@ import signal
 import socket
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,13 +144,18 @@ async def for_each_database(run_id: str, sql: str) -> None:
 
 @asynccontextmanager
 async def running_cluster(log_dir: Path, env: dict[str, str] | None = None,
-                          check_invariants: bool = True) -> AsyncIterator[Cluster]:
+                          check_invariants: bool = True, *, ports: Mapping[str, int] | None = None,
+                          before_start: Callable[[Cluster], Awaitable[None]] | None = None,
+                          ) -> AsyncIterator[Cluster]:
     """The cluster for one test; when the test passed, the invariant checker runs before
-    the services stop."""
+    the services stop. `ports`: where services listen (else free ports); `before_start`
+    runs on the fresh, empty databases (a benchmark seeds a store there)."""
     run_id = uuid.uuid4().hex[:8]
     await for_each_database(run_id, 'CREATE DATABASE "{db}"')
-    cluster = Cluster(run_id, log_dir, env or {})
+    cluster = Cluster(run_id, log_dir, env or {}, dict(ports or {}))
     try:
+        if before_start is not None:
+            await before_start(cluster)
         await asyncio.gather(*[cluster.start(s) for s in SERVICES])
         yield cluster
         if check_invariants:
