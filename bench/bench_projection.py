@@ -273,8 +273,8 @@ async def live_on_a_long_history(store: EventStore, events: int = 30) -> list[Ro
                        payload=payload, prev_hash=FILL, hash=FILL)
         started = time.perf_counter()
         async with store.engine.begin() as conn:
-            gen = await apply_live(conn, env)
-            await violations.apply(conn, gen, env, known)
+            gen = await apply_live(conn, [env])
+            await violations.apply(conn, gen, [env], known)
         times.append(time.perf_counter() - started)
     return [Row("one live event of a busy vehicle, p50", (percentile(times, 50) or 0) * 1000, "ms"),
             Row("one live event of a busy vehicle, p99", (percentile(times, 99) or 0) * 1000, "ms")]

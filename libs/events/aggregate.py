@@ -146,7 +146,7 @@ class UnitOfWork:
         store: EventStore,
         meta: Meta,
         *,
-        tracking: tuple[str, str] | None = None,
+        tracking: tuple[tuple[str, str], ...] = (),
         checkpoint: tuple[str, int] | None = None,
     ) -> None:
         self.store = store

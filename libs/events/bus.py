@@ -17,6 +17,7 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # type: ignore[import-untyped]
@@ -256,6 +257,20 @@ Handler = Callable[[Envelope, UnitOfWork], Awaitable[None]]
 ALL_TYPES = "*"
 
 
+@dataclass(frozen=True)
+class Batched:
+    """A handler that can also apply a delivered batch in one transaction: one tracking
+    row per event, written with the batch's effects. For a consumer whose cost is per
+    transaction rather than per event (the projection re-evaluates each scope a batch
+    touches once). Alone (a redelivery, a batch that failed) it applies `each`."""
+
+    each: Handler
+    many: Callable[[list[Envelope], UnitOfWork], Awaitable[None]]
+
+    async def __call__(self, env: Envelope, uow: UnitOfWork) -> None:
+        await self.each(env, uow)
+
+
 class Subscription:
     """Applies events of chosen types to a consumer's store, each exactly once in effect."""
 
@@ -289,6 +304,10 @@ class Subscription:
         tail = batch[-1]
         handled = [(env, handler) for env in batch
                    if (handler := self.handlers.get(env.type) or self.handlers.get(ALL_TYPES))]
+        batched = {id(h) for _, h in handled}
+        if len(handled) > 1 and len(batched) == 1 and isinstance(handled[0][1], Batched) \
+                and await self._apply_batch([env for env, _ in handled], handled[0][1], tail):
+            return
         checkpointed = False
         for i, (env, handler) in enumerate(handled):
             # The batch's last effect also moves the checkpoint past the uninteresting events
@@ -299,6 +318,30 @@ class Subscription:
         if cp is not None and not checkpointed:
             # Only uninteresting events after the last effect: move past them.
             await self.store.commit(Commit(meta=self._meta(tail), checkpoint=(cp, tail.position)))
+
+    async def _apply_batch(self, envs: list[Envelope], handler: Batched, tail: Envelope) -> bool:
+        """The batch's events not applied before, in one transaction with their tracking
+        rows and the checkpoint at the batch's end. False when that did not commit (a
+        replica applied one of them meanwhile, the store failed, the handler failed): the
+        caller then applies them one by one, with their own retries."""
+        seen = await self.store.applied_among(self.name, [str(e.event_id) for e in envs])
+        fresh = [e for e in envs if str(e.event_id) not in seen]
+        cp = self.source.checkpoint_name(tail)
+        if not fresh:
+            return False
+        uow = UnitOfWork(self.store, self._meta(fresh[-1]),
+                         tracking=tuple((self.name, str(e.event_id)) for e in fresh),
+                         checkpoint=(cp, tail.position) if cp else None)
+        try:
+            await handler.many(fresh, uow)
+            await uow.commit()
+        except Exception as exc:
+            log.info("%s: batch of %d not applied at once (%s: %s); one by one", self.name,
+                     len(fresh), type(exc).__name__, exc)
+            return False
+        self.applied += len(fresh)
+        self.duplicates += len(envs) - len(fresh)
+        return True
 
     def _meta(self, env: Envelope) -> Meta:
         return Meta(actor=f"system:{self.name}", role="system",
@@ -314,7 +357,7 @@ class Subscription:
         backoff = Backoff()
         while True:
             uow = UnitOfWork(
-                self.store, self._meta(env), tracking=(self.name, str(env.event_id)),
+                self.store, self._meta(env), tracking=((self.name, str(env.event_id)),),
                 checkpoint=(cp, upto) if cp else None,
             )
             try:
@@ -331,7 +374,7 @@ class Subscription:
                 # The event stands; the consumer's domain declines to act on it. Record
                 # that it was seen so the stream moves on; the refusal is logged.
                 log.warning("%s declined %s %s: %s", self.name, env.type, env.event_id, refusal)
-                uow = UnitOfWork(self.store, self._meta(env), tracking=(self.name, str(env.event_id)),
+                uow = UnitOfWork(self.store, self._meta(env), tracking=((self.name, str(env.event_id)),),
                                  checkpoint=(cp, upto) if cp else None)
                 try:
                     await uow.commit()

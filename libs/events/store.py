@@ -330,7 +330,9 @@ class Commit:
     meta: Meta
     appends: list[StreamAppend] = field(default_factory=list)
     states: list[StateRow] = field(default_factory=list)
-    tracking: tuple[str, str] | None = None  # (consumer, event_id)
+    # (consumer, event_id) of each delivery this commit applies: one for an event applied
+    # alone, a whole batch's for a consumer that applies batches (bus.Batched).
+    tracking: tuple[tuple[str, str], ...] = ()
     checkpoint: tuple[str, int] | None = None  # (name, position)
     idempotency: IdempotencyRecord | None = None
     writes: list[Write] = field(default_factory=list)
@@ -626,12 +628,13 @@ class EventStore:
         """One commit's writes; its events join `rows` and move `head` only once all of its
         writes succeeded."""
         written, new_rows = self._events(commit, head) if head is not None else ([], [])
-        if commit.tracking is not None:
-            consumer, event_id = commit.tracking
-            tracked = await conn.execute(
-                self._insert_tracking, {"consumer": consumer, "event_id": event_id})
-            if tracked.rowcount == 0:  # inserted nothing: the row is there
-                raise AlreadyApplied(f"{consumer} applied {event_id} before")
+        if commit.tracking:
+            tracked = await conn.execute(self._insert_tracking.values(
+                [{"consumer": c, "event_id": e} for c, e in commit.tracking]))
+            if tracked.rowcount != len(commit.tracking):  # a row was there: inserted less
+                consumer, event_id = commit.tracking[0]
+                raise AlreadyApplied(f"{consumer} applied {event_id} (or another of its "
+                                     f"{len(commit.tracking)}) before")
         last_position = written[-1].position if written else None
         if commit.states:
             await conn.execute(self._upsert_states, [
@@ -803,13 +806,14 @@ class EventStore:
             return int(v or 0)
 
     async def is_applied(self, consumer: str, event_id: str) -> bool:
+        return bool(await self.applied_among(consumer, [event_id]))
+
+    async def applied_among(self, consumer: str, event_ids: Sequence[str]) -> set[str]:
+        """Which of these deliveries the consumer has a tracking row for."""
         async with self._reader.connect() as conn:
-            hit = await conn.scalar(
-                select(func.count()).select_from(tracking_table).where(
-                    and_(tracking_table.c.consumer == consumer, tracking_table.c.event_id == event_id)
-                )
-            )
-            return bool(hit)
+            rows = await conn.execute(select(tracking_table.c.event_id).where(and_(
+                tracking_table.c.consumer == consumer, tracking_table.c.event_id.in_(list(event_ids)))))
+            return {r[0] for r in rows}
 
     async def idempotent_response(self, key: str) -> IdempotencyRecord | None:
         async with self._reader.connect() as conn:

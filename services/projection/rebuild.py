@@ -422,14 +422,8 @@ async def _rebuild(store: EventStore, order: str, page: int, flush_rows: int, fo
                 last = rows[-1][0]
             await flush(conn, gen, buffer)
             buffer.clear()
-            vehicles: set[str] = set()
-            transfers: set[str] = set()
-            for ev in late:
-                v, t = await violations.touched(conn, gen, ev.type, ev.position, ev.payload)
-                vehicles |= v
-                transfers |= t
-            await violations.refresh(conn, gen, known, vehicles=vehicles, transfers=transfers)
-            await violations.advance_queue(conn, gen, known)
+            await violations.apply(conn, gen, late, known)
+            await violations.advance_queue(conn, gen, known)  # the fold may have had a gap
             if compare is None:
                 await set_meta(conn, ACTIVE, str(number))
                 await set_meta(conn, SCHEMA, schema_digest())

@@ -338,15 +338,17 @@ def envelope_of_row(row: Any) -> Envelope:
     )
 
 
-async def apply_live(conn: AsyncConnection, env: Envelope) -> Generation:
-    """One delivered event: archive it and fold it into the active generation, in the
-    subscription's transaction (with its tracking row). Returns that generation."""
+async def apply_live(conn: AsyncConnection, envs: list[Envelope]) -> Generation:
+    """Delivered events, in their order: archived and folded into the active generation
+    (in one merge, as a rebuild's page is), in the subscription's transaction with their
+    tracking rows. Returns that generation."""
     await lock_archive(conn)
     gen = await ensure_active(conn)
     seq = await next_seq(conn)
-    row = archive_row(env, seq)
-    await conn.execute(insert(archive).values(**row))
+    rows = [archive_row(env, seq + n) for n, env in enumerate(envs)]
+    await conn.execute(insert(archive), rows)
     buffer = Buffer()
-    buffer.add_event(ev_of(env, row["payload"]))
+    for env, row in zip(envs, rows, strict=True):
+        buffer.add_event(ev_of(env, row["payload"]))
     await flush(conn, gen, buffer)
     return gen

@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from sqlalchemy import and_, any_, delete, func, insert, or_, select, union
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from libs.events.envelope import Envelope
 from services.projection import findings as checks
 from services.projection.data import AuditData, PlanSql
 from services.projection.queries import (
@@ -80,11 +79,17 @@ async def touched(conn: AsyncConnection, gen: Generation, type_: str, position: 
         if following is not None:
             cond.append(d.c.position < following)
         transfers |= set(await _scalars(conn, select(d.c.transfer_id).where(and_(*cond))))
-    if transfers:  # a return leg's handover closes its outbound transfer's loop (R11)
-        t = gen["transfers"]
-        transfers |= set(await _scalars(conn, select(t.c.return_of).where(
-            and_(t.c.transfer_id.in_(transfers), t.c.return_of.is_not(None)))))
     return vehicles, transfers
+
+
+async def _with_outbound(conn: AsyncConnection, gen: Generation, transfers: set[str]) -> set[str]:
+    """These transfers and the outbound ones any of them is the return leg of: a return
+    leg's handover closes its outbound transfer's loop (R11)."""
+    if not transfers:
+        return transfers
+    t = gen["transfers"]
+    return transfers | set(await _scalars(conn, select(t.c.return_of).where(
+        and_(t.c.transfer_id.in_(sorted(transfers)), t.c.return_of.is_not(None)))))
 
 
 async def _scalars(conn: AsyncConnection, stmt: Any) -> list[Any]:
@@ -96,26 +101,36 @@ async def _scalars(conn: AsyncConnection, stmt: Any) -> list[Any]:
 
 async def refresh(conn: AsyncConnection, gen: Generation, known: set[str], *,
                   vehicles: Iterable[str] = (), transfers: Iterable[str] = ()) -> None:
-    """Re-evaluates these scopes, one at a time: each one's rows are replaced by what the
-    checks find in its rows now."""
+    """Re-evaluates these scopes: their rows are replaced by what the checks find in
+    their rows now. The scopes of a kind load and evaluate together (one set of queries
+    for a whole batch); a check that fails is retried scope by scope (_evaluate)."""
     for scope, ids in ((checks.VEHICLE, vehicles), (checks.TRANSFER, transfers)):
-        for one in sorted(set(ids)):
-            key = f"{scope}:{one}"
-            data = await load_scope(conn, gen, scope, {one})
-            failed: list[dict[str, str]] = []
-            found = [(k, f) for k, f in checks.evaluate_scope(data, scope, known, failed) if k == key]
-            await _replace(conn, gen, {key}, found, [{**x, "scope": key} for x in failed])
+        wanted = sorted(set(ids))
+        if not wanted:
+            continue
+        keys = {f"{scope}:{one}" for one in wanted}
+        rows, failed = await _evaluate(conn, gen, scope, wanted, known)
+        await _replace(conn, gen, keys, [r for r in rows if r["scope"] in keys],
+                       [x for x in failed if x["scope"] in keys])
 
 
 async def _replace(conn: AsyncConnection, gen: Generation, keys: set[str],
-                   found: list[tuple[str, checks.Finding]], failed: list[dict[str, str]]) -> None:
+                   rows: list[dict[str, Any]], failed: list[dict[str, Any]]) -> None:
     table, failures = gen["findings"], gen["check_failures"]
-    await conn.execute(delete(table).where(table.c.scope.in_(keys)))
-    await conn.execute(delete(failures).where(failures.c.scope.in_(keys)))
-    if found:
-        await conn.execute(insert(table), [checks.row_of(k, f) for k, f in found])
+    for chunk in _chunks(sorted(keys)):
+        await conn.execute(delete(table).where(table.c.scope.in_(chunk)))
+        await conn.execute(delete(failures).where(failures.c.scope.in_(chunk)))
+    unique = list({r["id"]: r for r in rows}.values())
+    if unique:
+        await conn.execute(insert(table), unique)
     if failed:
         await conn.execute(insert(failures), failed)
+
+
+def _chunks(keys: list[str], size: int = 500) -> Iterator[list[str]]:
+    """Keys in groups small enough for one statement's parameters (SQLite's limit)."""
+    for i in range(0, len(keys), size):
+        yield keys[i:i + size]
 
 
 async def _fold_state(conn: AsyncConnection, gen: Generation) -> checks.QueueFold:
@@ -199,11 +214,33 @@ async def _queue(conn: AsyncConnection, gen: Generation, fold: checks.QueueFold,
     return list(found.values())
 
 
-async def apply(conn: AsyncConnection, gen: Generation, env: Envelope, known: set[str]) -> None:
-    """After one event's facts are written (the live path)."""
-    vehicles, transfers = await touched(conn, gen, env.type, env.position, env.payload)
-    await refresh(conn, gen, known, vehicles=vehicles, transfers=transfers)
-    if env.store == DISPATCH_STORE:
+class Delivered(Protocol):
+    """What the findings need of an archived event (an Envelope, or a rebuild's Ev)."""
+
+    @property
+    def store(self) -> str: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def position(self) -> int: ...
+    @property
+    def payload(self) -> dict[str, Any]: ...
+
+
+async def apply(conn: AsyncConnection, gen: Generation, events: Sequence[Delivered],
+                known: set[str]) -> None:
+    """After these events' facts are written (the live path, a delivered batch at once;
+    a rebuild's switch): every scope any of them touches is re-evaluated once, over its
+    rows as they are now, which is what re-evaluating it after each of them would leave."""
+    vehicles: set[str] = set()
+    transfers: set[str] = set()
+    for ev in events:
+        v, t = await touched(conn, gen, ev.type, ev.position, ev.payload)
+        vehicles |= v
+        transfers |= t
+    await refresh(conn, gen, known, vehicles=vehicles,
+                  transfers=await _with_outbound(conn, gen, transfers))
+    if any(ev.store == DISPATCH_STORE for ev in events):
         await advance_queue(conn, gen, known)
 
 

@@ -138,14 +138,14 @@ async def test_tracking_makes_a_redelivery_change_nothing(make_store: MakeStore)
     store = await make_store()
 
     def effect() -> Commit:
-        return Commit(meta=META, tracking=("consumer-x", "event-1"),
+        return Commit(meta=META, tracking=(("consumer-x", "event-1"),),
                       appends=[StreamAppend("effect-1", 0, [NewEvent(e) for e in things(1)])])
 
     await store.commit(effect())
     assert await store.is_applied("consumer-x", "event-1")
     with pytest.raises((AlreadyApplied, ConcurrencyError)):
         await store.commit(effect())
-    dup = Commit(meta=META, tracking=("consumer-x", "event-1"))
+    dup = Commit(meta=META, tracking=(("consumer-x", "event-1"),))
     with pytest.raises(AlreadyApplied):
         await store.commit(dup)
     assert len(await store.read_stream("effect-1")) == 1
@@ -158,7 +158,7 @@ async def test_writes_run_in_the_same_transaction(make_store: MakeStore) -> None
         raise RuntimeError("the effect failed")
 
     with pytest.raises(RuntimeError):
-        await store.commit(Commit(meta=META, tracking=("c", "e"), writes=[fail],
+        await store.commit(Commit(meta=META, tracking=(("c", "e"),), writes=[fail],
                                   appends=[StreamAppend("s", 0, [NewEvent(things(1)[0])])]))
     assert await store.head() == 0
     assert not await store.is_applied("c", "e")
@@ -192,7 +192,7 @@ async def test_concurrent_commits_to_one_store_each_get_their_own_outcome(make_s
     one by one, all or nothing each; a failure other than a refusal fails only its own."""
     store = await make_store()
     await store.append("taken", 0, things(0), META)
-    await store.commit(Commit(meta=META, tracking=("consumer-x", "event-1")))
+    await store.commit(Commit(meta=META, tracking=(("consumer-x", "event-1"),)))
     await store.commit(Commit(meta=META, idempotency=IdempotencyRecord("k1", "h", 201, "{}")))
 
     def append(stream: str, tracking: tuple[str, str] | None = None,
@@ -210,7 +210,7 @@ async def test_concurrent_commits_to_one_store_each_get_their_own_outcome(make_s
 
     refused = [append(f"new-{i}") for i in range(6)] + [
         append("taken"),  # stale: it is at version 1
-        append("other", tracking=("consumer-x", "event-1")),
+        append("other", tracking=(("consumer-x", "event-1"),)),
         append("keyed", idempotency=IdempotencyRecord("k1", "h", 201, "{}")),
         append("twice"), append("twice"),
     ]

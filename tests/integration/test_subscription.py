@@ -7,7 +7,7 @@ import asyncio
 from pathlib import Path
 
 from libs.events.aggregate import Aggregate, UnitOfWork
-from libs.events.bus import StoreTailSource, Subscription
+from libs.events.bus import Batched, StoreTailSource, Subscription
 from libs.events.contracts import Event, registry
 from libs.events.envelope import Envelope
 from libs.events.store import EventStore, Meta
@@ -113,5 +113,63 @@ async def test_a_redelivered_event_changes_nothing(tmp_path: Path) -> None:
     await sub.process(batch)  # the bus delivered it twice
     assert echo.calls == 1 and sub.duplicates == 1
     assert len(await target.read_all(0)) == 1
+    for s in (source, target):
+        await s.close()
+
+
+class EchoMany:
+    """A Batched consumer: counts the transactions it was given; fails a batch on demand."""
+
+    def __init__(self, fail_batches: int = 0) -> None:
+        self.batches: list[int] = []
+        self.alone = 0
+        self.fail_batches = fail_batches
+
+    async def each(self, env: Envelope, uow: UnitOfWork) -> None:
+        self.alone += 1
+        uow.add(Echoed.answer(str(env.event_id), env.payload["n"]))
+
+    async def many(self, envs: list[Envelope], uow: UnitOfWork) -> None:
+        self.batches.append(len(envs))
+        if len(self.batches) <= self.fail_batches:
+            raise RuntimeError("the batch tripped")
+        for env in envs:
+            uow.add(Echoed.answer(str(env.event_id), env.payload["n"]))
+
+
+async def test_a_batched_consumer_applies_a_batch_in_one_commit_and_a_redelivery_changes_nothing(
+        tmp_path: Path) -> None:
+    source, target = await stores(tmp_path)
+    for i in range(5):
+        await source.append(f"bell-{i}", 0, [BellRung(n=i)], META)
+    echo = EchoMany()
+    sub = Subscription("echo", target, {"BellRung": Batched(echo.each, echo.many)},
+                       StoreTailSource(source, target, "echo"))
+    batch = await source.read_all(0)
+    await sub.process(batch)
+    assert echo.batches == [5] and echo.alone == 0 and sub.applied == 5
+    assert await target.applied_among("echo", [str(e.event_id) for e in batch]) == {
+        str(e.event_id) for e in batch}
+    assert await target.checkpoint("echo<-bells") == 5
+    # Redelivered, and one event more behind it: only the new one is applied.
+    await source.append("bell-5", 0, [BellRung(n=5)], META)
+    await sub.process(await source.read_all(0))
+    assert echo.batches == [5, 1] and echo.alone == 0 and sub.duplicates == 5
+    assert sorted(e.payload["n"] for e in await target.read_all(0)) == list(range(6))
+    for s in (source, target):
+        await s.close()
+
+
+async def test_a_batch_that_fails_is_applied_one_by_one_and_nothing_of_it_stays(tmp_path: Path) -> None:
+    source, target = await stores(tmp_path)
+    for i in range(4):
+        await source.append(f"bell-{i}", 0, [BellRung(n=i)], META)
+    echo = EchoMany(fail_batches=1)
+    sub = Subscription("echo", target, {"BellRung": Batched(echo.each, echo.many)},
+                       StoreTailSource(source, target, "echo"))
+    await sub.process(await source.read_all(0))
+    assert echo.batches == [4] and echo.alone == 4 and sub.applied == 4
+    assert sorted(e.payload["n"] for e in await target.read_all(0)) == list(range(4))
+    assert await target.checkpoint("echo<-bells") == 4
     for s in (source, target):
         await s.close()
