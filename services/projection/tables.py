@@ -190,9 +190,17 @@ async def create_generation(conn: AsyncConnection, number: int, indexes: bool = 
 
 
 async def create_indexes(conn: AsyncConnection, gen: Generation) -> None:
+    """The indexes of tables filled in bulk, then their statistics: without them the
+    planner takes the fresh tables for empty, and the findings' loads by a share's ids
+    (`= ANY`) took 96 s instead of 6 (600k events, 2 workers)."""
     for table in gen.metadata.sorted_tables:
         for index in sorted(table.indexes, key=lambda i: str(i.name)):
             await conn.run_sync(index.create)
+    if conn.dialect.name == "postgresql":
+        for table in gen.metadata.sorted_tables:
+            await conn.execute(text(f"ANALYZE {table.name}"))
+    else:
+        await conn.execute(text("ANALYZE"))
 
 
 def schema_digest() -> str:
