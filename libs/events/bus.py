@@ -325,12 +325,14 @@ class Subscription:
         replica applied one of them meanwhile, the store failed, the handler failed): the
         caller then applies them one by one, with their own retries."""
         seen = await self.store.applied_among(self.name, [str(e.event_id) for e in envs])
-        fresh = [e for e in envs if str(e.event_id) not in seen]
+        fresh = list({str(e.event_id): e for e in envs if str(e.event_id) not in seen}.values())
         cp = self.source.checkpoint_name(tail)
         if not fresh:
             return False
+        # Tracking rows in one order whatever the delivery's: two replicas given one
+        # batch in different partition orders must not deadlock on them.
         uow = UnitOfWork(self.store, self._meta(fresh[-1]),
-                         tracking=tuple((self.name, str(e.event_id)) for e in fresh),
+                         tracking=tuple(sorted((self.name, str(e.event_id)) for e in fresh)),
                          checkpoint=(cp, tail.position) if cp else None)
         try:
             await handler.many(fresh, uow)

@@ -583,10 +583,11 @@ class EventStore:
                             results.append(await self._apply(conn, commit, head, rows))
                             continue
                         try:
-                            # A stale version or a tracked event is refused before anything
+                            # A stale version or one tracked event is refused before anything
                             # is written; a commit that may be refused after writing (its
-                            # Idempotency-Key, its own writes) gets a savepoint.
-                            if commit.idempotency or commit.writes:
+                            # Idempotency-Key, its own writes, a batch's tracking rows of
+                            # which one was there) gets a savepoint.
+                            if commit.idempotency or commit.writes or len(commit.tracking) > 1:
                                 async with conn.begin_nested():
                                     results.append(await self._apply(conn, commit, head, rows))
                             else:

@@ -196,11 +196,8 @@ async def create_indexes(conn: AsyncConnection, gen: Generation) -> None:
     for table in gen.metadata.sorted_tables:
         for index in sorted(table.indexes, key=lambda i: str(i.name)):
             await conn.run_sync(index.create)
-    if conn.dialect.name == "postgresql":
-        for table in gen.metadata.sorted_tables:
-            await conn.execute(text(f"ANALYZE {table.name}"))
-    else:
-        await conn.execute(text("ANALYZE"))
+    for table in gen.metadata.sorted_tables:
+        await conn.execute(text(f"ANALYZE {table.name}"))
 
 
 def schema_digest() -> str:

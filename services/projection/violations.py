@@ -88,8 +88,11 @@ async def _with_outbound(conn: AsyncConnection, gen: Generation, transfers: set[
     if not transfers:
         return transfers
     t = gen["transfers"]
-    return transfers | set(await _scalars(conn, select(t.c.return_of).where(
-        and_(t.c.transfer_id.in_(sorted(transfers)), t.c.return_of.is_not(None)))))
+    out = set(transfers)
+    for chunk in _chunks(sorted(transfers)):
+        out |= set(await _scalars(conn, select(t.c.return_of).where(
+            and_(t.c.transfer_id.in_(chunk), t.c.return_of.is_not(None)))))
+    return out
 
 
 async def _scalars(conn: AsyncConnection, stmt: Any) -> list[Any]:
@@ -108,10 +111,11 @@ async def refresh(conn: AsyncConnection, gen: Generation, known: set[str], *,
         wanted = sorted(set(ids))
         if not wanted:
             continue
-        keys = {f"{scope}:{one}" for one in wanted}
-        rows, failed = await _evaluate(conn, gen, scope, wanted, known)
-        await _replace(conn, gen, keys, [r for r in rows if r["scope"] in keys],
-                       [x for x in failed if x["scope"] in keys])
+        for chunk in _chunks(wanted):  # a rebuild's switch may bring thousands
+            keys = {f"{scope}:{one}" for one in chunk}
+            rows, failed = await _evaluate(conn, gen, scope, chunk, known)
+            await _replace(conn, gen, keys, [r for r in rows if r["scope"] in keys],
+                           [x for x in failed if x["scope"] in keys])
 
 
 async def _replace(conn: AsyncConnection, gen: Generation, keys: set[str],
@@ -127,7 +131,7 @@ async def _replace(conn: AsyncConnection, gen: Generation, keys: set[str],
         await conn.execute(insert(failures), failed)
 
 
-def _chunks(keys: list[str], size: int = 500) -> Iterator[list[str]]:
+def _chunks(keys: list[str], size: int = 400) -> Iterator[list[str]]:
     """Keys in groups small enough for one statement's parameters (SQLite's limit)."""
     for i in range(0, len(keys), size):
         yield keys[i:i + size]

@@ -195,7 +195,7 @@ async def test_concurrent_commits_to_one_store_each_get_their_own_outcome(make_s
     await store.commit(Commit(meta=META, tracking=(("consumer-x", "event-1"),)))
     await store.commit(Commit(meta=META, idempotency=IdempotencyRecord("k1", "h", 201, "{}")))
 
-    def append(stream: str, tracking: tuple[str, str] | None = None,
+    def append(stream: str, tracking: tuple[tuple[str, str], ...] = (),
                idempotency: IdempotencyRecord | None = None, fails: bool = False) -> Commit:
         return Commit(meta=META, appends=[StreamAppend(stream, 0, [NewEvent(e) for e in things(1, 2)])],
                       states=[StateRow(stream, "Thing", 2, "open", None, "{}")], tracking=tracking,
@@ -212,16 +212,19 @@ async def test_concurrent_commits_to_one_store_each_get_their_own_outcome(make_s
         append("taken"),  # stale: it is at version 1
         append("other", tracking=(("consumer-x", "event-1"),)),
         append("keyed", idempotency=IdempotencyRecord("k1", "h", 201, "{}")),
+        # A batch's tracking rows, one of them there: refused whole, its fresh row too.
+        append("partly", tracking=(("consumer-x", "event-2"), ("consumer-x", "event-1"))),
         append("twice"), append("twice"),
     ]
     got = await outcomes(refused)
     assert got[:6] == ["ok"] * 6
-    assert got[6:9] == ["ConcurrencyError", "AlreadyApplied", "IdempotencyKeyTaken"]
-    assert sorted(got[9:]) == ["ConcurrencyError", "ok"]
+    assert got[6:10] == ["ConcurrencyError", "AlreadyApplied", "IdempotencyKeyTaken", "AlreadyApplied"]
+    assert sorted(got[10:]) == ["ConcurrencyError", "ok"]
+    assert not await store.is_applied("consumer-x", "event-2")
     got = await outcomes([append("after-1"), append("after-2", fails=True), append("after-3")])
     assert got == ["ok", "RuntimeError", "ok"]
 
-    for stream in ("other", "keyed", "after-2"):
+    for stream in ("other", "keyed", "partly", "after-2"):
         assert await store.read_stream(stream) == []
         assert await store.load_state(stream) is None
     assert len(await store.read_stream("taken")) == 1 and len(await store.read_stream("twice")) == 2
