@@ -2,7 +2,8 @@
 by time.
 
 Findings are not computed when asked (over a million events that took seconds): each
-event re-evaluates the scopes it touches, in the transaction that archives it.
+delivered batch re-evaluates the scopes its events touch, once each, in the transaction
+that archives it.
 
 - A vehicle's checks (findings.VEHICLE) read its own stream, its trips, cycles and swabs
   and the overrides that name it; every event carrying its `vehicle_id` re-evaluates
