@@ -326,9 +326,9 @@ class Subscription:
         caller then applies them one by one, with their own retries."""
         seen = await self.store.applied_among(self.name, [str(e.event_id) for e in envs])
         fresh = list({str(e.event_id): e for e in envs if str(e.event_id) not in seen}.values())
-        cp = self.source.checkpoint_name(tail)
         if not fresh:
             return False
+        cp = self.source.checkpoint_name(tail)
         # Tracking rows in one order whatever the delivery's: two replicas given one
         # batch in different partition orders must not deadlock on them.
         uow = UnitOfWork(self.store, self._meta(fresh[-1]),

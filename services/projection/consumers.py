@@ -19,7 +19,8 @@ SOURCES = ("dispatch", "transfer", "disinfection")
 KNOWN = registry_types()  # the checks that run: those whose event types the catalogue has
 
 
-def _applying(envs: list[Envelope], uow: UnitOfWork) -> None:
+async def on_events(envs: list[Envelope], uow: UnitOfWork) -> None:
+    """Delivered events in one transaction: each scope they touch is re-evaluated once."""
     async def write(conn: AsyncConnection) -> None:
         gen = await apply_live(conn, envs)
         await violations.apply(conn, gen, envs, KNOWN)
@@ -28,12 +29,7 @@ def _applying(envs: list[Envelope], uow: UnitOfWork) -> None:
 
 
 async def on_any_event(env: Envelope, uow: UnitOfWork) -> None:
-    _applying([env], uow)
-
-
-async def on_events(envs: list[Envelope], uow: UnitOfWork) -> None:
-    """A delivered batch in one transaction: each scope it touches is re-evaluated once."""
-    _applying(envs, uow)
+    await on_events([env], uow)
 
 
 PROJECT = Batched(on_any_event, on_events)

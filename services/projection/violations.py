@@ -109,10 +109,7 @@ async def refresh(conn: AsyncConnection, gen: Generation, known: set[str], *,
     their rows now. The scopes of a kind load and evaluate together (one set of queries
     for a whole batch); a check that fails is retried scope by scope (_evaluate)."""
     for scope, ids in ((checks.VEHICLE, vehicles), (checks.TRANSFER, transfers)):
-        wanted = sorted(set(ids))
-        if not wanted:
-            continue
-        for chunk in _chunks(wanted):  # a rebuild's switch may bring thousands
+        for chunk in _chunks(sorted(set(ids))):  # a rebuild's switch may bring thousands
             keys = {f"{scope}:{one}" for one in chunk}
             rows, failed = await _evaluate(conn, gen, scope, chunk, known)
             await _replace(conn, gen, keys, [r for r in rows if r["scope"] in keys],
