@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import logging
 import os
@@ -66,6 +67,7 @@ from services.projection.tables import (
     flush,
     generation,
     generations_present,
+    largest_first,
     lock_archive,
     meta_table,
     schema_digest,
@@ -186,6 +188,24 @@ class _AppendWriter:
     def cancel(self) -> None:
         if self.pending is not None:
             self.pending.cancel()
+
+
+async def side_by_side(store: EventStore, width: int,
+                       jobs: list[Callable[[AsyncConnection], Awaitable[None]]]) -> None:
+    """Each job in a transaction of its own, `width` at a time, in the order given (the
+    longest first): the database writes or indexes one table per core. A failure cancels
+    the rest; the generation is not active yet, so what was written is dropped with it."""
+    queue = list(reversed(jobs))
+
+    async def lane() -> None:
+        while queue:
+            job = queue.pop()
+            async with write_tx(store) as conn:
+                await job(conn)
+
+    async with asyncio.TaskGroup() as lanes:
+        for _ in range(max(1, width)):
+            lanes.create_task(lane())
 
 
 async def _write_fresh(store: EventStore, gen: Generation, part: Buffer) -> None:
@@ -348,11 +368,16 @@ async def _rebuild(store: EventStore, order: str, page: int, flush_rows: int, fo
     buffer = Buffer()
 
     async def write_keyed() -> None:
-        """The keyed rows held: inserted into a table that has none yet, else merged."""
+        """The keyed rows held: inserted into a table that has none yet, else merged; a
+        table per transaction, `width` of them at a time."""
         part = Buffer(buffer.take(list(buffer.rows)))
-        async with write_tx(store) as wconn:
-            await bulk_insert(wconn, gen, Buffer({n: r for n, r in part.rows.items() if n not in written}))
-            await flush(wconn, gen, Buffer({n: r for n, r in part.rows.items() if n in written}))
+
+        async def write(name: str, wconn: AsyncConnection) -> None:
+            rows = Buffer({name: part.rows[name]})
+            await (flush(wconn, gen, rows) if name in written else bulk_insert(wconn, gen, rows))
+
+        names = sorted(part.rows, key=lambda n: -len(part.rows[n]))
+        await side_by_side(store, width, [functools.partial(write, name) for name in names])
         written.update(part.rows)
 
     async def spill() -> None:
@@ -369,6 +394,7 @@ async def _rebuild(store: EventStore, order: str, page: int, flush_rows: int, fo
         return evs
 
     pool = _Workers(store, workers) if workers > 1 else None
+    width = 1 if store.is_sqlite else workers  # connections writing side by side
     try:
         if pool is not None:
             async with store.engine.connect() as pconn:
@@ -398,8 +424,9 @@ async def _rebuild(store: EventStore, order: str, page: int, flush_rows: int, fo
         lap("catch up")
         await write_keyed()
         lap("keyed rows")
-        async with write_tx(store) as conn:
-            await create_indexes(conn, gen)
+        async with store.engine.connect() as conn:
+            tables = await largest_first(conn, list(gen.tables.values()))
+        await side_by_side(store, width, [functools.partial(create_indexes, table=t) for t in tables])
         lap("indexes")
         # The findings of every scope, from the fact rows just written.
         if pool is not None:
