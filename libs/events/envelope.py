@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 GENESIS_HASH = "0" * 64
@@ -30,7 +32,39 @@ def iso(ts: datetime) -> str:
 
 
 def canonical_json(value: Any) -> str:
+    """Sorted keys, no spaces, UTF-8: the text every stored hash was computed over, which
+    is `json.dumps(sort_keys=True, separators=(",", ":"), ensure_ascii=False)`. orjson
+    writes the same text three times faster (an append encodes twice per event), except
+    for floats below 1e-4 (`1e-7`, not `1e-07`), NaN and infinities (null), values that
+    are not JSON's types (a datetime: json refuses it), ints past 64 bits and lone
+    surrogates (orjson refuses those): such a value takes json's path."""
+    if _orjson_writes_as_json(value):
+        try:
+            return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
+        except TypeError:
+            pass
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+_PLAIN = (str, int, bool, type(None))
+
+
+def _orjson_writes_as_json(value: Any) -> bool:
+    stack = [value]
+    pop, push = stack.pop, stack.extend
+    while stack:
+        v = pop()
+        t = type(v)
+        if t is dict:
+            push(v.values())  # keys: orjson refuses any but str, as it must
+        elif t is list or t is tuple:
+            push(v)
+        elif t is float:
+            if not (1e-4 <= abs(v) < math.inf or v == 0.0):  # NaN fails both
+                return False
+        elif t not in _PLAIN:  # subclasses too: an enum, a datetime, ...
+            return False
+    return True
 
 
 class Envelope(BaseModel):

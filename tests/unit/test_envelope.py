@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
 from pathlib import Path
 from uuid import uuid4
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from libs.events.contracts import Event, Registry
 from libs.events.envelope import GENESIS_HASH, Envelope, canonical_json, event_hash, verify_chain
@@ -140,3 +144,29 @@ def test_the_committed_catalogue_is_current(tmp_path: Path) -> None:
     for name in ("asyncapi.json", "schemas.json"):
         fresh, kept = (tmp_path / name).read_text(), (committed / name).read_text()
         assert fresh == kept, f"docs/events/{name} is stale: run `make catalog`"
+
+
+_JSONISH = st.recursive(
+    st.none() | st.booleans() | st.floats() | st.integers(min_value=-2**70, max_value=2**70)
+    | st.text() | st.sampled_from([1e-05, 1.5e-07, 1e+16, 1e-4, 123456789012345678.0, -0.0]),
+    lambda inner: st.lists(inner, max_size=4) | st.tuples(inner, inner)
+    | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=600, deadline=None)
+@given(_JSONISH)
+def test_canonical_json_is_the_text_the_stored_hashes_were_computed_over(value: object) -> None:
+    """The fast path (orjson) writes exactly what json.dumps writes, or is not taken:
+    floats below 1e-4 and NaN, big ints, lone surrogates, every edge. A stored event's
+    hash would otherwise no longer verify."""
+    assert canonical_json(value) == json.dumps(value, sort_keys=True, separators=(",", ":"),
+                                               ensure_ascii=False)
+
+
+def test_canonical_json_refuses_what_json_refuses() -> None:
+    """A datetime is no JSON value: refused as before, not written the way orjson would."""
+    with pytest.raises(TypeError):
+        canonical_json({"at": datetime(2022, 11, 20, tzinfo=UTC)})
+    with pytest.raises(TypeError):
+        canonical_json({1: "a key that is not text", "b": 1})
