@@ -203,9 +203,14 @@ async def side_by_side(store: EventStore, width: int,
             async with write_tx(store) as conn:
                 await job(conn)
 
-    async with asyncio.TaskGroup() as lanes:
-        for _ in range(max(1, width)):
-            lanes.create_task(lane())
+    lanes = [asyncio.ensure_future(lane()) for _ in range(max(1, width))]
+    try:
+        await asyncio.gather(*lanes)  # the first failure as it was, not in a group
+    except BaseException:
+        for other in lanes:
+            other.cancel()
+        await asyncio.gather(*lanes, return_exceptions=True)
+        raise
 
 
 async def _write_fresh(store: EventStore, gen: Generation, part: Buffer) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.events.bus import StoreTailSource, Subscription
 from libs.events.catalog import disinfection as dis
@@ -21,14 +22,18 @@ from libs.events.catalog import transfer as trn
 from libs.events.contracts import Event
 from libs.events.store import EventStore, Meta
 from services.projection import queries, violations
+from services.projection import rebuild as rebuild_module
 from services.projection.consumers import CONSUMES
-from services.projection.rebuild import rebuild, upgrade
+from services.projection.facts import Buffer
+from services.projection.rebuild import BUILDING, rebuild, upgrade
 from services.projection.tables import (
     SCHEMA,
+    Generation,
     active_generation,
     active_schema,
     archive,
     generation,
+    generations_present,
     meta_table,
     metadata,
     schema_digest,
@@ -242,6 +247,37 @@ async def test_read_models_built_by_older_code_are_rebuilt_at_start(stores: dict
     await upgrade(proj, asyncio.Event())
     async with proj.engine.connect() as conn:
         assert await active_generation(conn) == 2
+
+
+async def test_a_rebuild_that_fails_midway_leaves_the_live_generation_alone(
+        stores: dict[str, EventStore], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trips' write fails (a full disk, say) while other tables are written beside it:
+    the error comes out as it was, the half-built generation is dropped, the live one
+    serves on unchanged, and the next rebuild goes through."""
+    await forbidden_histories(stores)
+    await run_projection(stores)
+    proj = stores["projection"]
+    async with proj.engine.connect() as conn:
+        before = await queries.dump(conn, generation(1))
+    real = rebuild_module.bulk_insert
+
+    async def disk_full(conn: AsyncConnection, gen: Generation, buffer: Buffer) -> None:
+        if "trips" in buffer.rows:
+            raise OSError(28, "No space left on device")
+        await real(conn, gen, buffer)
+
+    monkeypatch.setattr(rebuild_module, "bulk_insert", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        await rebuild(proj)
+    async with proj.engine.connect() as conn:
+        assert await active_generation(conn) == 1
+        assert await generations_present(conn) == [1]
+        assert await conn.scalar(select(meta_table.c.value).where(meta_table.c.name == BUILDING)) is None
+        assert await queries.dump(conn, generation(1)) == before
+    monkeypatch.setattr(rebuild_module, "bulk_insert", real)
+    report = await rebuild(proj)
+    async with proj.engine.connect() as conn:
+        assert await queries.dump(conn, generation(report.generation)) == before
 
 
 @pytest.mark.postgres
