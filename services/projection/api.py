@@ -268,12 +268,15 @@ async def start_rebuild(request: Request, store: Store,
 @router.get("/rebuild")
 async def rebuild_status(request: Request, store: Store) -> dict[str, Any]:
     task: asyncio.Task[Any] | None = getattr(request.app.state, "projection_rebuild", None)
+    # Whether it ended, taken before the generation is read: a rebuild that ends while the
+    # read waits must not be reported done beside the generation it replaced.
+    ended = task is not None and task.done()
     async with store.engine.connect() as conn:
         gen = await queries.current(conn)
     out: dict[str, Any] = {"active_generation": gen.number if gen else None}
     if task is None:
         return {**out, "status": "idle"}
-    if not task.done():
+    if not ended:
         return {**out, "status": "running"}
     if task.exception() is not None:
         exc = task.exception()

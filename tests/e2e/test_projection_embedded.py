@@ -118,3 +118,35 @@ async def test_stream_follows_new_events(client: httpx.AsyncClient) -> None:
         r = await client.get(f"{API}/audit/stream", params={"follow": "false"})
         return "VehicleRegistered" in r.text
     await eventually(seen, "the new event on the stream")
+
+
+async def test_a_rebuild_ending_while_its_status_is_read_is_not_done_beside_the_old_generation(
+        app: FastAPI, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The status reads the active generation and then asks whether the rebuild ended: a
+    rebuild that switched in between was reported done beside the generation it replaced
+    (a CI run caught it). Here it ends exactly while the generation is read."""
+    switched = asyncio.Event()
+
+    class Report:
+        def view(self) -> dict[str, Any]:
+            return {"generation": 2}
+
+    async def rebuild_switching() -> Report:
+        await switched.wait()
+        return Report()
+
+    read = queries.current
+    seen: list[Any] = []
+
+    async def current_while_it_ends(conn: Any) -> Any:
+        gen = await read(conn)  # the switch has not committed yet
+        seen.append(gen.number if gen else None)
+        switched.set()
+        await asyncio.sleep(0.01)  # the rebuild ends now
+        return gen
+
+    app.state.projection_rebuild = asyncio.create_task(rebuild_switching())
+    monkeypatch.setattr(queries, "current", current_while_it_ends)
+    status = ok(await client.get(f"{API}/audit/rebuild"))
+    assert app.state.projection_rebuild.done()
+    assert status == {"active_generation": seen[0], "status": "running"}
