@@ -203,8 +203,10 @@ def install(app: FastAPI) -> None:
         response.headers["Retry-After"] = "1"
         return response
 
-    app.add_exception_handler(DBAPIError, store_error)
-    app.add_exception_handler(OSError, store_error)
+    # asyncpg's own connection errors too: the store and the projection send some
+    # statements through the asyncpg connection itself, past SQLAlchemy's wrapping.
+    for kind in (DBAPIError, *UNREACHABLE):
+        app.add_exception_handler(kind, store_error)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

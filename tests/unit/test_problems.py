@@ -46,7 +46,10 @@ async def test_a_store_that_cannot_be_reached_answers_503_and_a_bug_stays_a_500(
     """A restarting PostgreSQL is an outage to wait out (503, Retry-After), not a fault of
     the request; any other database error stays the server error it is."""
     import httpx
-    from asyncpg.exceptions import CannotConnectNowError  # type: ignore[import-untyped]
+    from asyncpg.exceptions import (  # type: ignore[import-untyped]
+        CannotConnectNowError,
+        ConnectionDoesNotExistError,
+    )
     from fastapi import FastAPI
     from sqlalchemy.exc import DBAPIError
 
@@ -63,13 +66,17 @@ async def test_a_store_that_cannot_be_reached_answers_503_and_a_bug_stays_a_500(
     async def refused() -> None:
         raise ConnectionRefusedError(111, "Connection refused")
 
+    @app.get("/cut")
+    async def cut() -> None:  # from a statement sent on the asyncpg connection itself
+        raise ConnectionDoesNotExistError("connection was closed in the middle of operation")
+
     @app.get("/bug")
     async def bug() -> None:
         raise DBAPIError("SELEC 1", {}, ValueError("syntax error"))
 
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
-        for path in ("/restarting", "/refused"):
+        for path in ("/restarting", "/refused", "/cut"):
             resp = await client.get(path)
             assert resp.status_code == 503 and resp.headers["Retry-After"] == "1", path
             assert resp.json()["code"] == "store_unavailable" and resp.json()["message_zh"]
