@@ -26,6 +26,7 @@ from sqlalchemy import MetaData
 from libs.auth.policy import API_PREFIX, Policy
 from libs.auth.tokens import ROLES
 from libs.events.bus import (
+    ALL_TYPES,
     Handler,
     KafkaPublisher,
     KafkaSource,
@@ -138,7 +139,8 @@ class Runtime:
                     merged = {t: h for handlers in consumes.values() for t, h in handlers.items()}
                     kafka = KafkaSource(self.settings.kafka_bootstrap, list(consumes),
                                         group=f"{self.settings.topic_prefix}.{consumer}",
-                                        topic_prefix=self.settings.topic_prefix)
+                                        topic_prefix=self.settings.topic_prefix,
+                                        types=None if ALL_TYPES in merged else merged)
                     await kafka.start()
                     self._closers.append(kafka.stop)
                     self.subscriptions.append(Subscription(consumer, self.stores[name], merged, kafka))

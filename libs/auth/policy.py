@@ -100,7 +100,7 @@ class Policy:
                             role=principal.role, scope=principal.scope, route=key)
 
 
-def current_principal(request: Request) -> Principal:
+async def current_principal(request: Request) -> Principal:
     """The caller the guard verified (the guard runs first, as the router's dependency)."""
     principal: Principal = request.state.principal
     return principal

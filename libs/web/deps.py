@@ -28,8 +28,8 @@ ActorDep = PrincipalDep
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]
 
 
-def store_dep(service: str) -> Callable[[Request], EventStore]:
-    def get(request: Request) -> EventStore:
+def store_dep(service: str) -> Callable[[Request], Awaitable[EventStore]]:
+    async def get(request: Request) -> EventStore:  # async: FastAPI runs a def in a thread
         store: EventStore = request.app.state.stores[service]
         return store
 

@@ -261,3 +261,49 @@ async def test_a_failed_batch_is_delivered_again_after_rewind(source: EventStore
         stop.set()
         await batches.aclose()
         await kafka.stop()
+
+
+@registry.register
+class ParcelWeighed(Event):
+    n: int
+
+
+async def committed(kafka: KafkaSource) -> int:
+    """The group's offsets as the broker holds them, summed over the member's partitions."""
+    consumer = kafka._consumer  # the member's own view of what the broker holds
+    return sum([await consumer.committed(tp) or 0 for tp in consumer.assignment()])
+
+
+async def test_a_source_passes_over_the_types_its_subscription_does_not_handle(source: EventStore) -> None:
+    """Given the types it handles, a source hands over only those, by the relay's `type`
+    header, and still commits past the rest: the group's next member starts after them."""
+    for i in range(30):
+        await source.append(f"parcel-{i}", 0, [ParcelSent(n=i), ParcelWeighed(n=i)], META)
+    await source.append("parcel-last", 0, [ParcelWeighed(n=99)], META)  # the tail: passed over
+    publisher = KafkaPublisher(KAFKA)
+    await publisher.start()
+    relay = Relay(source, publisher)
+    while await relay.run_once():
+        pass
+    await publisher.stop()
+    group = f"g-{uuid.uuid4().hex[:6]}"
+    kafka = KafkaSource(KAFKA, [source.name], group=group, types={"ParcelSent"})
+    await kafka.start()
+    stop = asyncio.Event()
+    got: list[Envelope] = []
+
+    async def subscription() -> None:
+        async for batch in kafka.batches(stop):
+            got.extend(batch)
+            await kafka.done(batch)
+
+    running = asyncio.create_task(subscription())
+    try:
+        async with asyncio.timeout(60):  # the passed-over tail's offset is committed too
+            while len(got) < 30 or await committed(kafka) < 61:
+                await asyncio.sleep(0.2)
+    finally:
+        stop.set()
+        await running
+        await kafka.stop()
+    assert {e.type for e in got} == {"ParcelSent"} and sorted(e.payload["n"] for e in got) == list(range(30))
