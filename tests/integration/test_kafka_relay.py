@@ -45,6 +45,19 @@ async def fill(store: EventStore, n: int, streams: int = 10) -> None:
         versions[s] += 1
 
 
+async def publish_all(store: EventStore, batch: int = 500) -> Relay:
+    """Relays every event of the store to Kafka, and stops."""
+    publisher = KafkaPublisher(KAFKA)
+    await publisher.start()
+    try:
+        relay = Relay(store, publisher, batch=batch)
+        while await relay.run_once():
+            pass
+    finally:
+        await publisher.stop()
+    return relay
+
+
 @pytest.fixture
 async def source() -> AsyncIterator[EventStore]:
     async with fresh_pg_schema() as schema:
@@ -121,14 +134,7 @@ async def raw_messages(topic: str, expect: int, timeout: float = 60) -> list[Env
 
 async def test_relay_publishes_in_store_order_keyed_by_stream(source: EventStore) -> None:
     await fill(source, 200)
-    publisher = KafkaPublisher(KAFKA)
-    await publisher.start()
-    try:
-        relay = Relay(source, publisher, batch=64)
-        while await relay.run_once():
-            pass
-    finally:
-        await publisher.stop()
+    relay = await publish_all(source, batch=64)
     assert await source.checkpoint(relay.name) == 200
     got = await raw_messages(topic_for(source.name), 200)
     assert Counter(str(e.event_id) for e in got) == Counter(
@@ -199,12 +205,7 @@ async def test_two_relays_share_one_lease_and_publish_each_event_once(source: Ev
 async def test_a_rebalance_mid_stream_is_harmless(source: EventStore, sink: EventStore) -> None:
     total = 900
     await fill(source, total, streams=30)
-    publisher = KafkaPublisher(KAFKA)
-    await publisher.start()
-    relay = Relay(source, publisher, batch=100)
-    while await relay.run_once():
-        pass
-    await publisher.stop()
+    await publish_all(source, batch=100)
     group = f"g-{uuid.uuid4().hex[:6]}"
 
     def member(name: str) -> tuple[KafkaSource, Subscription]:
@@ -239,12 +240,7 @@ async def test_a_rebalance_mid_stream_is_harmless(source: EventStore, sink: Even
 
 async def test_a_failed_batch_is_delivered_again_after_rewind(source: EventStore) -> None:
     await fill(source, 60)
-    publisher = KafkaPublisher(KAFKA)
-    await publisher.start()
-    relay = Relay(source, publisher)
-    while await relay.run_once():
-        pass
-    await publisher.stop()
+    await publish_all(source)
     kafka = KafkaSource(KAFKA, [source.name], group=f"g-{uuid.uuid4().hex[:6]}")
     await kafka.start()
     stop = asyncio.Event()
@@ -280,12 +276,7 @@ async def test_a_source_passes_over_the_types_its_subscription_does_not_handle(s
     for i in range(30):
         await source.append(f"parcel-{i}", 0, [ParcelSent(n=i), ParcelWeighed(n=i)], META)
     await source.append("parcel-last", 0, [ParcelWeighed(n=99)], META)  # the tail: passed over
-    publisher = KafkaPublisher(KAFKA)
-    await publisher.start()
-    relay = Relay(source, publisher)
-    while await relay.run_once():
-        pass
-    await publisher.stop()
+    await publish_all(source)
     group = f"g-{uuid.uuid4().hex[:6]}"
     kafka = KafkaSource(KAFKA, [source.name], group=group, types={"ParcelSent"})
     await kafka.start()
