@@ -8,11 +8,15 @@ Roles bound to something carry it as a claim: crew a `vehicle_id`, a hospital a
 from __future__ import annotations
 
 import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import cached_property
+from typing import Any, Protocol
 
 import jwt
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 ROLES = frozenset({
     "dispatcher", "supervisor", "crew", "disinfection", "lab", "hospital", "site",
@@ -23,10 +27,18 @@ SCOPE_CLAIMS = {"crew": "vehicle_id", "hospital": "facility_id", "site": "site_i
 # Asymmetric only: a shared-secret (HS*) or unsigned (`none`) token is never accepted.
 ALGORITHMS = ["EdDSA", "ES256", "RS256"]
 LEEWAY_S = 30
+# A verified token is remembered (the signature check was a quarter of a millisecond of
+# every request's CPU) for at most this long, and never past its own expiry: a key the
+# issuer withdraws stops admitting its tokens within this time (JwksUrl caches the key
+# set for 300 s anyway).
+REMEMBER_S = 60.0
+REMEMBERED = 4096
 
 
 class Principal(BaseModel):
     """A verified caller: the token's subject, role and (for bound roles) what it is bound to."""
+
+    model_config = ConfigDict(frozen=True)  # one instance serves every request of a token
 
     subject: str
     role: str
@@ -54,9 +66,12 @@ class KeySet:
 
     jwks: dict[str, Any]
 
+    @cached_property
+    def _keys(self) -> jwt.PyJWKSet:
+        return jwt.PyJWKSet.from_dict(self.jwks)
+
     async def key_for(self, token: str, kid: str | None) -> Any:
-        keys = jwt.PyJWKSet.from_dict(self.jwks)
-        for key in keys.keys:
+        for key in self._keys.keys:
             if key.key_id == kid:
                 return key.key
         raise Unauthenticated("token_key_unknown", f"no key with kid {kid!r} at the issuer",
@@ -90,11 +105,33 @@ DEFECTS: list[tuple[type[Exception], str, str, str]] = [
 ]
 
 
+class Keys(Protocol):
+    async def key_for(self, token: str, kid: str | None) -> Any: ...
+
+
 class TokenVerifier:
-    def __init__(self, issuer: str, audience: str, keys: KeySet | JwksUrl) -> None:
-        self.issuer, self.audience, self.keys = issuer, audience, keys
+    def __init__(self, issuer: str, audience: str, keys: Keys,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.issuer, self.audience, self.keys, self.clock = issuer, audience, keys, clock
+        # token -> (its caller, until when it is taken without checking again); the whole
+        # token is the key, signature included, so a changed token is never a hit.
+        self._verified: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
 
     async def verify(self, token: str) -> Principal:
+        now = self.clock()
+        hit = self._verified.get(token)
+        if hit is not None and now < hit[1]:
+            self._verified.move_to_end(token)
+            return hit[0]
+        principal, expires = await self._check(token)
+        self._verified[token] = (principal, min(expires + LEEWAY_S, now + REMEMBER_S))
+        self._verified.move_to_end(token)
+        if len(self._verified) > REMEMBERED:
+            self._verified.popitem(last=False)
+        return principal
+
+    async def _check(self, token: str) -> tuple[Principal, float]:
+        """The caller a token proves and its expiry, or Unauthenticated (never remembered)."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.DecodeError as exc:
@@ -113,7 +150,7 @@ class TokenVerifier:
             code, detail, zh = next(
                 (m for kind, *m in DEFECTS if isinstance(exc, kind)), ("token_invalid", str(exc), "令牌无效"))
             raise Unauthenticated(code, detail, zh) from exc
-        return principal_of(claims)
+        return principal_of(claims), float(claims["exp"])
 
 
 def principal_of(claims: dict[str, Any]) -> Principal:

@@ -11,7 +11,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from libs.auth import privacy
+from libs.auth import privacy, tokens
 from libs.auth.issuer import LocalIssuer
 from libs.auth.tokens import KeySet, Principal, TokenVerifier, Unauthenticated
 from libs.web.limits import RateLimiter, TooManyRequests
@@ -69,10 +69,84 @@ def _defects(issuer: LocalIssuer) -> dict[str, str]:
 
 async def test_every_token_defect_is_refused_with_its_own_code(issuer: LocalIssuer) -> None:
     check = verifier(issuer)
+    await check.verify(issuer.issue("d1", "dispatcher"))  # a remembered good token changes nothing
     for expected, token in _defects(issuer).items():
         with pytest.raises(Unauthenticated) as refused:
             await check.verify(token)
         assert refused.value.code == expected.strip(), (expected, refused.value.detail)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _remembering(issuer: LocalIssuer) -> tuple[TokenVerifier, Clock]:
+    clock = Clock()
+    return TokenVerifier("closedloop-local", "closedloop", KeySet(issuer.jwks()), clock), clock
+
+
+def _withdraw_keys(check: TokenVerifier, tmp_path: Path) -> None:
+    """The issuer's keys replaced by another's: a token checked again is refused."""
+    check.keys = KeySet(LocalIssuer(tmp_path / "other.pem", "closedloop-local", "closedloop").jwks())
+
+
+async def _refused(check: TokenVerifier, token: str) -> bool:
+    try:
+        await check.verify(token)
+    except Unauthenticated:
+        return True
+    return False
+
+
+async def test_a_verified_token_is_remembered_at_most_a_minute(issuer: LocalIssuer,
+                                                               tmp_path: Path) -> None:
+    check, clock = _remembering(issuer)
+    token = issuer.issue("d1", "dispatcher")
+    who = await check.verify(token)
+    _withdraw_keys(check, tmp_path)
+    clock.now += tokens.REMEMBER_S - 1
+    assert await check.verify(token) is who  # not checked again
+    assert await _refused(check, issuer.issue("d2", "dispatcher"))  # a new token is
+    clock.now += 2
+    assert await _refused(check, token)  # past the minute: checked again, and refused
+
+
+async def test_a_remembered_token_lasts_no_longer_than_its_expiry(issuer: LocalIssuer,
+                                                                  tmp_path: Path) -> None:
+    check, clock = _remembering(issuer)
+    expires = int(clock.now) + 5
+    token = issuer.issue("d1", "dispatcher", ttl_s=5, now=expires - 5)
+    await check.verify(token)
+    _withdraw_keys(check, tmp_path)
+    clock.now = expires + tokens.LEEWAY_S - 1
+    assert not await _refused(check, token)
+    clock.now = expires + tokens.LEEWAY_S + 1  # the token's own end (with the leeway decode allows)
+    assert await _refused(check, token)
+
+
+async def test_a_refused_token_is_not_remembered(issuer: LocalIssuer, tmp_path: Path) -> None:
+    check, _ = _remembering(issuer)
+    good = check.keys
+    _withdraw_keys(check, tmp_path)
+    token = issuer.issue("d1", "dispatcher")
+    assert await _refused(check, token)
+    check.keys = good
+    assert not await _refused(check, token)
+
+
+async def test_the_remembered_tokens_are_bounded_oldest_out(issuer: LocalIssuer, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tokens, "REMEMBERED", 3)
+    check, _ = _remembering(issuer)
+    issued = [issuer.issue(f"d{i}", "dispatcher") for i in range(4)]
+    for token in issued:
+        await check.verify(token)
+    _withdraw_keys(check, tmp_path)
+    assert [await _refused(check, t) for t in issued] == [True, False, False, False]
 
 
 def test_the_key_is_kept_so_a_restart_verifies_old_tokens(tmp_path: Path) -> None:
