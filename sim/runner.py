@@ -277,9 +277,14 @@ async def embedded(data_dir: Path, env: Mapping[str, str] | None = None,
     port = port or free_port()
     out = open(log or data_dir / "embedded.log", "ab")  # noqa: SIM115, ASYNC230 (the process owns it)
     settings = {"CLOSEDLOOP_MODE": "embedded", "CLOSEDLOOP_DATA_DIR": str(data_dir)}
+    # Recurring care is requested by dispatch's scheduler on the real clock (every 30 s by
+    # default) while the day runs compressed: a series filed late in the day could get its
+    # first occurrence with the drain all but spent (a 300-transfer day once ended NOT
+    # FINISHED so). Every 2 s, as the simulator test has it, unless the caller says.
+    often = {"CLOSEDLOOP_DISPATCH_SCHEDULE_INTERVAL_S": "2"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "services.runtime", "--port", str(port),
-        env={**os.environ, **settings, **(env or {})}, stdout=out, stderr=out)
+        env={**often, **os.environ, **settings, **(env or {})}, stdout=out, stderr=out)
     url = f"http://127.0.0.1:{port}"
     try:
         async with httpx.AsyncClient() as c:
