@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Protocol
+from typing import Any
 
 import jwt
 from pydantic import BaseModel, ConfigDict
@@ -105,12 +105,8 @@ DEFECTS: list[tuple[type[Exception], str, str, str]] = [
 ]
 
 
-class Keys(Protocol):
-    async def key_for(self, token: str, kid: str | None) -> Any: ...
-
-
 class TokenVerifier:
-    def __init__(self, issuer: str, audience: str, keys: Keys,
+    def __init__(self, issuer: str, audience: str, keys: KeySet | JwksUrl,
                  clock: Callable[[], float] = time.time) -> None:
         self.issuer, self.audience, self.keys, self.clock = issuer, audience, keys, clock
         # token -> (its caller, until when it is taken without checking again); the whole
