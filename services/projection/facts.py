@@ -460,12 +460,18 @@ def facts_of(ev: Ev) -> list[Fact]:
     return out
 
 
+# Fact rows in memory: table -> key -> row (a fold's); and append-only rows as COPY writes
+# them: table -> rows in column order, key first.
+Rows = dict[str, dict[tuple[Any, ...], dict[str, Any]]]
+Records = dict[str, list[tuple[Any, ...]]]
+
+
 @dataclass
 class Buffer:
     """Facts merged by row, with the same rule the database upsert applies: a rebuild
     merges a page here and writes each row once; the live path writes one event's facts."""
 
-    rows: dict[str, dict[tuple[Any, ...], dict[str, Any]]] = field(default_factory=dict)
+    rows: Rows = field(default_factory=dict)
     events: int = 0
     unreadable: int = 0
 

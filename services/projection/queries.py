@@ -3,7 +3,7 @@ timelines, the feed and verification."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -17,10 +17,16 @@ from libs.events.envelope import GENESIS_HASH, ChainBreak, Envelope, verify_chai
 from libs.events.store import events_table
 from libs.web.fields import POSITION_MAX
 from services.projection.data import AuditData, PlanSql, parse_json
-from services.projection.facts import JSON_COLUMNS, SPECS
-from services.projection.findings import VEHICLE
-from services.projection.slices import run_plan
-from services.projection.tables import Generation, active_generation, archive, envelope_of_row, generation
+from services.projection.facts import JSON_COLUMNS, SPECS, Records, Rows
+from services.projection.findings import R4_TYPES, TRANSFER, VEHICLE
+from services.projection.tables import (
+    NUMERIC_COLUMNS,
+    Generation,
+    active_generation,
+    archive,
+    envelope_of_row,
+    generation,
+)
 
 KEYED = ("transfers", "trips", "cycles", "swabs", "vehicles", "facilities")
 LISTED = ("vehicle_log", "facility_loads", "decisions", "others")
@@ -111,7 +117,111 @@ def scope_plan(gen: Generation, scope: str, sel: Callable[[Any], Any]) -> list[t
 def reference_plan(gen: Generation) -> list[tuple[str, Any]]:
     """What transfers name, in full: vehicles, facilities and their load reports (the
     checks look them up by id, so all of them serve any share of the transfers)."""
-    return [(name, _select(gen, name)) for name in ("vehicles", "facilities", "facility_loads")]
+    return [(name, _select(gen, name)) for name in REFERENCE]
+
+
+REFERENCE = ("vehicles", "facilities", "facility_loads")
+
+
+Loaded = dict[str, list[dict[str, Any]]]  # fact rows as a load returns them, by table
+
+
+# The tables each scope's checks read (scope_plan, and reference_plan for transfers).
+SCOPE_TABLES = {
+    VEHICLE: ("vehicles", "cycles", "swabs", "vehicle_log", "decisions", "others", "trips"),
+    TRANSFER: ("transfers", "trips", "decisions", "others", *REFERENCE),
+}
+
+
+def load_folded(keyed: Rows, listed: Records, names: Iterable[str]) -> Loaded:
+    """These tables of a fold's rows (in memory) as the scope loads read them back from
+    the tables they are written to: the columns the checks read, JSON parsed (but
+    `data`), numbers as their columns store them. A rebuild evaluates its findings over
+    these (folded_scope) instead of reading them back."""
+    names = set(names)
+    out = {name: _as_loaded(name, table, _CHECKED.get(name) or _ALL[name])
+           for name, table in keyed.items() if name in names}
+    for name, records in listed.items():
+        if name not in names:
+            continue
+        columns = _ALL[name]
+        numbers = [(c, NUMERIC_COLUMNS[c]) for c in columns if c in NUMERIC_COLUMNS]
+        rows = [dict(zip(columns, r, strict=True)) for r in records]
+        _coerce(rows, numbers)
+        out[name] = rows
+    return out
+
+
+def folded_scope(loaded: Loaded, scope: str) -> AuditData:
+    """What scope_plan selects for every key (`column IS NOT NULL`), with reference_plan
+    for the transfers, from load_folded's rows: the same rows, so the checks find the
+    same (tests hold the two to each other)."""
+    data = AuditData()
+
+    def take(name: str, column: str | None = None) -> list[dict[str, Any]]:
+        rows = loaded.get(name, [])
+        return rows if column is None else [r for r in rows if r[column] is not None]
+
+    if scope == VEHICLE:
+        for name in ("vehicles", "cycles", "swabs", "vehicle_log", "decisions", "others"):
+            data.assemble(name, take(name, "vehicle_id"))
+        named = {r["trip_id"] for r in data.vehicle_log if r["trip_id"] is not None}
+        data.assemble("trips", [r for r in take("trips")
+                                if r["vehicle_id"] is not None or r["trip_id"] in named])
+        return data
+    data.assemble("transfers", take("transfers"))
+    for name in ("trips", "decisions", "others"):
+        data.assemble(name, take(name, "transfer_id"))
+    for name in REFERENCE:
+        data.assemble(name, take(name))
+    return data
+
+
+def folded_queue(keyed: Rows, loaded: Loaded, upto: int) -> AuditData:
+    """What violations.load_queue reads (R4's fold up to a position of dispatch's store),
+    from a fold's rows in memory."""
+    data = AuditData()
+    decisions = loaded.get("decisions", [])
+    data.decisions = sorted((d for d in decisions if d["type"] in R4_TYPES and d["position"] <= upto),
+                            key=lambda d: d["position"])
+    data.assemble("vehicles", _as_loaded("vehicles", keyed.get("vehicles", {}), _ALL["vehicles"]))
+    waited = {(d["transfer_id"],) for d in decisions if d["type"] == "TransferQueued"}
+    transfers = keyed.get("transfers", {})
+    data.assemble("transfers", _as_loaded("transfers", {k: transfers[k] for k in waited if k in transfers},
+                                          ("transfer_id", "request")))
+    return data
+
+
+_ALL = {name: (*spec.key, *spec.columns) for name, spec in SPECS.items()}
+
+
+def _as_loaded(name: str, rows: dict[tuple[Any, ...], dict[str, Any]],
+               columns: Sequence[str]) -> list[dict[str, Any]]:
+    keys = SPECS[name].key
+    from_key = [(c, keys.index(c)) for c in columns if c in keys]
+    rest = [c for c in columns if c not in keys]
+    parsed = [c for c in rest if c in JSON_COLUMNS and c not in _LAZY]
+    loads = orjson.loads
+    out = []
+    for key, row in rows.items():
+        r = {c: key[i] for c, i in from_key}
+        get = row.get
+        for c in rest:
+            r[c] = get(c)
+        for c in parsed:
+            if r[c].__class__ is str:
+                r[c] = loads(r[c])
+        out.append(r)
+    _coerce(out, [(c, NUMERIC_COLUMNS[c]) for c in rest if c in NUMERIC_COLUMNS])
+    return out
+
+
+def _coerce(rows: list[dict[str, Any]], numbers: list[tuple[str, Callable[[Any], Any]]]) -> None:
+    for c, number in numbers:
+        for r in rows:
+            v = r[c]
+            if v is not None and v.__class__ is not number:
+                r[c] = number(v)
 
 
 IDS = bindparam("ids", type_=ARRAY(String))  # a list of vehicle or transfer ids, on PostgreSQL
@@ -147,11 +257,6 @@ def _to_sql(dialect: Any, plan: list[tuple[str, Any]]) -> PlanSql:
         compiled = stmt.compile(dialect=dialect)
         out.append((attr, str(compiled), _json_of(stmt), bool(compiled.params)))
     return out
-
-
-def plan_sql(conn: AsyncConnection, plan: list[tuple[str, Any]]) -> PlanSql:
-    """A plan as PostgreSQL's SQL for a worker process."""
-    return _to_sql(conn.dialect, plan)
 
 
 async def load_scope(conn: AsyncConnection, gen: Generation, scope: str | None,
@@ -199,6 +304,15 @@ def _named(data: AuditData) -> tuple[set[str], set[str], list[tuple[str, int]]]:
         x["destination_id"] for x in data.transfers.values() if x.get("destination_id")}
     loads = sorted({(d["facility_id"], d["position"]) for d in data.decisions if d.get("facility_id")})
     return vehicles, facilities, loads
+
+
+async def run_plan(conn: Any, plan: PlanSql, ids: list[str]) -> AuditData:
+    """A load plan (scope_plan as SQL) for these ids, on an asyncpg connection."""
+    data = AuditData()
+    for attr, sql, json, takes_ids in plan:
+        rows = await (conn.fetch(sql, ids) if takes_ids else conn.fetch(sql))
+        data.assemble(attr, parse_json([dict(r) for r in rows], json))
+    return data
 
 
 async def _load_ids_pg(conn: AsyncConnection, gen: Generation, scope: str, ids: list[str]) -> AuditData:

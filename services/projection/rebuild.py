@@ -6,7 +6,10 @@
    (facts.Buffer) and written in bulk (COPY on PostgreSQL), not one write per event. On
    PostgreSQL, worker processes fold slices of the archive side by side (the fold is
    Python, bound to one core each); their keyed rows are merged here in slice order.
-3. Evaluate the findings of every scope over the fact rows (violations.build).
+3. Evaluate the findings of every scope (violations): with worker processes, over the
+   fold's rows in memory, in two processes forked for it, while the keyed rows and the
+   indexes are written; in this process alone (which writes as it folds), over the fact
+   rows written.
 4. Catch up with what arrived meanwhile, then, holding the archive lock (live appends
    wait a moment), fold the last few events, re-evaluate the findings they touch and
    switch `active_generation` in the same transaction. Reads move to the new tables at
@@ -28,19 +31,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import gc
 import logging
 import os
 import pickle
+import signal
 import sys
 import time
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import and_, func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -49,8 +55,8 @@ import services
 from libs.events.envelope import iso, utcnow
 from libs.events.store import EventStore
 from services.projection import violations
-from services.projection.facts import ARCHIVE_COLUMNS, Buffer, Ev, current_versions, ev_of_row
-from services.projection.findings import registry_types
+from services.projection.facts import ARCHIVE_COLUMNS, Buffer, Ev, Records, current_versions, ev_of_row
+from services.projection.findings import TRANSFER, VEHICLE, registry_types
 from services.projection.slices import APPEND_ONLY, Part
 from services.projection.tables import (
     ACTIVE,
@@ -80,6 +86,7 @@ BUILDING = "building_generation"
 STALE_SECONDS = 3600
 
 Compare = Callable[[AsyncConnection, Generation], Awaitable[None]]
+T = TypeVar("T")
 
 
 class RebuildRunning(Exception):
@@ -166,10 +173,11 @@ async def _pages(reader: _Reader, part: Part, page: int) -> AsyncIterator[list[A
 
 class _AppendWriter:
     """Writes the append-only rows (one per event) as pages fill the buffer, in the
-    background, so the database inserts one batch while this process folds the next."""
+    background, so the database inserts one batch while this process folds the next;
+    into `keep` as well, when the findings are to be evaluated from memory."""
 
-    def __init__(self, store: EventStore, gen: Generation, page: int) -> None:
-        self.store, self.gen, self.page = store, gen, page
+    def __init__(self, store: EventStore, gen: Generation, page: int, keep: Records | None = None) -> None:
+        self.store, self.gen, self.page, self.keep = store, gen, page, keep
         self.pending: asyncio.Task[None] | None = None
 
     async def drain(self, buffer: Buffer, force: bool = False) -> None:
@@ -179,6 +187,9 @@ class _AppendWriter:
         part = Buffer(buffer.take(APPEND_ONLY))
         if part.rows:
             self.pending = asyncio.create_task(_write_fresh(self.store, self.gen, part))
+            if self.keep is not None:
+                for name in part.rows:
+                    self.keep.setdefault(name, []).extend(part.records(name))
 
     async def wait(self) -> None:
         if self.pending is not None:
@@ -274,24 +285,23 @@ class _Workers:
             raise RuntimeError(f"rebuild worker failed on {name}:\n{result}")
         return result
 
-    async def fold(self, conn: AsyncConnection, gen: Generation, order: str, upto: int, page: int) -> Buffer:
+    async def fold(self, conn: AsyncConnection, gen: Generation, order: str, upto: int, page: int,
+                   listed: Records) -> Buffer:
+        """The keyed rows of every slice, merged; the append-only rows (written by the
+        workers) into `listed`."""
         versions = current_versions()
         futures = [asyncio.ensure_future(self.run("fold_slice", gen.number, part, page, versions))
                    for part in await _plan(conn, order, upto, self.count * 2)]
         merged = Buffer()
         try:
             for future in futures:  # merged in the parts' order
-                rows, events, unreadable = await future
+                rows, records, events, unreadable = await future
                 merged.merge(Buffer(rows, events, unreadable))
+                for name, part in records.items():
+                    listed.setdefault(name, []).extend(part)
         finally:
             await asyncio.gather(*futures, return_exceptions=True)
         return merged
-
-    async def findings(self, conn: AsyncConnection, gen: Generation, known: set[str]) -> int:
-        plans = violations.plans(conn, gen)
-        counts = await asyncio.gather(*(self.run("evaluate_share", gen.number, plans, share, known)
-                                        for share in await violations.shares(conn, gen, self.count * 2)))
-        return sum(counts)
 
     async def close(self) -> None:
         for proc in self.procs:
@@ -303,6 +313,47 @@ class _Workers:
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+
+
+async def forked(fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) in a child process forked from this one, which sees this process's memory
+    as it is now without copying it (a rebuild's fold, a gigabyte at a million events) and
+    uses a core of its own; what it returns comes back pickled over a pipe. The child
+    touches nothing of this process but that memory (no event loop, no connection, no
+    thread) and leaves with os._exit."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child; its result is what the tests check)
+        try:
+            os.close(read_fd)
+            try:
+                reply: tuple[str, Any] = ("ok", fn(*args))
+            except BaseException:
+                reply = ("error", traceback.format_exc())
+            with os.fdopen(write_fd, "wb") as sink:
+                pickle.dump(reply, sink, protocol=pickle.HIGHEST_PROTOCOL)
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    try:
+        # A thread owns the pipe until the child has ended: even when this is cancelled.
+        status, result = pickle.loads(await asyncio.to_thread(_collect, read_fd, pid))
+    except asyncio.CancelledError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        raise
+    if status != "ok":
+        raise RuntimeError(f"rebuild's forked {getattr(fn, '__name__', fn)} failed:\n{result}")
+    return result  # type: ignore[no-any-return]
+
+
+def _collect(read_fd: int, pid: int) -> bytes:
+    """What the child wrote until it closed the pipe, then the child reaped."""
+    try:
+        with os.fdopen(read_fd, "rb") as source:
+            return source.read()
+    finally:
+        os.waitpid(pid, 0)
 
 
 def default_workers(store: EventStore) -> int:
@@ -369,7 +420,11 @@ async def _rebuild(store: EventStore, order: str, page: int, flush_rows: int, fo
     known = registry_types()
     current = current_versions()
     written: set[str] = set()  # keyed tables already holding rows: later writes must merge
-    writer = _AppendWriter(store, gen, page)
+    pool = _Workers(store, workers) if workers > 1 else None
+    # With worker processes the whole fold comes back to this process: the findings are
+    # evaluated over it in memory, beside the writes, rather than read back afterwards.
+    listed: Records | None = {} if pool is not None else None  # its append-only rows, as written
+    writer = _AppendWriter(store, gen, page, keep=listed)
     buffer = Buffer()
 
     async def write_keyed() -> None:
@@ -398,14 +453,14 @@ async def _rebuild(store: EventStore, order: str, page: int, flush_rows: int, fo
             add(ev)
         return evs
 
-    pool = _Workers(store, workers) if workers > 1 else None
     width = 1 if store.is_sqlite else workers  # connections writing side by side
+    evaluation: asyncio.Future[tuple[violations.Evaluated, violations.Evaluated]] | None = None
     try:
-        if pool is not None:
+        if pool is not None and listed is not None:
             async with store.engine.connect() as pconn:
                 await pool.start(pconn)
                 lap("workers started")
-                buffer = await pool.fold(pconn, gen, order, upto, page)
+                buffer = await pool.fold(pconn, gen, order, upto, page, listed)
         else:
             async with store.engine.connect() as pconn:
                 parts = await _plan(pconn, order, upto, 1)
@@ -427,20 +482,29 @@ async def _rebuild(store: EventStore, order: str, page: int, flush_rows: int, fo
         await writer.drain(buffer, force=True)
         await writer.wait()
         lap("catch up")
+        if listed is not None:
+            # The two scopes in two forked processes, beside the writes below.
+            async with store.engine.connect() as conn:
+                dispatch_upto = await violations.contiguous(conn, violations.DISPATCH_STORE, 0, last)
+            keyed = dict(buffer.rows)
+            evaluation = asyncio.ensure_future(asyncio.gather(
+                forked(violations.evaluate_folded, keyed, listed, known, VEHICLE),
+                forked(violations.evaluate_folded, keyed, listed, known, TRANSFER, dispatch_upto)))
         await write_keyed()
         lap("keyed rows")
         async with store.engine.connect() as conn:
             tables = await largest_first(conn, list(gen.tables.values()))
         await side_by_side(store, width, [functools.partial(create_indexes, table=t) for t in tables])
         lap("indexes")
-        # The findings of every scope, from the fact rows just written.
-        if pool is not None:
-            async with store.engine.connect() as conn:
-                report.findings = await pool.findings(conn, gen, known)
-            lap("findings in workers")
+        # The findings of every scope, as the live path would have written them.
         async with write_tx(store) as conn:
-            report.findings += await violations.build(conn, gen, known, last, shared=pool is not None)
-        lap("findings" if pool is None else "R4 queue")
+            if evaluation is not None:
+                vehicles, transfers = await evaluation
+                report.findings = await violations.write_evaluated(
+                    conn, gen, {VEHICLE: vehicles, TRANSFER: transfers}, known)
+            else:
+                report.findings = await violations.build(conn, gen, known, last)
+        lap("findings")
         # The switch: live appends wait on the archive lock; whatever they archived since
         # the last read is folded here, with the findings it touches, as the live path
         # does, so the new generation misses nothing.
@@ -468,6 +532,9 @@ async def _rebuild(store: EventStore, order: str, page: int, flush_rows: int, fo
         lap("switch")
     except BaseException:
         writer.cancel()
+        if evaluation is not None:
+            evaluation.cancel()  # the children are killed
+            await asyncio.gather(evaluation, return_exceptions=True)
         if pool is not None:
             await pool.close()
         async with write_tx(store) as conn:

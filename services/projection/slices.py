@@ -1,5 +1,4 @@
-"""A rebuild's work in worker processes (PostgreSQL): slices of the fold, shares of the
-findings.
+"""A rebuild's fold in worker processes (PostgreSQL), a slice of the archive each.
 
 A worker is `python -m services.projection.slices`: it reads jobs from its stdin and
 writes their results to its stdout (pickled, each behind its length). It works through
@@ -8,12 +7,11 @@ passes the schema versions and the SQL), so it starts in a fraction of a second,
 shares nothing with the parent's event loop, threads or connections (which forking the
 parent would copy).
 
-- fold_slice: folds one slice of the archive. It writes the append-only rows (one per
-  event) itself, with COPY, and returns the keyed rows (a transfer, a trip, ...), since
-  those may take facts from events of other slices too; the parent merges them in slice
-  order.
-- evaluate_share: evaluates the findings of a share of the vehicles and transfers, from
-  the fact rows, and writes them.
+fold_slice folds one slice of the archive. It writes the append-only rows (one per event)
+itself, with COPY, and returns every row it folded: the keyed ones (a transfer, a trip,
+...) may take facts from events of other slices too, so the parent merges them in slice
+order and writes them; the append-only ones as they were copied. The parent evaluates
+the findings over all of them in memory.
 """
 
 from __future__ import annotations
@@ -29,9 +27,7 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 
-from services.projection import findings
-from services.projection.data import AuditData, PlanSql, parse_json
-from services.projection.facts import ARCHIVE_COLUMNS, SPECS, Buffer, ev_of_row
+from services.projection.facts import ARCHIVE_COLUMNS, SPECS, Buffer, Records, Rows, ev_of_row
 
 APPEND_ONLY = tuple(name for name, spec in SPECS.items() if spec.append_only)
 _COLUMNS = ", ".join(ARCHIVE_COLUMNS)
@@ -65,30 +61,31 @@ class Part:
         return int(row[0] if self.order == "seq" else row[3])
 
 
-Rows = dict[str, dict[tuple[Any, ...], dict[str, Any]]]
-
-
 def fold_slice(dsn: str, search_path: str, number: int, part: Part, page: int,
-               versions: dict[str, int]) -> tuple[Rows, int, int]:
-    """Runs in a worker process: (keyed rows, events, unreadable) of this slice."""
+               versions: dict[str, int]) -> tuple[Rows, Records, int, int]:
+    """Runs in a worker process: (keyed rows, append-only rows as copied, events,
+    unreadable) of this slice; the append-only rows are in the generation's tables."""
     return asyncio.run(_fold_slice(dsn, search_path, number, part, page, versions))
 
 
 async def _fold_slice(dsn: str, search_path: str, number: int, part: Part, page: int,
-                      versions: dict[str, int]) -> tuple[Rows, int, int]:
+                      versions: dict[str, int]) -> tuple[Rows, Records, int, int]:
     gc.disable()  # a short-lived process that only accumulates (see rebuild.rebuild)
     read = await asyncpg.connect(dsn, server_settings={"search_path": search_path})
     write = await asyncpg.connect(dsn, server_settings={"search_path": search_path,
                                                         "synchronous_commit": "off"})
     buffer = Buffer()
+    written: Records = {}  # the append-only rows copied, returned as they were copied
     pending: asyncio.Task[None] | None = None
 
     async def copy(rows: Buffer) -> None:
         async with write.transaction():
             for name in rows.rows:
                 spec = SPECS[name]
-                await write.copy_records_to_table(f"g{number}_{name}", records=rows.records(name),
+                records = rows.records(name)
+                await write.copy_records_to_table(f"g{number}_{name}", records=records,
                                                   columns=[*spec.key, *spec.columns])
+                written.setdefault(name, []).extend(records)
 
     try:
         after: int | None = None
@@ -110,72 +107,10 @@ async def _fold_slice(dsn: str, search_path: str, number: int, part: Part, page:
     finally:
         await read.close()
         await write.close()
-    return buffer.rows, buffer.events, buffer.unreadable
+    return buffer.rows, written, buffer.events, buffer.unreadable
 
 
-async def run_plan(conn: Any, plan: PlanSql, ids: list[str]) -> AuditData:
-    """A load plan (queries.scope_plan as SQL) for these ids, on an asyncpg connection."""
-    data = AuditData()
-    for attr, sql, json, takes_ids in plan:
-        rows = await (conn.fetch(sql, ids) if takes_ids else conn.fetch(sql))
-        data.assemble(attr, parse_json([dict(r) for r in rows], json))
-    return data
-
-
-def evaluate_share(dsn: str, search_path: str, number: int, plans: dict[str, PlanSql],
-                   share: dict[str, list[str]], known: set[str]) -> int:
-    """Runs in a worker process: writes the findings of these vehicles and transfers (and
-    what failed), returns how many findings."""
-    return asyncio.run(_evaluate_share(dsn, search_path, number, plans, share, known))
-
-
-async def _evaluate_share(dsn: str, search_path: str, number: int, plans: dict[str, PlanSql],
-                          share: dict[str, list[str]], known: set[str]) -> int:
-    gc.disable()
-    conn = await asyncpg.connect(dsn, server_settings={"search_path": search_path})
-
-    async def load(plan: PlanSql, ids: list[str]) -> AuditData:
-        return await run_plan(conn, plan, ids)
-
-    async def evaluate(scope: str, ids: list[str]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        keys = {f"{scope}:{i}" for i in ids}
-        failed: list[dict[str, str]] = []
-        found = findings.evaluate_scope(await load(plans[scope], ids), scope, known, failed)
-        if not failed:
-            return [findings.row_of(k, f) for k, f in found if k in keys], []
-        if len(ids) == 1:  # one odd scope costs only its own findings, as it does live
-            return ([findings.row_of(k, f) for k, f in found if k in keys],
-                    [{**x, "scope": next(iter(keys))} for x in failed])
-        rows: list[dict[str, Any]] = []
-        failures: list[dict[str, Any]] = []
-        for one in ids:
-            r, x = await evaluate(scope, [one])
-            rows += r
-            failures += x
-        return rows, failures
-
-    try:
-        rows: list[dict[str, Any]] = []
-        failures: list[dict[str, Any]] = []
-        for scope, ids in share.items():
-            if ids:
-                r, x = await evaluate(scope, ids)
-                rows += r
-                failures += x
-        async with conn.transaction():
-            unique = {r["id"]: r for r in rows}.values()
-            await conn.copy_records_to_table(
-                f"g{number}_findings", columns=list(findings.ROW_COLUMNS),
-                records=[tuple(r[c] for c in findings.ROW_COLUMNS) for r in unique])
-            await conn.copy_records_to_table(
-                f"g{number}_check_failures", columns=["scope", "check", "rule", "error"],
-                records=[(x["scope"], x["check"], x["rule"], x["error"]) for x in failures])
-    finally:
-        await conn.close()
-    return len(rows)
-
-
-JOBS: dict[str, Callable[..., Any]] = {"fold_slice": fold_slice, "evaluate_share": evaluate_share}
+JOBS: dict[str, Callable[..., Any]] = {"fold_slice": fold_slice}
 
 
 def _serve() -> None:

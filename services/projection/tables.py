@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -92,6 +93,11 @@ _TYPES: dict[str, Any] = {
     "stream_version": Integer, "occupied": Integer, "ratio": Float, "overflowing": Boolean,
     "dedicated_pool": Boolean, "life_support": Boolean,
 }
+# How a number comes back from its column (a payload's 1 is a ratio's 1.0): what a fold's
+# rows in memory are coerced with to equal the rows read back (queries.folded_scope).
+NUMERIC_COLUMNS: dict[str, Callable[[Any], Any]] = {
+    name: float if kind is Float else int
+    for name, kind in _TYPES.items() if kind in (Integer, BigInteger, Float)}
 # Indexes of the fact tables: what the views filter on, and what the findings model looks
 # up to know which scopes an event touches (violations.touched).
 _INDEXED: dict[str, tuple[tuple[str, ...], ...]] = {

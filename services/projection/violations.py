@@ -26,23 +26,25 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
 import orjson
-from sqlalchemy import and_, any_, delete, func, insert, or_, select, union
+from sqlalchemy import and_, delete, func, insert, or_, select, union
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from services.projection import findings as checks
-from services.projection.data import AuditData, PlanSql
+from services.projection.data import AuditData
+from services.projection.facts import Records, Rows
 from services.projection.queries import (
-    IDS,
+    SCOPE_TABLES,
     fetch,
+    folded_queue,
+    folded_scope,
+    load_folded,
     load_scope,
     parse_rows,
-    plan_sql,
-    reference_plan,
-    scope_plan,
 )
 from services.projection.tables import Generation, archive, copy_records
 
@@ -246,19 +248,16 @@ async def apply(conn: AsyncConnection, gen: Generation, events: Sequence[Deliver
         await advance_queue(conn, gen, known)
 
 
-async def build(conn: AsyncConnection, gen: Generation, known: set[str], upto_seq: int,
-                shared: bool = False) -> int:
-    """Every scope at once (a rebuild, before its switch): the rows the live path would
-    have written, given the events archived up to `upto_seq` (all of them folded). With
-    `shared`, worker processes have evaluated the vehicles and transfers (shares), and
-    only R4's fold is left here. Returns how many findings this wrote."""
+async def build(conn: AsyncConnection, gen: Generation, known: set[str], upto_seq: int) -> int:
+    """Every scope at once (a rebuild, before its switch), from the fact rows written: the
+    rows the live path would have written, given the events archived up to `upto_seq`
+    (all of them folded). Returns how many findings this wrote."""
     rows: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
-    if not shared:
-        for scope in (checks.VEHICLE, checks.TRANSFER):
-            found, failed = await _evaluate(conn, gen, scope, None, known)
-            rows += found
-            failures += failed
+    for scope in (checks.VEHICLE, checks.TRANSFER):
+        found, failed = await _evaluate(conn, gen, scope, None, known)
+        rows += found
+        failures += failed
     if checks.R4_SPEC.needs <= known:
         fold = checks.QueueFold()
         fold.position = await contiguous(conn, DISPATCH_STORE, 0, upto_seq)
@@ -269,6 +268,62 @@ async def build(conn: AsyncConnection, gen: Generation, known: set[str], upto_se
                 queue.setdefault(f.id, f)
         rows += [checks.row_of(checks.DISPATCH, f) for f in queue.values()]
         await _save_fold(conn, gen, fold, fresh=True)
+    await write_rows(conn, gen, rows)
+    if failures:
+        await conn.execute(insert(gen["check_failures"]), failures)
+    return len(rows)
+
+
+@dataclass
+class Evaluated:
+    """build()'s findings of one scope, evaluated over a fold's rows in memory."""
+
+    rows: list[dict[str, Any]]
+    failed: bool  # a check failed over the whole scope: evaluate it from the tables instead
+    queue: checks.QueueFold | None = None  # R4's fold, when asked for and its types are known
+    queued: list[dict[str, Any]] = field(default_factory=list)  # what R4's fold found
+
+
+def evaluate_folded(keyed: Rows, listed: Records, known: set[str], scope: str,
+                    dispatch_upto: int | None = None) -> Evaluated:
+    """What build() finds for one scope (and, given `dispatch_upto`, how far the archive
+    holds dispatch's store without a gap, R4's fold), from the rows a rebuild folded, in
+    memory (its keyed rows, and its append-only rows as written), rather than from the
+    tables they are being written to: a rebuild runs this beside those writes. Pure."""
+    loaded = load_folded(keyed, listed, SCOPE_TABLES[scope])
+    failed: list[dict[str, str]] = []
+    found = checks.evaluate_scope(folded_scope(loaded, scope), scope, known, failed)
+    out = Evaluated([] if failed else [checks.row_of(k, f) for k, f in found], bool(failed))
+    if dispatch_upto is not None and checks.R4_SPEC.needs <= known:
+        out.queue = checks.QueueFold()
+        out.queue.position = dispatch_upto
+        data = folded_queue(keyed, loaded, dispatch_upto)
+        queue: dict[str, checks.Finding] = {}
+        for d in data.decisions:
+            for f in out.queue.apply(d, data):
+                queue.setdefault(f.id, f)
+        out.queued = [checks.row_of(checks.DISPATCH, f) for f in queue.values()]
+    return out
+
+
+async def write_evaluated(conn: AsyncConnection, gen: Generation, evaluated: dict[str, Evaluated],
+                          known: set[str]) -> int:
+    """Writes what evaluate_folded found for each scope (vehicle, then transfer, as
+    build() orders them), once the fact rows are written: a scope whose check failed is
+    evaluated from them, key by key, as build() does. Returns how many findings."""
+    rows: list[dict[str, Any]] = []
+    failures: list[dict[str, Any]] = []
+    for scope in (checks.VEHICLE, checks.TRANSFER):
+        if evaluated[scope].failed:
+            found, failed = await _evaluate(conn, gen, scope, None, known)
+            rows += found
+            failures += failed
+        else:
+            rows += evaluated[scope].rows
+    for one in evaluated.values():
+        if one.queue is not None:
+            rows += one.queued
+            await _save_fold(conn, gen, one.queue, fresh=True)
     await write_rows(conn, gen, rows)
     if failures:
         await conn.execute(insert(gen["check_failures"]), failures)
@@ -317,24 +372,6 @@ async def load_queue(conn: AsyncConnection, gen: Generation, upto: int) -> Audit
     data.assemble("transfers", await fetch(conn, select(t.c.transfer_id, t.c.request).where(
         t.c.transfer_id.in_(waited))))
     return data
-
-
-async def shares(conn: AsyncConnection, gen: Generation, count: int) -> list[dict[str, list[str]]]:
-    """Every vehicle and transfer, dealt into `count` shares for worker processes."""
-    out: list[dict[str, list[str]]] = [{} for _ in range(count)]
-    for scope in (checks.VEHICLE, checks.TRANSFER):
-        ids = await scope_ids(conn, gen, scope)
-        for n, share in enumerate(out):
-            share[scope] = ids[n::count]
-    return out
-
-
-def plans(conn: AsyncConnection, gen: Generation) -> dict[str, PlanSql]:
-    """The scope loads as SQL taking a share's ids (worker processes run them), with every
-    vehicle, facility and load report for the transfers' checks."""
-    return {scope: plan_sql(conn, scope_plan(gen, scope, lambda column: column == any_(IDS))
-                            + (reference_plan(gen) if scope == checks.TRANSFER else []))
-            for scope in (checks.VEHICLE, checks.TRANSFER)}
 
 
 async def write_rows(conn: AsyncConnection, gen: Generation, rows: list[dict[str, Any]]) -> None:

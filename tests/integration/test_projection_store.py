@@ -21,9 +21,10 @@ from libs.events.catalog import dispatch as dsp
 from libs.events.catalog import transfer as trn
 from libs.events.contracts import Event
 from libs.events.store import EventStore, Meta
-from services.projection import queries, violations
+from services.projection import findings, queries, violations
 from services.projection import rebuild as rebuild_module
 from services.projection.consumers import CONSUMES
+from services.projection.data import AuditData
 from services.projection.facts import Buffer
 from services.projection.rebuild import BUILDING, rebuild, upgrade
 from services.projection.tables import (
@@ -174,11 +175,45 @@ async def test_forbidden_histories_appended_into_stores_are_found(stores: dict[s
     r4 = next(f for f in found if f["rule"] == "R4")
     assert r4["transfer_id"] == "urgent" and "priority 3" in r4["detail"]
 
-    for order in ("seq", "store"):
-        report = await rebuild(stores["projection"], order=order, page=7)
-        assert report.events + report.caught_up == total
+    # On PostgreSQL both ways a rebuild evaluates the findings: over the fact rows it wrote
+    # (one process), and over its fold in memory (worker processes).
+    for workers in ((1,) if stores["projection"].is_sqlite else (1, 2)):
+        for order in ("seq", "store"):
+            report = await rebuild(stores["projection"], order=order, page=7, workers=workers)
+            assert report.events + report.caught_up == total
+            async with stores["projection"].engine.connect() as conn:
+                assert await queries.dump(conn, generation(report.generation)) == live, (order, workers)
+
+
+@pytest.mark.postgres
+async def test_a_check_that_trips_over_one_vehicle_costs_only_its_findings_in_a_rebuild(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Live, a check that fails on one vehicle's rows is reported for that vehicle alone.
+    A rebuild evaluating its fold in memory sees it fail over every vehicle at once: it
+    evaluates that scope again from the tables, key by key, and comes out as live did."""
+    def odd(data: AuditData) -> list[findings.Finding]:
+        if "v2" in data.vehicles:
+            raise ValueError("odd data for v2")
+        return []
+
+    spec = findings.CheckSpec("R1", "odd_for_v2", "fails on v2", frozenset({"VehicleRegistered"}), odd,
+                              findings.VEHICLE)
+    monkeypatch.setattr(findings, "ALL_CHECKS", (*findings.ALL_CHECKS, spec))
+    async with AsyncExitStack() as stack:
+        stores: dict[str, EventStore] = {}
+        for name in ("dispatch", "transfer", "disinfection", "projection"):
+            store = pg_store(name, await stack.enter_async_context(fresh_pg_schema()))
+            stack.push_async_callback(store.close)
+            await store.create_schema(metadata if name == "projection" else None)
+            stores[name] = store
+        await forbidden_histories(stores)
+        await run_projection(stores)
         async with stores["projection"].engine.connect() as conn:
-            assert await queries.dump(conn, generation(report.generation)) == live, order
+            live = await queries.dump(conn, generation(1))
+        assert [(r[0], r[1]) for r in live["check_failures"]] == [("vehicle:v2", "odd_for_v2")]
+        report = await rebuild(stores["projection"], workers=2)
+        async with stores["projection"].engine.connect() as conn:
+            assert await queries.dump(conn, generation(report.generation)) == live
 
 
 async def test_rebuild_while_events_keep_arriving_misses_nothing(stores: dict[str, EventStore]) -> None:
