@@ -126,25 +126,35 @@ REFERENCE = ("vehicles", "facilities", "facility_loads")
 Loaded = dict[str, list[dict[str, Any]]]  # fact rows as a load returns them, by table
 
 
-# The tables each scope's checks read (scope_plan, and reference_plan for transfers).
-SCOPE_TABLES = {
-    VEHICLE: ("vehicles", "cycles", "swabs", "vehicle_log", "decisions", "others", "trips"),
-    TRANSFER: ("transfers", "trips", "decisions", "others", *REFERENCE),
+# The tables each scope's checks read (scope_plan, and reference_plan for transfers), with
+# the column a row must have for them: loading the rest would be in vain (R4's fold,
+# evaluated with the transfers, reads every decision).
+SCOPE_TABLES: dict[str, dict[str, str | None]] = {
+    VEHICLE: {"vehicles": None, "cycles": "vehicle_id", "swabs": "vehicle_id", "vehicle_log": "vehicle_id",
+              "decisions": "vehicle_id", "others": "vehicle_id", "trips": None},
+    TRANSFER: {"transfers": None, "trips": "transfer_id", "decisions": None, "others": "transfer_id",
+               **dict.fromkeys(REFERENCE)},
 }
 
 
-def load_folded(keyed: Rows, listed: Records, names: Iterable[str]) -> Loaded:
+def load_folded(keyed: Rows, listed: Records, tables: dict[str, str | None]) -> Loaded:
     """These tables of a fold's rows (in memory) as the scope loads read them back from
     the tables they are written to: the columns the checks read, JSON parsed (but
-    `data`), numbers as their columns store them. A rebuild evaluates its findings over
-    these (folded_scope) instead of reading them back."""
-    names = set(names)
-    out = {name: _as_loaded(name, table, _CHECKED.get(name) or _ALL[name])
-           for name, table in keyed.items() if name in names}
+    `data`), numbers as their columns store them; only the rows that have the column
+    `tables` names. A rebuild evaluates its findings over these (folded_scope) instead of
+    reading them back."""
+    out: Loaded = {}
+    for name, table in keyed.items():
+        if name in tables:
+            out[name] = _as_loaded(name, table, _CHECKED.get(name) or _ALL[name], tables[name])
     for name, records in listed.items():
-        if name not in names:
+        if name not in tables:
             continue
         columns = _ALL[name]
+        needed = tables[name]
+        if needed is not None:
+            at = columns.index(needed)
+            records = [r for r in records if r[at] is not None]
         numbers = [(c, NUMERIC_COLUMNS[c]) for c in columns if c in NUMERIC_COLUMNS]
         rows = [dict(zip(columns, r, strict=True)) for r in records]
         _coerce(rows, numbers)
@@ -196,7 +206,7 @@ _ALL = {name: (*spec.key, *spec.columns) for name, spec in SPECS.items()}
 
 
 def _as_loaded(name: str, rows: dict[tuple[Any, ...], dict[str, Any]],
-               columns: Sequence[str]) -> list[dict[str, Any]]:
+               columns: Sequence[str], needed: str | None = None) -> list[dict[str, Any]]:
     keys = SPECS[name].key
     from_key = [(c, keys.index(c)) for c in columns if c in keys]
     rest = [c for c in columns if c not in keys]
@@ -204,6 +214,8 @@ def _as_loaded(name: str, rows: dict[tuple[Any, ...], dict[str, Any]],
     loads = orjson.loads
     out = []
     for key, row in rows.items():
+        if needed is not None and (key[keys.index(needed)] if needed in keys else row.get(needed)) is None:
+            continue
         r = {c: key[i] for c, i in from_key}
         get = row.get
         for c in rest:

@@ -217,7 +217,13 @@ async def create_indexes(conn: AsyncConnection, table: Table) -> None:
     (`= ANY`) took 96 s instead of 6 (600k events, 2 workers)."""
     for index in sorted(table.indexes, key=lambda i: str(i.name)):
         await conn.run_sync(index.create)
-    await conn.execute(text(f"ANALYZE {table.name}"))
+    if conn.dialect.name == "postgresql":
+        # Not of the JSON proofs, which no query filters on: sampling them reads their
+        # TOAST (1M events: 1.7 s of the analyses, 0.5 s without them).
+        columns = ", ".join(f'"{c.name}"' for c in table.columns if not isinstance(c.type, Text))
+        await conn.execute(text(f"ANALYZE {table.name} ({columns})"))
+    else:
+        await conn.execute(text(f"ANALYZE {table.name}"))
 
 
 async def largest_first(conn: AsyncConnection, tables: list[Table]) -> list[Table]:
