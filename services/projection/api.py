@@ -90,7 +90,7 @@ async def transfer_timeline(transfer_id: str, store: Store) -> Any:
 @router.get("/vehicles/{vehicle_id}/custody")
 async def vehicle_custody(vehicle_id: str, store: Store) -> Any:
     async with store.engine.connect() as conn:
-        data = await queries.load(conn, vehicle_id=vehicle_id)
+        data = await queries.load(conn, vehicle_id=vehicle_id, tables=custody_view.READS)
         found = await violations_model.of_vehicle(conn, await queries.current(conn), vehicle_id, utcnow())
     view = custody_view.custody(data, vehicle_id, found)
     if view is None:
@@ -132,7 +132,7 @@ async def violations(
 @router.get("/exposures")
 async def exposures(store: Store, vehicle_id: str | None = None) -> Any:
     """The transfers and patients exposed to each positive vehicle."""
-    data = await _data(store, vehicle_id=vehicle_id) if vehicle_id else await _data(store)
+    data = await _data(store, vehicle_id=vehicle_id, tables=custody_view.READS)
     return {"exposures": custody_view.exposures(data, vehicle_id)}
 
 
@@ -140,7 +140,7 @@ async def exposures(store: Store, vehicle_id: str | None = None) -> Any:
 async def kpis(store: Store, from_: Annotated[str | None, Query(alias="from")] = None,
                to: str | None = None, clock: Literal["device", "server"] = "device") -> Any:
     day_from, day_to = _day(from_, "from"), _day(to, "to")
-    data = await _data(store, day_from=day_from, day_to=day_to)
+    data = await _data(store, day_from=day_from, day_to=day_to, tables=kpis_view.READS)
     return kpis_view.indicators(data, utcnow(), clock, day_from, day_to)
 
 
@@ -156,7 +156,7 @@ async def ledger(request: Request, store: Store, date: str | None = None,
     if date:
         day_from = _day(date, "date")
         day_to = (datetime.fromisoformat(day_from or "") + timedelta(days=1)).date().isoformat()
-    data = await _data(store, day_from=day_from, day_to=day_to)
+    data = await _data(store, day_from=day_from, day_to=day_to, tables=ledger_view.READS)
     rows: list[dict[str, Any]] = ledger_view.rows(data, day_from, day_to)
     name = f"ledger-{day_from or 'all'}"
     if format != "json":

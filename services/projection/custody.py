@@ -44,6 +44,9 @@ def _cycle_view(data: AuditData, cycle: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+READS = ("vehicles", "transfers", "trips", "cycles", "swabs")  # what custody() and exposures() read
+
+
 def custody(data: AuditData, vehicle_id: str, findings: list[dict[str, Any]]) -> dict[str, Any] | None:
     """Trip, first stage, terminal stage (each with its footage), swab, result, release,
     back in service; link after link over the vehicle's whole life, and where a link is

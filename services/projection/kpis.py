@@ -124,6 +124,9 @@ def dispatch_rate(data: AuditData, selected: list[Row], now: datetime) -> dict[s
             "met": met, "rate": rate, "meets_target": rate is not None and rate >= DISPATCH_TARGET_RATE}
 
 
+READS = ("transfers", "trips", "cycles", "swabs")  # the fact tables indicators() reads
+
+
 def indicators(data: AuditData, now: datetime, clock: str = "device", day_from: str | None = None,
                day_to: str | None = None) -> dict[str, Any]:
     indexed = data.indexed()

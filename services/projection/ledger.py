@@ -27,6 +27,9 @@ def _device(ref: dict[str, Any] | None) -> str | None:
     return ref.get("at") if ref else None
 
 
+READS = ("transfers", "trips", "vehicles", "facilities")  # the fact tables rows() reads
+
+
 def rows(data: AuditData, day_from: str | None = None, day_to: str | None = None) -> list[dict[str, Any]]:
     """One row per trip (a transfer with two vehicles after a breakdown has two), and one
     per transfer still waiting for a vehicle, so the ledger misses nobody."""

@@ -353,10 +353,12 @@ async def current(conn: AsyncConnection) -> Generation | None:
 
 
 async def load(conn: AsyncConnection, gen: Generation | None = None, *, day_from: str | None = None,
-               day_to: str | None = None, vehicle_id: str | None = None) -> AuditData:
-    """The fact rows the views read: all of them, or those of the transfers requested in
-    [day_from, day_to) (local days), or those of one vehicle's trips and cycles. The
-    scoped loads read a day's or a vehicle's rows, not the whole history."""
+               day_to: str | None = None, vehicle_id: str | None = None,
+               tables: Collection[str] = (*KEYED, *LISTED)) -> AuditData:
+    """The fact rows the views read, of these tables (what a view reads: its READS): all
+    of them, or those of the transfers requested in [day_from, day_to) (local days), or
+    those of one vehicle's trips and cycles. The scoped loads read a day's or a vehicle's
+    rows, not the whole history."""
     gen = gen or await current(conn)
     data = AuditData()
     if gen is None:
@@ -387,14 +389,14 @@ async def load(conn: AsyncConnection, gen: Generation | None = None, *, day_from
             where["vehicle_log"] = gen["vehicle_log"].c.transfer_id.in_(transfer_ids)
         where["transfers"] = t.c.transfer_id.in_(transfer_ids)
         where["decisions"] = gen["decisions"].c.transfer_id.in_(transfer_ids)
-    for name in KEYED:
+    for name in (n for n in KEYED if n in tables):
         key = SPECS[name].key[0]
         target: dict[str, dict[str, Any]] = getattr(data, name)
         q = select(gen[name]) if name not in where else select(gen[name]).where(where[name])
         for row in await conn.execute(q):
             parsed = _parse(row)
             target[parsed[key]] = parsed
-    for name in LISTED:
+    for name in (n for n in LISTED if n in tables):
         listed: list[dict[str, Any]] = getattr(data, name)
         q = select(gen[name]) if name not in where else select(gen[name]).where(where[name])
         listed.extend(_parse(r) for r in await conn.execute(q))

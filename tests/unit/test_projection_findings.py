@@ -13,7 +13,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.projection import findings, kpis
+from services.projection import custody, findings, kpis, ledger
 from services.projection.custody import exposures
 from services.projection.data import AuditData, from_rows
 from services.projection.facts import Buffer, Ev, Fact
@@ -470,6 +470,22 @@ def test_clean_history_has_no_findings_and_views_add_up() -> None:
     k = kpis.indicators(data, h.clock)
     assert k["transfers"] == 3 and k["overall"]["segments"]["at_pickup_to_at_destination"]["p50"] == 120
     assert k["overall"]["dispatch_within_3_min"]["rate"] == 0.0  # 6 min between request and assignment
+
+
+def test_each_view_reads_only_the_tables_it_names() -> None:
+    """The routes load only a view's READS (the ledger over a year of history need not read
+    every decision and vehicle log): over those alone each view comes out as over all."""
+    h = full_history()
+    everything = h.data()
+
+    def only(names: tuple[str, ...]) -> AuditData:
+        return AuditData(**{name: getattr(everything, name) for name in names})
+
+    assert ledger.rows(only(ledger.READS)) == ledger.rows(everything) != []
+    assert kpis.indicators(only(kpis.READS), h.clock) == kpis.indicators(everything, h.clock)
+    assert exposures(only(custody.READS)) == exposures(everything) != []
+    assert (custody.custody(only(custody.READS), "v1", []) == custody.custody(everything, "v1", [])
+            is not None)
 
 
 # -- KPIs and privacy -----------------------------------------------------------------------
