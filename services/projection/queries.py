@@ -211,10 +211,11 @@ def _as_loaded(name: str, rows: dict[tuple[Any, ...], dict[str, Any]],
     from_key = [(c, keys.index(c)) for c in columns if c in keys]
     rest = [c for c in columns if c not in keys]
     parsed = [c for c in rest if c in JSON_COLUMNS and c not in _LAZY]
+    at = keys.index(needed) if needed in keys else None
     loads = orjson.loads
     out = []
     for key, row in rows.items():
-        if needed is not None and (key[keys.index(needed)] if needed in keys else row.get(needed)) is None:
+        if needed is not None and (key[at] if at is not None else row.get(needed)) is None:
             continue
         r = {c: key[i] for c, i in from_key}
         get = row.get

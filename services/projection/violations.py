@@ -259,14 +259,9 @@ async def build(conn: AsyncConnection, gen: Generation, known: set[str], upto_se
         rows += found
         failures += failed
     if checks.R4_SPEC.needs <= known:
-        fold = checks.QueueFold()
-        fold.position = await contiguous(conn, DISPATCH_STORE, 0, upto_seq)
-        queue: dict[str, checks.Finding] = {}
-        data = await load_queue(conn, gen, fold.position)
-        for d in data.decisions:
-            for f in fold.apply(d, data):
-                queue.setdefault(f.id, f)
-        rows += [checks.row_of(checks.DISPATCH, f) for f in queue.values()]
+        upto = await contiguous(conn, DISPATCH_STORE, 0, upto_seq)
+        fold, queued = _fold_queue(await load_queue(conn, gen, upto), upto)
+        rows += queued
         await _save_fold(conn, gen, fold, fresh=True)
     await write_rows(conn, gen, rows)
     if failures:
@@ -295,15 +290,20 @@ def evaluate_folded(keyed: Rows, listed: Records, known: set[str], scope: str,
     found = checks.evaluate_scope(folded_scope(loaded, scope), scope, known, failed)
     out = Evaluated([] if failed else [checks.row_of(k, f) for k, f in found], bool(failed))
     if dispatch_upto is not None and checks.R4_SPEC.needs <= known:
-        out.queue = checks.QueueFold()
-        out.queue.position = dispatch_upto
-        data = folded_queue(keyed, loaded, dispatch_upto)
-        queue: dict[str, checks.Finding] = {}
-        for d in data.decisions:
-            for f in out.queue.apply(d, data):
-                queue.setdefault(f.id, f)
-        out.queued = [checks.row_of(checks.DISPATCH, f) for f in queue.values()]
+        out.queue, out.queued = _fold_queue(folded_queue(keyed, loaded, dispatch_upto), dispatch_upto)
     return out
+
+
+def _fold_queue(data: AuditData, upto: int) -> tuple[checks.QueueFold, list[dict[str, Any]]]:
+    """R4's fold over dispatch's decisions up to `upto` (load_queue's data), from the
+    start: the fold and the rows of what it found."""
+    fold = checks.QueueFold()
+    fold.position = upto
+    queue: dict[str, checks.Finding] = {}
+    for d in data.decisions:
+        for f in fold.apply(d, data):
+            queue.setdefault(f.id, f)
+    return fold, [checks.row_of(checks.DISPATCH, f) for f in queue.values()]
 
 
 async def write_evaluated(conn: AsyncConnection, gen: Generation, evaluated: dict[str, Evaluated],
