@@ -57,7 +57,7 @@ from libs.events.store import EventStore
 from services.projection import violations
 from services.projection.facts import ARCHIVE_COLUMNS, Buffer, Ev, Records, current_versions, ev_of_row
 from services.projection.findings import TRANSFER, VEHICLE, registry_types
-from services.projection.slices import APPEND_ONLY, Part
+from services.projection.slices import APPEND_ONLY, Part, unpack
 from services.projection.tables import (
     ACTIVE,
     SCHEMA,
@@ -278,7 +278,7 @@ class _Workers:
             proc.stdin.write(len(body).to_bytes(8, "big") + body)
             await proc.stdin.drain()
             size = int.from_bytes(await proc.stdout.readexactly(8), "big")
-            status, result = pickle.loads(await proc.stdout.readexactly(size))
+            status, result = unpack(await proc.stdout.readexactly(size))
         finally:
             self.idle.put_nowait(proc)
         if status != "ok":

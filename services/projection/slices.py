@@ -1,7 +1,7 @@
 """A rebuild's fold in worker processes (PostgreSQL), a slice of the archive each.
 
 A worker is `python -m services.projection.slices`: it reads jobs from its stdin and
-writes their results to its stdout (pickled, each behind its length). It works through
+writes their results to its stdout (each behind its length: `pack`). It works through
 asyncpg alone and imports neither SQLAlchemy nor the pydantic catalogue (the parent
 passes the schema versions and the SQL), so it starts in a fraction of a second, and it
 shares nothing with the parent's event loop, threads or connections (which forking the
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import marshal
 import pickle
 import sys
 import traceback
@@ -113,6 +114,22 @@ async def _fold_slice(dsn: str, search_path: str, number: int, part: Part, page:
 JOBS: dict[str, Callable[..., Any]] = {"fold_slice": fold_slice}
 
 
+def pack(value: Any) -> bytes:
+    """A reply as bytes: marshal when it is made of plain values only, as a fold's rows
+    are (a slice's rows are hundreds of megabytes at a million events, and pickle, which
+    remembers every string it writes, took a worker 1.1 s where marshal takes 0.2 s),
+    else pickle."""
+    try:
+        return b"m" + marshal.dumps(value)
+    except ValueError:
+        return b"p" + pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def unpack(body: bytes) -> Any:
+    view = memoryview(body)[1:]
+    return marshal.loads(view) if body[:1] == b"m" else pickle.loads(view)
+
+
 def _serve() -> None:
     """A worker's loop: one job at a time until its stdin closes."""
     source, sink = sys.stdin.buffer, sys.stdout.buffer
@@ -122,7 +139,7 @@ def _serve() -> None:
             reply: tuple[str, Any] = ("ok", JOBS[name](*args))
         except Exception:
             reply = ("error", traceback.format_exc())
-        body = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
+        body = pack(reply)
         sink.write(len(body).to_bytes(8, "big") + body)
         sink.flush()
 

@@ -13,7 +13,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.projection import custody, findings, kpis, ledger
+from services.projection import custody, findings, kpis, ledger, slices
 from services.projection.custody import exposures
 from services.projection.data import AuditData, from_rows
 from services.projection.facts import Buffer, Ev, Fact
@@ -457,6 +457,20 @@ def test_pages_merge_like_one_fold() -> None:
         for table, rows in page.rows.items():
             merged.add(Fact(table, key, values) for key, values in rows.items())
     assert merged.rows == whole
+
+
+def test_a_workers_reply_comes_back_as_it_was_sent() -> None:
+    """A rebuild's fold workers send their rows to the parent with marshal (plain values
+    only), anything else with pickle: either way the parent reads what was folded."""
+    buf = Buffer()
+    for ev in full_history().events:
+        buf.add_event(ev)
+    reply = ("ok", (buf.rows, {"decisions": buf.records("decisions")}, buf.events, buf.unreadable))
+    body = slices.pack(reply)
+    assert body[:1] == b"m" and slices.unpack(body) == reply
+    odd = ("ok", (buf.rows, datetime(2022, 11, 20, tzinfo=UTC)))
+    body = slices.pack(odd)
+    assert body[:1] == b"p" and slices.unpack(body) == odd
 
 
 def test_clean_history_has_no_findings_and_views_add_up() -> None:
