@@ -249,7 +249,7 @@ async def verify(store: Store, request: Request) -> dict[str, Any]:
     and the store itself (recomputed by the service that owns it, which also says whether
     it still holds the history the projection received); each with its first broken link."""
     async with store.engine.connect() as conn:
-        return await verification.verify_all(conn, request.app.state.stores,
+        return await verification.verify_all(conn, store, request.app.state.stores,
                                              request.app.state.runtime.settings)
 
 

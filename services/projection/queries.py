@@ -8,13 +8,13 @@ from functools import lru_cache
 from typing import Any
 
 import orjson
-from sqlalchemy import BigInteger, String, and_, any_, bindparam, literal_column, or_, select, union
+from sqlalchemy import BigInteger, String, and_, any_, bindparam, func, literal_column, or_, select, union
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.events.catalog.common import PatientDataDisclosed
 from libs.events.envelope import GENESIS_HASH, ChainBreak, Envelope, verify_chain
-from libs.events.store import events_table
+from libs.events.store import events_table, tracking_table
 from libs.web.fields import POSITION_MAX
 from services.projection.data import AuditData, PlanSql, parse_json
 from services.projection.facts import JSON_COLUMNS, SPECS, Records, Rows
@@ -465,23 +465,40 @@ async def stores_seen(conn: AsyncConnection) -> list[str]:
 async def verify_copy(
     conn: AsyncConnection, store: str, page: int = 2000
 ) -> tuple[int, str | None, ChainBreak | None]:
-    """How many of a store's events the copy holds, the last hash, and the first broken
-    link (an edited row, or a position missing from the copy)."""
-    prev, after, count = GENESIS_HASH, 0, 0
+    """How many of a store's events the copy holds in an unbroken chain from the first,
+    the hash of the last of them, and the first broken link (an edited row, or a position
+    missing from the copy)."""
+    prev, after = GENESIS_HASH, 0
     while True:
         rows = list(await conn.execute(
             select(archive).where((archive.c.store == store) & (archive.c.position > after))
             .order_by(archive.c.position).limit(page)))
         if not rows:
-            return count, (prev if count else None), None
+            return after, (prev if after else None), None
         batch = [envelope_of_row(r) for r in rows]
         if batch[0].position != after + 1:
-            return count, prev, ChainBreak(store=store, position=after + 1, event_id="",
-                                           reason="missing from the projection's copy")
+            return after, (prev if after else None), ChainBreak(
+                store=store, position=after + 1, event_id="", reason="missing from the projection's copy")
         broken = verify_chain(batch, prev)
         if broken is not None:
-            return count, prev, broken
-        prev, after, count = batch[-1].hash, batch[-1].position, count + len(batch)
+            # The links before the broken one hold: counted, and their last hash is the
+            # one the store is compared at.
+            good = [e for e in batch if e.position < broken.position]
+            return (good[-1].position, good[-1].hash, broken) if good else (
+                after, (prev if after else None), broken)
+        prev, after = batch[-1].hash, batch[-1].position
+
+
+async def missing_applied(conn: AsyncConnection) -> tuple[int, str | None]:
+    """How many events the projection's subscriptions applied (their tracking rows, kept
+    in the transaction that archived each), and the first of them its copy no longer
+    holds: a deletion the chain cannot show when it took the last events of a store."""
+    applied = int(await conn.scalar(select(func.count()).select_from(tracking_table)) or 0)
+    gone = await conn.scalar(
+        select(tracking_table.c.event_id)
+        .where(~select(archive.c.seq).where(archive.c.event_id == tracking_table.c.event_id).exists())
+        .order_by(tracking_table.c.event_id).limit(1))
+    return applied, gone
 
 
 async def copy_hashes(conn: AsyncConnection, store: str, positions: list[int]) -> dict[int, str]:

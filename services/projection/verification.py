@@ -8,6 +8,14 @@
   each service recomputes its own chain and says its head and the hash at the position
   the copy ends at. If that hash differs from the copy's, the store was rewritten after
   the projection received it, even if it was re-hashed into a consistent chain.
+
+Beside the chains (whose keys stay pairs of a copy and its store, which consoles and the
+simulator count events by), `own`:
+- `applied`: every event the projection applied (its subscriptions' tracking rows) is
+  still in the copy. A chain shows an edit and a gap, but not the last events of a store
+  deleted from the copy: to the chain that looks like events not yet received.
+- `store`: the projection's own store (the record of who read patients' data in clear,
+  PatientDataDisclosed), its chain recomputed here.
 """
 
 from __future__ import annotations
@@ -25,8 +33,9 @@ from services.settings import Settings
 SOURCES = ("dispatch", "transfer", "disinfection")
 
 
-async def verify_all(conn: AsyncConnection, hosted: dict[str, EventStore], settings: Settings,
-                     timeout: float = 30.0) -> dict[str, Any]:
+async def verify_all(conn: AsyncConnection, own: EventStore, hosted: dict[str, EventStore],
+                     settings: Settings, timeout: float = 30.0) -> dict[str, Any]:
+    """`own`: the projection's store, which `conn` reads."""
     names = sorted(set(SOURCES) | set(await queries.stores_seen(conn)))
     results: dict[str, Any] = {}
     copies: dict[str, tuple[int, str | None]] = {}
@@ -35,11 +44,21 @@ async def verify_all(conn: AsyncConnection, hosted: dict[str, EventStore], setti
         copies[name] = (count, last_hash)
         results[f"copy:{name}"] = {"events": count, "ok": broken is None,
                                    "first_break": broken.model_dump() if broken else None}
+    applied, gone = await queries.missing_applied(conn)
+    report = await chain_report(own)
+    checks = {
+        "applied": {"events": applied, "ok": gone is None, "first_break": None if gone is None else {
+            "store": "", "position": None, "event_id": gone,
+            "reason": "applied by the projection (its tracking row says so) but missing from its copy"}},
+        "store": {"store": own.name, "events": report["events"], "head_hash": report["head_hash"],
+                  "ok": report["ok"], "first_break": report["first_break"], "checked_by": "this process"},
+    }
     async with httpx.AsyncClient(timeout=timeout) as client:
         for name in names:
             count, last_hash = copies[name]
             results[f"store:{name}"] = await _store(name, count, last_hash, hosted, settings, client)
-    return {"ok": all(r["ok"] for r in results.values()), "chains": results}
+    return {"ok": all(r["ok"] for r in (*results.values(), *checks.values())), "chains": results,
+            "own": checks}
 
 
 async def _store(name: str, count: int, last_hash: str | None, hosted: dict[str, EventStore],

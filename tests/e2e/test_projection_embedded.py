@@ -95,6 +95,30 @@ async def test_audit_scenario_views_rebuild_and_tampering(app: FastAPI, client: 
                                 "WHERE store = 'transfer' AND position = 3"))
     verify = ok(await client.get(f"{API}/audit/verify"))
     assert verify["chains"]["copy:transfer"]["first_break"]["position"] == 3
+    assert verify["chains"]["copy:transfer"]["events"] == 2  # the links before the break hold
+    assert verify["own"]["applied"]["ok"] and verify["own"]["store"]["ok"]
+
+    # The last event of a store deleted from the copy: to its chain that is an event not
+    # received yet; the projection's tracking row says it was applied.
+    async with projection.engine.begin() as conn:
+        last = (await conn.execute(text("SELECT event_id FROM audit_archive WHERE store = 'disinfection' "
+                                        "ORDER BY position DESC LIMIT 1"))).one()
+        await conn.execute(text("DELETE FROM audit_archive WHERE event_id = :e"), {"e": last.event_id})
+    verify = ok(await client.get(f"{API}/audit/verify"))
+    assert verify["chains"]["copy:disinfection"]["ok"]  # what the chain alone cannot show
+    assert verify["own"]["applied"]["first_break"]["event_id"] == last.event_id, verify["own"]
+
+    # The projection's own store (who read patients' data in clear) is verified too.
+    acting = client.auth
+    assert isinstance(acting, Acting)
+    ok(await client.get(f"{API}/audit/ledger", headers=acting.headers("health_bureau")))  # a read in clear
+    async with projection.engine.begin() as conn:
+        own = (await conn.execute(text("SELECT position FROM events ORDER BY position LIMIT 1"))).one()
+        await conn.execute(text("UPDATE events SET actor = 'someone-else' WHERE position = :n"),
+                           {"n": own.position})
+    verify = ok(await client.get(f"{API}/audit/verify"))
+    brk = verify["own"]["store"]["first_break"]
+    assert not verify["ok"] and brk["position"] == own.position and "edited" in brk["reason"], verify["own"]
 
 
 async def _archive_count(app: FastAPI) -> list[int]:
