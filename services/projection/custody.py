@@ -37,11 +37,19 @@ def _cycle_view(data: AuditData, cycle: dict[str, Any]) -> dict[str, Any]:
             "sites": (s.get("collected") or {}).get("sites"),
             "result": (s.get("result") or {}).get("result"), "lab": (s.get("result") or {}).get("lab"),
             "reported_at": (s.get("result") or {}).get("reported_at"),
+            # The events that prove them (who logged the collection, who the result).
+            "collection": _step(s.get("collected")), "result_logged": _step(s.get("result")),
         } for s in data.swabs_of_cycle(cycle["cycle_id"])],
-        "released": {**(_step(released) or {}), "policy": released.get("policy")} if released else None,
-        "quarantined": {**(_step(quarantined) or {}), "sample_id": quarantined.get("sample_id")}
+        # An early release says so here, not only in the findings (R8/R9 overrides).
+        "released": {**(_step(released) or {}), **{k: released.get(k) for k in _RELEASE}}
+        if released else None,
+        "quarantined": {**(_step(quarantined) or {}), "sample_id": quarantined.get("sample_id"),
+                        "redisinfection_cycle_id": quarantined.get("redisinfection_cycle_id")}
         if quarantined else None,
     }
+
+
+_RELEASE = ("policy", "override", "override_reason", "overridden_rules", "missing", "quarantine_lifted")
 
 
 READS = ("vehicles", "transfers", "trips", "cycles", "swabs")  # what custody() and exposures() read
@@ -61,13 +69,14 @@ def custody(data: AuditData, vehicle_id: str, findings: list[dict[str, Any]]) ->
     for trip in trips:
         cycles = data.cycles_of_trip(trip["trip_id"])
         linked_cycles |= {c["cycle_id"] for c in cycles}
-        handover = trip.get("handover")
+        handover, aborted = trip.get("handover"), trip.get("aborted")
         links.append({
             "trip_id": trip["trip_id"], "transfer_id": trip.get("transfer_id"),
             "opened": _step(trip.get("opened")),
             "handed_over": {**(_step(handover) or {}), "facility_id": handover.get("facility_id"),
                             "received_by": handover.get("received_by")} if handover else None,
             "completed": _step(trip.get("completed")),
+            "aborted": {**(_step(aborted) or {}), "reason": aborted.get("reason")} if aborted else None,
             "awaiting_disinfection": _step(trip.get("awaiting")),
             "cycles": [_cycle_view(data, c) for c in cycles],
             "returned_to_service": _step(trip.get("returned")),
@@ -79,13 +88,18 @@ def custody(data: AuditData, vehicle_id: str, findings: list[dict[str, Any]]) ->
         links.append({"trip_id": None, "transfer_id": cycle.get("transfer_id"), "opened": None,
                       "cycles": [_cycle_view(data, cycle)]})
     mine = [f for f in findings if f.get("vehicle_id") == vehicle_id]
+    cycles = [c for link in links for c in link["cycles"]]
+    released = {c["cycle_id"] for c in cycles if c["released"]}
     return {
         "vehicle_id": vehicle_id,
         "vehicle": {k: (vehicle or {}).get(k) for k in ("plate", "kind", "dedicated_pool", "life_support")},
         "links": links, "findings": mine,
+        # No finding, every trip that ended back in service, and every quarantine lifted
+        # by a released re-disinfection: a vehicle in quarantine is not a closed chain.
         "complete": not mine and all(
             link.get("returned_to_service") or not link.get("completed")
-            for link in links if link["trip_id"]),
+            for link in links if link["trip_id"]) and all(
+            c["quarantined"]["redisinfection_cycle_id"] in released for c in cycles if c["quarantined"]),
     }
 
 

@@ -73,9 +73,14 @@ class AuditData:
         found = [s for s in self.swabs.values() if s.get("cycle_id") == cycle_id]
         return sorted(found, key=lambda s: (s.get("collected_at") or "", s["sample_id"]))
 
-    def first_trip(self, transfer_id: str) -> dict[str, Any] | None:
+    def carrying_trip(self, transfer_id: str) -> dict[str, Any] | None:
+        """The trip that took the patient to the destination: the one that handed them
+        over; else the latest not aborted (a vehicle that broke down before pickup aborts,
+        and the next one carries); else the first."""
         trips = self.trips_of_transfer(transfer_id)
-        return trips[0] if trips else None
+        handed = [t for t in trips if t.get("handover") or t.get("s_handed_over")]
+        going = [t for t in trips if not t.get("aborted")]
+        return handed[-1] if handed else going[-1] if going else trips[0] if trips else None
 
     def assemble(self, name: str, rows: list[dict[str, Any]]) -> None:
         """Loaded rows of a fact table into this data: by key, or listed."""

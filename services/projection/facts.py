@@ -123,8 +123,8 @@ SPECS: dict[str, TableSpec] = {
         ("transfer_id",),
         ("day", "requested_at", "risk_category", "origin_kind", "channel", "patient_name",
          "destination_id", "vehicle_id", "priority", "return_of", "request", "prioritized",
-         "destination", "queued", "assigned", "reported", "handed_over"),
-        last=frozenset({"destination_id", "priority", "prioritized", "destination"}),
+         "destination", "queued", "assigned", "reported", "handed_over", "cancelled", "delivery"),
+        last=frozenset({"destination_id", "priority", "prioritized", "destination", "delivery"}),
     ),
     "decisions": TableSpec(
         ("event_id",),
@@ -149,7 +149,8 @@ SPECS: dict[str, TableSpec] = {
     "trips": TableSpec(
         ("trip_id",),
         ("transfer_id", "vehicle_id", "destination_id", "opened_at", "opened",
-         *(f"s_{s}" for s in STEPS), "handover", "confirmed", "completed", "awaiting", "returned"),
+         *(f"s_{s}" for s in STEPS), "handover", "confirmed", "completed", "awaiting", "returned",
+         "aborted"),
     ),
     "cycles": TableSpec(
         ("cycle_id",),
@@ -170,7 +171,7 @@ JSON_COLUMNS = frozenset({
     "request", "prioritized", "destination", "queued", "assigned", "reported", "handed_over",
     "data", "registered", "opened", *(f"s_{s}" for s in STEPS), "handover", "confirmed",
     "completed", "awaiting", "returned", "initial", "terminal", "released", "quarantined",
-    "collected", "result",
+    "collected", "result", "cancelled", "delivery", "aborted",
 })
 _LAST = {name: spec.last for name, spec in SPECS.items()}
 _APPEND_ONLY = frozenset(name for name, spec in SPECS.items() if spec.append_only)
@@ -282,6 +283,18 @@ def _reported(ev: Ev, p: dict[str, Any], put: Put) -> None:
     put("transfers", (p["transfer_id"],), {
         "reported": _ref(ev, {"reported_to": p.get("reported_to"), "reported_by": p.get("reported_by")})})
     _decision(ev, p, put)
+
+
+def _cancelled(ev: Ev, p: dict[str, Any], put: Put) -> None:
+    put("transfers", (p["transfer_id"],), {"cancelled": _ref(ev, {"reason": p.get("reason")})})
+    _decision(ev, p, put)
+
+
+def _delivery(ev: Ev, p: dict[str, Any], put: Put) -> None:
+    """Whether the 报备 reached the health bureau's system (R10): the last attempt's word."""
+    put("transfers", (p["transfer_id"],), {"delivery": _ref(ev, {
+        "delivered": ev.type == "ReportDelivered", "attempts": p.get("attempts"),
+        "error": p.get("error")})})
 
 
 def _transfer_handed_over(ev: Ev, p: dict[str, Any], put: Put) -> None:
@@ -408,6 +421,12 @@ def _quarantined(ev: Ev, p: dict[str, Any], put: Put) -> None:
         "redisinfection_cycle_id": p.get("redisinfection_cycle_id")})})
 
 
+def _trip_aborted(ev: Ev, p: dict[str, Any], put: Put) -> None:
+    put("trips", (p["trip_id"],), {"transfer_id": p.get("transfer_id"), "vehicle_id": p.get("vehicle_id"),
+                                   "aborted": _ref(ev, {"reason": p.get("reason"), "code": p.get("code")})})
+    _other(ev, p, put)
+
+
 def _other(ev: Ev, p: dict[str, Any], put: Put) -> None:
     put("others", (ev.event_id,), {
         "type": ev.type, "stream_id": ev.stream_id, "stream_version": ev.stream_version,
@@ -426,7 +445,10 @@ FOLDS: dict[str, Callable[[Ev, dict[str, Any], Put], None]] = {
     "VehicleAssigned": _assigned,
     "TransferReported": _reported,
     "TransferHandedOver": _transfer_handed_over,
-    **{t: _decision for t in ("RuleOverridden", "VehicleWithdrawn", "TransferCancelled")},
+    **{t: _decision for t in ("RuleOverridden", "VehicleWithdrawn")},
+    "TransferCancelled": _cancelled,
+    "ReportDelivered": _delivery,
+    "ReportDeliveryFailed": _delivery,
     **{t: _vehicle_log for t in VEHICLE_LOG_TYPES},
     "VehicleRegistered": _vehicle_registered,
     "VehicleAwaitingDisinfection": _awaiting,
@@ -446,6 +468,7 @@ FOLDS: dict[str, Callable[[Ev, dict[str, Any], Put], None]] = {
     "VehicleReleased": _released,
     "VehicleQuarantined": _quarantined,
     **{t: _other for t in OTHER_TYPES},
+    "TripAborted": _trip_aborted,
 }
 assert set(FOLDS) >= DECISION_TYPES | VEHICLE_LOG_TYPES | OTHER_TYPES
 

@@ -766,7 +766,7 @@ def r11_loop_closed(data: AuditData) -> Iterator[Finding]:
         handed = t.get("handed_over")
         if not request.get("return_required") or not handed or tid in admitted or tid in returned:
             continue
-        trip = data.first_trip(tid) or {}
+        trip = data.carrying_trip(tid) or {}
         handover = trip.get("handover") or handed
         hours = int(RETURN_LEG_SLA.total_seconds() // 3600)
         yield Finding(
@@ -805,7 +805,7 @@ def r13_fever_clinic_cases(data: AuditData) -> Iterator[Finding]:
             t.get("risk_category") == "fever_clinic" and (request.get("condition") or {}).get("fever"))
         if not request or not from_clinic or not case:
             continue
-        trip = data.first_trip(tid)
+        trip = data.carrying_trip(tid)
         handover = (trip or {}).get("handover")
         took = seconds(request["at"], handover["at"]) if handover else None
         if handover is None or (took is not None and took > FEVER_CLINIC_TRANSFER_SLA.total_seconds()):

@@ -53,7 +53,7 @@ def _at(ref: dict[str, Any] | None, clock: str) -> str | None:
 
 def milestones(data: AuditData, transfer_id: str, clock: str = "device") -> dict[str, str | None]:
     t = data.transfers.get(transfer_id) or {}
-    trip = data.first_trip(transfer_id) or {}
+    trip = data.carrying_trip(transfer_id) or {}
     cycles = data.cycles_of_trip(trip.get("trip_id") or "") if trip else []
     cycle = cycles[0] if cycles else {}
     swabs = data.swabs_of_cycle(cycle.get("cycle_id") or "") if cycle else []
@@ -95,7 +95,8 @@ def rows(data: AuditData, clock: str = "device", day_from: str | None = None,
             continue
         m = milestones(data, tid, clock)
         segs = {name: seconds(m[a], m[b]) for name, a, b in SEGMENTS}
-        out.append(Row(tid, day, t.get("destination_id"), t.get("vehicle_id"), segs))
+        carried = (data.carrying_trip(tid) or {}).get("vehicle_id")
+        out.append(Row(tid, day, t.get("destination_id"), carried or t.get("vehicle_id"), segs))
     return out
 
 
@@ -108,15 +109,19 @@ def summarize(values: Iterable[float | None]) -> dict[str, Any]:
 
 def dispatch_rate(data: AuditData, selected: list[Row], now: datetime) -> dict[str, Any]:
     """Share of requests dispatched within 3 minutes. A request still waiting after 3
-    minutes counts as a miss; one younger than that is not counted yet."""
+    minutes counts as a miss; one younger than that is not counted yet, nor one cancelled
+    within them (a cancellation after them was a wait past the target)."""
     met = missed = 0
     for r in selected:
         took = r.segments["request_to_dispatch"]
         if took is not None:
             met, missed = (met + 1, missed) if took <= DISPATCH_TARGET_SECONDS else (met, missed + 1)
             continue
-        requested = (data.transfers[r.transfer_id].get("request") or {}).get("recorded_at")
-        if requested and now - datetime.fromisoformat(requested) > timedelta(seconds=DISPATCH_TARGET_SECONDS):
+        t = data.transfers[r.transfer_id]
+        requested = (t.get("request") or {}).get("recorded_at")
+        until = datetime.fromisoformat(t["cancelled"]["recorded_at"]) if t.get("cancelled") else now
+        waited = until - datetime.fromisoformat(requested) if requested else None
+        if waited is not None and waited > timedelta(seconds=DISPATCH_TARGET_SECONDS):
             missed += 1
     total = met + missed
     rate = met / total if total else None

@@ -19,7 +19,7 @@ COLUMNS = (
     ("destination", "目的地"), ("requested_at", "申请时间"), ("dispatched_at", "派车时间"),
     ("at_pickup_at", "到达接人时间"), ("handed_over_at", "交接时间"), ("received_by", "接收人"),
     ("reported", "报备状态"), ("reported_at", "报备时间"), ("reported_by", "报备单位"),
-    ("status", "状态"),
+    ("report_delivery", "报备送达"), ("status", "状态"),
 )
 
 
@@ -28,6 +28,20 @@ def _device(ref: dict[str, Any] | None) -> str | None:
 
 
 READS = ("transfers", "trips", "vehicles", "facilities")  # the fact tables rows() reads
+
+# Dispatch's placeholder for a return leg's destination: where the outbound leg started.
+RETURN_TO_ORIGIN = "origin"
+
+
+def _destination(data: AuditData, t: dict[str, Any]) -> str | None:
+    """The destination's name; a return leg's is the outbound transfer's origin."""
+    destination: str | None = t.get("destination_id")
+    if destination == RETURN_TO_ORIGIN and t.get("return_of"):
+        outbound = (data.transfers.get(t["return_of"]) or {}).get("request") or {}
+        name = (outbound.get("origin") or {}).get("name")
+    else:
+        name = (data.facilities.get(destination or "") or {}).get("name")
+    return str(name) if name else destination
 
 
 def rows(data: AuditData, day_from: str | None = None, day_to: str | None = None) -> list[dict[str, Any]]:
@@ -39,38 +53,50 @@ def rows(data: AuditData, day_from: str | None = None, day_to: str | None = None
         request = t.get("request")
         if not request:
             continue
-        day = t.get("day") or local_day(request["at"])
-        if (day_from and day < day_from) or (day_to and day >= day_to):
-            continue
+        requested_day = t.get("day") or local_day(request["at"])
         patient = request.get("patient") or {}
         reported = t.get("reported")
-        facility = indexed.facilities.get(t.get("destination_id") or "") or {}
+        delivery = t.get("delivery")
+        cancelled = bool(t.get("cancelled"))
         base = {
-            "day": day, "patient_name": patient.get("name"), "id_number": patient.get("id_number"),
+            "patient_name": patient.get("name"), "id_number": patient.get("id_number"),
             "phone": patient.get("phone"), "risk_category": request.get("risk_category"),
             "purpose": request.get("purpose"), "transfer_id": tid,
             "origin": (request.get("origin") or {}).get("name"),
-            "destination": facility.get("name") or t.get("destination_id"),
+            "destination": _destination(indexed, t),
             "requested_at": request.get("at"), "dispatched_at": _device(t.get("assigned")),
-            "reported": "已报备" if reported else "未报备",
+            # Reported is what dispatch decided; whether the bureau's system got it is
+            # what the webhook said last (nothing when no webhook is configured).
+            "reported": ("未报备" if not reported else
+                         "报备失败" if delivery and not delivery.get("delivered") else "已报备"),
             "reported_at": _device(reported), "reported_by": (reported or {}).get("reported_by"),
+            "report_delivery": (None if not delivery else
+                                "已送达" if delivery.get("delivered") else "送达失败"),
         }
+        rows_of_transfer = []
         trips = indexed.trips_of_transfer(tid)
         if not trips:
-            out.append({**base, "trip_id": None, "vehicle_id": t.get("vehicle_id"), "plate": None,
-                        "at_pickup_at": None, "handed_over_at": None, "received_by": None,
-                        "status": "assigned" if t.get("assigned") else "waiting"})
+            rows_of_transfer.append({
+                **base, "day": requested_day, "trip_id": None, "vehicle_id": t.get("vehicle_id"),
+                "plate": None, "at_pickup_at": None, "handed_over_at": None, "received_by": None,
+                "status": "cancelled" if cancelled else "assigned" if t.get("assigned") else "waiting"})
         for trip in trips:
             vehicle = indexed.vehicles.get(trip.get("vehicle_id") or "") or {}
             handover = trip.get("handover") or {}
             status = ("completed" if trip.get("completed") else
-                      "handed_over" if handover else "on_trip")
-            out.append({
-                **base, "trip_id": trip["trip_id"], "vehicle_id": trip.get("vehicle_id"),
+                      "handed_over" if handover else
+                      "aborted" if trip.get("aborted") else
+                      "cancelled" if cancelled else "on_trip")
+            rows_of_transfer.append({
+                # The trip's day: a care-series transfer may be requested the day before.
+                **base, "day": local_day(trip["opened_at"]) if trip.get("opened_at") else requested_day,
+                "trip_id": trip["trip_id"], "vehicle_id": trip.get("vehicle_id"),
                 "plate": vehicle.get("plate"), "at_pickup_at": _device(trip.get("s_at_pickup")),
                 "handed_over_at": _device(trip.get("handover") or trip.get("s_handed_over")),
                 "received_by": handover.get("received_by"), "status": status,
             })
+        out += [r for r in rows_of_transfer
+                if not (day_from and r["day"] < day_from) and not (day_to and r["day"] >= day_to)]
     out.sort(key=lambda r: (r["day"], r["patient_name"] or "", r["requested_at"] or "", r["trip_id"] or ""))
     return out
 
@@ -80,8 +106,20 @@ def to_csv(rows_: list[dict[str, Any]]) -> bytes:
     writer = csv.writer(buf)
     writer.writerow([h for _, h in COLUMNS])
     for r in rows_:
-        writer.writerow(["" if r.get(k) is None else r[k] for k, _ in COLUMNS])
+        writer.writerow([_cell(r.get(k)) for k, _ in COLUMNS])
     return ("\ufeff" + buf.getvalue()).encode()
+
+
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: Any) -> str:
+    """A CSV cell Excel shows as text: a name typed as `=HYPERLINK(...)` would otherwise
+    run as a formula on the bureau's machine (OWASP's CSV injection; a leading quote)."""
+    if value is None:
+        return ""
+    text = str(value)
+    return "'" + text if text.startswith(_FORMULA) else text
 
 
 def to_xlsx(rows_: list[dict[str, Any]], title: str = "转运台账") -> bytes:

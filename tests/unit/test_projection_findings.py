@@ -535,3 +535,130 @@ def test_a_failing_check_does_not_hide_the_others() -> None:
     found = findings.evaluate(data, h.clock, KNOWN, failed)
     assert ("R1", "vehicle_reserved_twice") in codes(found)
     assert failed and all(f["error"] for f in failed)
+
+
+# -- cancelled transfers, aborted trips and the 报备's delivery in the views ----------------
+
+
+def takeover_history() -> History:
+    """A confirmed case from a fever clinic: v1 breaks down on the way (its trip aborts),
+    v2 carries the patient to the designated hospital within the hour."""
+    h = History()
+    for vid in ("v1", "v2"):
+        vehicle(h, vid)
+    h.add("dispatch", "facility-f", "FacilityRegistered", facility_id="f", name="定点医院",
+          roles=["designated"], location={"lat": 38.0, "lon": 106.0})
+    request(h, "t", risk="confirmed", origin_kind="fever_clinic")
+    h.add("dispatch", "transfer-t", "DestinationAssigned", transfer_id="t", facility_id="f", reason="r")
+    for n, vid in enumerate(("v1", "v2")):
+        h.add("dispatch", "transfer-t", "VehicleAssigned", transfer_id="t", vehicle_id=vid,
+              destination_id="f", origin={}, return_required=False, reason="r")
+        h.add("transfer", f"trip-{vid}", "TripOpened", trip_id=vid, transfer_id="t", vehicle_id=vid,
+              destination_id="f", origin={}, return_required=False)
+        h.add("transfer", f"trip-{vid}", "TripStepReported", trip_id=vid, step="en_route",
+              client_event_id=f"{vid}en", device_at=h.clock.isoformat())
+        if n == 0:
+            h.add("dispatch", "transfer-t", "VehicleWithdrawn", transfer_id="t", vehicle_id=vid,
+                  reason="breakdown")
+            h.add("transfer", f"trip-{vid}", "TripAborted", trip_id=vid, transfer_id="t", vehicle_id=vid,
+                  reason="vehicle withdrawn: breakdown")
+    h.add("transfer", "trip-v2", "PatientHandedOver", trip_id="v2", transfer_id="t", facility_id="f",
+          received_by="李", confirmed_by="crew")
+    h.add("transfer", "trip-v2", "TripCompleted", trip_id="v2", transfer_id="t", vehicle_id="v2")
+    return h
+
+
+def test_the_trip_that_carried_the_patient_counts_not_the_aborted_one() -> None:
+    """R13 and the indicators read the trip that handed the patient over: a vehicle that
+    broke down before pickup did not leave the case undelivered."""
+    h = takeover_history()
+    found = h.found(now=h.clock + timedelta(hours=3))
+    assert ("R13", "fever_clinic_case_delayed") not in codes(found), codes(found)
+    data = h.data().indexed()
+    assert data.carrying_trip("t")["trip_id"] == "v2"  # type: ignore[index]
+    (row,) = kpis.rows(data)
+    assert row.vehicle_id == "v2" and row.segments["request_to_handover"] is not None
+    by_trip = {r["trip_id"]: r["status"] for r in ledger.rows(data)}
+    assert by_trip == {"v1": "aborted", "v2": "completed"}
+
+
+def test_a_transfer_cancelled_before_the_target_is_not_a_miss_and_the_ledger_says_cancelled() -> None:
+    h = History()
+    request(h, "early")
+    h.add("dispatch", "transfer-early", "TransferCancelled", transfer_id="early", reason="家属取消",
+          at=h.clock)  # a minute after the request (the History's clock)
+    request(h, "late")
+    h.clock += timedelta(minutes=10)
+    h.add("dispatch", "transfer-late", "TransferCancelled", transfer_id="late", reason="等待过久")
+    request(h, "waiting")
+    data = h.data()
+    rate = kpis.indicators(data, h.clock + timedelta(minutes=5))["overall"]["dispatch_within_3_min"]
+    assert (rate["counted"], rate["met"]) == (2, 0)  # the late cancel and the one still waiting
+    assert {r["transfer_id"]: r["status"] for r in ledger.rows(data)} == {
+        "early": "cancelled", "late": "cancelled", "waiting": "waiting"}
+
+
+def test_the_ledger_says_when_the_report_did_not_reach_the_bureau() -> None:
+    h = History()
+    for tid in ("failed", "delivered", "unsent"):
+        request(h, tid)
+        h.add("dispatch", f"transfer-{tid}", "TransferReported", transfer_id=tid, reported_to="bureau",
+              reported_by="站")
+    h.add("dispatch", "transfer-failed", "ReportDeliveryFailed", transfer_id="failed", url="u", attempts=5,
+          error="refused")
+    h.add("dispatch", "transfer-delivered", "ReportDeliveryFailed", transfer_id="delivered", url="u",
+          attempts=5, error="refused")
+    h.add("dispatch", "transfer-delivered", "ReportDelivered", transfer_id="delivered", url="u", attempts=1,
+          status_code=200)
+    request(h, "unreported")
+    got = {r["transfer_id"]: (r["reported"], r["report_delivery"]) for r in ledger.rows(h.data())}
+    assert got == {"failed": ("报备失败", "送达失败"), "delivered": ("已报备", "已送达"),
+                   "unsent": ("已报备", None), "unreported": ("未报备", None)}
+
+
+def test_the_ledger_csv_does_not_run_what_was_typed_as_a_formula() -> None:
+    """OWASP's CSV injection: a name typed as a formula is shown as text by Excel."""
+    h = History()
+    h.add("dispatch", "transfer-t", "TransferRequested", transfer_id="t",
+          patient={"name": '=HYPERLINK("http://x","王五")', "id_number": None, "phone": None},
+          risk_category="isolation_site", condition={}, origin={"kind": "isolation_site", "name": "+1 楼"},
+          purpose="outpatient_visit", return_required=False, requested_by={"channel": "console"})
+    text = ledger.to_csv(ledger.rows(h.data())).decode("utf-8-sig")
+    assert "'=HYPERLINK" in text and "'+1 楼" in text
+    assert ',=' not in text and ',+' not in text
+
+
+def test_a_return_legs_destination_is_where_the_outbound_leg_started() -> None:
+    h = History()
+    request(h, "out")
+    h.add("dispatch", "transfer-back", "TransferRequested", transfer_id="back",
+          patient={"name": "张三"}, risk_category="isolation_site", condition={},
+          origin={"kind": "hospital", "name": "医院"}, purpose="return", return_required=False,
+          return_of="out", requested_by={"channel": "console"})
+    h.add("dispatch", "transfer-back", "DestinationAssigned", transfer_id="back", facility_id="origin",
+          reason="return leg")
+    rows = {r["transfer_id"]: r for r in ledger.rows(h.data())}
+    assert rows["back"]["destination"] == "o"  # the outbound request's origin name
+
+
+def test_custody_shows_an_aborted_trip_the_swabs_proofs_an_early_release_and_an_open_quarantine() -> None:
+    chain = custody.custody(takeover_history().data(), "v1", [])
+    assert chain is not None
+    (link,) = chain["links"]
+    assert link["aborted"]["reason"] == "vehicle withdrawn: breakdown" and link["aborted"]["event_id"]
+
+    h = full_history()
+    h.add("disinfection", "cycle-c2", "VehicleQuarantined", cycle_id="c2", vehicle_id="v1", sample_id="s2",
+          reason="positive swab", redisinfection_cycle_id="r2")
+    h.add("disinfection", "cycle-r2", "CycleOpened", cycle_id="r2", vehicle_id="v1", trip_id=None,
+          transfer_id=None, reason="positive swab", kind="redisinfection")
+    quarantined = custody.custody(h.data(), "v1", [])
+    assert quarantined is not None and not quarantined["complete"]
+    swab = quarantined["links"][0]["cycles"][0]["swabs"][0]
+    assert swab["collection"]["event_id"] and swab["result_logged"]["actor"] == "system"
+    h.add("disinfection", "cycle-r2", "VehicleReleased", cycle_id="r2", vehicle_id="v1", trip_id=None,
+          policy="p", override=True, override_reason="supervisor: lab confirmed", missing=["swab"])
+    lifted = custody.custody(h.data(), "v1", [])
+    assert lifted is not None and lifted["complete"]
+    released = lifted["links"][-1]["cycles"][0]["released"]
+    assert released["override"] and released["missing"] == ["swab"], released
