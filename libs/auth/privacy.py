@@ -25,9 +25,17 @@ from libs.events.store import EventStore, Meta
 # events this service does not know yet (an exposure list, a pre-arrival notice).
 ID_KEYS = frozenset({"id_number", "resident_id", "id_card"})
 PHONE_KEYS = frozenset({"phone", "mobile", "contact_phone", "phone_number"})
-# And numbers that look like them in free text (a reason typed by a dispatcher).
-_ID_IN_TEXT = re.compile(r"(?<![0-9A-Za-z])\d{17}[\dXx](?![0-9A-Za-z])")
-_MOBILE_IN_TEXT = re.compile(r"(?<![0-9A-Za-z])1[3-9]\d{9}(?![0-9A-Za-z])")
+# And numbers that look like them in free text (a reason typed by a dispatcher, a place's
+# name): resident ids of 18 characters and the old 15 digits; mobiles bare, with +86 or
+# with spaces or dashes between the groups; landlines with their area code. A number
+# touching a letter is part of something else (an event id, a hash, a plate) and stays.
+_ID_IN_TEXT = re.compile(r"(?<![0-9A-Za-z.])(?:\d{17}[\dXx]|\d{15})(?![0-9A-Za-z])")
+_PHONE_IN_TEXT = re.compile(
+    r"(?<![0-9A-Za-z.+])(?:\+?86[-\s]?)?1[3-9]\d(?:[-\s]?\d{4}){2}(?![0-9A-Za-z])"
+    r"|(?<![0-9A-Za-z.])0\d{2,3}[-\s]?\d{7,8}(?![0-9A-Za-z])")
+_DIGIT = re.compile(r"\d")
+# Keys whose values are identifiers, never personal numbers: not scanned as text.
+OPAQUE_KEYS = frozenset({"event_id", "hash", "prev_hash", "head_hash", "correlation_id", "causation_id"})
 
 # Roles that need the numbers for the job at hand; the auditor is not one.
 UNMASK_ROLES = frozenset({"dispatcher", "crew", "hospital", "health_bureau"})
@@ -49,9 +57,24 @@ def mask_phone(value: str) -> str:
     return digits[:3] + "*" * (len(digits) - 7) + digits[-4:]
 
 
+def _mask_phone_in_text(number: str) -> str:
+    """As mask_phone, keeping how it was written: +86 139 **** 5678, 095*-***4321."""
+    national = number[3:] if number.startswith("+86") else number[2:] if number.startswith("86") else number
+    head = number[:len(number) - len(national)]
+    digits = len(_DIGIT.findall(national))
+    seen = 0
+
+    def star(m: re.Match[str]) -> str:
+        nonlocal seen
+        seen += 1
+        return m.group(0) if seen <= 3 or seen > digits - 4 else "*"
+
+    return head + _DIGIT.sub(star, national)
+
+
 def mask_text(text: str) -> str:
     text = _ID_IN_TEXT.sub(lambda m: mask_id_number(m.group(0)), text)
-    return _MOBILE_IN_TEXT.sub(lambda m: mask_phone(m.group(0)), text)
+    return _PHONE_IN_TEXT.sub(lambda m: _mask_phone_in_text(m.group(0)), text)
 
 
 def mask(value: Any) -> Any:
@@ -63,6 +86,8 @@ def mask(value: Any) -> Any:
                 out[k] = mask_id_number(v)
             elif isinstance(v, str) and k in PHONE_KEYS:
                 out[k] = mask_phone(v)
+            elif k in OPAQUE_KEYS:
+                out[k] = v
             else:
                 out[k] = mask(v)
         return out
@@ -88,8 +113,13 @@ def patients_in(view: Any, transfer_id: str | None = None) -> list[dict[str, Any
             found.append({"name": view.get("name"), "transfer_id": here,
                           **{k: mask({k: view[k]})[k] for k in ID_KEYS | PHONE_KEYS
                              if isinstance(view.get(k), str)}})
-        for v in view.values():
-            found += patients_in(v, here)
+        for k, v in view.items():
+            if isinstance(v, str) and k not in ID_KEYS | PHONE_KEYS | OPAQUE_KEYS:
+                masked = mask_text(v)
+                if masked != v:  # a number typed into free text, read in clear too
+                    found.append({"transfer_id": here, "field": k, "in_text": masked})
+            else:
+                found += patients_in(v, here)
     elif isinstance(view, list):
         for v in view:
             found += patients_in(v, transfer_id)

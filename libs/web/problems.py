@@ -19,6 +19,7 @@ from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from libs.auth.privacy import mask
 from libs.auth.tokens import Unauthenticated
 from libs.events.aggregate import DomainError, InvalidField, RuleRefused
 from libs.events.store import ConcurrencyError
@@ -39,7 +40,9 @@ def problem(status: int, code: str, title: str, detail: str, message_zh: str,
         f"current_{k}" if k in RESERVED else k: v for k, v in (extra or {}).items()}
     body.update({"type": f"https://closedloop.example/problems/{code}", "title": title,
                  "status": status, "detail": detail, "code": code, "message_zh": message_zh})
-    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
+    # A refusal echoes what it was sent (an id in a path, a typed reason): masked for
+    # everyone, since no caller needs a number back from an error.
+    return JSONResponse(mask(body), status_code=status, media_type=PROBLEM_JSON)
 
 
 # The store cannot be reached right now: refused or cut connections, a server shutting down

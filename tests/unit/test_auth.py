@@ -169,6 +169,25 @@ def test_masking_reaches_nested_views_and_free_text() -> None:
     assert privacy.mask(masked) == masked  # masking twice changes nothing
 
 
+def test_numbers_typed_as_people_write_them_are_masked_in_free_text() -> None:
+    """A reason or a place typed by hand: +86, spaces and dashes, landlines, old 15-digit
+    ids; identifiers (an event id, a hash, a plate, a time, a coordinate) are left alone."""
+    cases = {
+        "回拨+8613912345678或139-1234-5678": "回拨+86139****5678或139-****-5678",
+        "家属电话+86 139 1234 5678 / 0951-7654321": "家属电话+86 139 **** 5678 / 095*-***4321",
+        "旧证640121800101123，联系人 138 0013 8000。": "旧证6401*******1123，联系人 138 **** 8000。",
+        "event 72bc70d5-3e4b-49a6-817e-139123456789 at 2026-11-23T16:27:00+08:00, 宁A13912":
+            "event 72bc70d5-3e4b-49a6-817e-139123456789 at 2026-11-23T16:27:00+08:00, 宁A13912",
+        "38.123456789012345, 106.1": "38.123456789012345, 106.1",
+    }
+    for typed, shown in cases.items():
+        assert privacy.mask_text(typed) == shown, typed
+        assert privacy.mask_text(shown) == shown  # masking twice changes nothing
+    digits = "139123456789012345678"
+    view = {"event_id": digits[:15], "hash": digits, "note": digits[:15]}
+    assert privacy.mask(view) == {"event_id": digits[:15], "hash": digits, "note": "1391*******9012"}
+
+
 def test_only_the_roles_that_need_the_numbers_see_them() -> None:
     clear = {r for r in ("dispatcher", "supervisor", "crew", "disinfection", "lab", "hospital",
                          "site", "health_bureau", "auditor", "admin")
@@ -182,6 +201,9 @@ def test_a_disclosure_names_the_patient_masked_and_the_transfer() -> None:
                                      "phone": "13800138000"}}, {"id": "t2", "patient": {"name": "李四"}}]
     assert privacy.patients_in(view) == [{"name": "张三", "transfer_id": "t1",
                                           "id_number": "6401**********1231", "phone": "138****8000"}]
+    typed = {"transfer_id": "t3", "entries": [{"why": "家属电话139-1234-5678"}]}
+    assert privacy.patients_in(typed) == [
+        {"transfer_id": "t3", "field": "why", "in_text": "家属电话139-****-5678"}]
 
 
 def test_the_write_limiter_allows_a_burst_then_the_rate() -> None:

@@ -16,6 +16,14 @@ def test_an_extra_named_like_a_standard_member_is_renamed_not_fatal() -> None:
     assert body["type"].endswith("/transfer_closed") and body["current_type"] == "x"
 
 
+def test_a_refusal_does_not_echo_a_personal_number() -> None:
+    resp = problem(404, "not_found", "Not Found", "no transfer 640121198001011231", "无此转运单",
+                   {"transfer_id": "640121198001011231", "phone": "13800138000"})
+    body = json.loads(resp.body)
+    assert body["detail"] == "no transfer 6401**********1231"
+    assert (body["transfer_id"], body["phone"]) == ("6401**********1231", "138****8000")
+
+
 def test_webhook_signatures_verify_and_refuse_tampering_and_replay() -> None:
     body = b'{"transfer_id": "t-1"}'
     header = sign("s3cret", body, timestamp=1_700_000_000)
