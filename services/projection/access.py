@@ -5,6 +5,9 @@ from __future__ import annotations
 from libs.auth.policy import Policy, Rules, roles
 
 OVERSIGHT = ("auditor", "health_bureau", "supervisor")
+# Who may read the record of reads in clear: the disclosures view, and its events on the
+# live feed (others get the feed without them).
+DISCLOSURE_READERS = ("auditor", "health_bureau")
 
 RULES: Rules = {
     "GET /audit/transfers/{transfer_id}/timeline": roles(*OVERSIGHT, "dispatcher"),
@@ -13,7 +16,7 @@ RULES: Rules = {
     "GET /audit/exposures": roles(*OVERSIGHT, "dispatcher", "disinfection"),
     "GET /audit/kpis": roles(*OVERSIGHT, "dispatcher"),
     "GET /audit/ledger": roles("health_bureau", "auditor"),
-    "GET /audit/disclosures": roles("auditor", "health_bureau"),
+    "GET /audit/disclosures": roles(*DISCLOSURE_READERS),
     "GET /audit/stream": roles(*OVERSIGHT, "dispatcher"),
     "GET /audit/verify": roles("auditor", "health_bureau", "admin"),
     "POST /audit/rebuild": roles("admin"),

@@ -16,6 +16,7 @@ from pydantic import TypeAdapter, ValidationError
 import libs.events.catalog  # noqa: F401  (registers the event types the checks look for)
 from libs.auth.privacy import DisclosingRoute, disclose, mask
 from libs.events.aggregate import InvalidField, NotFound, StateConflict
+from libs.events.catalog.common import PatientDataDisclosed
 from libs.events.contracts import registry
 from libs.events.envelope import utcnow
 from libs.events.store import EventStore
@@ -27,9 +28,10 @@ from services.projection import kpis as kpis_view
 from services.projection import ledger as ledger_view
 from services.projection import queries, verification
 from services.projection import violations as violations_model
+from services.projection.access import DISCLOSURE_READERS
 from services.projection.facts import REGION_TZ
 from services.projection.rebuild import RebuildRunning, rebuild
-from services.projection.tables import envelope_of_row
+from services.projection.tables import envelope_of_row, next_seq
 from services.projection.timeline import timeline_view
 
 router = APIRouter(prefix="/audit", tags=["audit"], route_class=DisclosingRoute)
@@ -182,10 +184,15 @@ async def disclosures(store: Store, actor: str | None = None, limit: Limit = 500
 
 
 def _frame(row: Any) -> str:
+    payload = json.loads(row.payload)
+    # The archive keys an event with no transfer in it by its correlation id (a transfer's
+    # flow correlates by the transfer's id, a registration by anything): named a transfer
+    # here only for an event of a transfer's flow.
+    of_transfer = payload.get("transfer_id") or row.trip_id or row.cycle_id
     data = {"seq": row.seq, "type": row.type, "store": row.store, "stream_id": row.stream_id,
-            "transfer_id": row.transfer_key, "trip_id": row.trip_id, "cycle_id": row.cycle_id,
-            "vehicle_id": row.vehicle_id, "occurred_at": row.occurred_at, "recorded_at": row.recorded_at,
-            "actor": row.actor, "role": row.role, "payload": json.loads(row.payload)}
+            "transfer_id": row.transfer_key if of_transfer else None, "trip_id": row.trip_id,
+            "cycle_id": row.cycle_id, "vehicle_id": row.vehicle_id, "occurred_at": row.occurred_at,
+            "recorded_at": row.recorded_at, "actor": row.actor, "role": row.role, "payload": payload}
     body = json.dumps(mask(data), ensure_ascii=False, separators=(",", ":"))
     return f"id: {row.seq}\nevent: {row.type}\ndata: {body}\n\n"
 
@@ -204,20 +211,30 @@ _SSE_EVENT = {"type": "object", "properties": {
 async def stream(request: Request, store: Store,
                  last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
                  after: Annotated[int | None, Query(ge=0, le=POSITION_MAX)] = None, follow: bool = True,
+                 from_now: bool = False,
                  heartbeat: Annotated[float, Query(gt=0, le=60)] = 15.0) -> StreamingResponse:
     """Server-sent events: every event the projection takes in, in the order it took them
-    (`id` is that order). A console that reconnects with Last-Event-ID resumes after it;
-    `follow=false` ends the stream once caught up."""
-    if after is None:
+    (`id` is that order). Where it starts: after `Last-Event-ID` (what a console's
+    EventSource sends when it reconnects: it wins over the URL's `after`, which the
+    reconnect repeats), else after `after`, else (`from_now`) after the newest event, else
+    from the first. `follow=false` ends the stream once caught up. The record of reads in
+    clear (PatientDataDisclosed) is left out for those who may not read /audit/disclosures."""
+    if last_event_id:
         try:
-            after = int(last_event_id) if last_event_id else 0
+            after = int(last_event_id)
             if not 0 <= after <= POSITION_MAX:
                 raise ValueError(after)
         except ValueError as exc:
             raise InvalidField("Last-Event-ID", "invalid_last_event_id",
                                "Last-Event-ID is an event's id (a number from 0)",
                                "Last-Event-ID须为事件编号（非负整数）") from exc
-    start = after
+    if after is None and from_now:
+        async with store.engine.connect() as conn:
+            after = await next_seq(conn) - 1
+    start = after or 0
+    principal = getattr(request.state, "principal", None)
+    hidden = set() if principal is not None and principal.role in DISCLOSURE_READERS else {
+        PatientDataDisclosed.__name__}
 
     async def frames() -> Any:
         cursor = start
@@ -227,7 +244,8 @@ async def stream(request: Request, store: Store,
             async with store.engine.connect() as conn:
                 rows = await queries.feed(conn, cursor, 500)
             for row in rows:
-                yield _frame(row)
+                if row.type not in hidden:
+                    yield _frame(row)
                 cursor = row.seq
             if len(rows) == 500:
                 continue

@@ -127,21 +127,99 @@ async def _archive_count(app: FastAPI) -> list[int]:
     return [0] * int(n or 0)
 
 
-async def test_stream_follows_new_events(client: httpx.AsyncClient) -> None:
-    """A console holding the stream open sees what happens after it connected."""
-    async def post_later() -> None:
-        await asyncio.sleep(0.3)
-        ok(await client.post(f"{API}/vehicles", json=scenarios_audit.AMBULANCE), 201)
+class HeldStream:
+    """GET /audit/stream held open straight over ASGI (httpx's ASGI transport hands a body
+    over only once it has ended): its chunks as the app sends them, until disconnected."""
 
-    task = asyncio.create_task(post_later())
-    resp = await client.get(f"{API}/audit/stream", params={"follow": "false"})
-    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
-    await task
+    def __init__(self, app: FastAPI, headers: dict[str, str], query: str) -> None:
+        self.chunks: list[str] = []
+        self.gone = asyncio.Event()
+        path = f"{API}/audit/stream"
+        self.scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+                      "scheme": "http", "path": path, "raw_path": path.encode(),
+                      "query_string": query.encode(), "root_path": "", "server": ("embedded", 80),
+                      "client": ("127.0.0.1", 1),
+                      "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+        self.task = asyncio.create_task(app(self.scope, self._receive, self._send))
+        self._asked = False
 
-    async def seen() -> Any:
-        r = await client.get(f"{API}/audit/stream", params={"follow": "false"})
-        return "VehicleRegistered" in r.text
-    await eventually(seen, "the new event on the stream")
+    async def _receive(self) -> dict[str, Any]:
+        if not self._asked:
+            self._asked = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            self.chunks.append(message["body"].decode())
+
+    @property
+    def text(self) -> str:
+        return "".join(self.chunks)
+
+    async def close(self) -> None:
+        self.gone.set()
+        await asyncio.wait_for(self.task, 10)
+
+
+async def test_a_console_holding_the_stream_sees_what_happens_after_it_connected(
+        app: FastAPI, client: httpx.AsyncClient) -> None:
+    """Held open from now: nothing of before, then the vehicle registered after connecting,
+    live; a reconnect's Last-Event-ID wins over the URL's `after`."""
+    ok(await client.post(f"{API}/vehicles", json=scenarios_audit.AMBULANCE), 201)
+
+    async def archived() -> bool:
+        feed = await client.get(f"{API}/audit/stream", params={"follow": "false"})
+        return scenarios_audit.AMBULANCE["id"] in feed.text
+    await eventually(archived, "the first vehicle on the feed")
+    acting = client.auth
+    assert isinstance(acting, Acting)
+    held = HeldStream(app, acting.headers("dispatcher"), "from_now=true&heartbeat=0.5")
+    try:
+        await eventually(lambda: _true(held.text.startswith("retry:")), "the stream to open")
+        second = {**scenarios_audit.AMBULANCE, "id": "nx-held-2", "plate": "宁A·H0002"}
+        ok(await client.post(f"{API}/vehicles", json=second), 201)
+        await eventually(lambda: _true("nx-held-2" in held.text), "the new event on the held stream")
+        await eventually(lambda: _true(": keep-alive" in held.text), "a keep-alive while idle")
+        assert scenarios_audit.AMBULANCE["id"] not in held.text  # registered before it connected
+    finally:
+        await held.close()
+
+    frames = [f for f in held.text.split("\n\n") if f.startswith("id: ")]
+    first = int(frames[0].split("\n")[0][4:])
+    resumed = await client.get(f"{API}/audit/stream", params={"follow": "false", "after": 0},
+                               headers={"Last-Event-ID": str(first - 1)})
+    assert f"id: {first - 1}\n" not in resumed.text and f"id: {first}\n" in resumed.text
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_the_stream_keeps_reads_in_clear_for_those_who_may_read_them(client: httpx.AsyncClient) -> None:
+    """A dispatcher's read of a transfer in clear is recorded (by dispatch, archived here):
+    on the auditor's feed, not on a dispatcher's; and a registration names no transfer."""
+    acting = client.auth
+    assert isinstance(acting, Acting)
+    await scenarios_audit.load_reference_data(client)
+    ok(await client.post(f"{API}/vehicles", json=scenarios_audit.AMBULANCE), 201)
+    transfer = ok(await client.post(f"{API}/transfers", json=scenarios_audit.TRANSFER), 201)
+    ok(await client.get(f"{API}/transfers/{transfer['id']}", headers=acting.headers("dispatcher")))
+
+    async def feed(role: str) -> str:
+        return (await client.get(f"{API}/audit/stream", params={"follow": "false"},
+                                 headers=acting.headers(role))).text
+
+    await eventually(lambda: _in("PatientDataDisclosed", feed("auditor")), "the disclosure on the feed")
+    dispatcher = await feed("dispatcher")
+    assert "VehicleRegistered" in dispatcher and "PatientDataDisclosed" not in dispatcher
+    frame = next(f for f in dispatcher.split("\n\n") if "event: VehicleRegistered" in f)
+    assert json.loads(frame.split("data: ", 1)[1])["transfer_id"] is None
+
+
+async def _in(needle: str, text: Any) -> bool:
+    return needle in await text
 
 
 async def test_a_rebuild_ending_while_its_status_is_read_is_not_done_beside_the_old_generation(
