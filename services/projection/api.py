@@ -72,6 +72,22 @@ def _day(value: str | None, field: str) -> str | None:
     return bound.astimezone(REGION_TZ).date().isoformat() if bound else None
 
 
+def _ordered(lo: Any, hi: Any) -> None:
+    if lo is not None and hi is not None and lo >= hi:
+        raise InvalidField("to", "empty_range", "to must come after from (from is included, to is not)",
+                           "to须晚于from（含from，不含to）")
+
+
+def _days(from_: str | None, to: str | None) -> tuple[str | None, str | None]:
+    """Local days [from, to): by day, as the views count them."""
+    day_from, day_to = _day(from_, "from"), _day(to, "to")
+    _ordered(day_from, day_to)
+    return day_from, day_to
+
+
+LEDGER_LOOKBACK = timedelta(days=2)
+
+
 async def _data(store: EventStore, **scope: Any) -> Any:
     async with store.engine.connect() as conn:
         return await queries.load(conn, **scope)
@@ -113,6 +129,10 @@ async def violations(
     time, actors, and the events that prove it; in time order, a page at a time
     (`next_cursor` asks for the next). `rules` says which checks run."""
     lo, hi = _bound(from_, "from"), _bound(to, "to")
+    _ordered(lo, hi)
+    if rule is not None and rule not in findings_view.RULE_IDS:
+        raise InvalidField("rule", "unknown_rule", f"rule is one of {', '.join(findings_view.RULE_IDS)}",
+                           "rule须为R1至R14之一或override")
     try:
         after = violations_model.parse_cursor(cursor) if cursor else None
     except ValueError as exc:
@@ -141,7 +161,7 @@ async def exposures(store: Store, vehicle_id: str | None = None) -> Any:
 @router.get("/kpis")
 async def kpis(store: Store, from_: Annotated[str | None, Query(alias="from")] = None,
                to: str | None = None, clock: Literal["device", "server"] = "device") -> Any:
-    day_from, day_to = _day(from_, "from"), _day(to, "to")
+    day_from, day_to = _days(from_, to)
     data = await _data(store, day_from=day_from, day_to=day_to, tables=kpis_view.READS)
     return kpis_view.indicators(data, utcnow(), clock, day_from, day_to)
 
@@ -153,14 +173,22 @@ async def kpis(store: Store, from_: Annotated[str | None, Query(alias="from")] =
 async def ledger(request: Request, store: Store, date: str | None = None,
                  from_: Annotated[str | None, Query(alias="from")] = None, to: str | None = None,
                  format: Literal["json", "csv", "xlsx"] = "json") -> Response | dict[str, Any]:
-    """The 台账: every outgoing trip by person and day. `date` is one local day."""
-    day_from, day_to = _day(from_, "from"), _day(to, "to")
+    """The 台账: every outgoing trip by person and day (the trip's local day). `date` is
+    one local day; or `from` (included) to `to` (excluded)."""
+    if date and (from_ or to):
+        raise InvalidField("date", "date_with_range", "give either date or from/to, not both",
+                           "date与from/to只能二选一")
+    day_from, day_to = _days(from_, to)
     if date:
         day_from = _day(date, "date")
         day_to = (datetime.fromisoformat(day_from or "") + timedelta(days=1)).date().isoformat()
-    data = await _data(store, day_from=day_from, day_to=day_to, tables=ledger_view.READS)
+    # A trip's day may come after its request's (a care-series visit booked the day before):
+    # the transfers of the days before are loaded too, and rows() keeps the trips' days.
+    load_from = (datetime.fromisoformat(day_from) - LEDGER_LOOKBACK).date().isoformat() if day_from else None
+    data = await _data(store, day_from=load_from, day_to=day_to, tables=ledger_view.READS)
     rows: list[dict[str, Any]] = ledger_view.rows(data, day_from, day_to)
-    name = f"ledger-{day_from or 'all'}"
+    name = "ledger-" + ("all" if not (day_from or day_to) else
+                        f"{day_from or 'start'}" + (f"_{day_to}" if day_to and not date else ""))
     if format != "json":
         rows = await disclose(request, rows)
     if format == "csv":

@@ -857,6 +857,9 @@ def r14_swab_overdue(data: AuditData) -> Iterator[Finding]:
             vehicle_id=s["vehicle_id"])
 
 
+# What a finding's `rule` can be: a rule of DOMAIN.md, or an override of one.
+RULE_IDS = (*(f"R{n}" for n in range(1, 15)), "override")
+
 CHECKS: tuple[CheckSpec, ...] = (
     CheckSpec("R1", "vehicle_reserved_twice", "a vehicle reserved again before its trip ended",
               frozenset({"VehicleReserved", "VehicleAwaitingDisinfection", "VehicleStoodDown"}),

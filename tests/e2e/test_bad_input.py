@@ -316,9 +316,31 @@ async def lab_and_staff_times(c: httpx.AsyncClient) -> None:
     assert (after["initial"], after["version"]) == (None, cycle["version"])
 
 
+async def audit_filters_that_match_nothing(c: httpx.AsyncClient) -> None:
+    """A filter no finding or day can meet is a mistake to say, not an empty 200 an auditor
+    would read as "nothing found": an unknown rule, a range that ends before it starts,
+    the ledger's day beside a range."""
+    auditor = as_(c, "auditor")
+    for rule in ("R99", "r14", "R0"):
+        resp = await c.get(f"{API}/audit/violations", params={"rule": rule}, headers=auditor)
+        problem(resp, 422, "rule")
+    backwards = {"from": "2026-11-25", "to": "2026-11-20"}
+    for view in ("violations", "kpis", "ledger"):
+        problem(await c.get(f"{API}/audit/{view}", params=backwards, headers=auditor), 422, "to")
+        problem(await c.get(f"{API}/audit/{view}", params={"from": "2026-11-20", "to": "2026-11-20"},
+                            headers=auditor), 422, "to")
+    problem(await c.get(f"{API}/audit/ledger", params={"date": "2026-11-20", "from": "2026-11-19"},
+                        headers=auditor), 422, "date")
+    overrides = ok(await c.get(f"{API}/audit/violations", params={"rule": "override"}, headers=auditor))
+    assert overrides["total"] == 0
+    week = await c.get(f"{API}/audit/ledger", headers=auditor,
+                       params={"from": "2026-11-20", "to": "2026-11-27", "format": "csv"})
+    assert 'filename="ledger-2026-11-20_2026-11-27.csv"' in week.headers["content-disposition"]
+
+
 EMBEDDED: list[Scenario] = [oversize_bodies, wrong_media_types, unicode_names, times_out_of_reach,
                             device_clocks_off, nul_and_methods_in_the_url, numbers_out_of_reach,
-                            lab_and_staff_times]
+                            lab_and_staff_times, audit_filters_that_match_nothing]
 # Where PostgreSQL could answer otherwise than SQLite: text, NUL, times, big numbers; and
 # the media types once.
 # In this order on one cluster: the first takes the one negative-pressure ambulance.

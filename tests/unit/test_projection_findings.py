@@ -662,3 +662,16 @@ def test_custody_shows_an_aborted_trip_the_swabs_proofs_an_early_release_and_an_
     assert lifted is not None and lifted["complete"]
     released = lifted["links"][-1]["cycles"][0]["released"]
     assert released["override"] and released["missing"] == ["swab"], released
+
+
+def test_a_trip_is_on_the_ledger_of_its_own_day_not_its_requests() -> None:
+    """A care-series visit booked the evening before is an outgoing trip of the next day."""
+    h = History()
+    h.clock = datetime(2022, 11, 20, 15, 0, tzinfo=UTC)  # 23:00 in the region
+    request(h, "booked")
+    h.clock = datetime(2022, 11, 21, 0, 0, tzinfo=UTC)  # 08:00 the next day
+    h.add("transfer", "trip-b", "TripOpened", trip_id="b", transfer_id="booked", vehicle_id="v1",
+          destination_id="f", origin={}, return_required=False)
+    data = h.data()
+    assert [r["trip_id"] for r in ledger.rows(data, "2022-11-21", "2022-11-22")] == ["b"]
+    assert ledger.rows(data, "2022-11-20", "2022-11-21") == []
