@@ -117,9 +117,15 @@ async def closed_loop_with_return(c: httpx.AsyncClient) -> dict[str, Any]:
         if resp.status_code != 200:
             return None
         types = {e["type"] for e in resp.json()["entries"]}
-        return types if {"ReturnRequested", "LoopClosed"} <= types else None
+        return resp.json() if {"ReturnRequested", "LoopClosed"} <= types else None
 
-    await eventually(timeline, "the outbound timeline to show the loop closing")
+    story = await eventually(timeline, "the outbound timeline to show the loop closing")
+    # The return leg is part of the outbound's story, up to the handover at the origin.
+    back_types = [e["type"] for e in story["entries"] if e["leg"] == "return"]
+    assert story["return_legs"] == [back["id"]] and story["status"] == "loop_closed", story["status"]
+    assert {"TransferRequested", "VehicleAssigned", "TripOpened", "PatientHandedOver"} <= set(back_types), \
+        back_types
+    assert all(e["known"] for e in story["entries"]), [e["type"] for e in story["entries"] if not e["known"]]
     return {"outbound": outbound, "trip": trip, "return": back, "leg": leg}
 
 
@@ -159,6 +165,16 @@ async def crew_aborts(c: httpx.AsyncClient) -> None:
     assert step.status_code == 409 and step.json()["code"] == "trip_closed"
     cancelled = await transfer_is(c, refusing["id"], status="cancelled")
     assert "patient_refused" not in cancelled["status_reason"] and "拒绝" in cancelled["status_reason"]
+
+    async def told() -> Any:
+        resp = await c.get(f"{API}/audit/transfers/{refusing['id']}/timeline")
+        story = resp.json() if resp.status_code == 200 else {}
+        seen = {e["type"] for e in story.get("entries", [])}
+        return story if story.get("status") == "cancelled" and "TripAborted" in seen else None
+
+    story = await eventually(told, "the refused transfer's timeline to say cancelled, with the abort")
+    aborted_entry = next(e for e in story["entries"] if e["type"] == "TripAborted")
+    assert aborted_entry["known"] and aborted_entry["label_zh"] == "出车中止", aborted_entry
     await vehicle_status(c, "nx-120-07", "available")  # no patient carried: no disinfection
 
     absent = ok(await c.post(f"{API}/transfers", json=patient(2)), 201)

@@ -99,10 +99,10 @@ async def transfer_timeline(transfer_id: str, store: Store) -> Any:
     decision reasons, and the notifications sent and acknowledged."""
     async with store.engine.connect() as conn:
         gen = await queries.current(conn)
-        rows = await queries.timeline_events(conn, transfer_id, gen)
+        rows, return_legs = await queries.timeline_events(conn, transfer_id, gen)
     if not rows:
         raise NotFound("transfer", transfer_id)
-    return timeline_view(transfer_id, [envelope_of_row(r) for r in rows])
+    return timeline_view(transfer_id, [envelope_of_row(r) for r in rows], return_legs)
 
 
 @router.get("/vehicles/{vehicle_id}/custody")

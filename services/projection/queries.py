@@ -413,24 +413,31 @@ async def dump(conn: AsyncConnection, gen: Generation) -> dict[str, list[tuple[A
     return out
 
 
-async def timeline_events(conn: AsyncConnection, transfer_id: str, gen: Generation | None) -> list[Any]:
-    """Every archived event of a transfer: those naming it (or correlated with it), and
-    those of its trips and their disinfection cycles."""
+async def timeline_events(conn: AsyncConnection, transfer_id: str,
+                          gen: Generation | None) -> tuple[list[Any], frozenset[str]]:
+    """Every archived event of a transfer and of its return legs (the transfers whose
+    `return_of` names it: the loop closes with them): those naming them (or correlated
+    with them), and those of their trips and their disinfection cycles. And the return
+    legs' ids."""
+    transfers = [transfer_id]
     trip_ids: list[str] = []
     cycle_ids: list[str] = []
     if gen is not None:
+        t = gen["transfers"]
+        legs = await conn.execute(select(t.c.transfer_id).where(t.c.return_of == transfer_id))
+        transfers += [r[0] for r in legs]
         trip_ids = [r[0] for r in await conn.execute(
-            select(gen["trips"].c.trip_id).where(gen["trips"].c.transfer_id == transfer_id))]
+            select(gen["trips"].c.trip_id).where(gen["trips"].c.transfer_id.in_(transfers)))]
         if trip_ids:
             cycle_ids = [r[0] for r in await conn.execute(
                 select(gen["cycles"].c.cycle_id).where(gen["cycles"].c.trip_id.in_(trip_ids)))]
-    cond = [archive.c.transfer_key == transfer_id]
+    cond = [archive.c.transfer_key.in_(transfers)]
     if trip_ids:
         cond.append(archive.c.trip_id.in_(trip_ids))
     if cycle_ids:
         cond.append(archive.c.cycle_id.in_(cycle_ids))
     rows = await conn.execute(select(archive).where(or_(*cond)).order_by(archive.c.seq))
-    return list(rows)
+    return list(rows), frozenset(transfers[1:])
 
 
 async def feed(conn: AsyncConnection, after: int, limit: int) -> list[Any]:

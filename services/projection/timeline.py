@@ -34,6 +34,34 @@ LABELS_ZH = {
     "VehicleReleased": "洗消放行",
     "VehicleQuarantined": "车辆隔离停用",
     "VehicleReturnedToService": "车辆恢复可派",
+    "TransferReprioritized": "调整优先级",
+    "TransferRedirected": "改派目的地",
+    "TripRedirected": "行程改派目的地",
+    "DestinationUnresolved": "暂无可收治目的地",
+    "DestinationKnown": "目的地已确定",
+    "RuleOverridden": "越权操作（记录规则）",
+    "VehicleWithdrawn": "车辆撤回",
+    "TripAborted": "出车中止",
+    "TransferCancelled": "转运取消",
+    "TransferPickedUp": "患者已接到",
+    "TripPositionRecorded": "车辆位置",
+    "ReturnRequested": "申请返程",
+    "PatientAdmitted": "收治入院",
+    "LoopClosed": "闭环完成",
+    "VehicleReleaseReceivedEarly": "提前放行",
+    "VehicleStoodDown": "车辆解除占用",
+    "VehicleTakenOutOfService": "车辆停用",
+    "CycleSuperseded": "洗消周期被替代",
+    "VehicleCycleLogged": "洗消记录",
+    "SwabResultOverdue": "核酸结果超时",
+    "ExposureListProduced": "密接车次清单",
+    "ExposureListAmended": "密接车次清单修订",
+    "ExposureListAcknowledged": "密接车次清单已确认",
+    "CareOccurrenceRequested": "周期性就医申请",
+    "CareSeriesScheduled": "周期性就医排期",
+    "CareSeriesCancelled": "周期性就医取消",
+    "BackupsActivated": "启用备用医院",
+    "BackupsStoodDown": "备用医院停用",
 }
 STEP_ZH = {"acknowledged": "接单", "en_route": "出发", "at_pickup": "到达接人点",
            "patient_aboard": "患者上车", "at_destination": "到达目的地", "handed_over": "完成交接"}
@@ -66,7 +94,7 @@ def place(env: Envelope) -> Any:
     return p.get("facility_id") or p.get("destination_id")
 
 
-def entry(env: Envelope) -> dict[str, Any]:
+def entry(env: Envelope, return_legs: frozenset[str] = frozenset()) -> dict[str, Any]:
     p = env.payload
     label = LABELS_ZH.get(env.type, env.type)
     if env.type == "TripStepReported":
@@ -82,13 +110,23 @@ def entry(env: Envelope) -> dict[str, Any]:
         "store": env.store, "stream_id": env.stream_id, "stream_version": env.stream_version,
         "position": env.position, "event_id": str(env.event_id), "payload": p,
         "known": env.type in LABELS_ZH or env.type in NOTIFICATIONS,
+        "leg": "return" if _transfer_of(env) in return_legs else "outbound",
     }
 
 
-def timeline_view(transfer_id: str, events: list[Envelope]) -> dict[str, Any]:
+def _transfer_of(env: Envelope) -> str:
+    """The transfer an event belongs to: named in it, else the one its flow correlates by."""
+    return str(env.payload.get("transfer_id") or env.correlation_id)
+
+
+def timeline_view(transfer_id: str, events: list[Envelope],
+                  return_legs: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """`return_legs`: the transfers that bring this one's patient back (their `return_of`
+    names it); their events are in the story too, up to the loop closed."""
     ordered = sorted(events, key=lambda e: (ts(e.recorded_at), e.store, e.position))
-    entries = [entry(e) for e in ordered]
-    types = {e.type for e in ordered}
+    entries = [entry(e, return_legs) for e in ordered]
+    types = {e.type for e in ordered if _transfer_of(e) not in return_legs}
+    back = {e.type for e in ordered if _transfer_of(e) in return_legs}
     notifications = [
         {"what": NOTIFICATIONS[e.type][0], "to": NOTIFICATIONS[e.type][1],
          "state": NOTIFICATIONS[e.type][2], "at": e.recorded_at, "by": e.actor,
@@ -98,8 +136,13 @@ def timeline_view(transfer_id: str, events: list[Envelope]) -> dict[str, Any]:
     requested = next((e for e in ordered if e.type == "TransferRequested"), None)
     return_required = bool(requested and requested.payload.get("return_required"))
     handed = "TransferHandedOver" in types or "PatientHandedOver" in types
-    if types & CLOSING or (handed and not return_required):
+    returned = "TransferHandedOver" in back or "PatientHandedOver" in back
+    if types & CLOSING or (handed and (returned or not return_required)):
         status = "loop_closed"
+    elif "TransferCancelled" in types and not handed:
+        status = "cancelled"
+    elif back:
+        status = "return_leg"
     elif handed:
         status = "awaiting_return_leg"  # R11: closed by the return leg or an admission (issue 4)
     elif "TripOpened" in types:
@@ -109,4 +152,4 @@ def timeline_view(transfer_id: str, events: list[Envelope]) -> dict[str, Any]:
     else:
         status = "requested"
     return {"transfer_id": transfer_id, "status": status, "return_required": return_required,
-            "entries": entries, "notifications": notifications}
+            "return_legs": sorted(return_legs), "entries": entries, "notifications": notifications}

@@ -159,7 +159,7 @@ async def test_forbidden_histories_appended_into_stores_are_found(stores: dict[s
         # What the live model holds: the findings read model the subscription kept.
         found, _, total_found = await violations.page(conn, generation(1), now=datetime.now(UTC), limit=1000)
         live = await queries.dump(conn, generation(1))
-        unknown = await queries.timeline_events(conn, "trip-e", None)
+        unknown, _ = await queries.timeline_events(conn, "trip-e", None)
     got = {(f["rule"], f["check"], f["vehicle_id"] or f["transfer_id"]) for f in found}
     assert got >= {
         ("R1", "vehicle_reserved_twice", "v1"), ("R2", "reserved_before_release", "v2"),
