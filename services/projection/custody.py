@@ -112,9 +112,11 @@ def _server(ref: dict[str, Any] | None) -> datetime | None:
 
 def exposures(data: AuditData, vehicle_id: str | None = None) -> list[dict[str, Any]]:
     """For each positive swab: every transfer the vehicle carried since its last negative
-    swab, through the positive result (trips done while the result was pending count
-    too), plus the trip whose cycle took the sample. The window is in server time on
-    both ends, so a skewed phone or lab clock cannot move a trip out of it."""
+    swab until a later sample comes back negative (trips done while the result was
+    pending count, and so do trips after the positive result, which R9 forbids: those
+    patients were exposed all the same, flagged `after_positive_result`), plus the trip
+    whose cycle took the sample. The window is in server time on both ends, so a skewed
+    phone or lab clock cannot move a trip out of it."""
     data = data.indexed()
     out: list[dict[str, Any]] = []
     for swab in positives(data):
@@ -124,18 +126,23 @@ def exposures(data: AuditData, vehicle_id: str | None = None) -> list[dict[str, 
         collected = _server(swab.get("collected"))
         result = swab["result"]
         ended = _server(result)
-        negatives = [s for s in data.swabs.values()
-                     if s.get("vehicle_id") == vid and (s.get("result") or {}).get("result") == "negative"
-                     and collected and (_server(s.get("collected")) or collected) < collected]
-        last_negative = max(negatives, key=lambda s: (_server(s.get("collected")) or EPOCH), default=None)
+        negatives: list[tuple[datetime, dict[str, Any]]] = []
+        for s in data.swabs.values():
+            at = _server(s.get("collected"))
+            if s.get("vehicle_id") == vid and (s.get("result") or {}).get("result") == "negative" and at:
+                negatives.append((at, s))
+        at_positive = collected or EPOCH  # a result with no collection on record: from the start
+        last_negative = max(((at, s) for at, s in negatives if at < at_positive), key=lambda p: p[0],
+                            default=(None, None))[1]
         since = _server(last_negative.get("collected")) if last_negative else None
+        cleared = min((at for at, _ in negatives if at > at_positive), default=None)
         own_cycle = data.cycles.get(swab.get("cycle_id") or "") or {}
         exposed = []
         for trip in data.trips_of_vehicle(vid):
             opened = _server(trip.get("opened"))
             own = trip["trip_id"] == own_cycle.get("trip_id")
             in_window = opened is not None and (since is None or opened > since) and \
-                (ended is None or opened <= ended)
+                (cleared is None or opened < cleared)
             if not (own or in_window):
                 continue
             t = data.transfers.get(trip.get("transfer_id") or "") or {}
@@ -147,11 +154,13 @@ def exposures(data: AuditData, vehicle_id: str | None = None) -> list[dict[str, 
                 "patient": {k: patient.get(k) for k in ("name", "id_number", "phone")},
                 "origin": (request.get("origin") or {}).get("name"),
                 "destination_id": t.get("destination_id"),
+                "after_positive_result": bool(opened and ended and opened > ended),
             })
         out.append({
             "vehicle_id": vid, "sample_id": swab["sample_id"], "collected_at": swab.get("collected_at"),
             "result_at": result.get("reported_at"), "result_event_id": result["event_id"],
             "since_negative_sample": last_negative["sample_id"] if last_negative else None,
+            "cleared_at": cleared.isoformat() if cleared else None,
             "transfers": exposed,
         })
     return out

@@ -675,3 +675,22 @@ def test_a_trip_is_on_the_ledger_of_its_own_day_not_its_requests() -> None:
     data = h.data()
     assert [r["trip_id"] for r in ledger.rows(data, "2022-11-21", "2022-11-22")] == ["b"]
     assert ledger.rows(data, "2022-11-20", "2022-11-21") == []
+
+
+def test_a_trip_after_the_positive_result_is_exposed_until_a_sample_comes_back_negative() -> None:
+    """R9 forbids it; if it happened, its patient was exposed all the same."""
+    h = full_history()  # trip2's cycle c2 took sample s2: positive
+    for trip in ("late", "clean"):
+        if trip == "clean":
+            cycle(h, "c9", None)
+            h.add("disinfection", "cycle-c9", "SurfaceSwabCollected", cycle_id="c9", vehicle_id="v1",
+                  sample_id="s9", sites=["a", "b", "c"], collected_by="x", collected_at=h.clock.isoformat())
+            h.add("disinfection", "cycle-c9", "SwabResultRecorded", cycle_id="c9", vehicle_id="v1",
+                  sample_id="s9", result="negative", lab="l", reported_at=h.clock.isoformat())
+        request(h, trip)
+        h.add("transfer", f"trip-{trip}", "TripOpened", trip_id=trip, transfer_id=trip, vehicle_id="v1",
+              destination_id="f", origin={}, return_required=False)
+    (found,) = exposures(h.data())
+    exposed = {t["trip_id"]: t["after_positive_result"] for t in found["transfers"]}
+    assert exposed == {"trip2": False, "late": True}, exposed
+    assert found["cleared_at"] is not None
