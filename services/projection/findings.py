@@ -232,16 +232,25 @@ def r1_overlapping_trips(data: AuditData) -> Iterator[Finding]:
 
 # -- R2 no assignment before release -----------------------------------------------------
 
+MAY_OVERRIDE_R2 = "supervisor"  # DOMAIN.md: R2 is hard; a supervisor's override, with a reason
+
 
 def _r2_override(data: AuditData, transfer_id: str | None, vehicle_id: str) -> tuple[
         str, tuple[dict[str, Any], ...], str, str]:
     """(kind, extra evidence, why, why in Chinese) for a vehicle taken before its release:
-    a supervisor's recorded R2 override makes it an override, else a violation."""
+    a supervisor's recorded R2 override makes it an override, else a violation (R2 is
+    hard: an override recorded by anyone else is no override)."""
     found = _overrides(data, "R2", transfer_id, vehicle_id)
     if not found:
         return "violation", (), "", ""
-    reason = payload(found[0]).get("reason") or ""
-    return ("override", tuple(_log_ev(d) for d in found), f"; overridden: {reason}",
+    allowed = [d for d in found if d["role"] == MAY_OVERRIDE_R2]
+    if not allowed:
+        d = found[0]
+        return ("violation", tuple(_log_ev(o) for o in found),
+                f"; overridden by {d['actor']} ({d['role']}), who may not override R2",
+                f"（{d['actor']}（{d['role']}）无权越权放行）")
+    reason = payload(allowed[0]).get("reason") or ""
+    return ("override", tuple(_log_ev(d) for d in allowed), f"; overridden: {reason}",
             f"（督查越权理由：{reason}）")
 
 
@@ -396,6 +405,15 @@ def early_releases(data: AuditData) -> Iterator[Finding]:
             continue
         rules = ", ".join(released.get("overridden_rules") or []) or "R2"
         missing = ", ".join(released.get("missing") or []) or "nothing"
+        if released.get("role") != MAY_OVERRIDE_R2:
+            yield Finding(
+                "R2", "early_release_not_by_supervisor", "violation", released["recorded_at"],
+                f"{released.get('actor')} ({released.get('role')}) released vehicle {cycle['vehicle_id']} "
+                f"early from cycle {cycle['cycle_id']} (missing {missing}); only a supervisor may",
+                f"{released.get('actor')}（{released.get('role')}）无权提前放行车辆{cycle['vehicle_id']}"
+                f"（缺：{missing}）", (_ev(released, "VehicleReleased"),),
+                transfer_id=cycle.get("transfer_id"), vehicle_id=cycle["vehicle_id"])
+            continue
         yield Finding(
             "override", "supervisor_early_release", "override", released["recorded_at"],
             f"{released.get('actor')} ({released.get('role')}) released vehicle {cycle['vehicle_id']} "
@@ -583,8 +601,9 @@ def stage_problems(stage: dict[str, Any]) -> list[str]:
 
 
 def _release_kind(released: dict[str, Any]) -> tuple[str, str, str]:
-    """A release a supervisor forced (R2's override) makes what it skipped an override."""
-    if released.get("override"):
+    """A release a supervisor forced (R2's override) makes what it skipped an override;
+    forced by anyone else, it is no override."""
+    if released.get("override") and released.get("role") == MAY_OVERRIDE_R2:
         reason = released.get("override_reason") or ""
         return ("override", f"; released early by {released.get('actor')}: {reason}",
                 f"（督查提前放行：{reason}）")
@@ -879,7 +898,8 @@ CHECKS: tuple[CheckSpec, ...] = (
               frozenset({"VehicleAssigned", "RuleOverridden"}), manual_overrides, TRANSFER),
     CheckSpec("override", "reprioritized", "every change of a transfer's priority by a dispatcher (R4)",
               frozenset({"TransferReprioritized"}), reprioritized, TRANSFER),
-    CheckSpec("override", "supervisor_early_release", "every release a supervisor forced (R2, R8)",
+    CheckSpec("override", "supervisor_early_release",
+              "every release a supervisor forced (R2, R8); forced by another role, an R2 violation",
               frozenset({"VehicleReleased"}), early_releases, VEHICLE),
     CheckSpec("R6", "destination_role_mismatch", "destination role does not fit the patient",
               frozenset({"DestinationAssigned", "TransferRedirected", "FacilityRegistered"}),

@@ -254,6 +254,27 @@ def test_a_supervisors_early_release_is_an_override_of_what_it_skipped() -> None
     assert "急需车辆" in found[("override", "supervisor_early_release")].detail
 
 
+def test_an_r2_override_by_anyone_but_a_supervisor_is_no_override() -> None:
+    """R2 is hard: only a supervisor overrides it (DOMAIN.md). A dispatcher's recorded
+    override, or an early release by disinfection staff, is a violation that says who."""
+    h = History()
+    vehicle(h, "v1")
+    h.add("dispatch", "vehicle-v1", "VehicleAwaitingDisinfection", vehicle_id="v1", trip_id="a")
+    h.add("dispatch", "transfer-t2", "RuleOverridden", rule="R2", transfer_id="t2", vehicle_id="v1",
+          reason="着急", detail="d", actor="d1", role="dispatcher")
+    h.add("dispatch", "vehicle-v1", "VehicleReserved", vehicle_id="v1", transfer_id="t2")
+    cycle(h, "c1", "a")
+    h.add("disinfection", "cycle-c1", "VehicleReleased", cycle_id="c1", vehicle_id="v1", trip_id="a",
+          policy="supervisor_override", override=True, override_reason="急需车辆",
+          overridden_rules=["R2", "R8"], missing=["terminal", "swab"], actor="w1", role="disinfection")
+    found = {(f.rule, f.check): f for f in h.found()}
+    assert found[("R2", "reserved_before_release")].kind == "violation"
+    assert "d1 (dispatcher), who may not override R2" in found[("R2", "reserved_before_release")].detail
+    assert found[("R2", "early_release_not_by_supervisor")].kind == "violation"
+    assert ("override", "supervisor_early_release") not in found
+    assert found[("R9", "released_without_swab")].kind == "violation"
+
+
 def test_r4_reads_cancellations_and_reprioritisations() -> None:
     h = History()
     vehicle(h, "v1")
