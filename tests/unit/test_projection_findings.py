@@ -222,13 +222,19 @@ def test_r1_a_vehicle_that_stood_down_or_broke_down_may_be_reserved_again() -> N
     assert not [f for f in h.found() if f.rule == "R1"]
 
 
-def test_r2_a_supervisors_recorded_override_is_an_override_and_a_lifted_quarantine_clears() -> None:
+def reserved_over_r2(actor: str, role: str) -> History:
+    """v1 awaits disinfection after trip a; `role` records an R2 override; t2 reserves it."""
     h = History()
     vehicle(h, "v1")
     h.add("dispatch", "vehicle-v1", "VehicleAwaitingDisinfection", vehicle_id="v1", trip_id="a")
     h.add("dispatch", "transfer-t2", "RuleOverridden", rule="R2", transfer_id="t2", vehicle_id="v1",
-          reason="重大事故", detail="d", actor="sup", role="supervisor")
+          reason="重大事故", detail="d", actor=actor, role=role)
     h.add("dispatch", "vehicle-v1", "VehicleReserved", vehicle_id="v1", transfer_id="t2")
+    return h
+
+
+def test_r2_a_supervisors_recorded_override_is_an_override_and_a_lifted_quarantine_clears() -> None:
+    h = reserved_over_r2("sup", "supervisor")
     h.add("dispatch", "vehicle-v1", "VehicleAwaitingDisinfection", vehicle_id="v1", trip_id="b")
     h.add("dispatch", "vehicle-v1", "VehicleReturnedToService", vehicle_id="v1", trip_id="b", cycle_id="c",
           quarantine_lifted=True)
@@ -257,12 +263,7 @@ def test_a_supervisors_early_release_is_an_override_of_what_it_skipped() -> None
 def test_an_r2_override_by_anyone_but_a_supervisor_is_no_override() -> None:
     """R2 is hard: only a supervisor overrides it (DOMAIN.md). A dispatcher's recorded
     override, or an early release by disinfection staff, is a violation that says who."""
-    h = History()
-    vehicle(h, "v1")
-    h.add("dispatch", "vehicle-v1", "VehicleAwaitingDisinfection", vehicle_id="v1", trip_id="a")
-    h.add("dispatch", "transfer-t2", "RuleOverridden", rule="R2", transfer_id="t2", vehicle_id="v1",
-          reason="着急", detail="d", actor="d1", role="dispatcher")
-    h.add("dispatch", "vehicle-v1", "VehicleReserved", vehicle_id="v1", transfer_id="t2")
+    h = reserved_over_r2("d1", "dispatcher")
     cycle(h, "c1", "a")
     h.add("disinfection", "cycle-c1", "VehicleReleased", cycle_id="c1", vehicle_id="v1", trip_id="a",
           policy="supervisor_override", override=True, override_reason="急需车辆",
