@@ -473,22 +473,45 @@ class QueueFold:
             self.waiting.pop(tid, None)
             self.priority.pop(tid, None)
         elif t == "VehicleAssigned":
-            self.waiting.pop(tid, None)
+            waited = self.waiting.pop(tid, None)
             vehicle_id = payload(d).get("vehicle_id") or ""
             vehicle = data.vehicles.get(vehicle_id)
             mine = self.priority.get(tid)
             if vehicle is None or mine is None:
                 return
+            # Within a priority, request order; known when this transfer waited too (its
+            # request is loaded with the others that waited).
+            requested = ((data.transfers.get(tid) or {}).get("request") or {}).get("recorded_at") \
+                if waited else None
             for other_id, queued in self.waiting.items():
                 theirs = self.priority.get(other_id)
                 request = (data.transfers.get(other_id) or {}).get("request") or {}
-                if theirs is not None and theirs < mine and fits(vehicle, request):
+                if theirs is None or not fits(vehicle, request):
+                    continue
+                if theirs < mine:
                     yield Finding(
                         "R4", "priority_inversion", "violation", d["recorded_at"],
                         f"vehicle {vehicle_id} went to {tid} (priority {mine}) while {other_id} "
                         f"(priority {theirs}) waited and could ride it",
                         f"车辆{vehicle_id}派给了优先级{mine}的转运，而优先级{theirs}的转运{other_id}仍在排队",
                         (queued, _decision_ev(d)), transfer_id=other_id, vehicle_id=vehicle_id)
+                elif theirs == mine and requested and _earlier(request.get("recorded_at"), requested):
+                    yield Finding(
+                        "R4", "queue_order", "violation", d["recorded_at"],
+                        f"vehicle {vehicle_id} went to {tid} while {other_id}, of the same priority "
+                        f"{mine} and requested earlier, waited and could ride it",
+                        f"车辆{vehicle_id}派给了后申请的转运{tid}，同级且先申请的转运{other_id}仍在排队",
+                        (queued, _decision_ev(d)), transfer_id=other_id, vehicle_id=vehicle_id)
+
+
+# Dispatch orders by its own clock at the request, a few milliseconds before the request
+# is recorded: two requests closer than this are not told apart by their record times.
+QUEUE_ORDER_TOLERANCE = timedelta(seconds=1)
+
+
+def _earlier(a: str | None, b: str | None) -> bool:
+    ta, tb = ts(a), ts(b)
+    return ta is not None and tb is not None and ta + QUEUE_ORDER_TOLERANCE < tb
 
 
 def r4_priority_inversion(data: AuditData) -> list[Finding]:
@@ -929,7 +952,8 @@ CHECKS: tuple[CheckSpec, ...] = (
               frozenset({"SurfaceSwabCollected", "SwabResultRecorded"}), r14_swab_overdue, VEHICLE),
 )
 R4_SPEC = CheckSpec("R4", "priority_inversion",
-                    "a queued, more urgent transfer passed over for a vehicle it fits",
+                    "a queued transfer passed over for a vehicle it fits by a less urgent one, or by a "
+                    "later one of its priority",
                     frozenset({"TransferQueued", "VehicleAssigned", "TransferPrioritized",
                                "TransferReprioritized", "TransferCancelled"}),
                     r4_priority_inversion, DISPATCH)
