@@ -48,7 +48,10 @@ VIDEO_FIELDS = ("camera_id", "clip_ref", "from", "to")
 R6_ROLES = {
     "fever": {"fever_clinic", "temporary_emergency"},
     "cardio_cerebro": {"specialty_cardio_cerebro"},
-    "confirmed": {"designated", "sub_designated", "fangcang"},
+    # DOMAIN.md R6: severe confirmed -> designated hospital; mild/asymptomatic -> fangcang
+    # (a hospital that takes the severe may take the mild too).
+    "confirmed_severe": {"designated"},
+    "confirmed_mild": {"fangcang", "sub_designated", "designated"},
 }
 STAGE_ZH = {"initial": "首次消毒", "terminal": "终末消毒"}
 NPA_AREAS = {"isolation_site", "sealed_area", "controlled_area"}
@@ -533,7 +536,8 @@ def patient_class(request: dict[str, Any], condition: dict[str, Any] | None = No
     if condition.get("critical"):
         return "critical"
     if request.get("risk_category") == "confirmed":
-        return "confirmed"
+        mild = condition.get("severity") in ("mild", "asymptomatic")
+        return "confirmed_mild" if mild else "confirmed_severe"
     if condition.get("fever") or request.get("risk_category") == "suspected":
         return "fever"
     return "other"

@@ -356,6 +356,18 @@ def test_r6_r7_destination() -> None:
     assert codes(h.found()) >= {("R6", "destination_role_mismatch"), ("R7", "overflowing_destination")}
 
 
+def test_r6_a_severe_confirmed_case_goes_to_a_designated_hospital_a_mild_one_may_go_to_a_fangcang() -> None:
+    h = History()
+    h.add("dispatch", "facility-fc", "FacilityRegistered", facility_id="fc", name="方舱", roles=["fangcang"],
+          location={"lat": 38.0, "lon": 106.0})
+    for tid, severity in (("severe", "severe"), ("mild", "mild"), ("unsaid", None)):
+        request(h, tid, risk="confirmed", fever=False, **({"severity": severity} if severity else {}))
+        h.add("dispatch", f"transfer-{tid}", "DestinationAssigned", transfer_id=tid, facility_id="fc",
+              reason="r")
+    sent = {f.transfer_id for f in h.found() if f.check == "destination_role_mismatch"}
+    assert sent == {"severe", "unsaid"}  # severity not said: treated as severe, as dispatch does
+
+
 def test_r12_r13_r14() -> None:
     h = History()
     h.add("transfer", "trip-x", "TripOpened", trip_id="x", transfer_id="ghost", vehicle_id="v1",
