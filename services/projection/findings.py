@@ -759,6 +759,22 @@ def r9_positive_handling(data: AuditData) -> Iterator[Finding]:
                     f"车辆{vid}物表核酸阳性后未经复检阴性即再次出车",
                     (_ev(result, "SwabResultRecorded"), _ev(opened, "TripOpened")),
                     transfer_id=trip.get("transfer_id"), vehicle_id=vid)
+        # Nor is it released back to service before then (the quarantine lifted on no
+        # negative result), unless a supervisor forced it.
+        for other in _vehicle_cycles(data):
+            released = other.get("released")
+            if other["vehicle_id"] != vid or not released or not _after(released["recorded_at"],
+                                                                         result["recorded_at"]):
+                continue
+            if cleared is None or _after(cleared, released["recorded_at"]):
+                kind, why, why_zh = _release_kind(released)
+                yield Finding(
+                    "R9", "released_before_negative", kind, released["recorded_at"],
+                    f"vehicle {vid} released from cycle {other['cycle_id']} after its positive swab "
+                    f"{swab['sample_id']} and before a negative one" + why,
+                    f"车辆{vid}物表核酸阳性后未经复检阴性即被放行" + why_zh,
+                    (_ev(result, "SwabResultRecorded"), _ev(released, "VehicleReleased")),
+                    transfer_id=other.get("transfer_id"), vehicle_id=vid)
 
 
 # -- R10 报备 -------------------------------------------------------------------------------

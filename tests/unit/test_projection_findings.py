@@ -747,3 +747,23 @@ def test_a_trip_after_the_positive_result_is_exposed_until_a_sample_comes_back_n
     exposed = {t["trip_id"]: t["after_positive_result"] for t in found["transfers"]}
     assert exposed == {"trip2": False, "late": True}, exposed
     assert found["cleared_at"] is not None
+
+
+def test_r9_a_quarantined_vehicle_is_released_only_after_a_negative_sample() -> None:
+    def released_after_positive(negative_first: bool) -> set[tuple[str, str]]:
+        h = full_history()  # s2 of cycle c2 came back positive
+        h.add("disinfection", "cycle-c2", "VehicleQuarantined", cycle_id="c2", vehicle_id="v1",
+              sample_id="s2", reason="positive swab", redisinfection_cycle_id="r2")
+        h.add("disinfection", "cycle-r2", "CycleOpened", cycle_id="r2", vehicle_id="v1", trip_id=None,
+              transfer_id=None, reason="positive swab", kind="redisinfection")
+        h.add("disinfection", "cycle-r2", "SurfaceSwabCollected", cycle_id="r2", vehicle_id="v1",
+              sample_id="s-r2", sites=["a", "b", "c"], collected_by="x", collected_at=h.clock.isoformat())
+        if negative_first:
+            h.add("disinfection", "cycle-r2", "SwabResultRecorded", cycle_id="r2", vehicle_id="v1",
+                  sample_id="s-r2", result="negative", lab="l", reported_at=h.clock.isoformat())
+        h.add("disinfection", "cycle-r2", "VehicleReleased", cycle_id="r2", vehicle_id="v1", trip_id=None,
+              policy="p", quarantine_lifted=True)
+        return {(f.check, f.kind) for f in h.found() if f.rule == "R9"}
+
+    assert ("released_before_negative", "violation") in released_after_positive(negative_first=False)
+    assert not {c for c, _ in released_after_positive(negative_first=True)} & {"released_before_negative"}
