@@ -814,6 +814,9 @@ def r10_reporting(data: AuditData) -> Iterator[Finding]:
 # -- R11 the loop closes -------------------------------------------------------------------
 
 
+RETURN_TO_ORIGIN = "origin"  # dispatch's destination for a return leg with no origin facility
+
+
 def r11_loop_closed(data: AuditData) -> Iterator[Finding]:
     """A return-required transfer whose patient was handed over is closed by the hospital's
     admission (PatientAdmitted) or by its return leg (the transfer whose request names it
@@ -821,8 +824,23 @@ def r11_loop_closed(data: AuditData) -> Iterator[Finding]:
     which this check does not take on trust. Open RETURN_LEG_SLA after the handover (the
     crew's time, as R13 reads it): a finding from then on."""
     admitted = {row["transfer_id"] for row in data.others if row["type"] == "PatientAdmitted"}
-    returned = {t["return_of"] for t in data.transfers.values()
-                if t.get("return_of") and t.get("handed_over")}
+    returned: set[str] = set()
+    for leg_id, leg in data.transfers.items():
+        outbound_id, handed = leg.get("return_of"), leg.get("handed_over")
+        if not outbound_id or not handed:
+            continue
+        returned.add(outbound_id)
+        # The return leg goes back to where the outbound leg started ("origin", dispatch's
+        # word for it, or that facility).
+        origin = (((data.transfers.get(outbound_id) or {}).get("request") or {}).get("origin") or {})
+        went = handed.get("facility_id") or leg.get("destination_id")
+        if went not in (RETURN_TO_ORIGIN, origin.get("facility_id"), None):
+            yield Finding(
+                "R11", "return_leg_elsewhere", "violation", handed["recorded_at"],
+                f"return leg {leg_id} of {outbound_id} handed the patient over at {went}, not at the "
+                f"origin ({origin.get('name') or origin.get('facility_id')})",
+                f"返程转运{leg_id}未将患者送回原出发地，而是送至{went}",
+                (_ev(handed, "TransferHandedOver"),), transfer_id=outbound_id, facility_id=went)
     for tid, t in data.transfers.items():
         request = t.get("request") or {}
         handed = t.get("handed_over")
@@ -962,7 +980,8 @@ CHECKS: tuple[CheckSpec, ...] = (
               frozenset({"SwabResultRecorded", "VehicleQuarantined"}), r9_positive_handling, VEHICLE),
     CheckSpec("R10", "reporting", "not reported, reported late, or a direct call not reported by 120",
               frozenset({"TransferRequested", "TransferReported"}), r10_reporting, TRANSFER),
-    CheckSpec("R11", "loop_not_closed", "return leg neither done nor replaced by an admission",
+    CheckSpec("R11", "loop_not_closed",
+              "return leg neither done nor replaced by an admission, or done to somewhere else",
               frozenset({"TransferHandedOver", "PatientAdmitted"}), r11_loop_closed, TRANSFER),
     CheckSpec("R12", "trip_without_request", "a trip the ledger cannot attribute to a person",
               frozenset({"TripOpened", "TransferRequested"}), r12_trip_without_request, TRANSFER),

@@ -10,6 +10,7 @@ from typing import Any
 
 from services.projection.data import AuditData
 from services.projection.facts import local_day
+from services.projection.findings import RETURN_TO_ORIGIN
 
 # (key, header as the health bureau reads it)
 COLUMNS = (
@@ -28,10 +29,6 @@ def _device(ref: dict[str, Any] | None) -> str | None:
 
 
 READS = ("transfers", "trips", "vehicles", "facilities")  # the fact tables rows() reads
-
-# Dispatch's placeholder for a return leg's destination: where the outbound leg started.
-RETURN_TO_ORIGIN = "origin"
-
 
 def _destination(data: AuditData, t: dict[str, Any]) -> str | None:
     """The destination's name; a return leg's is the outbound transfer's origin."""

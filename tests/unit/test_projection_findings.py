@@ -333,6 +333,25 @@ def test_r11_closed_by_admission_or_return_leg_else_a_finding_after_a_day() -> N
     assert [f.transfer_id for f in later] == ["open"]
 
 
+def test_r11_a_return_leg_goes_back_to_the_origin() -> None:
+    def returned_to(facility: str) -> set[tuple[str, str]]:
+        h = History()
+        request(h, "out")
+        h.add("dispatch", "transfer-out", "TransferHandedOver", transfer_id="out", trip_id="a",
+              facility_id="f")
+        h.add("dispatch", "transfer-back", "TransferRequested", transfer_id="back",
+              patient={"name": "张三"}, risk_category="isolation_site", condition={},
+              origin={"kind": "hospital", "name": "f"}, purpose="return_leg", return_required=False,
+              return_of="out", requested_by={"channel": "console"})
+        h.add("dispatch", "transfer-back", "TransferHandedOver", transfer_id="back", trip_id="b",
+              facility_id=facility)
+        return {(f.check, f.transfer_id or "") for f in h.found(now=h.clock + timedelta(days=2))
+                if f.rule == "R11"}
+
+    assert returned_to("origin") == set()
+    assert returned_to("elsewhere") == {("return_leg_elsewhere", "out")}
+
+
 def test_findings_are_a_function_of_the_events_not_of_the_clock() -> None:
     """A deadline that passed is a finding dated at the deadline, with the same text
     whenever it is asked: what lets the live model keep it as a row."""
