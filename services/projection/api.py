@@ -30,7 +30,7 @@ from services.projection import queries, verification
 from services.projection import violations as violations_model
 from services.projection.access import DISCLOSURE_READERS
 from services.projection.facts import REGION_TZ
-from services.projection.rebuild import RebuildRunning, rebuild
+from services.projection.rebuild import RebuildRunning, being_built, rebuild
 from services.projection.tables import envelope_of_row, next_seq
 from services.projection.timeline import timeline_view
 
@@ -300,14 +300,23 @@ async def verify(store: Store, request: Request) -> dict[str, Any]:
 
 
 @router.post("/rebuild", status_code=202)
-async def start_rebuild(request: Request, store: Store,
-                        order: Literal["seq", "store"] = "seq") -> JSONResponse:
-    """Rebuild every read model beside the live one, then switch (no downtime)."""
+async def start_rebuild(request: Request, store: Store, order: Literal["seq", "store"] = "seq",
+                        force: bool = False) -> JSONResponse:
+    """Rebuild every read model beside the live one, then switch (no downtime). Refused
+    while another rebuild (here, in another process, or the command's) is building;
+    `force` takes over the marker of one that died without clearing it (it goes stale by
+    itself after an hour)."""
     state = request.app.state
     task: asyncio.Task[Any] | None = getattr(state, "projection_rebuild", None)
     if task is not None and not task.done():
         raise StateConflict("rebuild_running", "a rebuild is running", "重建正在进行中")
-    state.projection_rebuild = asyncio.create_task(rebuild(store, order=order))
+    if not force:
+        async with store.engine.connect() as conn:
+            elsewhere = await being_built(conn)
+        if elsewhere:
+            raise StateConflict("rebuild_running", f"a rebuild is running: {elsewhere}",
+                                "另一重建正在进行中（若其已中断，可加force=true接管）")
+    state.projection_rebuild = asyncio.create_task(rebuild(store, order=order, force=force))
     return JSONResponse({"status": "running", "order": order}, status_code=202)
 
 

@@ -386,18 +386,27 @@ async def rebuild(store: EventStore, *, order: str = "seq", page: int = 10_000,
             gc.enable()
 
 
+async def being_built(conn: AsyncConnection) -> str | None:
+    """What another rebuild (this process's, another's, the command's) is building, when
+    its marker is younger than STALE_SECONDS (an older one was left by a rebuild that died)."""
+    building = await conn.scalar(select(meta_table.c.value).where(meta_table.c.name == BUILDING))
+    if not building:
+        return None
+    number, _, since = str(building).partition("@")
+    if (utcnow() - datetime.fromisoformat(since)).total_seconds() >= STALE_SECONDS:
+        return None
+    return f"generation {number} is being built since {since}"
+
+
 async def _rebuild(store: EventStore, order: str, page: int, flush_rows: int, force: bool,
                    workers: int, compare: Compare | None) -> Report:
     started = time.perf_counter()
     async with write_tx(store) as conn:
         await lock_archive(conn)
         active = (await ensure_active(conn)).number
-        building = await conn.scalar(select(meta_table.c.value).where(meta_table.c.name == BUILDING))
+        building = await being_built(conn)
         if building and not force:
-            number_s, _, since = building.partition("@")
-            age = (utcnow() - datetime.fromisoformat(since)).total_seconds()
-            if age < STALE_SECONDS:
-                raise RebuildRunning(f"generation {number_s} is being built since {since}")
+            raise RebuildRunning(building)
         present = await generations_present(conn)
         number = max([*present, active]) + 1
         # Keep the active generation and the one before it (readers may still be on it).

@@ -252,3 +252,33 @@ async def test_a_rebuild_ending_while_its_status_is_read_is_not_done_beside_the_
     status = ok(await client.get(f"{API}/audit/rebuild"))
     assert app.state.projection_rebuild.done()
     assert status == {"active_generation": seen[0], "status": "running"}
+
+
+async def test_a_rebuild_elsewhere_is_refused_up_front_and_a_dead_ones_marker_can_be_taken_over(
+        app: FastAPI, client: httpx.AsyncClient) -> None:
+    """The command (or another process) is building: 409 at once, not a 202 that fails
+    later. An admin may take over the marker of one that died (force)."""
+    from libs.events.envelope import iso, utcnow
+    from services.projection.rebuild import BUILDING
+    from services.projection.tables import set_meta
+
+    ok(await client.post(f"{API}/vehicles", json=scenarios_audit.AMBULANCE), 201)
+    before = await eventually(lambda: _generation(client), "a live generation")
+    async with app.state.stores["projection"].engine.begin() as conn:
+        await set_meta(conn, BUILDING, f"{before + 1}@{iso(utcnow())}")
+    refused = await client.post(f"{API}/audit/rebuild")
+    assert refused.status_code == 409 and refused.json()["code"] == "rebuild_running", refused.text
+    assert ok(await client.get(f"{API}/audit/rebuild"))["status"] == "idle"
+    assert (await client.post(f"{API}/audit/rebuild", params={"force": "true"})).status_code == 202
+
+    async def done() -> Any:
+        status = ok(await client.get(f"{API}/audit/rebuild"))
+        assert status["status"] != "failed", status
+        return status if status["status"] == "done" else None
+
+    assert (await eventually(done, "the forced rebuild"))["active_generation"] > before
+
+
+async def _generation(client: httpx.AsyncClient) -> int | None:
+    number: int | None = ok(await client.get(f"{API}/audit/rebuild"))["active_generation"]
+    return number
