@@ -166,15 +166,21 @@ async def kpis(store: Store, from_: Annotated[str | None, Query(alias="from")] =
     return kpis_view.indicators(data, utcnow(), clock, day_from, day_to)
 
 
+XLSX = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+
+
 @router.get("/ledger", response_model=None, responses={200: {"content": {
-    "text/csv": {"schema": {"type": "string"}},
-    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet": {
-        "schema": {"type": "string", "format": "binary"}}}}})
+    "text/csv": {"schema": {"type": "string"}}, XLSX: {"schema": {"type": "string", "format": "binary"}}}}})
 async def ledger(request: Request, store: Store, date: str | None = None,
                  from_: Annotated[str | None, Query(alias="from")] = None, to: str | None = None,
-                 format: Literal["json", "csv", "xlsx"] = "json") -> Response | dict[str, Any]:
+                 format: Literal["json", "csv", "xlsx"] | None = None,
+                 accept: Annotated[str | None, Header()] = None) -> Response | dict[str, Any]:
     """The 台账: every outgoing trip by person and day (the trip's local day). `date` is
-    one local day; or `from` (included) to `to` (excluded)."""
+    one local day; or `from` (included) to `to` (excluded). As JSON, CSV or XLSX: `format`,
+    else what `Accept` asks for."""
+    if format is None:
+        wanted = (accept or "").lower()
+        format = "xlsx" if XLSX in wanted else "csv" if "text/csv" in wanted else "json"
     if date and (from_ or to):
         raise InvalidField("date", "date_with_range", "give either date or from/to, not both",
                            "date与from/to只能二选一")
@@ -196,8 +202,7 @@ async def ledger(request: Request, store: Store, date: str | None = None,
                         headers={"Content-Disposition": f'attachment; filename="{name}.csv"'})
     if format == "xlsx":
         return Response(
-            ledger_view.to_xlsx(rows),
-            media_type="application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+            ledger_view.to_xlsx(rows), media_type=XLSX,
             headers={"Content-Disposition": f'attachment; filename="{name}.xlsx"'})
     return {"from": day_from, "to": day_to, "rows": rows}
 
