@@ -268,6 +268,7 @@ async def check_views(c: httpx.AsyncClient, ids: dict[str, Any]) -> None:
     assert rate["met"] == 5 and rate["meets_target"] is True
     assert set(k["by_facility"]) >= {"yc-second"}
     assert set(k["by_vehicle"]) >= {"nx-120-07", "yn-bus-02", "yc-amb-03"}
+    assert "None" not in k["by_vehicle"] and "None" not in k["by_facility"]
 
     # -- the ledger: every trip by person, masked, with 报备; CSV and XLSX ----------------------
     ledger = ok(await c.get(f"{API}/audit/ledger"))["rows"]

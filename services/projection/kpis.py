@@ -18,6 +18,7 @@ from typing import Any
 
 from services.projection.data import AuditData, seconds
 from services.projection.facts import local_day
+from services.projection.findings import RETURN_TO_ORIGIN
 
 DISPATCH_TARGET_SECONDS = 180
 DISPATCH_TARGET_RATE = 0.95
@@ -140,7 +141,12 @@ def indicators(data: AuditData, now: datetime, clock: str = "device", day_from: 
     def group(key: str) -> dict[str, Any]:
         groups: dict[str, list[Row]] = {}
         for r in selected:
-            groups.setdefault(str(getattr(r, key)), []).append(r)
+            # A transfer with no vehicle or destination yet, and a return leg's destination
+            # (dispatch's "origin"), are groups by name, not a "None" or a facility.
+            value = getattr(r, key)
+            name = ("unassigned" if value is None else
+                    "return_to_origin" if value == RETURN_TO_ORIGIN else value)
+            groups.setdefault(str(name), []).append(r)
         return {k: {"transfers": len(g),
                     "segments": {name: summarize([r.segments[name] for r in g]) for name, _, _ in SEGMENTS},
                     "dispatch_within_3_min": dispatch_rate(indexed, g, now)}
