@@ -1,6 +1,7 @@
-"""The audit's findings, KPIs and masking as pure functions: forbidden histories made of
-events (no command side involved) must each produce the finding that names their rule;
-the fold must not depend on how streams interleave."""
+"""The audit's findings and views (KPIs, ledger, custody, exposures) as pure functions:
+forbidden histories made of events (no command side involved) must each produce the
+finding that names their rule; the fold must not depend on how streams interleave.
+Masking is tested with the rest of privacy (test_auth.py)."""
 
 from __future__ import annotations
 
