@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from services.projection.data import AuditData, ts
-from services.projection.findings import positives
+from services.projection.findings import exposure_list, exposure_window, positives
 
 
 def _stage(ref: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -103,48 +103,28 @@ def custody(data: AuditData, vehicle_id: str, findings: list[dict[str, Any]]) ->
     }
 
 
-EPOCH = datetime.fromtimestamp(0, UTC)
-
-
 def _server(ref: dict[str, Any] | None) -> datetime | None:
     return ts(ref.get("recorded_at")) if ref else None
 
 
 def exposures(data: AuditData, vehicle_id: str | None = None) -> list[dict[str, Any]]:
-    """For each positive swab: every transfer the vehicle carried since its last negative
-    swab until a later sample comes back negative (trips done while the result was
-    pending count, and so do trips after the positive result, which R9 forbids: those
-    patients were exposed all the same, flagged `after_positive_result`), plus the trip
-    whose cycle took the sample. The window is in server time on both ends, so a skewed
-    phone or lab clock cannot move a trip out of it."""
+    """For each positive swab: every transfer the vehicle carried in its exposure window
+    (findings.exposure_window: since its last negative swab until a later sample comes
+    back negative; a trip after the positive result, which R9 forbids, is flagged
+    `after_positive_result`), plus the trip whose cycle took the sample; and the exposure
+    list the disinfection service produced for it, whether a dispatcher acknowledged it,
+    and the transfers it left out (R9's exposure_list_incomplete)."""
     data = data.indexed()
     out: list[dict[str, Any]] = []
     for swab in positives(data):
         vid = swab.get("vehicle_id") or ""
         if vehicle_id and vid != vehicle_id:
             continue
-        collected = _server(swab.get("collected"))
-        result = swab["result"]
-        ended = _server(result)
-        negatives: list[tuple[datetime, dict[str, Any]]] = []
-        for s in data.swabs.values():
-            at = _server(s.get("collected"))
-            if s.get("vehicle_id") == vid and (s.get("result") or {}).get("result") == "negative" and at:
-                negatives.append((at, s))
-        at_positive = collected or EPOCH  # a result with no collection on record: from the start
-        last_negative = max(((at, s) for at, s in negatives if at < at_positive), key=lambda p: p[0],
-                            default=(None, None))[1]
-        since = _server(last_negative.get("collected")) if last_negative else None
-        cleared = min((at for at, _ in negatives if at > at_positive), default=None)
-        own_cycle = data.cycles.get(swab.get("cycle_id") or "") or {}
+        window = exposure_window(data, swab)
+        ended = _server(swab["result"])
         exposed = []
-        for trip in data.trips_of_vehicle(vid):
+        for trip in window.trips:
             opened = _server(trip.get("opened"))
-            own = trip["trip_id"] == own_cycle.get("trip_id")
-            in_window = opened is not None and (since is None or opened > since) and \
-                (cleared is None or opened < cleared)
-            if not (own or in_window):
-                continue
             t = data.transfers.get(trip.get("transfer_id") or "") or {}
             request = t.get("request") or {}
             patient = request.get("patient") or {}
@@ -156,11 +136,21 @@ def exposures(data: AuditData, vehicle_id: str | None = None) -> list[dict[str, 
                 "destination_id": t.get("destination_id"),
                 "after_positive_result": bool(opened and ended and opened > ended),
             })
+        listed = exposure_list(data, vid, swab["sample_id"])
         out.append({
             "vehicle_id": vid, "sample_id": swab["sample_id"], "collected_at": swab.get("collected_at"),
-            "result_at": result.get("reported_at"), "result_event_id": result["event_id"],
-            "since_negative_sample": last_negative["sample_id"] if last_negative else None,
-            "cleared_at": cleared.isoformat() if cleared else None,
+            "result_at": swab["result"].get("reported_at"), "result_event_id": swab["result"]["event_id"],
+            "since_negative_sample": window.since_sample,
+            "cleared_at": window.cleared.isoformat() if window.cleared else None,
             "transfers": exposed,
+            "list": None if listed.produced is None else {
+                "event_id": listed.produced["event_id"], "produced_at": listed.produced["recorded_at"],
+                "transfers": sorted(listed.transfers),
+                "acknowledged": [{"by": a["actor"], "at": a["recorded_at"], "event_id": a["event_id"]}
+                                 for a in listed.acknowledged],
+                # What R9's exposure_list_incomplete reads: trips ended with their patient.
+                "missing": sorted({t["transfer_id"] for t in window.trips
+                                   if t.get("completed") and t.get("transfer_id")} - listed.transfers),
+            },
         })
     return out

@@ -116,7 +116,8 @@ VEHICLE_LOG_TYPES = frozenset({
     "VehicleDutyChanged",
 })
 # Events of the other services that rules read but no fact table models: kept by type.
-OTHER_TYPES = frozenset({"TripAborted", "ReturnRequested", "PatientAdmitted", "LoopClosed"})
+OTHER_TYPES = frozenset({"TripAborted", "ReturnRequested", "PatientAdmitted", "LoopClosed",
+                         "ExposureListProduced", "ExposureListAmended", "ExposureListAcknowledged"})
 
 SPECS: dict[str, TableSpec] = {
     "transfers": TableSpec(

@@ -728,6 +728,106 @@ def positives(data: AuditData) -> list[dict[str, Any]]:
                   key=lambda s: s["result"]["recorded_at"])
 
 
+EPOCH = datetime.fromtimestamp(0, UTC)
+
+
+def _server(ref: dict[str, Any] | None) -> datetime | None:
+    return ts(ref.get("recorded_at")) if ref else None
+
+
+@dataclass
+class ExposureWindow:
+    """The trips a positive swab exposes: every trip of the vehicle opened after its last
+    negative swab before the positive one and before the first negative after it (trips
+    while the result was pending, and after it, which R9 forbids, count), plus the trip
+    whose cycle took the sample. Server times on both ends, so a skewed phone or lab clock
+    cannot move a trip out of it."""
+
+    trips: list[dict[str, Any]]
+    since_sample: str | None
+    cleared: datetime | None
+
+
+def exposure_window(data: AuditData, swab: dict[str, Any]) -> ExposureWindow:
+    vid = swab.get("vehicle_id") or ""
+    negatives: list[tuple[datetime, dict[str, Any]]] = []
+    for s in data.swabs.values():
+        at = _server(s.get("collected"))
+        if s.get("vehicle_id") == vid and (s.get("result") or {}).get("result") == "negative" and at:
+            negatives.append((at, s))
+    at_positive = _server(swab.get("collected")) or EPOCH  # no collection on record: from the start
+    last_negative = max(((at, s) for at, s in negatives if at < at_positive), key=lambda p: p[0],
+                        default=(None, None))[1]
+    since = _server(last_negative.get("collected")) if last_negative else None
+    cleared = min((at for at, _ in negatives if at > at_positive), default=None)
+    own_trip = (data.cycles.get(swab.get("cycle_id") or "") or {}).get("trip_id")
+    trips = []
+    for trip in data.trips_of_vehicle(vid):
+        opened = _server(trip.get("opened"))
+        in_window = opened is not None and (since is None or opened > since) and \
+            (cleared is None or opened < cleared)
+        if in_window or trip["trip_id"] == own_trip:
+            trips.append(trip)
+    return ExposureWindow(trips, last_negative["sample_id"] if last_negative else None, cleared)
+
+
+@dataclass
+class ExposureList:
+    """What the disinfection service listed for a positive sample (R9's exposure list)."""
+
+    produced: dict[str, Any] | None
+    transfers: set[str]
+    acknowledged: list[dict[str, Any]]
+
+
+EXPOSURE_TYPES = ("ExposureListProduced", "ExposureListAmended", "ExposureListAcknowledged")
+
+
+def exposure_list(data: AuditData, vehicle_id: str, sample_id: str) -> ExposureList:
+    rows = [r for r in data.others if r["type"] in EXPOSURE_TYPES and r.get("vehicle_id") == vehicle_id
+            and payload(r).get("sample_id") == sample_id]
+    produced = next((r for r in rows if r["type"] == "ExposureListProduced"), None)
+    listed = {t.get("transfer_id") for t in (payload(produced).get("transfers") or [])} if produced else set()
+    listed |= {(payload(r).get("transfer") or {}).get("transfer_id") for r in rows
+               if r["type"] == "ExposureListAmended"}
+    listed.discard(None)
+    return ExposureList(produced, {str(t) for t in listed},
+                        [r for r in rows if r["type"] == "ExposureListAcknowledged"])
+
+
+def r9_exposure_list(data: AuditData) -> Iterator[Finding]:
+    """The disinfection service's exposure list names every transfer the audit finds
+    exposed (its trip ended in the exposure window): a second reading of the same events,
+    so a patient its list left out (a bug, an edited history) is found here."""
+    for swab in positives(data):
+        vid = swab.get("vehicle_id")
+        if not vid:
+            continue
+        listed = exposure_list(data, vid, swab["sample_id"])
+        if listed.produced is None:
+            continue  # no list at all: positive_not_quarantined says what went wrong
+        # Trips that ended with their patient carried: one still under way when the vehicle
+        # was quarantined joins the list when it ends (ExposureListAmended); an aborted one
+        # carried nobody.
+        carried = [t for t in exposure_window(data, swab).trips if t.get("completed")]
+        exposed = {t.get("transfer_id") for t in carried} - {None}
+        missing = sorted(str(t) for t in exposed - listed.transfers)
+        if missing:
+            produced = listed.produced
+            yield Finding(
+                "R9", "exposure_list_incomplete", "violation", produced["recorded_at"],
+                f"the exposure list for sample {swab['sample_id']} of vehicle {vid} leaves out "
+                f"{', '.join(missing)}, carried in its exposure window",
+                f"车辆{vid}阳性样本{swab['sample_id']}的密接车次清单漏列转运{'、'.join(missing)}",
+                (_ev(swab["result"], "SwabResultRecorded"), _ev(_other_ref(produced), produced["type"])),
+                transfer_id=missing[0], vehicle_id=vid)
+
+
+def _other_ref(row: dict[str, Any]) -> dict[str, Any]:
+    return {"event_id": row["event_id"], "at": row["at"], "recorded_at": row["recorded_at"],
+            "actor": row["actor"], "role": row["role"], "store": "disinfection"}
+
+
 def r9_positive_handling(data: AuditData) -> Iterator[Finding]:
     for swab in positives(data):
         result = swab["result"]
@@ -976,8 +1076,13 @@ CHECKS: tuple[CheckSpec, ...] = (
               r8_returned_without_terminal, VEHICLE),
     CheckSpec("R9", "released_without_swab", "released with no surface swab",
               frozenset({"VehicleReleased", "SurfaceSwabCollected"}), r9_released_without_swab, VEHICLE),
-    CheckSpec("R9", "positive_handling", "a positive not quarantined, or the vehicle used again",
+    CheckSpec("R9", "positive_handling",
+              "a positive not quarantined, the vehicle used or released again before a negative",
               frozenset({"SwabResultRecorded", "VehicleQuarantined"}), r9_positive_handling, VEHICLE),
+    CheckSpec("R9", "exposure_list_incomplete",
+              "an exposure list that leaves out a patient the events show exposed",
+              frozenset({"SwabResultRecorded", "ExposureListProduced", "ExposureListAmended"}),
+              r9_exposure_list, VEHICLE),
     CheckSpec("R10", "reporting", "not reported, reported late, or a direct call not reported by 120",
               frozenset({"TransferRequested", "TransferReported"}), r10_reporting, TRANSFER),
     CheckSpec("R11", "loop_not_closed",

@@ -787,3 +787,26 @@ def test_r9_a_quarantined_vehicle_is_released_only_after_a_negative_sample() -> 
 
     assert ("released_before_negative", "violation") in released_after_positive(negative_first=False)
     assert not {c for c, _ in released_after_positive(negative_first=True)} & {"released_before_negative"}
+
+
+def test_r9_an_exposure_list_that_leaves_out_an_exposed_patient_is_found() -> None:
+    """The disinfection service's list is read against the events a second time."""
+    def listed(transfers: list[str], amended: str | None = None) -> History:
+        h = full_history()  # s2 of trip2's cycle c2: positive; t2 exposed
+        h.add("disinfection", "cycle-c2", "ExposureListProduced", vehicle_id="v1", sample_id="s2",
+              cycle_id="c2", transfer_id="t2", last_negative_sample_id="s1", bounded_by_sample_id=None,
+              transfers=[{"transfer_id": t, "relation": "swabbed_trip"} for t in transfers])
+        if amended:
+            h.add("disinfection", "cycle-c2", "ExposureListAmended", vehicle_id="v1", sample_id="s2",
+                  transfer={"transfer_id": amended, "relation": "during_quarantine"})
+        h.add("disinfection", "exposure-v1-s2", "ExposureListAcknowledged", vehicle_id="v1", sample_id="s2",
+              acknowledged_by="d1", actor="d1", role="dispatcher")
+        return h
+
+    short = listed([])
+    found = [f for f in short.found() if f.check == "exposure_list_incomplete"]
+    assert [(f.transfer_id, f.vehicle_id) for f in found] == [("t2", "v1")]
+    (view,) = exposures(short.data())
+    assert view["list"]["missing"] == ["t2"] and view["list"]["acknowledged"][0]["by"] == "d1"
+    assert not [f for f in listed(["t2"]).found() if f.check == "exposure_list_incomplete"]
+    assert not [f for f in listed([], amended="t2").found() if f.check == "exposure_list_incomplete"]
