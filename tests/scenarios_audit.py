@@ -276,6 +276,7 @@ async def check_views(c: httpx.AsyncClient, ids: dict[str, Any]) -> None:
     li = next(r for r in ledger if r["transfer_id"] == ids["t2"])
     assert li["id_number"] == "6401**********007X" and li["reported"] == "已报备"
     assert li["vehicle_id"] == "yn-bus-02" and li["plate"] == "宁A·Z5022" and li["handed_over_at"]
+    assert li["requested_at"].endswith("+08:00") and li["handed_over_at"].endswith("+08:00")  # local time
     waiting = next(r for r in ledger if r["transfer_id"] == ids["t6"])
     assert waiting["trip_id"] is None and waiting["status"] == "waiting"
     day = li["day"]

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import csv
 import io
+from datetime import datetime
 from typing import Any
 
 from services.projection.data import AuditData
-from services.projection.facts import local_day
+from services.projection.facts import REGION_TZ, local_day
 from services.projection.findings import RETURN_TO_ORIGIN
 
 # (key, header as the health bureau reads it)
@@ -25,7 +26,18 @@ COLUMNS = (
 
 
 def _device(ref: dict[str, Any] | None) -> str | None:
-    return ref.get("at") if ref else None
+    return _local(ref.get("at")) if ref else None
+
+
+def _local(at: str | None) -> str | None:
+    """A time in the region's civil time, to the second, as its day column counts days
+    (the bureau reads 00:27 on the 24th, not 16:27 UTC on the 23rd)."""
+    if not at:
+        return None
+    try:
+        return datetime.fromisoformat(at).astimezone(REGION_TZ).isoformat(timespec="seconds")
+    except ValueError:
+        return at  # not a time: shown as it was recorded
 
 
 READS = ("transfers", "trips", "vehicles", "facilities")  # the fact tables rows() reads
@@ -61,7 +73,7 @@ def rows(data: AuditData, day_from: str | None = None, day_to: str | None = None
             "purpose": request.get("purpose"), "transfer_id": tid,
             "origin": (request.get("origin") or {}).get("name"),
             "destination": _destination(indexed, t),
-            "requested_at": request.get("at"), "dispatched_at": _device(t.get("assigned")),
+            "requested_at": _local(request.get("at")), "dispatched_at": _device(t.get("assigned")),
             # Reported is what dispatch decided; whether the bureau's system got it is
             # what the webhook said last (nothing when no webhook is configured).
             "reported": ("未报备" if not reported else
