@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
-from services.projection.data import AuditData, ts
-from services.projection.findings import exposure_list, exposure_window, positives
+from services.projection.data import AuditData
+from services.projection.findings import exposure_list, exposure_window, positives, server_time
 
 
 def _stage(ref: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -103,10 +102,6 @@ def custody(data: AuditData, vehicle_id: str, findings: list[dict[str, Any]]) ->
     }
 
 
-def _server(ref: dict[str, Any] | None) -> datetime | None:
-    return ts(ref.get("recorded_at")) if ref else None
-
-
 def exposures(data: AuditData, vehicle_id: str | None = None) -> list[dict[str, Any]]:
     """For each positive swab: every transfer the vehicle carried in its exposure window
     (findings.exposure_window: since its last negative swab until a later sample comes
@@ -121,10 +116,10 @@ def exposures(data: AuditData, vehicle_id: str | None = None) -> list[dict[str, 
         if vehicle_id and vid != vehicle_id:
             continue
         window = exposure_window(data, swab)
-        ended = _server(swab["result"])
+        ended = server_time(swab["result"])
         exposed = []
         for trip in window.trips:
-            opened = _server(trip.get("opened"))
+            opened = server_time(trip.get("opened"))
             t = data.transfers.get(trip.get("transfer_id") or "") or {}
             request = t.get("request") or {}
             patient = request.get("patient") or {}

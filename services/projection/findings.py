@@ -492,19 +492,20 @@ class QueueFold:
                 if theirs is None or not fits(vehicle, request):
                     continue
                 if theirs < mine:
-                    yield Finding(
-                        "R4", "priority_inversion", "violation", d["recorded_at"],
-                        f"vehicle {vehicle_id} went to {tid} (priority {mine}) while {other_id} "
-                        f"(priority {theirs}) waited and could ride it",
-                        f"车辆{vehicle_id}派给了优先级{mine}的转运，而优先级{theirs}的转运{other_id}仍在排队",
-                        (queued, _decision_ev(d)), transfer_id=other_id, vehicle_id=vehicle_id)
+                    check = "priority_inversion"
+                    what = (f"vehicle {vehicle_id} went to {tid} (priority {mine}) while {other_id} "
+                            f"(priority {theirs}) waited and could ride it")
+                    what_zh = (f"车辆{vehicle_id}派给了优先级{mine}的转运，"
+                               f"而优先级{theirs}的转运{other_id}仍在排队")
                 elif theirs == mine and requested and _earlier(request.get("recorded_at"), requested):
-                    yield Finding(
-                        "R4", "queue_order", "violation", d["recorded_at"],
-                        f"vehicle {vehicle_id} went to {tid} while {other_id}, of the same priority "
-                        f"{mine} and requested earlier, waited and could ride it",
-                        f"车辆{vehicle_id}派给了后申请的转运{tid}，同级且先申请的转运{other_id}仍在排队",
-                        (queued, _decision_ev(d)), transfer_id=other_id, vehicle_id=vehicle_id)
+                    check = "queue_order"
+                    what = (f"vehicle {vehicle_id} went to {tid} while {other_id}, of the same priority "
+                            f"{mine} and requested earlier, waited and could ride it")
+                    what_zh = f"车辆{vehicle_id}派给了后申请的转运{tid}，同级且先申请的转运{other_id}仍在排队"
+                else:
+                    continue
+                yield Finding("R4", check, "violation", d["recorded_at"], what, what_zh,
+                              (queued, _decision_ev(d)), transfer_id=other_id, vehicle_id=vehicle_id)
 
 
 # Dispatch orders by its own clock at the request, a few milliseconds before the request
@@ -731,7 +732,7 @@ def positives(data: AuditData) -> list[dict[str, Any]]:
 EPOCH = datetime.fromtimestamp(0, UTC)
 
 
-def _server(ref: dict[str, Any] | None) -> datetime | None:
+def server_time(ref: dict[str, Any] | None) -> datetime | None:
     return ts(ref.get("recorded_at")) if ref else None
 
 
@@ -752,18 +753,18 @@ def exposure_window(data: AuditData, swab: dict[str, Any]) -> ExposureWindow:
     vid = swab.get("vehicle_id") or ""
     negatives: list[tuple[datetime, dict[str, Any]]] = []
     for s in data.swabs.values():
-        at = _server(s.get("collected"))
+        at = server_time(s.get("collected"))
         if s.get("vehicle_id") == vid and (s.get("result") or {}).get("result") == "negative" and at:
             negatives.append((at, s))
-    at_positive = _server(swab.get("collected")) or EPOCH  # no collection on record: from the start
+    at_positive = server_time(swab.get("collected")) or EPOCH  # no collection on record: from the start
     last_negative = max(((at, s) for at, s in negatives if at < at_positive), key=lambda p: p[0],
                         default=(None, None))[1]
-    since = _server(last_negative.get("collected")) if last_negative else None
+    since = server_time(last_negative.get("collected")) if last_negative else None
     cleared = min((at for at, _ in negatives if at > at_positive), default=None)
     own_trip = (data.cycles.get(swab.get("cycle_id") or "") or {}).get("trip_id")
     trips = []
     for trip in data.trips_of_vehicle(vid):
-        opened = _server(trip.get("opened"))
+        opened = server_time(trip.get("opened"))
         in_window = opened is not None and (since is None or opened > since) and \
             (cleared is None or opened < cleared)
         if in_window or trip["trip_id"] == own_trip:
@@ -819,13 +820,8 @@ def r9_exposure_list(data: AuditData) -> Iterator[Finding]:
                 f"the exposure list for sample {swab['sample_id']} of vehicle {vid} leaves out "
                 f"{', '.join(missing)}, carried in its exposure window",
                 f"车辆{vid}阳性样本{swab['sample_id']}的密接车次清单漏列转运{'、'.join(missing)}",
-                (_ev(swab["result"], "SwabResultRecorded"), _ev(_other_ref(produced), produced["type"])),
+                (_ev(swab["result"], "SwabResultRecorded"), _log_ev(produced, "disinfection")),
                 transfer_id=missing[0], vehicle_id=vid)
-
-
-def _other_ref(row: dict[str, Any]) -> dict[str, Any]:
-    return {"event_id": row["event_id"], "at": row["at"], "recorded_at": row["recorded_at"],
-            "actor": row["actor"], "role": row["role"], "store": "disinfection"}
 
 
 def r9_positive_handling(data: AuditData) -> Iterator[Finding]:
