@@ -131,6 +131,24 @@ def _cell(value: Any) -> str:
     return "'" + text if text.startswith(_FORMULA) else text
 
 
+# The columns that are times (local, +08:00) and the day: XLSX cells the bureau can sort
+# and filter as dates, not text.
+TIMES = ("requested_at", "dispatched_at", "at_pickup_at", "handed_over_at", "reported_at")
+
+
+def _spreadsheet_time(value: str, day: bool) -> datetime | None:
+    """A ledger time as the spreadsheet's cell: the region's civil time without its offset
+    (a spreadsheet's dates have no zone; the day column counts the same days). None: not a
+    time (shown as it was recorded)."""
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if when.tzinfo is not None:
+        when = when.astimezone(REGION_TZ).replace(tzinfo=None)
+    return when if not day or len(value) == 10 else None
+
+
 def to_xlsx(rows_: list[dict[str, Any]], title: str = "转运台账") -> bytes:
     import xlsxwriter  # type: ignore[import-untyped]
 
@@ -139,12 +157,21 @@ def to_xlsx(rows_: list[dict[str, Any]], title: str = "转运台账") -> bytes:
     book = xlsxwriter.Workbook(out, {"constant_memory": True})
     sheet = book.add_worksheet(title)
     bold = book.add_format({"bold": True})
-    for col, (_, header) in enumerate(COLUMNS):
+    formats = {"day": book.add_format({"num_format": "yyyy-mm-dd"}),
+               **dict.fromkeys(TIMES, book.add_format({"num_format": "yyyy-mm-dd hh:mm:ss"}))}
+    for col, (key, header) in enumerate(COLUMNS):
         sheet.write_string(0, col, header, bold)
+        if key in formats:
+            sheet.set_column(col, col, 11 if key == "day" else 20)
     for i, r in enumerate(rows_, start=1):
         for col, (key, _) in enumerate(COLUMNS):
             value = r.get(key)
-            if value is not None:
+            if value is None:
+                continue
+            when = _spreadsheet_time(str(value), key == "day") if key in formats else None
+            if when is not None:
+                sheet.write_datetime(i, col, when, formats[key])
+            else:
                 sheet.write_string(i, col, str(value))
     sheet.freeze_panes(1, 0)
     book.close()

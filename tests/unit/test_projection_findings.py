@@ -5,11 +5,14 @@ Masking is tested with the rest of privacy (test_auth.py)."""
 
 from __future__ import annotations
 
+import io
 import itertools
 import random
 import uuid
+import zipfile
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from xml.etree import ElementTree
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -699,6 +702,36 @@ def test_the_ledger_csv_does_not_run_what_was_typed_as_a_formula() -> None:
     text = ledger.to_csv(ledger.rows(h.data())).decode("utf-8-sig")
     assert "'=HYPERLINK" in text and "'+1 楼" in text
     assert ',=' not in text and ',+' not in text
+
+
+def test_the_ledger_xlsx_has_its_times_and_days_as_spreadsheet_dates_in_local_time() -> None:
+    """The bureau sorts and filters the 台账 by time: the cells are dates, not text, in
+    the region's civil time (a spreadsheet's dates have no zone); what is not a time stays
+    as it was recorded."""
+    row = {"day": "2026-11-24", "patient_name": "李四", "requested_at": "2026-11-24T00:27:05+08:00",
+           "handed_over_at": "2026-11-23T17:40:00+00:00", "reported_at": "not a time"}
+    with zipfile.ZipFile(io.BytesIO(ledger.to_xlsx([row]))) as book:
+        sheet = ElementTree.fromstring(book.read("xl/worksheets/sheet1.xml"))
+        styles = book.read("xl/styles.xml").decode()
+    ns = {"x": "http://schemas.openxmlformats.org/spreadsheetml/2006/main"}
+    cells = {c.get("r"): c for c in sheet.iterfind(".//x:sheetData/x:row/x:c", ns)}
+    letter = {key: chr(ord("A") + i) for i, (key, _) in enumerate(ledger.COLUMNS)}
+
+    def serial(when: datetime) -> float:
+        return (when - datetime(1899, 12, 30)).total_seconds() / 86400
+
+    def number(key: str) -> float:
+        cell = cells[f"{letter[key]}2"]
+        assert cell.get("t") is None and cell.get("s"), key  # a styled number, not a string
+        return float(cell.findtext("x:v", namespaces=ns) or "nan")
+
+    assert number("day") == serial(datetime(2026, 11, 24))
+    assert abs(number("requested_at") - serial(datetime(2026, 11, 24, 0, 27, 5))) < 1e-6
+    assert abs(number("handed_over_at") - serial(datetime(2026, 11, 24, 1, 40))) < 1e-6  # UTC to +08:00
+    assert cells[f"{letter['reported_at']}2"].get("t") == "inlineStr"
+    assert "not a time" in ElementTree.tostring(cells[f"{letter['reported_at']}2"]).decode()
+    assert cells[f"{letter['patient_name']}2"].get("t") == "inlineStr"
+    assert 'formatCode="yyyy-mm-dd hh:mm:ss"' in styles and 'formatCode="yyyy-mm-dd"' in styles
 
 
 def test_a_return_legs_destination_is_where_the_outbound_leg_started() -> None:
