@@ -574,17 +574,32 @@ def r6_destination_role(data: AuditData) -> Iterator[Finding]:
                 (_decision_ev(d),), transfer_id=tid, facility_id=facility_id)
 
 
+class _Loads:
+    """Each facility's load reports in dispatch's store order: what its fever clinic's
+    state was when dispatch made a decision (the last report before it)."""
+
+    def __init__(self, data: AuditData) -> None:
+        self.rows: dict[str, list[dict[str, Any]]] = {}
+        for row in data.facility_loads:
+            self.rows.setdefault(row["facility_id"], []).append(row)
+        for rows in self.rows.values():
+            rows.sort(key=lambda r: r["position"])
+        self.positions = {f: [r["position"] for r in rows] for f, rows in self.rows.items()}
+
+    def before(self, facility_id: str, position: int) -> dict[str, Any] | None:
+        at = bisect.bisect_left(self.positions.get(facility_id, []), position)
+        return self.rows[facility_id][at - 1] if at else None
+
+
+def _load_ev(load: dict[str, Any]) -> dict[str, Any]:
+    return {"event_id": load["event_id"], "type": "FacilityLoadReported", "at": load["at"],
+            "recorded_at": load["at"], "actor": "", "role": ""}
+
+
 def r7_overflowing_destination(data: AuditData) -> Iterator[Finding]:
-    loads: dict[str, list[dict[str, Any]]] = {}
-    for row in data.facility_loads:
-        loads.setdefault(row["facility_id"], []).append(row)
-    for rows in loads.values():
-        rows.sort(key=lambda r: r["position"])
-    positions = {f: [r["position"] for r in rows] for f, rows in loads.items()}
+    loads = _Loads(data)
     for d, tid, facility_id, request in _destinations(data):
-        # The facility's last load report before this decision, in dispatch's store order.
-        at = bisect.bisect_left(positions.get(facility_id, []), d["position"])
-        last = loads[facility_id][at - 1] if at else None
+        last = loads.before(facility_id, d["position"])
         facility = data.facilities.get(facility_id) or {}
         other_wards = set((facility.get("registered") or {}).get("roles") or []) - {
             "fever_clinic", "backup"}
@@ -598,9 +613,40 @@ def r7_overflowing_destination(data: AuditData) -> Iterator[Finding]:
                 f"{facility_id} was past its overflow threshold (load {last['ratio']}) and still "
                 "got a new patient instead of its backups",
                 f"{facility_id}发热门诊负荷已超过阈值，仍被指定为目的地，未启用备用医院",
-                ({"event_id": last["event_id"], "type": "FacilityLoadReported", "at": last["at"],
-                  "recorded_at": last["at"], "actor": "", "role": ""}, _decision_ev(d)),
-                transfer_id=tid, facility_id=facility_id)
+                (_load_ev(last), _decision_ev(d)), transfer_id=tid, facility_id=facility_id)
+
+
+def backed_up_by(data: AuditData) -> dict[str, list[str]]:
+    """Backup hospital -> the hospitals that name it as their backup (registration)."""
+    out: dict[str, list[str]] = {}
+    for facility_id, facility in sorted(data.facilities.items()):
+        for backup in (facility.get("registered") or {}).get("backup_ids") or []:
+            out.setdefault(backup, []).append(facility_id)
+    return out
+
+
+def r7_backup_not_activated(data: AuditData) -> Iterator[Finding]:
+    """A backup hospital takes new patients only while a hospital it backs up is past its
+    threshold (R7; dispatch's routing skips it otherwise): one that got a patient while
+    none was had not been activated, and was not ready for them."""
+    loads = _Loads(data)
+    primaries = backed_up_by(data)
+    for d, tid, facility_id, _ in _destinations(data):
+        facility = data.facilities.get(facility_id)
+        if facility is None or "backup" not in ((facility.get("registered") or {}).get("roles") or []):
+            continue
+        states = [(p, loads.before(p, d["position"])) for p in primaries.get(facility_id, [])]
+        if any(last is not None and last["overflowing"] for _, last in states):
+            continue
+        name = facility.get("name") or facility_id
+        backs = ", ".join(f"{p} (load {last['ratio'] if last else 'not reported'})" for p, last in states)
+        yield Finding(
+            "R7", "backup_not_activated", "violation", d["recorded_at"],
+            f"{facility_id} is a backup hospital and got a new patient while none of the hospitals it "
+            f"backs up was past its threshold: {backs or 'no hospital names it as its backup'}",
+            f"备用医院{name}未被启用（其主医院发热门诊负荷未超过阈值），仍被指定为目的地",
+            (*(_load_ev(last) for _, last in states if last is not None), _decision_ev(d)),
+            transfer_id=tid, facility_id=facility_id)
 
 
 # -- R8 two stages before release --------------------------------------------------------
@@ -1064,6 +1110,10 @@ CHECKS: tuple[CheckSpec, ...] = (
     CheckSpec("R7", "overflowing_destination", "a facility past its threshold took a new patient",
               frozenset({"DestinationAssigned", "FacilityLoadReported"}), r7_overflowing_destination,
               TRANSFER),
+    CheckSpec("R7", "backup_not_activated",
+              "a backup hospital took a new patient while no hospital it backs up was past its threshold",
+              frozenset({"DestinationAssigned", "FacilityRegistered", "FacilityLoadReported"}),
+              r7_backup_not_activated, TRANSFER),
     CheckSpec("R8", "stages", "stage below protocol, terminal before initial, release without both stages",
               frozenset({"InitialDisinfectionLogged", "TerminalDisinfectionLogged", "VehicleReleased"}),
               r8_stages, VEHICLE),

@@ -18,7 +18,7 @@ from libs.events.store import events_table, tracking_table
 from libs.web.fields import POSITION_MAX
 from services.projection.data import AuditData, PlanSql, parse_json
 from services.projection.facts import JSON_COLUMNS, SPECS, Records, Rows
-from services.projection.findings import R4_TYPES, TRANSFER, VEHICLE
+from services.projection.findings import R4_TYPES, TRANSFER, VEHICLE, backed_up_by
 from services.projection.tables import (
     NUMERIC_COLUMNS,
     Generation,
@@ -297,6 +297,9 @@ async def load_scope(conn: AsyncConnection, gen: Generation, scope: str | None,
         if wanted:
             column = gen[name].c[SPECS[name].key[0]]
             data.assemble(name, await fetch(conn, _select(gen, name, column.in_(wanted))))
+    if _to_a_backup(data):
+        data.assemble("facilities", await fetch(conn, _select(gen, "facilities")))
+        loads = _with_primaries(data, loads)
     table = gen["facility_loads"]
     found: dict[str, dict[str, Any]] = {}
     for facility_id, position in loads:
@@ -317,6 +320,19 @@ def _named(data: AuditData) -> tuple[set[str], set[str], list[tuple[str, int]]]:
         x["destination_id"] for x in data.transfers.values() if x.get("destination_id")}
     loads = sorted({(d["facility_id"], d["position"]) for d in data.decisions if d.get("facility_id")})
     return vehicles, facilities, loads
+
+
+def _to_a_backup(data: AuditData) -> bool:
+    """Whether a destination of these transfers is a backup hospital: R7 then reads the
+    hospitals it backs up (any facility's registration may name it: all are loaded)."""
+    return any("backup" in ((f.get("registered") or {}).get("roles") or ()) for f in data.facilities.values())
+
+
+def _with_primaries(data: AuditData, loads: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Beside each (facility, decision position) whose last load report R7 reads, the same
+    for every hospital that facility backs up."""
+    primaries = backed_up_by(data)
+    return sorted({*loads, *((p, position) for f, position in loads for p in primaries.get(f, ()))})
 
 
 async def run_plan(conn: Any, plan: PlanSql, ids: list[str]) -> AuditData:
@@ -340,6 +356,9 @@ async def _load_ids_pg(conn: AsyncConnection, gen: Generation, scope: str, ids: 
                                          vehicles_json))
     data.assemble("facilities", parse_json([dict(r) for r in await raw.fetch(
         facilities_sql, sorted(facilities))], facilities_json))
+    if _to_a_backup(data):
+        data.assemble("facilities", await fetch(conn, _select(gen, "facilities")))
+        loads = _with_primaries(data, loads)
     found: dict[str, dict[str, Any]] = {}
     for facility_id, position in loads:
         for r in await raw.fetch(loads_sql, facility_id, position):

@@ -124,6 +124,21 @@ async def forbidden_histories(s: dict[str, EventStore]) -> None:
     await put(d, "transfer-later", dsp.VehicleAssigned(
         transfer_id="later", vehicle_id="v1", destination_id=None, origin={}, return_required=False,
         reason="r"))
+    # R7: a backup hospital sent a patient while no hospital it backs up overflowed; the
+    # hospital that names it registers after the decision, which the finding must then say.
+    await put(d, "facility-b7", dsp.FacilityRegistered(
+        facility_id="b7", name="备用医院", roles=["fever_clinic", "backup"], location=LOC,  # type: ignore[arg-type]
+        fever_clinic_capacity=10))
+    await put(d, "transfer-t7b", dsp.TransferRequested(
+        transfer_id="t7b", patient={"name": "t7b"}, risk_category="isolation_site", condition={"fever": True},
+        origin={"kind": "isolation_site"}, purpose="outpatient_visit", return_required=False,
+        requested_by={"channel": "console"}),
+        dsp.DestinationAssigned(transfer_id="t7b", facility_id="b7", reason="r"))
+    await put(d, "facility-p7", dsp.FacilityRegistered(
+        facility_id="p7", name="一院", roles=["fever_clinic"], location=LOC,  # type: ignore[arg-type]
+        fever_clinic_capacity=10, backup_ids=["b7"]), dsp.FacilityLoadReported(
+        facility_id="p7", fever_clinic_occupied=5, reported_at=T0.isoformat(), load_ratio=0.5,
+        overflowing=False))
     # R12: a trip nobody requested; an unknown event type on it.
     await put(t, "trip-e", trn.TripOpened(trip_id="e", transfer_id="ghost", vehicle_id="v9",
                                           destination_id=None, origin={}, return_required=False),
@@ -167,7 +182,10 @@ async def test_forbidden_histories_appended_into_stores_are_found(stores: dict[s
         ("R9", "released_without_swab", "v2"), ("R9", "positive_not_quarantined", "v1"),
         ("R8", "stage_below_protocol", "v1"), ("R12", "trip_without_request", "v9"),
         ("R14", "swab_result_overdue", "v1"), ("R4", "priority_inversion", "v1"),
+        ("R7", "backup_not_activated", "t7b"),
     }, got
+    r7 = next(f for f in found if f["check"] == "backup_not_activated")
+    assert "p7 (load not reported)" in r7["detail"], r7  # re-evaluated when p7 named it
     assert total_found == len(found)
     assert any(r.type == "BrandNewThing" for r in unknown)
     r1 = next(f for f in found if f["rule"] == "R1")

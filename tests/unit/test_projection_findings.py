@@ -379,6 +379,55 @@ def test_r6_r7_destination() -> None:
     assert codes(h.found()) >= {("R6", "destination_role_mismatch"), ("R7", "overflowing_destination")}
 
 
+def test_r7_a_backup_takes_patients_only_while_a_hospital_it_backs_up_overflows() -> None:
+    h = History()
+    here = {"lat": 38.0, "lon": 106.0}
+    h.add("dispatch", "facility-p", "FacilityRegistered", facility_id="p", name="一院",
+          roles=["fever_clinic"], location=here, fever_clinic_capacity=10, backup_ids=["b"])
+    for fid in ("b", "lone"):
+        h.add("dispatch", f"facility-{fid}", "FacilityRegistered", facility_id=fid, name=f"备用{fid}",
+              roles=["fever_clinic", "backup"], location=here, fever_clinic_capacity=10)
+
+    def load(occupied: int) -> None:
+        h.add("dispatch", "facility-p", "FacilityLoadReported", facility_id="p",
+              fever_clinic_occupied=occupied, reported_at=h.clock.isoformat(), load_ratio=occupied / 10,
+              overflowing=occupied > 8)
+
+    def sent(tid: str, facility: str, redirect: bool = False) -> None:
+        request(h, tid)
+        if redirect:
+            h.add("dispatch", f"transfer-{tid}", "TransferRedirected", transfer_id=tid, from_facility_id="p",
+                  to_facility_id=facility, reason="named by the dispatcher: full", candidates=[])
+        else:
+            h.add("dispatch", f"transfer-{tid}", "DestinationAssigned", transfer_id=tid, facility_id=facility,
+                  reason="r")
+
+    sent("before_any_report", "b")
+    load(5)
+    sent("under_threshold", "b")
+    load(9)
+    sent("activated", "b")
+    sent("to_its_primary", "p")  # R7's other half: the primary itself while it overflows
+    load(6)
+    sent("stood_down", "b", redirect=True)
+    sent("nobody_names_it", "lone")
+    # A return leg goes back where it came from (R11), a backup too: not R7's to judge.
+    h.add("dispatch", "transfer-return_leg", "TransferRequested", transfer_id="return_leg",
+          patient={"name": "张三"}, risk_category="isolation_site", condition={}, origin={"kind": "hospital"},
+          purpose="return", return_required=False, return_of="x", requested_by={"channel": "console"})
+    h.add("dispatch", "transfer-return_leg", "DestinationAssigned", transfer_id="return_leg", facility_id="b",
+          reason="return leg")
+    found = [f for f in h.found() if f.rule == "R7"]
+    got = {(f.check, f.transfer_id) for f in found}
+    assert got == {("backup_not_activated", tid) for tid in (
+        "before_any_report", "under_threshold", "stood_down", "nobody_names_it")} | {
+        ("overflowing_destination", "to_its_primary")}, got
+    under = next(f for f in found if f.transfer_id == "under_threshold")
+    assert under.facility_id == "b" and "p (load 0.5)" in under.detail
+    assert under.message_zh.startswith("备用医院备用b未被启用")
+    assert [e["type"] for e in under.evidence] == ["FacilityLoadReported", "DestinationAssigned"]
+
+
 def test_r6_a_severe_confirmed_case_goes_to_a_designated_hospital_a_mild_one_may_go_to_a_fangcang() -> None:
     h = History()
     h.add("dispatch", "facility-fc", "FacilityRegistered", facility_id="fc", name="方舱", roles=["fangcang"],
