@@ -3,19 +3,30 @@ public API by the other services' own scenarios, then /audit/violations is read.
 flow may legitimately look like a broken rule (a vehicle reserved again after it stood
 down, a loop closed by the return leg, a supervisor's override), the audit must say what
 happened, not cry wolf; where a rule was overridden, it must say by whom and why.
-Forbidden histories the command side refuses are appended straight into stores instead
-(tests/integration/test_projection_store.py)."""
+Forbidden histories the command side refuses are appended straight into stores
+(tests/integration/test_projection_store.py); here each absence is followed by its positive
+control: the forbidden next step forged into the running app's store (`Forge`) must come
+out as the finding, through the same pipeline, or the absence proved nothing."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, Protocol
 
 import httpx
 
+from libs.events.catalog import dispatch as dsp
+from libs.events.contracts import Event
 from tests import scenarios_disinfection, scenarios_dispatch, scenarios_trip
 from tests.actors import as_
 from tests.scenarios import API, drive_to_handover, load_reference_data, ok, patient, trip_of, vehicle_status
 from tests.scenarios_audit import caught_up
+
+
+class Forge(Protocol):
+    """Appends events to a stream of the running app's store, as nobody's command would."""
+
+    def __call__(self, store: str, stream: str, *events: Event) -> Awaitable[None]: ...
 
 
 async def findings(c: httpx.AsyncClient, **params: Any) -> list[dict[str, Any]]:
@@ -38,21 +49,34 @@ def of(found: list[dict[str, Any]], rule: str, check: str | None = None) -> list
     return [f for f in found if f["rule"] == rule and (check is None or f["check"] == check)]
 
 
-async def stood_down_vehicles_are_not_reserved_twice(c: httpx.AsyncClient) -> None:
+async def stood_down_vehicles_are_not_reserved_twice(c: httpx.AsyncClient, forge: Forge) -> None:
     """R1: a refusing patient (the vehicle stands down) and an absent one (stands down,
     then takes the requeued transfer again): one vehicle, three reservations, never two
     at once."""
     await scenarios_trip.crew_aborts(c)
     found = await findings(c)
     assert not of(found, "R1"), of(found, "R1")
+    # The control: two reservations with nothing between them.
+    await forge("dispatch", "vehicle-nx-120-07",
+                dsp.VehicleReserved(vehicle_id="nx-120-07", transfer_id="f1"),
+                dsp.VehicleReserved(vehicle_id="nx-120-07", transfer_id="f2"))
+    # The vehicle still carries the absent patient's second trip: both forged reservations break R1.
+    r1 = of(await findings(c, vehicle_id="nx-120-07"), "R1")
+    assert {(f["check"], f["transfer_id"]) for f in r1} == {
+        ("vehicle_reserved_twice", "f1"), ("vehicle_reserved_twice", "f2")}, r1
+    assert all({"actor": "forger", "role": "system"} in f["actors"] for f in r1), r1
 
 
-async def a_breakdown_ends_the_reservation(c: httpx.AsyncClient) -> None:
+async def a_breakdown_ends_the_reservation(c: httpx.AsyncClient, forge: Forge) -> None:
     """R1, R2: the broken-down vehicle's patient is taken over by a second one; both are
     held for disinfection."""
     await scenarios_trip.breakdown_after_pickup(c)
     found = await findings(c)
     assert not of(found, "R1") and not of(found, "R2"), found
+    # The control: the second vehicle, awaiting its disinfection, reserved anyway.
+    await forge("dispatch", "vehicle-nx-120-09", dsp.VehicleReserved(vehicle_id="nx-120-09", transfer_id="f"))
+    [early] = of(await findings(c, vehicle_id="nx-120-09"), "R2", "reserved_before_release")
+    assert early["kind"] == "violation", early
 
 
 async def loops_closed_by_return_or_admission(c: httpx.AsyncClient, how: str) -> None:
@@ -110,7 +134,7 @@ async def supervisor_assigns_before_release(c: httpx.AsyncClient) -> None:
     assert "R2" in logged["detail"] and logged["actors"] == [{"actor": "supervisor-ma", "role": "supervisor"}]
 
 
-async def reprioritisations_are_logged(c: httpx.AsyncClient) -> None:
+async def reprioritisations_are_logged(c: httpx.AsyncClient, forge: Forge) -> None:
     """R4: the dispatcher raises a waiting transfer's priority twice (logged, with the
     reasons); a waiting transfer is cancelled; a breakdown requeues another. The queue
     the audit folds from dispatch's decisions finds no urgent transfer passed over."""
@@ -119,3 +143,20 @@ async def reprioritisations_are_logged(c: httpx.AsyncClient) -> None:
     raised = of(found, "override", "reprioritized")
     assert sorted(f["detail"].rsplit(": ", 1)[1] for f in raised) == ["家属报告胸闷", "胸痛"], raised
     assert not of(found, "R4") and not of(found, "R1"), found
+    # The control: an urgent transfer waits while a vehicle that fits it goes to a routine one.
+    request = {"patient": {"name": "f"}, "risk_category": "isolation_site", "condition": {"fever": True},
+               "origin": {"kind": "isolation_site"}, "purpose": "outpatient_visit", "return_required": False,
+               "requested_by": {"channel": "console"}}
+    for tid, priority in (("f-urgent", 1), ("f-routine", 3)):
+        await forge("dispatch", f"transfer-{tid}", dsp.TransferRequested(transfer_id=tid, **request),
+                    dsp.TransferPrioritized(transfer_id=tid, priority=priority, reason="r"))
+    await forge("dispatch", "transfer-f-urgent",
+                dsp.TransferQueued(transfer_id="f-urgent", reason="no vehicle"))
+    await forge("dispatch", "transfer-f-routine", dsp.VehicleAssigned(
+        transfer_id="f-routine", vehicle_id="nx-120-07", destination_id=None, origin={},
+        return_required=False, reason="r"))
+    # It passed over the scenario's own urgent transfer still waiting too: both are named.
+    r4 = of(await findings(c, rule="R4"), "R4", "priority_inversion")
+    assert "f-urgent" in {f["transfer_id"] for f in r4}, r4
+    forger = {"actor": "forger", "role": "system"}
+    assert all("f-routine (priority 3)" in f["detail"] and forger in f["actors"] for f in r4), r4

@@ -9,6 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from libs.events.contracts import Event
+from libs.events.store import EventStore, Meta
 from services.runtime import create_app
 from services.settings import Settings
 from tests import scenarios_findings as scenarios
@@ -24,12 +26,31 @@ async def client(tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-async def test_stood_down_vehicles_are_not_reserved_twice(client: httpx.AsyncClient) -> None:
-    await scenarios.stood_down_vehicles_are_not_reserved_twice(client)
+@pytest.fixture
+def forge(tmp_path: Path) -> scenarios.Forge:
+    """Appends to the running app's store through a store of its own on the same file, as a
+    forger with database access would (the app's subscriptions poll for such appends)."""
+    settings = Settings(mode="embedded", data_dir=tmp_path)
+
+    async def append(store: str, stream: str, *events: Event) -> None:
+        target = EventStore.from_url(store, settings.store_url(store))
+        try:
+            version = len(await target.read_stream(stream))
+            await target.append(stream, version, list(events), Meta(actor="forger", role="system",
+                                                                    correlation_id=stream))
+        finally:
+            await target.close()
+
+    return append
 
 
-async def test_a_breakdown_ends_the_reservation(client: httpx.AsyncClient) -> None:
-    await scenarios.a_breakdown_ends_the_reservation(client)
+async def test_stood_down_vehicles_are_not_reserved_twice(client: httpx.AsyncClient,
+                                                          forge: scenarios.Forge) -> None:
+    await scenarios.stood_down_vehicles_are_not_reserved_twice(client, forge)
+
+
+async def test_a_breakdown_ends_the_reservation(client: httpx.AsyncClient, forge: scenarios.Forge) -> None:
+    await scenarios.a_breakdown_ends_the_reservation(client, forge)
 
 
 @pytest.mark.parametrize("how", ["returned", "admitted"])
@@ -45,5 +66,5 @@ async def test_supervisor_assigns_before_release(client: httpx.AsyncClient) -> N
     await scenarios.supervisor_assigns_before_release(client)
 
 
-async def test_reprioritisations_are_logged(client: httpx.AsyncClient) -> None:
-    await scenarios.reprioritisations_are_logged(client)
+async def test_reprioritisations_are_logged(client: httpx.AsyncClient, forge: scenarios.Forge) -> None:
+    await scenarios.reprioritisations_are_logged(client, forge)
