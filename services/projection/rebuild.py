@@ -76,7 +76,7 @@ from services.projection.tables import (
     largest_first,
     lock_archive,
     meta_table,
-    schema_digest,
+    model_digest,
     set_meta,
 )
 
@@ -531,7 +531,7 @@ async def _rebuild(store: EventStore, order: str, page: int, flush_rows: int, fo
             await violations.advance_queue(conn, gen, known)  # the fold may have had a gap
             if compare is None:
                 await set_meta(conn, ACTIVE, str(number))
-                await set_meta(conn, SCHEMA, schema_digest())
+                await set_meta(conn, SCHEMA, model_digest())
             else:
                 await compare(conn, gen)
             await conn.execute(meta_table.delete().where(meta_table.c.name == BUILDING))
@@ -561,10 +561,11 @@ async def _rebuild(store: EventStore, order: str, page: int, flush_rows: int, fo
 
 async def upgrade(store: EventStore, stop: asyncio.Event) -> None:
     """At start: when the active generation was built by older code (other tables or
-    columns), rebuild it with this code's, so that the live path can write to it. Until
-    the switch the subscription's writes fail and are retried; reads go on."""
+    columns, another fold, other checks: tables.model_digest), rebuild it with this code's.
+    Until the switch, reads go on; the subscription's writes go on into the active
+    generation, or, when its tables differ, fail and are retried."""
     async with store.engine.connect() as conn:
-        if await active_generation(conn) is None or await active_schema(conn) == schema_digest():
+        if await active_generation(conn) is None or await active_schema(conn) == model_digest():
             return
     log.warning("projection: the read models were built by older code; rebuilding them")
     while not stop.is_set():

@@ -17,6 +17,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -237,14 +238,28 @@ async def largest_first(conn: AsyncConnection, tables: list[Table]) -> list[Tabl
     return sorted(tables, key=lambda t: rank.get(t.name, len(rank)))
 
 
-def schema_digest() -> str:
-    """What a generation's tables look like (names, columns, indexes): a generation built
-    by older code differs, and is rebuilt (rebuild.upgrade) before the live path uses it."""
+# The modules whose code decides what the read models hold: the fold, the checks and what
+# they load, the findings' upkeep. A change to any of them changes the digest.
+_MODEL_CODE = ("facts", "findings", "violations", "queries", "data", "tables")
+
+
+def model_digest() -> str:
+    """What a generation is: its tables (names, columns, indexes) and the code that fills
+    them. A generation built by older code differs, and is rebuilt (rebuild.upgrade) at
+    start: a new table's columns, a type newly folded, or a new check (whose findings on the
+    history before it would otherwise never be evaluated) apply to every event, not only to
+    those that arrive after the upgrade."""
+    import importlib
+
     gen = generation(0)
     shape = sorted((t.name, [(c.name, str(c.type)) for c in t.columns],
                     sorted(sorted(c.name for c in i.columns) for i in t.indexes))
                    for t in gen.tables.values())
-    return hashlib.sha256(repr(shape).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(repr(shape).encode())
+    for name in _MODEL_CODE:
+        module = importlib.import_module(f"services.projection.{name}")
+        digest.update(Path(str(module.__file__)).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 SCHEMA = "generation_schema"
@@ -258,7 +273,7 @@ async def ensure_active(conn: AsyncConnection) -> Generation:
         await conn.run_sync(gen.metadata.create_all)
         await _compress_fast(conn, gen)
         await set_meta(conn, ACTIVE, "1")
-        await set_meta(conn, SCHEMA, schema_digest())
+        await set_meta(conn, SCHEMA, model_digest())
         return gen
     return generation(number)
 

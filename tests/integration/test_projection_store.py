@@ -37,7 +37,7 @@ from services.projection.tables import (
     generations_present,
     meta_table,
     metadata,
-    schema_digest,
+    model_digest,
 )
 from tests.conftest import fresh_pg_schema, pg_store
 
@@ -295,11 +295,21 @@ async def test_read_models_built_by_older_code_are_rebuilt_at_start(stores: dict
     await upgrade(proj, asyncio.Event())
     async with proj.engine.connect() as conn:
         assert await active_generation(conn) == 2
-        assert await active_schema(conn) == schema_digest()
+        assert await active_schema(conn) == model_digest()
         assert await queries.dump(conn, generation(2)) == before
     await upgrade(proj, asyncio.Event())
     async with proj.engine.connect() as conn:
         assert await active_generation(conn) == 2
+    # Built by code with fewer checks: the same tables, but R7's backup check had never run
+    # on the history. The upgrade evaluates it on every event, not only on later ones.
+    findings_table = generation(2)["findings"]
+    async with proj.engine.begin() as conn:
+        await conn.execute(findings_table.delete().where(findings_table.c.check == "backup_not_activated"))
+        await conn.execute(meta_table.update().where(meta_table.c.name == SCHEMA).values(value="older code"))
+    await upgrade(proj, asyncio.Event())
+    async with proj.engine.connect() as conn:
+        assert await active_generation(conn) == 3 and await active_schema(conn) == model_digest()
+        assert await queries.dump(conn, generation(3)) == before
 
 
 async def test_a_rebuild_that_fails_midway_leaves_the_live_generation_alone(

@@ -11,13 +11,15 @@ import random
 import uuid
 import zipfile
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.projection import custody, findings, kpis, ledger, slices
+from services.projection import custody, findings, kpis, ledger, slices, tables
 from services.projection.custody import exposures
 from services.projection.data import AuditData, from_rows
 from services.projection.facts import Buffer, Ev, Fact
@@ -892,3 +894,15 @@ def test_r9_an_exposure_list_that_leaves_out_an_exposed_patient_is_found() -> No
     assert view["list"]["missing"] == ["t2"] and view["list"]["acknowledged"][0]["by"] == "d1"
     assert not [f for f in listed(["t2"]).found() if f.check == "exposure_list_incomplete"]
     assert not [f for f in listed([], amended="t2").found() if f.check == "exposure_list_incomplete"]
+
+
+def test_the_read_models_digest_changes_with_the_checks_code(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A generation built before a check existed is rebuilt at start (rebuild.upgrade):
+    the digest it is stamped with covers the code of the checks, not only the tables."""
+    today = tables.model_digest()
+    assert tables.model_digest() == today  # stable for the same code
+    changed = tmp_path / "findings.py"
+    changed.write_bytes(Path(str(findings.__file__)).read_bytes() + b"\n# a new check\n")
+    monkeypatch.setattr(findings, "__file__", str(changed))
+    assert tables.model_digest() != today
