@@ -75,6 +75,14 @@ async def queue_overflow_and_fleet(c: httpx.AsyncClient) -> None:
                     json={"fever_clinic_occupied": 50, "reported_at": "2022-11-20T12:00:00+08:00"}))
     back = ok(await c.post(f"{API}/transfers", json=person("发热己")), 201)
     assert back["destination"] == "yc-first"
+    # Full again: redirected by the rules, the patient goes to the backup its overflow
+    # activates, not past it (R7); then the load falls back once more.
+    ok(await c.post(f"{API}/facilities/yc-first/load",
+                    json={"fever_clinic_occupied": 90, "reported_at": "2022-11-20T12:10:00+08:00"}))
+    moved = ok(await c.post(f"{API}/transfers/{back['id']}/redirect", json={"reason": "发热门诊已满"}))
+    assert moved["destination"] == "yc-second", moved
+    ok(await c.post(f"{API}/facilities/yc-first/load",
+                    json={"fever_clinic_occupied": 50, "reported_at": "2022-11-20T12:20:00+08:00"}))
 
     # Cancel a waiting transfer: off the queue.
     ok(await c.post(f"{API}/transfers/{waiting_fever['id']}/cancel", json={"reason": "患者拒绝"}))

@@ -225,13 +225,14 @@ async def redirect(uow: UnitOfWork, transfer_id: str, cmd: RedirectIn) -> Transf
         facility = await uow.require(Facility, cmd.facility_id, "facility")
         transfer.redirect(facility, f"named by the dispatcher: {cmd.reason}", [], condition)
         return transfer
-    current = transfer.destination_id
-    facilities = [f for f in await uow.find(Facility) if f.id != current]
     cond = condition if condition is not None else transfer.condition
     pclass = patient_class(transfer.risk_category, cond)
+    # Every facility, the current destination included: a redirect away from a full
+    # hospital goes to the backups its overflow activates (R7).
     routing = choose_destination(
         transfer.origin_location, pclass, region().roles.get(pclass, region().roles["other"]),
-        facilities, eta(), critical=bool(cond.get("critical")))
+        await uow.find(Facility), eta(), critical=bool(cond.get("critical")),
+        excluding=transfer.destination_id)
     if routing.facility is None:
         raise InvalidField("facility_id", "no_other_facility", routing.reason,
                            "没有其他可接收的医疗机构，请指定", candidates=routing.candidates)

@@ -245,6 +245,23 @@ def test_r7_a_full_fever_clinic_does_not_close_the_designated_ward() -> None:
     assert route("confirmed_severe", [first, second]) == "first"
 
 
+def test_r7_a_redirect_away_from_a_full_hospital_goes_to_the_backups_it_activates() -> None:
+    """The redirect's current destination is no candidate, but its overflow still counts:
+    leaving it out of the facilities altogether left its backups standing down."""
+    first = facility("first", ["fever_clinic"], 38.40, backups=["second"])
+    second = facility("second", ["fever_clinic", "backup"], 38.49)
+    far = facility("far", ["fever_clinic"], 39.50)
+    first.report_load(90, "2022-11-20T09:00:00+08:00")
+    r = choose_destination(HOME, "fever", region().roles["fever"], [first, second, far], ETA, critical=False,
+                           excluding="first")
+    assert r.facility is not None and r.facility.id == "second", r
+    assert "first" not in {c["facility_id"] for c in r.candidates}, r.candidates
+    first.report_load(50, "2022-11-20T10:00:00+08:00")  # back under: the backup stands down
+    r = choose_destination(HOME, "fever", region().roles["fever"], [first, second, far], ETA, critical=False,
+                           excluding="first")
+    assert r.facility is not None and r.facility.id == "far", r
+
+
 def test_r10_every_transfer_is_reported_once_and_120_files_direct_calls() -> None:
     t = transfer(channel="direct_call")
     t.report()

@@ -87,15 +87,19 @@ class Routing:
     candidates: list[dict[str, Any]]
 
 
-def eligible_facilities(roles: list[str], facilities: list[Facility]) -> list[tuple[Facility, str]]:
+def eligible_facilities(roles: list[str], facilities: list[Facility],
+                        excluding: str | None = None) -> list[tuple[Facility, str]]:
     """Facilities whose own role fits the patient (R6). R7 is about the fever clinic: past
     its threshold a facility takes no new fever-clinic patients (its other wards still take
     theirs), and its backups take them instead. A backup takes only patients its own roles
-    fit, and no one while it stands down."""
+    fit, and no one while it stands down. `excluding` (a redirect's current destination) is
+    no candidate, but its overflow still activates its backups."""
     wanted = set(roles)
     activated = {b for f in facilities if f.overflowing for b in f.backup_ids}
     out: list[tuple[Facility, str]] = []
     for f in facilities:
+        if f.id == excluding:
+            continue
         fit = (set(f.roles) - {"backup"}) & wanted
         if not fit:
             continue
@@ -111,19 +115,20 @@ def eligible_facilities(roles: list[str], facilities: list[Facility]) -> list[tu
 
 def choose_destination(
     origin: Location, pclass: str, roles: list[str], facilities: list[Facility], eta: StraightLineEta,
-    *, critical: bool, wish: str | None = None,
+    *, critical: bool, wish: str | None = None, excluding: str | None = None,
 ) -> Routing:
     """就急、就近、就自愿: a critical patient goes to the nearest eligible facility; another
-    patient to the one they wish for when it is eligible, else the nearest."""
+    patient to the one they wish for when it is eligible, else the nearest. `excluding`:
+    a facility that is no candidate (a redirect's current destination)."""
     timed = sorted(((eta.minutes(origin, f.location), i, f, why)
-                    for i, (f, why) in enumerate(eligible_facilities(roles, facilities))),
+                    for i, (f, why) in enumerate(eligible_facilities(roles, facilities, excluding))),
                    key=lambda t: t[:2])
     ranked = [(f, why) for _, _, f, why in timed]
     candidates: list[dict[str, Any]] = [
         {"facility_id": f.id, "eta_min": round(minutes, 1), "why": why} for minutes, _, f, why in timed
     ]
     candidates += [{"facility_id": f.id, "skipped": "overflowing (R7)"}
-                   for f in facilities if f.overflowing]
+                   for f in facilities if f.overflowing and f.id != excluding]
     if not ranked:
         return Routing(None, f"no open facility has a role in {roles} for {pclass} (R6)", candidates)
     if wish and not critical:
