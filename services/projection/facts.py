@@ -527,7 +527,7 @@ class Buffer:
             return
         try:
             fold(ev, ev.payload, self.put)
-        except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        except (KeyError, TypeError, AttributeError, ValueError, OverflowError) as exc:
             # A payload that does not have the shape its type promised (a newer version
             # without its upcaster, a forged row): it stays archived and in timelines; the
             # fact tables skip it rather than stall the subscription on it forever. A fold

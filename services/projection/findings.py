@@ -616,11 +616,18 @@ def r7_overflowing_destination(data: AuditData) -> Iterator[Finding]:
                 (_load_ev(last), _decision_ev(d)), transfer_id=tid, facility_id=facility_id)
 
 
+def backup_ids(registered: dict[str, Any] | None) -> list[str]:
+    """The backups a facility's registration names (what is not an id is no backup: a
+    forged registration must not stall the findings' upkeep)."""
+    named = (registered or {}).get("backup_ids")
+    return [b for b in named if isinstance(b, str) and b] if isinstance(named, list) else []
+
+
 def backed_up_by(data: AuditData) -> dict[str, list[str]]:
     """Backup hospital -> the hospitals that name it as their backup (registration)."""
     out: dict[str, list[str]] = {}
     for facility_id, facility in sorted(data.facilities.items()):
-        for backup in (facility.get("registered") or {}).get("backup_ids") or []:
+        for backup in backup_ids(facility.get("registered")):
             out.setdefault(backup, []).append(facility_id)
     return out
 
@@ -644,7 +651,8 @@ def r7_backup_not_activated(data: AuditData) -> Iterator[Finding]:
             "R7", "backup_not_activated", "violation", d["recorded_at"],
             f"{facility_id} is a backup hospital and got a new patient while none of the hospitals it "
             f"backs up was past its threshold: {backs or 'no hospital names it as its backup'}",
-            f"备用医院{name}未被启用（其主医院发热门诊负荷未超过阈值），仍被指定为目的地",
+            f"备用医院{name}未被启用（其主医院发热门诊负荷未超过阈值），仍被指定为目的地" if states else
+            f"备用医院{name}未被任何医院登记为备用，不应被启用，仍被指定为目的地",
             (*(_load_ev(last) for _, last in states if last is not None), _decision_ev(d)),
             transfer_id=tid, facility_id=facility_id)
 

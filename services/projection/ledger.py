@@ -36,8 +36,8 @@ def _local(at: str | None) -> str | None:
         return None
     try:
         return datetime.fromisoformat(at).astimezone(REGION_TZ).isoformat(timespec="seconds")
-    except ValueError:
-        return at  # not a time: shown as it was recorded
+    except (ValueError, OverflowError):  # not a time (or none the calendar reaches in +08:00)
+        return at  # shown as it was recorded
 
 
 READS = ("transfers", "trips", "vehicles", "facilities")  # the fact tables rows() reads
@@ -142,10 +142,12 @@ def _spreadsheet_time(value: str, day: bool) -> datetime | None:
     time (shown as it was recorded)."""
     try:
         when = datetime.fromisoformat(value)
-    except ValueError:
+        if when.tzinfo is not None:
+            when = when.astimezone(REGION_TZ).replace(tzinfo=None)
+    except (ValueError, OverflowError):
         return None
-    if when.tzinfo is not None:
-        when = when.astimezone(REGION_TZ).replace(tzinfo=None)
+    if when.year < 1900:  # before the spreadsheet's calendar: no date it can show
+        return None
     return when if not day or len(value) == 10 else None
 
 

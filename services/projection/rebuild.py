@@ -60,10 +60,10 @@ from services.projection.findings import TRANSFER, VEHICLE, registry_types
 from services.projection.slices import APPEND_ONLY, Part, unpack
 from services.projection.tables import (
     ACTIVE,
-    SCHEMA,
+    MODEL,
     Generation,
     active_generation,
-    active_schema,
+    active_model,
     archive,
     bulk_insert,
     create_generation,
@@ -531,7 +531,7 @@ async def _rebuild(store: EventStore, order: str, page: int, flush_rows: int, fo
             await violations.advance_queue(conn, gen, known)  # the fold may have had a gap
             if compare is None:
                 await set_meta(conn, ACTIVE, str(number))
-                await set_meta(conn, SCHEMA, model_digest())
+                await set_meta(conn, MODEL, model_digest())
             else:
                 await compare(conn, gen)
             await conn.execute(meta_table.delete().where(meta_table.c.name == BUILDING))
@@ -565,7 +565,7 @@ async def upgrade(store: EventStore, stop: asyncio.Event) -> None:
     Until the switch, reads go on; the subscription's writes go on into the active
     generation, or, when its tables differ, fail and are retried."""
     async with store.engine.connect() as conn:
-        if await active_generation(conn) is None or await active_schema(conn) == model_digest():
+        if await active_generation(conn) is None or await active_model(conn) == model_digest():
             return
     log.warning("projection: the read models were built by older code; rebuilding them")
     while not stop.is_set():

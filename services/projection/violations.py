@@ -71,7 +71,7 @@ async def touched(conn: AsyncConnection, gen: Generation, type_: str, position: 
             and_(d.c.vehicle_id.in_(vehicles), d.c.type == "VehicleAssigned"))))
     elif type_ == "FacilityRegistered" and p.get("facility_id"):
         # Its own decisions, and its backups' (R7: they take patients while it overflows).
-        named = [p["facility_id"], *(b for b in p.get("backup_ids") or () if isinstance(b, str))]
+        named = [p["facility_id"], *checks.backup_ids(p)]
         transfers |= set(await _scalars(conn, select(d.c.transfer_id).where(d.c.facility_id.in_(named))))
     elif type_ == "FacilityLoadReported" and p.get("facility_id"):
         # R7 reads the last report before each destination decision: the decisions between
@@ -81,7 +81,7 @@ async def touched(conn: AsyncConnection, gen: Generation, type_: str, position: 
             loads.c.facility_id == p["facility_id"], loads.c.position > position)))
         registered = await conn.scalar(select(facilities.c.registered).where(
             facilities.c.facility_id == p["facility_id"]))
-        backups = (orjson.loads(registered).get("backup_ids") or []) if registered else []
+        backups = checks.backup_ids(orjson.loads(registered)) if registered else []
         cond = [d.c.facility_id.in_([p["facility_id"], *backups]), d.c.position > position]
         if following is not None:
             cond.append(d.c.position < following)

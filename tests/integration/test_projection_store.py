@@ -28,10 +28,10 @@ from services.projection.data import AuditData
 from services.projection.facts import Buffer
 from services.projection.rebuild import BUILDING, rebuild, upgrade
 from services.projection.tables import (
-    SCHEMA,
+    MODEL,
     Generation,
     active_generation,
-    active_schema,
+    active_model,
     archive,
     generation,
     generations_present,
@@ -291,11 +291,11 @@ async def test_read_models_built_by_older_code_are_rebuilt_at_start(stores: dict
     proj = stores["projection"]
     async with proj.engine.begin() as conn:
         before = await queries.dump(conn, generation(1))
-        await conn.execute(meta_table.delete().where(meta_table.c.name == SCHEMA))
+        await conn.execute(meta_table.delete().where(meta_table.c.name == MODEL))
     await upgrade(proj, asyncio.Event())
     async with proj.engine.connect() as conn:
         assert await active_generation(conn) == 2
-        assert await active_schema(conn) == model_digest()
+        assert await active_model(conn) == model_digest()
         assert await queries.dump(conn, generation(2)) == before
     await upgrade(proj, asyncio.Event())
     async with proj.engine.connect() as conn:
@@ -305,10 +305,10 @@ async def test_read_models_built_by_older_code_are_rebuilt_at_start(stores: dict
     findings_table = generation(2)["findings"]
     async with proj.engine.begin() as conn:
         await conn.execute(findings_table.delete().where(findings_table.c.check == "backup_not_activated"))
-        await conn.execute(meta_table.update().where(meta_table.c.name == SCHEMA).values(value="older code"))
+        await conn.execute(meta_table.update().where(meta_table.c.name == MODEL).values(value="older code"))
     await upgrade(proj, asyncio.Event())
     async with proj.engine.connect() as conn:
-        assert await active_generation(conn) == 3 and await active_schema(conn) == model_digest()
+        assert await active_generation(conn) == 3 and await active_model(conn) == model_digest()
         assert await queries.dump(conn, generation(3)) == before
 
 

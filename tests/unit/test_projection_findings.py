@@ -428,6 +428,11 @@ def test_r7_a_backup_takes_patients_only_while_a_hospital_it_backs_up_overflows(
     assert under.facility_id == "b" and "p (load 0.5)" in under.detail
     assert under.message_zh.startswith("备用医院备用b未被启用")
     assert [e["type"] for e in under.evidence] == ["FacilityLoadReported", "DestinationAssigned"]
+    lone = next(f for f in found if f.transfer_id == "nobody_names_it")
+    assert "no hospital names it" in lone.detail and "未被任何医院登记为备用" in lone.message_zh
+    # A forged registration's odd backup ids are no backups, and stall nothing.
+    assert findings.backup_ids({"backup_ids": [["x"], 5, "", "b"]}) == ["b"]
+    assert findings.backup_ids({"backup_ids": "b"}) == [] and findings.backup_ids(None) == []
 
 
 def test_r6_a_severe_confirmed_case_goes_to_a_designated_hospital_a_mild_one_may_go_to_a_fangcang() -> None:
@@ -783,6 +788,10 @@ def test_the_ledger_xlsx_has_its_times_and_days_as_spreadsheet_dates_in_local_ti
     assert "not a time" in ElementTree.tostring(cells[f"{letter['reported_at']}2"]).decode()
     assert cells[f"{letter['patient_name']}2"].get("t") == "inlineStr"
     assert 'formatCode="yyyy-mm-dd hh:mm:ss"' in styles and 'formatCode="yyyy-mm-dd"' in styles
+    # Times no spreadsheet date reaches stay text; one past the calendar in +08:00 too.
+    assert ledger._spreadsheet_time("1899-12-31T23:00:00+08:00", False) is None
+    assert ledger._spreadsheet_time("9999-12-31T23:00:00-01:00", False) is None
+    assert ledger._local("9999-12-31T23:00:00-01:00") == "9999-12-31T23:00:00-01:00"
 
 
 def test_a_return_legs_destination_is_where_the_outbound_leg_started() -> None:
@@ -906,3 +915,14 @@ def test_the_read_models_digest_changes_with_the_checks_code(tmp_path: Path,
     changed.write_bytes(Path(str(findings.__file__)).read_bytes() + b"\n# a new check\n")
     monkeypatch.setattr(findings, "__file__", str(changed))
     assert tables.model_digest() != today
+
+
+def test_a_forged_time_past_the_calendar_is_skipped_by_the_fold_not_a_stalled_subscription() -> None:
+    """9999-12-31T23:00-01:00 is a valid ISO time whose +08:00 day is past year 9999: the
+    fold skips the event's facts (it stays archived), as it does any unreadable payload."""
+    buffer = Buffer()
+    late = "9999-12-31T23:00:00-01:00"
+    payload = {"transfer_id": "t", "patient": {"name": "x"}, "origin": {}}
+    buffer.add_event(Ev("e1", "TransferRequested", "dispatch", "transfer-t", 1, 1, late, late, "forger",
+                        "system", payload))
+    assert buffer.unreadable == 1 and buffer.events == 1 and not buffer.rows
