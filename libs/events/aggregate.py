@@ -157,6 +157,7 @@ class UnitOfWork:
         self.writes: list[Write] = []
         self._seen: dict[str, Aggregate] = {}
         self._refreshed: set[str] = set()
+        self._guards: dict[str, int] = {}
 
     @classmethod
     def reading(cls, store: EventStore) -> UnitOfWork:
@@ -233,6 +234,12 @@ class UnitOfWork:
     def add(self, agg: Aggregate) -> None:
         self._seen[agg.stream_id] = agg
 
+    def guard(self, agg: Aggregate) -> None:
+        """What this command decides relies on `agg` as it was read (a find() snapshot
+        too): the commit fails with ConcurrencyError, and with_retry decides again, if its
+        stream moved meanwhile, though nothing is appended to it."""
+        self._guards.setdefault(agg.stream_id, agg.version)
+
     def build_commit(self) -> Commit:
         commit = Commit(
             meta=self.meta, tracking=self.tracking, checkpoint=self.checkpoint,
@@ -249,6 +256,11 @@ class UnitOfWork:
                     status=agg.status_value(), ref=agg.ref_value(), state=agg.model_dump_json(),
                 )
             )
+        if commit.appends:  # a command that appends nothing decides nothing to guard
+            appended = {a.stream_id for a in commit.appends}
+            # An append of no events is the store's version check alone.
+            commit.appends += [StreamAppend(stream_id, version, []) for stream_id, version
+                               in sorted(self._guards.items()) if stream_id not in appended]
         return commit
 
     async def commit(self) -> list[Envelope]:

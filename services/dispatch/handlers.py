@@ -180,9 +180,23 @@ async def route(uow: UnitOfWork, transfer: Transfer, condition: dict[str, Any] |
     cond = condition if condition is not None else transfer.condition
     pclass = patient_class(transfer.risk_category, cond)
     roles = region().roles.get(pclass, region().roles["other"])
-    return choose_destination(
-        transfer.origin_location, pclass, roles, await uow.find(Facility), eta(),
-        critical=bool(cond.get("critical")), wish=wish if wish is not None else transfer.destination_wish)
+    facilities = await uow.find(Facility)
+    return guarded(uow, facilities, choose_destination(
+        transfer.origin_location, pclass, roles, facilities, eta(),
+        critical=bool(cond.get("critical")), wish=wish if wish is not None else transfer.destination_wish))
+
+
+def guarded(uow: UnitOfWork, facilities: list[Facility], routing: Routing) -> Routing:
+    """A routing holds only while what it read holds: the facility chosen, and every
+    overflowing one (skipped, or activating its backups: R7). A load report of one of them
+    committed meanwhile fails this command's commit, and it routes again on the new load,
+    so that the decision's place in the store comes after the loads it went by (what the
+    audit's R7 checks read)."""
+    chosen = routing.facility.id if routing.facility is not None else None
+    for facility in facilities:
+        if facility.overflowing or facility.id == chosen:
+            uow.guard(facility)
+    return routing
 
 
 async def auto_assign(uow: UnitOfWork, transfer: Transfer) -> Vehicle | None:
@@ -229,10 +243,10 @@ async def redirect(uow: UnitOfWork, transfer_id: str, cmd: RedirectIn) -> Transf
     pclass = patient_class(transfer.risk_category, cond)
     # Every facility, the current destination included: a redirect away from a full
     # hospital goes to the backups its overflow activates (R7).
-    routing = choose_destination(
+    facilities = await uow.find(Facility)
+    routing = guarded(uow, facilities, choose_destination(
         transfer.origin_location, pclass, region().roles.get(pclass, region().roles["other"]),
-        await uow.find(Facility), eta(), critical=bool(cond.get("critical")),
-        excluding=transfer.destination_id)
+        facilities, eta(), critical=bool(cond.get("critical")), excluding=transfer.destination_id))
     if routing.facility is None:
         raise InvalidField("facility_id", "no_other_facility", routing.reason,
                            "没有其他可接收的医疗机构，请指定", candidates=routing.candidates)

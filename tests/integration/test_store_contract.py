@@ -306,6 +306,41 @@ async def test_a_decision_on_a_listed_state_another_replica_changed_is_refused_t
     assert len(await a.read_stream("counter-c1")) == 3
 
 
+async def test_a_decision_on_what_it_only_read_is_refused_when_that_moved_then_retried(
+        make_store: MakeStore) -> None:
+    """A guard: c2 is decided on c1 as it was listed (dispatch routes by the hospitals'
+    loads); another replica changes c1 before the commit, which is then refused though it
+    appends nothing to c1, and the retry decides on the new c1."""
+    a, b = await make_store(), await make_store()
+    await open_counter(a, "c1", "ann")
+    await open_counter(a, "c2", "bob")
+
+    async def copy_c1(uow: UnitOfWork) -> int:
+        [read] = [c for c in await uow.find(Counter) if c.id == "c1"]
+        uow.guard(read)
+        (await uow.require(Counter, "c2", "counter")).record(ThingHappened(n=read.n * 10))
+        return read.n
+
+    stale = UnitOfWork(b, META)
+    await copy_c1(stale)
+    other = UnitOfWork(a, META)
+    (await other.require(Counter, "c1", "counter")).bump()
+    await other.commit()
+    with pytest.raises(ConcurrencyError):
+        await stale.commit()
+    assert len(await b.read_stream("counter-c2")) == 1  # nothing of the refused decision
+    seen, _ = await with_retry(lambda: UnitOfWork(b, META), copy_c1)
+    assert seen == 2 and [e.payload["n"] for e in await b.read_stream("counter-c2")] == [1, 20]
+    assert len(await b.read_stream("counter-c1")) == 2  # the guard appended nothing
+    # A guard on what did not move costs nothing; a command that appends nothing commits nothing.
+    unchanged = UnitOfWork(b, META)
+    await copy_c1(unchanged)
+    await unchanged.commit()
+    idle = UnitOfWork(b, META)
+    idle.guard((await idle.find(Counter))[0])
+    assert await idle.commit() == []
+
+
 class OpenCounters:
     """A view: the open counters' numbers, parsed only for those it keeps."""
 
