@@ -178,6 +178,40 @@ _LAST = {name: spec.last for name, spec in SPECS.items()}
 _APPEND_ONLY = frozenset(name for name, spec in SPECS.items() if spec.append_only)
 
 
+# What the columns that are not text hold (tables.py gives them their SQL types). A value
+# of another kind (a forged payload, or a newer contract without its upcaster) would fail
+# the database's write, and the subscription with it, again and again: the fold refuses
+# it first, and the event is unreadable to the fact tables (it stays archived).
+_INT32, _INT64 = 2**31, 2**63
+
+
+def _whole(limit: int) -> Callable[[Any], bool]:
+    return lambda v: v.__class__ is int and -limit <= v < limit
+
+
+COLUMN_KINDS: dict[str, Callable[[Any], bool]] = {
+    "priority": _whole(_INT32), "occupied": _whole(_INT32), "stream_version": _whole(_INT32),
+    "position": _whole(_INT64), "ratio": lambda v: v.__class__ in (int, float),
+    **dict.fromkeys(("overflowing", "dedicated_pool", "life_support"), lambda v: v.__class__ is bool),
+}
+_kind_of = COLUMN_KINDS.get
+
+
+def unfit(key: tuple[Any, ...], values: dict[str, Any]) -> str | None:
+    """The first column (or "key") whose value its column cannot hold; None: all fit. Every
+    other column is text: a string or nothing."""
+    for part in key:
+        if part.__class__ is not str:
+            return "key"
+    for column, value in values.items():
+        if value is None or (value.__class__ is str and column not in COLUMN_KINDS):
+            continue  # the common case first: text in a text column
+        fits = _kind_of(column)
+        if fits is None or not fits(value):
+            return column
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class Fact:
     table: str
@@ -474,16 +508,6 @@ FOLDS: dict[str, Callable[[Ev, dict[str, Any], Put], None]] = {
 assert set(FOLDS) >= DECISION_TYPES | VEHICLE_LOG_TYPES | OTHER_TYPES
 
 
-def facts_of(ev: Ev) -> list[Fact]:
-    """The fact rows one event contributes. Unknown types contribute nothing here (they
-    are archived and shown in timelines)."""
-    out: list[Fact] = []
-    fold = FOLDS.get(ev.type)
-    if fold is not None:
-        fold(ev, ev.payload, lambda table, key, values: out.append(Fact(table, key, values)))
-    return out
-
-
 # Fact rows in memory: table -> key -> row (a fold's); and append-only rows as COPY writes
 # them: table -> rows in column order, key first.
 Rows = dict[str, dict[tuple[Any, ...], dict[str, Any]]]
@@ -525,15 +549,24 @@ class Buffer:
         fold = FOLDS.get(ev.type)
         if fold is None:
             return
+        staged: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+        stage = staged.append
         try:
-            fold(ev, ev.payload, self.put)
+            fold(ev, ev.payload, lambda table, key, values: stage((table, key, values)))
+            for _, key, values in staged:
+                if (column := unfit(key, values)) is not None:
+                    raise ValueError(f"{column} does not fit its column")
         except (KeyError, TypeError, AttributeError, ValueError, OverflowError) as exc:
             # A payload that does not have the shape its type promised (a newer version
             # without its upcaster, a forged row): it stays archived and in timelines; the
-            # fact tables skip it rather than stall the subscription on it forever. A fold
-            # reads what it needs before it puts anything, so nothing half-done is left.
+            # fact tables skip it rather than stall the subscription on it forever. Its
+            # rows are merged only once all of them fit, so nothing half-done is left.
             log.warning("projection: no facts from %s %s: %r", ev.type, ev.event_id, exc)
             self.unreadable += 1
+            return
+        put = self.put
+        for table, key, values in staged:
+            put(table, key, values)
 
     def take(self, names: Iterable[str]) -> dict[str, dict[tuple[Any, ...], dict[str, Any]]]:
         """Removes and returns the rows of these tables (a rebuild writes the append-only

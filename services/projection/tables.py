@@ -45,6 +45,7 @@ from libs.events.envelope import Envelope, iso, utcnow
 from services.projection.facts import JSON_COLUMNS, SPECS, Buffer, Ev, dump, upcast
 
 metadata = MetaData()
+LINK_LENGTH = 200  # the archive's links to a transfer, trip, cycle or vehicle
 
 archive = Table(
     "audit_archive",
@@ -68,10 +69,10 @@ archive = Table(
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
     # Links for timelines, read off the payload (else the correlation id).
-    Column("transfer_key", String(200), nullable=False),
-    Column("trip_id", String(200)),
-    Column("cycle_id", String(200)),
-    Column("vehicle_id", String(200)),
+    Column("transfer_key", String(LINK_LENGTH), nullable=False),
+    Column("trip_id", String(LINK_LENGTH)),
+    Column("cycle_id", String(LINK_LENGTH)),
+    Column("vehicle_id", String(LINK_LENGTH)),
     Index("ix_audit_archive_store_position", "store", "position", unique=True),
     Index("ix_audit_archive_transfer", "transfer_key"),
     Index("ix_audit_archive_trip", "trip_id"),
@@ -89,8 +90,7 @@ meta_table = Table(
 ACTIVE = "active_generation"
 ARCHIVE_LOCK = zlib.crc32(b"closedloop-projection-archive")
 _TYPES: dict[str, Any] = {
-    "day": String(10), "requested_at": String(40), "opened_at": String(40), "collected_at": String(40),
-    "at": String(40), "recorded_at": String(40), "priority": Integer, "position": BigInteger,
+    "day": String(10), "priority": Integer, "position": BigInteger,
     "stream_version": Integer, "occupied": Integer, "ratio": Float, "overflowing": Boolean,
     "dedicated_pool": Boolean, "life_support": Boolean,
 }
@@ -136,23 +136,25 @@ def generation(number: int) -> Generation:
         return [Index(f"ix_g{number}_{name}_{'_'.join(cols)}", *cols) for cols in sets]
 
     for name, spec in SPECS.items():
-        cols: list[Any] = [Column(k, String(200), primary_key=True) for k in spec.key]
+        # Text without a length (VARCHAR): what a payload says is kept whole, however long
+        # (a length limit would fail the write, and the subscription with it, forever).
+        cols: list[Any] = [Column(k, String(), primary_key=True) for k in spec.key]
         for c in spec.columns:
             if c in JSON_COLUMNS:
                 cols.append(Column(c, Text))
             else:
-                cols.append(Column(c, _TYPES.get(c, String(200))))
+                cols.append(Column(c, _TYPES.get(c, String())))
         tables[name] = Table(f"g{number}_{name}", md, *cols, *indexes(name, _INDEXED.get(name, ())))
     tables["findings"] = Table(
         f"g{number}_findings", md, Column("id", String(16), primary_key=True),
-        Column("scope", String(220), nullable=False), Column("rule", String(40), nullable=False),
+        Column("scope", String(), nullable=False), Column("rule", String(40), nullable=False),
         Column("check", String(80), nullable=False), Column("kind", String(20), nullable=False),
-        Column("at_key", String(30), nullable=False), Column("transfer_id", String(200)),
-        Column("vehicle_id", String(200)), Column("facility_id", String(200)),
+        Column("at_key", String(30), nullable=False), Column("transfer_id", String()),
+        Column("vehicle_id", String()), Column("facility_id", String()),
         Column("body", Text, nullable=False), *indexes("findings", _FINDING_PAGES))
     # A check that failed on a scope's rows: reported beside the findings, never hiding them.
     tables["check_failures"] = Table(
-        f"g{number}_check_failures", md, Column("scope", String(220), primary_key=True),
+        f"g{number}_check_failures", md, Column("scope", String(), primary_key=True),
         Column("check", String(80), primary_key=True), Column("rule", String(40), nullable=False),
         Column("error", Text, nullable=False))
     # Folds kept between events (the R4 queue fold: its position in dispatch's store and state).
@@ -372,12 +374,16 @@ async def copy_records(conn: AsyncConnection, table: str, columns: list[str],
 
 
 def links(env: Envelope) -> dict[str, Any]:
+    """What the timelines look events up by, read off the payload. What is not an id (not
+    a string, or longer than the column) links nothing: the event is archived all the same."""
     p = env.payload
-    tid = p.get("transfer_id")
-    return {
-        "transfer_key": str(tid) if tid else env.correlation_id,
-        "trip_id": p.get("trip_id"), "cycle_id": p.get("cycle_id"), "vehicle_id": p.get("vehicle_id"),
-    }
+    return {"transfer_key": _link(p.get("transfer_id")) or env.correlation_id,
+            "trip_id": _link(p.get("trip_id")), "cycle_id": _link(p.get("cycle_id")),
+            "vehicle_id": _link(p.get("vehicle_id"))}
+
+
+def _link(value: Any) -> str | None:
+    return value if isinstance(value, str) and 0 < len(value) <= LINK_LENGTH else None
 
 
 async def next_seq(conn: AsyncConnection) -> int:

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select, text
@@ -51,6 +52,24 @@ class BrandNew(Event):
     event_type = "BrandNewThing"
     trip_id: str
     note: str
+
+
+class ForgedLoad(Event):
+    """A load report as a forger (or a newer producer without its upcaster) writes it: the
+    contract's types not kept."""
+
+    event_type = "FacilityLoadReported"
+    facility_id: str
+    fever_clinic_occupied: Any
+    reported_at: Any
+    load_ratio: Any
+    overflowing: Any
+
+
+class ForgedReservation(Event):
+    event_type = "VehicleReserved"
+    vehicle_id: Any
+    transfer_id: Any
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -201,6 +220,34 @@ async def test_forbidden_histories_appended_into_stores_are_found(stores: dict[s
             assert report.events + report.caught_up == total
             async with stores["projection"].engine.connect() as conn:
                 assert await queries.dump(conn, generation(report.generation)) == live, (order, workers)
+
+
+async def test_payloads_whose_values_their_columns_cannot_hold_stall_nothing(
+        stores: dict[str, EventStore]) -> None:
+    """Values of the wrong kind (a ratio in words, a time as a number, an object for an id)
+    and ids longer than any column of the producers': on PostgreSQL each would fail the
+    projection's write, and the subscription would retry it forever. Each is archived; the
+    fact tables skip what they cannot hold and keep what they can; a rebuild agrees."""
+    d = stores["dispatch"]
+    long_id = "v" * 300
+    await put(d, "facility-f", ForgedLoad(facility_id="f", fever_clinic_occupied="many", reported_at=12345,
+                                          load_ratio="high", overflowing="yes"))
+    await put(d, "vehicle-long", ForgedReservation(vehicle_id=long_id, transfer_id="t1"),
+              ForgedReservation(vehicle_id={"id": "v1"}, transfer_id=["t2"]))
+    await put(d, "transfer-t1", dsp.TransferPrioritized(transfer_id="t1", priority=1, reason="r"))
+    total = await run_projection(stores)  # fails unless every event is archived
+    async with stores["projection"].engine.connect() as conn:
+        live = await queries.dump(conn, generation(1))
+        linked = (await conn.execute(select(archive.c.vehicle_id).where(archive.c.stream_id == "vehicle-long")
+                                     .order_by(archive.c.seq))).scalars().all()
+    assert [r[0] for r in live["vehicle_log"]] and {r[1] for r in live["vehicle_log"]} == {long_id}
+    assert live["facility_loads"] == [] and [r[0] for r in live["transfers"]] == ["t1"]
+    assert linked == [None, None]  # no timeline link from an id no column of ours holds
+    for workers in ((1,) if stores["projection"].is_sqlite else (1, 2)):
+        report = await rebuild(stores["projection"], workers=workers)
+        assert report.events == total
+        async with stores["projection"].engine.connect() as conn:
+            assert await queries.dump(conn, generation(report.generation)) == live
 
 
 @pytest.mark.postgres

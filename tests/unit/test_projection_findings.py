@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.projection import custody, findings, kpis, ledger, slices, tables
+from services.projection import custody, facts, findings, kpis, ledger, slices, tables
 from services.projection.custody import exposures
 from services.projection.data import AuditData, from_rows
 from services.projection.facts import Buffer, Ev, Fact
@@ -926,3 +926,27 @@ def test_a_forged_time_past_the_calendar_is_skipped_by_the_fold_not_a_stalled_su
     buffer.add_event(Ev("e1", "TransferRequested", "dispatch", "transfer-t", 1, 1, late, late, "forger",
                         "system", payload))
     assert buffer.unreadable == 1 and buffer.events == 1 and not buffer.rows
+
+
+def test_a_value_its_column_cannot_hold_makes_the_event_unreadable_not_a_failed_write() -> None:
+    """A forged payload (a priority in words, a load ratio as text, an id that is a number)
+    would fail the database's write and stall the subscription on it: the fold refuses it
+    first, whole (the transfer's priority and the decision row together), and the event
+    stays archived."""
+    h = History()
+    request(h, "t")
+    good = h.add("dispatch", "transfer-t", "TransferPrioritized", transfer_id="t", priority=2, reason="r")
+    for forged in ({"transfer_id": "t", "priority": "urgent", "reason": "r"},
+                   {"transfer_id": "t", "priority": 2**40, "reason": "r"},
+                   {"transfer_id": 7, "priority": 1, "reason": "r"}):
+        buffer = Buffer()
+        buffer.add_event(good._replace(payload=forged, raw=None))
+        assert buffer.unreadable == 1 and not buffer.rows, forged
+    load = {"facility_id": "f", "fever_clinic_occupied": 5, "reported_at": "x", "load_ratio": "high",
+            "overflowing": False}
+    buffer = Buffer()
+    buffer.add_event(good._replace(type="FacilityLoadReported", payload=load, raw=None))
+    assert buffer.unreadable == 1 and not buffer.rows
+    buffer.add_event(good._replace(type="FacilityLoadReported", payload={**load, "load_ratio": 1}, raw=None))
+    assert buffer.unreadable == 1 and buffer.rows["facility_loads"]  # a whole ratio fits a real column
+    assert facts.unfit(("a",), {"priority": True}) == "priority"  # a boolean is no number here
