@@ -214,6 +214,7 @@ class KafkaSource:
         # their `type` header, unparsed (a crew's six steps per trip are no business of
         # dispatch's, and parsing every envelope was 4% of its CPU).
         self._types = None if types is None else frozenset(types)
+        self.unreadable = 0  # messages passed over: not envelopes
         self._consumer = AIOKafkaConsumer(
             *[topic_for(s, topic_prefix) for s in stores], bootstrap_servers=bootstrap, group_id=group,
             enable_auto_commit=False, auto_offset_reset="earliest",
@@ -239,7 +240,15 @@ class KafkaSource:
                     self._starts.setdefault(tp, msg.offset)
                     self._offsets[tp] = msg.offset + 1
                     if types is None or (kind := _type_header(msg.headers)) is None or kind in types:
-                        batch.append(Envelope.from_json(msg.value))
+                        try:
+                            batch.append(Envelope.from_json(msg.value))
+                        except (ValueError, TypeError) as exc:  # pydantic's ValidationError too
+                            # Not an envelope any store could have written (garbage, or forged
+                            # at the broker): no event of a store is lost by passing over it,
+                            # and raising would redeliver it, and stall the group, forever.
+                            self.unreadable += 1
+                            log.error("%s[%d] offset %d is not an envelope; passed over: %s",
+                                      tp.topic, tp.partition, msg.offset, str(exc)[:500])
             if batch:
                 yield batch
             elif self._offsets:  # nothing it handles: only move past them

@@ -72,22 +72,24 @@ class Envelope(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
+    # The limits are the stores' columns (libs/events/store.py): an envelope no store could
+    # hold (one forged at the broker) is refused as it is read, not by a consumer's write.
     event_id: UUID
-    type: str
-    schema_version: int
-    store: str
-    stream_id: str
-    stream_version: int
-    position: int
-    occurred_at: str = Field(description="the actor's clock (e.g. the crew phone), RFC 3339")
-    recorded_at: str = Field(description="the server's clock when the store committed it")
-    actor: str
-    role: str
-    correlation_id: str
-    causation_id: str | None = None
+    type: str = Field(max_length=100)
+    schema_version: int = Field(ge=0, lt=2**31)
+    store: str = Field(max_length=50)
+    stream_id: str = Field(max_length=200)
+    stream_version: int = Field(ge=0, lt=2**31)
+    position: int = Field(ge=0, lt=2**63)
+    occurred_at: str = Field(max_length=40, description="the actor's clock (e.g. the crew phone), RFC 3339")
+    recorded_at: str = Field(max_length=40, description="the server's clock when the store committed it")
+    actor: str = Field(max_length=200)
+    role: str = Field(max_length=50)
+    correlation_id: str = Field(max_length=200)
+    causation_id: str | None = Field(default=None, max_length=200)
     payload: dict[str, Any]
-    prev_hash: str
-    hash: str
+    prev_hash: str = Field(max_length=64)
+    hash: str = Field(max_length=64)
 
     def hashed_fields(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude={"hash"})

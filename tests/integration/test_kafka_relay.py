@@ -5,6 +5,7 @@ is applied twice."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -13,7 +14,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 
 import pytest
-from aiokafka import AIOKafkaConsumer  # type: ignore[import-untyped]
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # type: ignore[import-untyped]
 from sqlalchemy import Column, MetaData, String, Table, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -298,3 +299,43 @@ async def test_a_source_passes_over_the_types_its_subscription_does_not_handle(s
         await running
         await kafka.stop()
     assert {e.type for e in got} == {"ParcelSent"} and sorted(e.payload["n"] for e in got) == list(range(30))
+
+
+async def test_a_message_that_is_no_envelope_is_passed_over_not_redelivered_forever(
+        source: EventStore) -> None:
+    """Garbage on a topic, or an envelope no store could hold (forged at the broker): the
+    source passes over it (logged, counted) and delivers the store's events after it; it
+    used to raise on it, and the group redelivered it, stalling every consumer, forever."""
+    await source.append("parcel-first", 0, [ParcelSent(n=0)], META)
+    forged = (await source.read_all(0, 1))[0].model_dump(mode="json")
+    forged.update(event_id=str(uuid.uuid4()), stream_id="x" * 300)
+    producer = AIOKafkaProducer(bootstrap_servers=KAFKA)
+    await producer.start()
+    try:
+        for junk in (b"not json", b'{"type": "ParcelSent"}', json.dumps(forged).encode()):
+            await producer.send_and_wait(topic_for(source.name), junk, partition=0)
+    finally:
+        await producer.stop()
+    await fill(source, 5, streams=5)  # after the junk, on every partition
+    published = 0
+    async with asyncio.timeout(30):
+        while published < 6:  # the relay may hold the newest back a moment (gap safety)
+            published += (await publish_all(source)).published
+            await asyncio.sleep(0.1)
+    kafka = KafkaSource(KAFKA, [source.name], group=f"g-{uuid.uuid4().hex[:6]}")
+    await kafka.start()
+    stop = asyncio.Event()
+    got: list[Envelope] = []
+    batches = kafka.batches(stop)
+    try:
+        async with asyncio.timeout(60):
+            while len(got) < 6:
+                batch = await anext(batches)
+                got += batch
+                await kafka.done(batch)
+    finally:
+        stop.set()
+        await batches.aclose()
+        await kafka.stop()
+    assert sorted(e.payload["n"] for e in got) == [0, 0, 1, 2, 3, 4], got
+    assert kafka.unreadable == 3

@@ -78,6 +78,17 @@ def test_json_round_trip_keeps_the_hash() -> None:
     assert Envelope.from_json(env.to_json()).compute_hash() == env.hash
 
 
+def test_an_envelope_no_store_could_hold_is_refused_as_it_is_read() -> None:
+    """The limits are the stores' columns: a consumer's write must not be where a forged
+    envelope (from the broker) fails, again and again."""
+    body = chain(1)[0].model_dump(mode="json")
+    assert Envelope.model_validate({**body, "stream_id": "x" * 200}).stream_id == "x" * 200
+    for field, value in (("stream_id", "x" * 201), ("type", "T" * 101), ("role", "r" * 51),
+                         ("stream_version", 2**31), ("position", -1)):
+        with pytest.raises(ValueError, match=field):
+            Envelope.model_validate({**body, field: value})
+
+
 def test_naive_datetimes_are_refused() -> None:
     from datetime import datetime
 
