@@ -28,11 +28,14 @@ PHONE_KEYS = frozenset({"phone", "mobile", "contact_phone", "phone_number"})
 # And numbers that look like them in free text (a reason typed by a dispatcher, a place's
 # name): resident ids of 18 characters and the old 15 digits; mobiles bare, with +86 or
 # with spaces or dashes between the groups; landlines with their area code. A number
-# touching a letter is part of something else (an event id, a hash, a plate) and stays.
-_ID_IN_TEXT = re.compile(r"(?<![0-9A-Za-z.])(?:\d{17}[\dXx]|\d{15})(?![0-9A-Za-z])")
+# touching a letter is part of something else (an event id, a hash, a plate) and stays;
+# so does one joined by a dash to a letter or digit before it: a UUID's last group (a
+# cycle's id ending in -075123452105 was masked, and a client could no longer use it).
+_AFTER_TOKEN = r"(?<![0-9A-Za-z]-)"
+_ID_IN_TEXT = re.compile(_AFTER_TOKEN + r"(?<![0-9A-Za-z.])(?:\d{17}[\dXx]|\d{15})(?![0-9A-Za-z])")
 _PHONE_IN_TEXT = re.compile(
-    r"(?<![0-9A-Za-z.+])(?:\+?86[-\s]?)?1[3-9]\d(?:[-\s]?\d{4}){2}(?![0-9A-Za-z])"
-    r"|(?<![0-9A-Za-z.])0\d{2,3}[-\s]?\d{7,8}(?![0-9A-Za-z])")
+    _AFTER_TOKEN + r"(?<![0-9A-Za-z.+])(?:\+?86[-\s]?)?1[3-9]\d(?:[-\s]?\d{4}){2}(?![0-9A-Za-z])"
+    r"|" + _AFTER_TOKEN + r"(?<![0-9A-Za-z.])0\d{2,3}[-\s]?\d{7,8}(?![0-9A-Za-z])")
 _DIGIT = re.compile(r"\d")
 # Keys whose values are identifiers, never personal numbers: not scanned as text.
 OPAQUE_KEYS = frozenset({"event_id", "hash", "prev_hash", "head_hash", "correlation_id", "causation_id"})

@@ -179,6 +179,11 @@ def test_numbers_typed_as_people_write_them_are_masked_in_free_text() -> None:
         "event 72bc70d5-3e4b-49a6-817e-139123456789 at 2026-11-23T16:27:00+08:00, 宁A13912":
             "event 72bc70d5-3e4b-49a6-817e-139123456789 at 2026-11-23T16:27:00+08:00, 宁A13912",
         "38.123456789012345, 106.1": "38.123456789012345, 106.1",
+        # A UUID whose last group is all digits: a landline's shape, but an id.
+        "cycle 40b09cdb-7a3c-55a8-bb4d-075123452105 does not exist, 0951-7654321":
+            "cycle 40b09cdb-7a3c-55a8-bb4d-075123452105 does not exist, 095*-***4321",
+        "trip 9e0c2d1a-0000-4000-8000-139123456780, v-640121198001011231":
+            "trip 9e0c2d1a-0000-4000-8000-139123456780, v-640121198001011231",
     }
     for typed, shown in cases.items():
         assert privacy.mask_text(typed) == shown, typed
