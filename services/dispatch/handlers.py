@@ -116,7 +116,7 @@ async def request_transfer(uow: UnitOfWork, transfer_id: str, cmd: TransferIn,
         requested_at=iso(utcnow()),
     )
     uow.add(transfer)
-    transfer.route(await route(uow, transfer))
+    transfer.route(await route(uow, transfer, wish=transfer.destination_wish))
     transfer.report()
     await auto_assign(uow, transfer)
     return transfer, True
@@ -175,23 +175,21 @@ async def crew_aborted(uow: UnitOfWork, transfer_id: str, vehicle_id: str, actio
     await serve_queue(uow, vehicle)
 
 
-async def route(uow: UnitOfWork, transfer: Transfer, condition: dict[str, Any] | None = None,
-                wish: str | None = None) -> Routing:
+async def route(uow: UnitOfWork, transfer: Transfer, condition: dict[str, Any] | None = None, *,
+                wish: str | None = None, excluding: str | None = None) -> Routing:
+    """The destination by the rules (R6, R7), for the transfer's condition or a new one.
+    `excluding`: a redirect's current destination, no candidate, though its overflow still
+    activates its backups. The routing holds only while what it read holds: the facility
+    chosen and every overflowing one (skipped, or activating its backups) are guarded, so a
+    load report of one of them committed meanwhile fails this command's commit and it
+    routes again on the new load; the decision's place in the store then comes after the
+    loads it went by (what the audit's R7 checks read)."""
     cond = condition if condition is not None else transfer.condition
     pclass = patient_class(transfer.risk_category, cond)
     roles = region().roles.get(pclass, region().roles["other"])
     facilities = await uow.find(Facility)
-    return guarded(uow, facilities, choose_destination(
-        transfer.origin_location, pclass, roles, facilities, eta(),
-        critical=bool(cond.get("critical")), wish=wish if wish is not None else transfer.destination_wish))
-
-
-def guarded(uow: UnitOfWork, facilities: list[Facility], routing: Routing) -> Routing:
-    """A routing holds only while what it read holds: the facility chosen, and every
-    overflowing one (skipped, or activating its backups: R7). A load report of one of them
-    committed meanwhile fails this command's commit, and it routes again on the new load,
-    so that the decision's place in the store comes after the loads it went by (what the
-    audit's R7 checks read)."""
+    routing = choose_destination(transfer.origin_location, pclass, roles, facilities, eta(),
+                                 critical=bool(cond.get("critical")), wish=wish, excluding=excluding)
     chosen = routing.facility.id if routing.facility is not None else None
     for facility in facilities:
         if facility.overflowing or facility.id == chosen:
@@ -239,14 +237,7 @@ async def redirect(uow: UnitOfWork, transfer_id: str, cmd: RedirectIn) -> Transf
         facility = await uow.require(Facility, cmd.facility_id, "facility")
         transfer.redirect(facility, f"named by the dispatcher: {cmd.reason}", [], condition)
         return transfer
-    cond = condition if condition is not None else transfer.condition
-    pclass = patient_class(transfer.risk_category, cond)
-    # Every facility, the current destination included: a redirect away from a full
-    # hospital goes to the backups its overflow activates (R7).
-    facilities = await uow.find(Facility)
-    routing = guarded(uow, facilities, choose_destination(
-        transfer.origin_location, pclass, region().roles.get(pclass, region().roles["other"]),
-        facilities, eta(), critical=bool(cond.get("critical")), excluding=transfer.destination_id))
+    routing = await route(uow, transfer, condition, excluding=transfer.destination_id)
     if routing.facility is None:
         raise InvalidField("facility_id", "no_other_facility", routing.reason,
                            "没有其他可接收的医疗机构，请指定", candidates=routing.candidates)

@@ -623,6 +623,12 @@ def backup_ids(registered: dict[str, Any] | None) -> list[str]:
     return [b for b in named if isinstance(b, str) and b] if isinstance(named, list) else []
 
 
+def is_backup(facility: dict[str, Any]) -> bool:
+    """A facility registered as a backup hospital (R7): it takes patients only while
+    activated."""
+    return "backup" in ((facility.get("registered") or {}).get("roles") or ())
+
+
 def backed_up_by(data: AuditData) -> dict[str, list[str]]:
     """Backup hospital -> the hospitals that name it as their backup (registration)."""
     out: dict[str, list[str]] = {}
@@ -640,7 +646,7 @@ def r7_backup_not_activated(data: AuditData) -> Iterator[Finding]:
     primaries = backed_up_by(data)
     for d, tid, facility_id, _ in _destinations(data):
         facility = data.facilities.get(facility_id)
-        if facility is None or "backup" not in ((facility.get("registered") or {}).get("roles") or []):
+        if facility is None or not is_backup(facility):
             continue
         states = [(p, loads.before(p, d["position"])) for p in primaries.get(facility_id, [])]
         if any(last is not None and last["overflowing"] for _, last in states):

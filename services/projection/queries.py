@@ -18,7 +18,7 @@ from libs.events.store import events_table, tracking_table
 from libs.web.fields import POSITION_MAX
 from services.projection.data import AuditData, PlanSql, parse_json
 from services.projection.facts import JSON_COLUMNS, SPECS, Records, Rows
-from services.projection.findings import R4_TYPES, TRANSFER, VEHICLE, backed_up_by
+from services.projection.findings import R4_TYPES, TRANSFER, VEHICLE, backed_up_by, is_backup
 from services.projection.tables import (
     NUMERIC_COLUMNS,
     Generation,
@@ -297,9 +297,7 @@ async def load_scope(conn: AsyncConnection, gen: Generation, scope: str | None,
         if wanted:
             column = gen[name].c[SPECS[name].key[0]]
             data.assemble(name, await fetch(conn, _select(gen, name, column.in_(wanted))))
-    if _to_a_backup(data):
-        data.assemble("facilities", await fetch(conn, _select(gen, "facilities")))
-        loads = _with_primaries(data, loads)
+    loads = await _with_primaries(conn, gen, data, loads)
     table = gen["facility_loads"]
     found: dict[str, dict[str, Any]] = {}
     for facility_id, position in loads:
@@ -322,15 +320,15 @@ def _named(data: AuditData) -> tuple[set[str], set[str], list[tuple[str, int]]]:
     return vehicles, facilities, loads
 
 
-def _to_a_backup(data: AuditData) -> bool:
-    """Whether a destination of these transfers is a backup hospital: R7 then reads the
-    hospitals it backs up (any facility's registration may name it: all are loaded)."""
-    return any("backup" in ((f.get("registered") or {}).get("roles") or ()) for f in data.facilities.values())
-
-
-def _with_primaries(data: AuditData, loads: list[tuple[str, int]]) -> list[tuple[str, int]]:
-    """Beside each (facility, decision position) whose last load report R7 reads, the same
-    for every hospital that facility backs up."""
+async def _with_primaries(conn: AsyncConnection, gen: Generation, data: AuditData,
+                          loads: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """When a destination of these transfers is a backup hospital, R7 reads the hospitals
+    it backs up (any facility's registration may name it: all are loaded): beside each
+    (facility, decision position) whose last load report R7 reads, the same for each of
+    them."""
+    if not any(is_backup(f) for f in data.facilities.values()):
+        return loads
+    data.assemble("facilities", await fetch(conn, _select(gen, "facilities")))
     primaries = backed_up_by(data)
     return sorted({*loads, *((p, position) for f, position in loads for p in primaries.get(f, ()))})
 
@@ -356,9 +354,7 @@ async def _load_ids_pg(conn: AsyncConnection, gen: Generation, scope: str, ids: 
                                          vehicles_json))
     data.assemble("facilities", parse_json([dict(r) for r in await raw.fetch(
         facilities_sql, sorted(facilities))], facilities_json))
-    if _to_a_backup(data):
-        data.assemble("facilities", await fetch(conn, _select(gen, "facilities")))
-        loads = _with_primaries(data, loads)
+    loads = await _with_primaries(conn, gen, data, loads)
     found: dict[str, dict[str, Any]] = {}
     for facility_id, position in loads:
         for r in await raw.fetch(loads_sql, facility_id, position):
