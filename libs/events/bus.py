@@ -26,7 +26,7 @@ from aiokafka.structs import TopicPartition  # type: ignore[import-untyped]
 
 from libs.events.aggregate import DomainError, UnitOfWork
 from libs.events.envelope import Envelope
-from libs.events.store import AlreadyApplied, Commit, ConcurrencyError, EventStore, Meta
+from libs.events.store import AlreadyApplied, Commit, ConcurrencyError, EventStore, Meta, PassedOver
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,10 @@ class Source(Protocol):
         """Where the consumer records its position with the effect, if the source resumes
         from the consumer's own store rather than from broker offsets."""
 
+    def passed_over(self) -> list[PassedOver]:
+        """The messages of the last batch that are no event (the consumer keeps them before
+        `done`)."""
+
     async def rewind(self) -> None:
         """The last batch failed part-way: deliver it again from its start."""
 
@@ -192,6 +196,9 @@ class StoreTailSource:
     def checkpoint_name(self, env: Envelope) -> str | None:
         return self.name
 
+    def passed_over(self) -> list[PassedOver]:
+        return []  # it reads envelopes its own store wrote
+
     async def rewind(self) -> None:
         return None  # a new batches() starts again from the committed checkpoint
 
@@ -215,6 +222,7 @@ class KafkaSource:
         # dispatch's, and parsing every envelope was 4% of its CPU).
         self._types = None if types is None else frozenset(types)
         self.unreadable = 0  # messages passed over: not envelopes
+        self._passed_over: list[PassedOver] = []
         self._consumer = AIOKafkaConsumer(
             *[topic_for(s, topic_prefix) for s in stores], bootstrap_servers=bootstrap, group_id=group,
             enable_auto_commit=False, auto_offset_reset="earliest",
@@ -234,7 +242,7 @@ class KafkaSource:
             records = await self._consumer.getmany(timeout_ms=200)
             batch: list[Envelope] = []
             types = self._types
-            self._offsets, self._starts = {}, {}
+            self._offsets, self._starts, self._passed_over = {}, {}, []
             for tp, msgs in records.items():
                 for msg in msgs:
                     self._starts.setdefault(tp, msg.offset)
@@ -246,10 +254,13 @@ class KafkaSource:
                             # Not an envelope any store could have written (garbage, or forged
                             # at the broker): no event of a store is lost by passing over it,
                             # and raising would redeliver it, and stall the group, forever.
+                            # The consumer keeps it as received (passed_over).
                             self.unreadable += 1
+                            self._passed_over.append(PassedOver(
+                                tp.topic, tp.partition, msg.offset, msg.key, msg.value, str(exc)))
                             log.error("%s[%d] offset %d is not an envelope; passed over: %s",
                                       tp.topic, tp.partition, msg.offset, str(exc)[:500])
-            if batch:
+            if batch or self._passed_over:
                 yield batch
             elif self._offsets:  # nothing it handles: only move past them
                 await self.done(batch)
@@ -270,12 +281,15 @@ class KafkaSource:
     def checkpoint_name(self, env: Envelope) -> str | None:
         return None
 
+    def passed_over(self) -> list[PassedOver]:
+        return list(self._passed_over)
+
     async def rewind(self) -> None:
         assigned = self._consumer.assignment()
         for tp, offset in self._starts.items():
             if tp in assigned:  # a partition lost to a rebalance is the new owner's now
                 self._consumer.seek(tp, offset)
-        self._starts, self._offsets = {}, {}
+        self._starts, self._offsets, self._passed_over = {}, {}, []
 
 
 Handler = Callable[[Envelope, UnitOfWork], Awaitable[None]]
@@ -308,6 +322,7 @@ class Subscription:
         self.source = source
         self.applied = 0
         self.duplicates = 0
+        self.passed_over = 0  # messages kept as no event (PassedOver), this run
 
     async def run(self, stop: asyncio.Event) -> None:
         """Apply until stopped. A failure (database down, broker gone) rewinds the source
@@ -316,7 +331,12 @@ class Subscription:
         while not stop.is_set():
             try:
                 async for batch in self.source.batches(stop):
-                    await self.process(batch)
+                    if batch:
+                        await self.process(batch)
+                    if passed_over := self.source.passed_over():
+                        # Before the offsets move: a crash in between redelivers them, and
+                        # they are kept once.
+                        self.passed_over += await self.store.keep_passed_over(self.name, passed_over)
                     await self.source.done(batch)
                     backoff.reset()
             except Exception as exc:

@@ -38,6 +38,7 @@ from sqlalchemy import (
     Column,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -141,6 +142,22 @@ idempotency_table = Table(
     Column("request_hash", String(64), nullable=False),
     Column("status_code", Integer, nullable=False),
     Column("body", Text, nullable=False),
+)
+
+# Messages a consumer's source passed over because they are no event of any store (garbage
+# or forged at the broker): kept as received, once per place on the bus, so that nothing
+# that reached a consumer is lost without a trace an auditor can read.
+passed_over_table = Table(
+    "passed_over",
+    metadata,
+    Column("consumer", String(100), primary_key=True),
+    Column("topic", String(255), primary_key=True),
+    Column("partition", Integer, primary_key=True),
+    Column("offset", BigInteger, primary_key=True),
+    Column("key", LargeBinary),
+    Column("value", LargeBinary),
+    Column("reason", Text, nullable=False),
+    Column("received_at", String(40), nullable=False),
 )
 
 
@@ -326,6 +343,18 @@ class Meta:
 
 
 @dataclass(frozen=True)
+class PassedOver:
+    """A message that is no envelope, where it was on the bus and why it was refused."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    reason: str
+
+
+@dataclass(frozen=True)
 class IdempotencyRecord:
     key: str
     request_hash: str
@@ -411,6 +440,7 @@ class EventStore:
         # savepoint to catch the violation), and a checkpoint is inserted or moved at once.
         self._insert_tracking = dialect_insert(tracking_table).on_conflict_do_nothing()
         self._insert_idempotency = dialect_insert(idempotency_table).on_conflict_do_nothing()
+        self._insert_passed_over = dialect_insert(passed_over_table).on_conflict_do_nothing()
         checkpoint = dialect_insert(checkpoints_table)
         self._set_checkpoint_query = checkpoint.on_conflict_do_update(
             index_elements=["name"], set_={"position": checkpoint.excluded.position})
@@ -835,6 +865,29 @@ class EventStore:
             rows = await conn.execute(select(tracking_table.c.event_id).where(and_(
                 tracking_table.c.consumer == consumer, tracking_table.c.event_id.in_(list(event_ids)))))
             return {r[0] for r in rows}
+
+    async def keep_passed_over(self, consumer: str, messages: Sequence[PassedOver]) -> int:
+        """Records messages the consumer passed over; one already recorded (a redelivery
+        after a crash before the offsets were committed) is not recorded again. Returns
+        how many are new."""
+        if not messages:
+            return 0
+        received_at = iso(utcnow())
+        async with self.engine.begin() as conn:
+            result = await conn.execute(self._insert_passed_over.values([
+                {"consumer": consumer, "topic": m.topic, "partition": m.partition, "offset": m.offset,
+                 "key": m.key, "value": m.value, "reason": m.reason[:2000], "received_at": received_at}
+                for m in messages]))
+            return int(result.rowcount)
+
+    async def passed_over(self, limit: int = 50) -> tuple[int, list[dict[str, Any]]]:
+        """How many messages this store's consumers passed over, and the latest `limit`."""
+        t = passed_over_table
+        async with self._reader.connect() as conn:
+            count = int(await conn.scalar(select(func.count()).select_from(t)) or 0)
+            rows = await conn.execute(select(t).order_by(t.c.received_at.desc(), t.c.topic, t.c.partition,
+                                                         t.c.offset.desc()).limit(limit))
+            return count, [dict(r._mapping) for r in rows]
 
     async def idempotent_response(self, key: str) -> IdempotencyRecord | None:
         async with self._reader.connect() as conn:

@@ -76,4 +76,17 @@ async def chain_report(store: EventStore, at: int | None = None) -> dict[str, An
 
     return {"store": store.name, "events": head, "head_hash": await hash_at(head), "ok": broken is None,
             "first_break": broken.model_dump() if broken else None,
-            "at": {"position": at, "hash": await hash_at(at)} if at is not None else None}
+            "at": {"position": at, "hash": await hash_at(at)} if at is not None else None,
+            "passed_over": await passed_over_report(store)}
+
+
+async def passed_over_report(store: EventStore, latest: int = 10) -> dict[str, Any]:
+    """The messages this service's consumers passed over as no event (bus.PassedOver): not
+    a break in the store's chain, but something on the bus that no store wrote, which an
+    auditor should see (the value as text, cut at 1,000 characters)."""
+    count, rows = await store.passed_over(latest)
+    return {"messages": count, "latest": [
+        {"consumer": r["consumer"], "topic": r["topic"], "partition": r["partition"], "offset": r["offset"],
+         "received_at": r["received_at"], "reason": r["reason"][:500],
+         "bytes": len(r["value"] or b""), "value": (r["value"] or b"")[:1000].decode("utf-8", "replace")}
+        for r in rows]}

@@ -16,6 +16,10 @@ simulator count events by), `own`:
   deleted from the copy: to the chain that looks like events not yet received.
 - `store`: the projection's own store (the record of who read patients' data in clear,
   PatientDataDisclosed), its chain recomputed here.
+
+Each store's entry also says what the consumers of the service that owns it passed over
+on the bus as no event of any store (`passed_over`: how many, the latest as received):
+not a break in any chain (no store wrote them), but what an auditor should see.
 """
 
 from __future__ import annotations
@@ -76,7 +80,8 @@ async def _store(name: str, count: int, last_hash: str | None, hosted: dict[str,
             return {"events": None, "ok": False, "checked_by": checked_by, "first_break": None,
                     "error": f"could not ask the service: {exc!r}"}
     entry = {"events": report["events"], "head_hash": report["head_hash"], "ok": report["ok"],
-             "first_break": report["first_break"], "checked_by": checked_by}
+             "first_break": report["first_break"], "checked_by": checked_by,
+             "passed_over": report.get("passed_over")}
     if report["ok"] and count and (report.get("at") or {}).get("hash") != last_hash:
         entry["ok"] = False
         entry["first_break"] = {

@@ -95,8 +95,9 @@ async def applied(sink: EventStore) -> Counter[str]:
 
 
 async def consume_until(sink: EventStore, topic_store: str, want: int, group: str,
-                        timeout: float = 90) -> list[Subscription]:
-    """Run one subscription until `want` distinct events were applied."""
+                        timeout: float = 90, passed_over: int = 0) -> list[Subscription]:
+    """Run one subscription until `want` distinct events were applied (and `passed_over`
+    messages that are no events kept)."""
     kafka = KafkaSource(KAFKA, [topic_store], group=group)
     await kafka.start()
     sub = Subscription("sink", sink, {"ParcelSent": record_effect("sink")}, kafka)
@@ -104,7 +105,7 @@ async def consume_until(sink: EventStore, topic_store: str, want: int, group: st
     task = asyncio.create_task(sub.run(stop))
     try:
         deadline = asyncio.get_running_loop().time() + timeout
-        while len(await applied(sink)) < want:
+        while len(await applied(sink)) < want or (await sink.passed_over(0))[0] < passed_over:
             assert asyncio.get_running_loop().time() < deadline, f"only {len(await applied(sink))}/{want}"
             assert not task.done(), task
             await asyncio.sleep(0.2)
@@ -301,19 +302,22 @@ async def test_a_source_passes_over_the_types_its_subscription_does_not_handle(s
     assert {e.type for e in got} == {"ParcelSent"} and sorted(e.payload["n"] for e in got) == list(range(30))
 
 
-async def test_a_message_that_is_no_envelope_is_passed_over_not_redelivered_forever(
-        source: EventStore) -> None:
+async def test_a_message_that_is_no_envelope_is_passed_over_kept_once_not_redelivered_forever(
+        source: EventStore, sink: EventStore) -> None:
     """Garbage on a topic, or an envelope no store could hold (forged at the broker): the
-    source passes over it (logged, counted) and delivers the store's events after it; it
-    used to raise on it, and the group redelivered it, stalling every consumer, forever."""
+    source passes over it and delivers the store's events after it (it used to raise on
+    it, and the group redelivered it, stalling every consumer, forever), and the consumer
+    keeps it as received, where it was on the bus. Consumed again from the start (a new
+    group: every message redelivered), nothing is applied or kept twice."""
     await source.append("parcel-first", 0, [ParcelSent(n=0)], META)
     forged = (await source.read_all(0, 1))[0].model_dump(mode="json")
     forged.update(event_id=str(uuid.uuid4()), stream_id="x" * 300)
+    junks = (b"not json", b'{"type": "ParcelSent"}', json.dumps(forged).encode())
     producer = AIOKafkaProducer(bootstrap_servers=KAFKA)
     await producer.start()
     try:
-        for junk in (b"not json", b'{"type": "ParcelSent"}', json.dumps(forged).encode()):
-            await producer.send_and_wait(topic_for(source.name), junk, partition=0)
+        offsets = [(await producer.send_and_wait(topic_for(source.name), junk, partition=0)).offset
+                   for junk in junks]
     finally:
         await producer.stop()
     await fill(source, 5, streams=5)  # after the junk, on every partition
@@ -322,20 +326,27 @@ async def test_a_message_that_is_no_envelope_is_passed_over_not_redelivered_fore
         while published < 6:  # the relay may hold the newest back a moment (gap safety)
             published += (await publish_all(source)).published
             await asyncio.sleep(0.1)
+    [first] = await consume_until(sink, source.name, 6, group=f"g-{uuid.uuid4().hex[:6]}", passed_over=3)
+    assert first.passed_over == 3
+    # Again from the start: every message comes back; none is applied or kept again.
     kafka = KafkaSource(KAFKA, [source.name], group=f"g-{uuid.uuid4().hex[:6]}")
     await kafka.start()
+    again = Subscription("sink", sink, {"ParcelSent": record_effect("sink")}, kafka)
     stop = asyncio.Event()
-    got: list[Envelope] = []
-    batches = kafka.batches(stop)
+    task = asyncio.create_task(again.run(stop))
     try:
         async with asyncio.timeout(60):
-            while len(got) < 6:
-                batch = await anext(batches)
-                got += batch
-                await kafka.done(batch)
+            while again.duplicates < 6 or kafka.unreadable < 3:
+                assert not task.done(), task
+                await asyncio.sleep(0.1)
     finally:
         stop.set()
-        await batches.aclose()
+        await asyncio.wait_for(task, 10)
         await kafka.stop()
-    assert sorted(e.payload["n"] for e in got) == [0, 0, 1, 2, 3, 4], got
-    assert kafka.unreadable == 3
+    assert again.applied == 0 and again.passed_over == 0 and kafka.unreadable == 3
+    assert set((await applied(sink)).values()) == {1} and len(await applied(sink)) == 6
+    count, kept = await sink.passed_over()
+    assert count == 3
+    assert sorted((r["topic"], r["partition"], r["offset"], r["value"]) for r in kept) == sorted(
+        (topic_for(source.name), 0, o, junk) for o, junk in zip(offsets, junks, strict=True))
+    assert all(r["consumer"] == "sink" and r["reason"] for r in kept)

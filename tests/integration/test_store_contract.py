@@ -22,10 +22,12 @@ from libs.events.store import (
     IdempotencyRecord,
     Meta,
     NewEvent,
+    PassedOver,
     StateChange,
     StateRow,
     StreamAppend,
 )
+from libs.web.health import chain_report
 
 MakeStore = Callable[..., Awaitable[EventStore]]
 META = Meta(actor="tester", role="dispatcher", correlation_id="corr-1")
@@ -149,6 +151,28 @@ async def test_tracking_makes_a_redelivery_change_nothing(make_store: MakeStore)
     with pytest.raises(AlreadyApplied):
         await store.commit(dup)
     assert len(await store.read_stream("effect-1")) == 1
+
+
+async def test_a_message_passed_over_is_kept_once_as_received(make_store: MakeStore) -> None:
+    """Nothing that reached a consumer is lost without a trace: a message that is no event
+    is kept with where it was on the bus; a redelivery of it (a crash before the offsets
+    were committed) is not kept twice. The owning service's chain report shows them."""
+    store = await make_store()
+    junk = PassedOver("closedloop.dispatch", 2, 41, b"k", b"\xff not json \xe4\xb8\xad", "Invalid JSON")
+    other = PassedOver("closedloop.dispatch", 2, 42, None, b'{"type": "X"}', "1 validation error")
+    assert await store.keep_passed_over("projection", [junk, other]) == 2
+    assert await store.keep_passed_over("projection", [junk]) == 0  # redelivered
+    assert await store.keep_passed_over("dispatch-consumer", [junk]) == 1  # another consumer's
+    count, latest = await store.passed_over()
+    assert count == 3
+    kept = {(r["consumer"], r["offset"]): r for r in latest}
+    assert kept[("projection", 41)]["value"] == junk.value and kept[("projection", 41)]["key"] == b"k"
+    assert kept[("projection", 42)]["key"] is None and kept[("projection", 42)]["reason"] == other.reason
+    report = (await chain_report(store))["passed_over"]
+    assert report["messages"] == 3 and len(report["latest"]) == 3
+    shown = {(r["consumer"], r["offset"]): r for r in report["latest"]}[("projection", 41)]
+    assert shown["bytes"] == len(junk.value or b"") and shown["value"] == "\ufffd not json 中"
+    assert shown["topic"] == "closedloop.dispatch" and shown["partition"] == 2
 
 
 async def test_writes_run_in_the_same_transaction(make_store: MakeStore) -> None:
