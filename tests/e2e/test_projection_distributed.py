@@ -11,6 +11,7 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
+from aiokafka import AIOKafkaProducer  # type: ignore[import-untyped]
 from sqlalchemy import text
 
 from libs.events.store import EventStore
@@ -94,6 +95,32 @@ async def test_audit_views_rebuild_and_tampering_distributed(cluster: Cluster) -
                 entry = chains[f"store:{store}"]
                 assert entry["ok"] and entry["events"] == chains[f"copy:{store}"]["events"], entry
                 assert entry["checked_by"].endswith(f":{cluster.ports[store]}/chain/{store}"), entry
+            before = ok(await c.get(f"{API}/audit/verify"))
+            assert before["ok"] and before["own"]["store"]["passed_over"]["messages"] == 0
+
+            # Garbage on transfer's topic (dispatch, disinfection and the projection read it):
+            # each consumer keeps it, as received, and says so; nothing stalls.
+            producer = AIOKafkaProducer(bootstrap_servers=cluster.env["CLOSEDLOOP_KAFKA_BOOTSTRAP"])
+            await producer.start()
+            try:
+                sent = await producer.send_and_wait(f"{cluster.env['CLOSEDLOOP_TOPIC_PREFIX']}.transfer",
+                                                    b"not an event 13912345678", key=b"junk")
+            finally:
+                await producer.stop()
+
+            async def kept() -> Any:
+                verify = ok(await c.get(f"{API}/audit/verify"))
+                entries = [verify["chains"]["store:dispatch"], verify["chains"]["store:disinfection"],
+                           verify["own"]["store"]]
+                return verify if all(e["passed_over"]["messages"] == 1 for e in entries) else None
+
+            verify = await eventually(kept, "every consumer of transfer's topic to keep the garbage")
+            assert verify["ok"]  # no store's chain is broken by what no store wrote
+            [shown] = verify["own"]["store"]["passed_over"]["latest"]
+            assert (shown["partition"], shown["offset"]) == (sent.partition, sent.offset), shown
+            assert shown["value"] == "not an event 139****5678", shown  # masked like every view
+            assert shown["consumer"].startswith("projection"), shown
+            await scenarios_audit.check_views(c, ids)
 
             async with projection.engine.begin() as conn:
                 await conn.execute(text("UPDATE audit_archive SET occurred_at = '2022-01-01T00:00:00+08:00' "
