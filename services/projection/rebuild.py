@@ -165,10 +165,14 @@ async def _pages(reader: _Reader, part: Part, page: int) -> AsyncIterator[list[A
     """The part's pages in order; the next page is already being read while the caller
     folds this one (the database works on the other core meanwhile)."""
     pending = asyncio.ensure_future(reader.page(part, None, page))
-    while rows := await pending:
-        pending = asyncio.ensure_future(reader.page(part, part.last(rows[-1]), page))
-        yield rows
-    await pending
+    try:
+        while rows := await pending:
+            pending = asyncio.ensure_future(reader.page(part, part.last(rows[-1]), page))
+            yield rows
+    finally:
+        # Not left reading on a connection its owner is about to close (the caller failed).
+        with contextlib.suppress(Exception):
+            await pending
 
 
 class _AppendWriter:
@@ -196,32 +200,36 @@ class _AppendWriter:
             task, self.pending = self.pending, None
             await task
 
-    def cancel(self) -> None:
-        if self.pending is not None:
-            self.pending.cancel()
+    async def abandon(self) -> None:
+        """After a failure: the write under way finishes or fails, but is not cancelled
+        (see side_by_side); its outcome no longer matters."""
+        with contextlib.suppress(Exception):
+            await self.wait()
 
 
 async def side_by_side(store: EventStore, width: int,
                        jobs: list[Callable[[AsyncConnection], Awaitable[None]]]) -> None:
     """Each job in a transaction of its own, `width` at a time, in the order given (the
-    longest first): the database writes or indexes one table per core. A failure cancels
-    the rest; the generation is not active yet, so what was written is dropped with it."""
+    longest first): the database writes or indexes one table per core. A failure stops
+    the other lanes taking new jobs; the jobs running are let finish, not cancelled (a
+    COPY cancelled midway can go back to the pool in a state the connection's next user
+    waits on forever), then the first failure is raised as it was. The generation is not
+    active yet, so what was written is dropped with it."""
     queue = list(reversed(jobs))
+    failures: list[BaseException] = []
 
     async def lane() -> None:
-        while queue:
+        while queue and not failures:
             job = queue.pop()
-            async with write_tx(store) as conn:
-                await job(conn)
+            try:
+                async with write_tx(store) as conn:
+                    await job(conn)
+            except Exception as exc:
+                failures.append(exc)
 
-    lanes = [asyncio.ensure_future(lane()) for _ in range(max(1, width))]
-    try:
-        await asyncio.gather(*lanes)  # the first failure as it was, not in a group
-    except BaseException:
-        for other in lanes:
-            other.cancel()
-        await asyncio.gather(*lanes, return_exceptions=True)
-        raise
+    await asyncio.gather(*(lane() for _ in range(max(1, width))))
+    if failures:
+        raise failures[0]
 
 
 async def _write_fresh(store: EventStore, gen: Generation, part: Buffer) -> None:
@@ -540,7 +548,7 @@ async def _rebuild(store: EventStore, order: str, page: int, flush_rows: int, fo
                 await drop_generation(conn, number)
         lap("switch")
     except BaseException:
-        writer.cancel()
+        await writer.abandon()
         if evaluation is not None:
             evaluation.cancel()  # the children are killed
             await asyncio.gather(evaluation, return_exceptions=True)

@@ -391,6 +391,42 @@ async def test_a_rebuild_that_fails_midway_leaves_the_live_generation_alone(
 
 
 @pytest.mark.postgres
+async def test_a_failed_write_beside_others_lets_them_finish_and_leaves_the_pool_usable() -> None:
+    """A rebuild's writes run side by side; when one fails, the one running beside it is
+    let finish, not cancelled: cancelled midway, its connection could go back to the pool
+    in a state the next user waited on forever (the test above hung so in CI, at its
+    first query after the failed rebuild). Then the first failure comes out as it was."""
+    async with fresh_pg_schema() as schema:
+        store = pg_store("projection", schema)
+        finished: list[str] = []
+        try:
+            async def slow(conn: AsyncConnection) -> None:
+                await conn.execute(text("SELECT pg_sleep(0.5)"))
+                finished.append("slow")
+
+            async def disk_full(conn: AsyncConnection) -> None:
+                await asyncio.sleep(0.1)  # the other lane is in its statement by now
+                raise OSError(28, "No space left on device")
+
+            async def never(conn: AsyncConnection) -> None:
+                finished.append("never")
+
+            with pytest.raises(OSError, match="No space left"):
+                await rebuild_module.side_by_side(store, 2, [slow, disk_full, never])
+            assert finished == ["slow"]  # let finish; the job queued after the failure not begun
+
+            async def usable() -> None:
+                async with store.engine.connect() as conn:
+                    assert await conn.scalar(text("SELECT 1")) == 1
+                    await asyncio.sleep(0.05)  # hold it, so the others check out other connections
+
+            async with asyncio.timeout(20):
+                await asyncio.gather(*(usable() for _ in range(4)))
+        finally:
+            await store.close()
+
+
+@pytest.mark.postgres
 async def test_rebuilt_tables_keep_their_json_proofs_lz4_compressed() -> None:
     """The facts' JSON columns are written with LZ4 (a trip's row passes PostgreSQL's 2 kB
     TOAST threshold; pglz made a third of a rebuild's keyed-row writes), in the
