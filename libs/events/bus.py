@@ -256,10 +256,11 @@ class KafkaSource:
                             # and raising would redeliver it, and stall the group, forever.
                             # The consumer keeps it as received (passed_over).
                             self.unreadable += 1
+                            reason = str(exc)[:2000]
                             self._passed_over.append(PassedOver(
-                                tp.topic, tp.partition, msg.offset, msg.key, msg.value, str(exc)))
+                                tp.topic, tp.partition, msg.offset, msg.key, msg.value, reason))
                             log.error("%s[%d] offset %d is not an envelope; passed over: %s",
-                                      tp.topic, tp.partition, msg.offset, str(exc)[:500])
+                                      tp.topic, tp.partition, msg.offset, reason[:500])
             if batch or self._passed_over:
                 yield batch
             elif self._offsets:  # nothing it handles: only move past them

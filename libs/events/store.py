@@ -876,7 +876,7 @@ class EventStore:
         async with self.engine.begin() as conn:
             result = await conn.execute(self._insert_passed_over.values([
                 {"consumer": consumer, "topic": m.topic, "partition": m.partition, "offset": m.offset,
-                 "key": m.key, "value": m.value, "reason": m.reason[:2000], "received_at": received_at}
+                 "key": m.key, "value": m.value, "reason": m.reason, "received_at": received_at}
                 for m in messages]))
             return int(result.rowcount)
 

@@ -216,7 +216,7 @@ async def side_by_side(store: EventStore, width: int,
     waits on forever), then the first failure is raised as it was. The generation is not
     active yet, so what was written is dropped with it."""
     queue = list(reversed(jobs))
-    failures: list[BaseException] = []
+    failures: list[Exception] = []
 
     async def lane() -> None:
         while queue and not failures:

@@ -11,7 +11,7 @@ import signal
 import sys
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # type: ignore[import-untyped]
@@ -94,26 +94,34 @@ async def applied(sink: EventStore) -> Counter[str]:
         return Counter(r.event_id for r in rows)
 
 
-async def consume_until(sink: EventStore, topic_store: str, want: int, group: str,
-                        timeout: float = 90, passed_over: int = 0) -> list[Subscription]:
-    """Run one subscription until `want` distinct events were applied (and `passed_over`
-    messages that are no events kept)."""
+Until = Callable[[Subscription, KafkaSource], Awaitable[bool]]
+
+
+def applied_at_least(want: int, passed_over: int = 0) -> Until:
+    """`want` distinct events applied (and `passed_over` messages that are no events kept)."""
+    async def enough(sub: Subscription, kafka: KafkaSource) -> bool:
+        return len(await applied(sub.store)) >= want and (await sub.store.passed_over(0))[0] >= passed_over
+    return enough
+
+
+async def consume_until(sink: EventStore, topic_store: str, group: str, until: Until,
+                        timeout: float = 90) -> tuple[Subscription, KafkaSource]:
+    """Run one subscription until `until` holds."""
     kafka = KafkaSource(KAFKA, [topic_store], group=group)
     await kafka.start()
     sub = Subscription("sink", sink, {"ParcelSent": record_effect("sink")}, kafka)
     stop = asyncio.Event()
     task = asyncio.create_task(sub.run(stop))
     try:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while len(await applied(sink)) < want or (await sink.passed_over(0))[0] < passed_over:
-            assert asyncio.get_running_loop().time() < deadline, f"only {len(await applied(sink))}/{want}"
-            assert not task.done(), task
-            await asyncio.sleep(0.2)
+        async with asyncio.timeout(timeout):
+            while not await until(sub, kafka):
+                assert not task.done(), task
+                await asyncio.sleep(0.1)
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
         await kafka.stop()
-    return [sub]
+    return sub, kafka
 
 
 async def raw_messages(topic: str, expect: int, timeout: float = 60) -> list[Envelope]:
@@ -174,7 +182,7 @@ async def test_relay_killed_mid_batch_resumes_and_consumers_apply_once(
             proc.terminate()
             await proc.wait()
     assert kills == 3
-    await consume_until(sink, source.name, total, group=f"g-{uuid.uuid4().hex[:6]}")
+    await consume_until(sink, source.name, f"g-{uuid.uuid4().hex[:6]}", applied_at_least(total))
     counts = await applied(sink)
     assert len(counts) == total and set(counts.values()) == {1}
     assert set(counts) == {str(e.event_id) for e in await source.read_all(0, 5000)}
@@ -326,23 +334,14 @@ async def test_a_message_that_is_no_envelope_is_passed_over_kept_once_not_redeli
         while published < 6:  # the relay may hold the newest back a moment (gap safety)
             published += (await publish_all(source)).published
             await asyncio.sleep(0.1)
-    [first] = await consume_until(sink, source.name, 6, group=f"g-{uuid.uuid4().hex[:6]}", passed_over=3)
+    first, _ = await consume_until(sink, source.name, f"g-{uuid.uuid4().hex[:6]}", applied_at_least(6, 3))
     assert first.passed_over == 3
+
+    async def all_seen_again(sub: Subscription, kafka: KafkaSource) -> bool:
+        return sub.duplicates >= 6 and kafka.unreadable >= 3
+
     # Again from the start: every message comes back; none is applied or kept again.
-    kafka = KafkaSource(KAFKA, [source.name], group=f"g-{uuid.uuid4().hex[:6]}")
-    await kafka.start()
-    again = Subscription("sink", sink, {"ParcelSent": record_effect("sink")}, kafka)
-    stop = asyncio.Event()
-    task = asyncio.create_task(again.run(stop))
-    try:
-        async with asyncio.timeout(60):
-            while again.duplicates < 6 or kafka.unreadable < 3:
-                assert not task.done(), task
-                await asyncio.sleep(0.1)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
-        await kafka.stop()
+    again, kafka = await consume_until(sink, source.name, f"g-{uuid.uuid4().hex[:6]}", all_seen_again, 60)
     assert again.applied == 0 and again.passed_over == 0 and kafka.unreadable == 3
     assert set((await applied(sink)).values()) == {1} and len(await applied(sink)) == 6
     count, kept = await sink.passed_over()
