@@ -23,6 +23,7 @@ from typing import Protocol
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # type: ignore[import-untyped]
 from aiokafka.errors import CommitFailedError, IllegalStateError  # type: ignore[import-untyped]
 from aiokafka.structs import TopicPartition  # type: ignore[import-untyped]
+from prometheus_client import Counter
 
 from libs.events.aggregate import DomainError, UnitOfWork
 from libs.events.envelope import Envelope
@@ -311,6 +312,14 @@ class Batched:
         await self.each(env, uow)
 
 
+# What each consumer did with what it was given, for /metrics: an operator alerts on
+# `passed_over` (a message that was no event: garbage or a forgery at the broker, kept in
+# the consumer's passed_over table) and watches `duplicate` (redeliveries) beside `applied`.
+CONSUMED = Counter("closedloop_consumer_messages_total", "Messages a subscription was given, by outcome",
+                   ["consumer", "outcome"])
+OUTCOMES = ("applied", "duplicate", "passed_over")
+
+
 class Subscription:
     """Applies events of chosen types to a consumer's store, each exactly once in effect."""
 
@@ -321,9 +330,19 @@ class Subscription:
         self.store = store
         self.handlers = handlers
         self.source = source
+        # This run's counts (the tests read them); /metrics has them too (CONSUMED).
         self.applied = 0
         self.duplicates = 0
-        self.passed_over = 0  # messages kept as no event (PassedOver), this run
+        self.passed_over = 0  # messages kept as no event (PassedOver)
+        self._exported = {o: CONSUMED.labels(name, o) for o in OUTCOMES}
+
+    def _count(self, applied: int = 0, duplicates: int = 0, passed_over: int = 0) -> None:
+        self.applied += applied
+        self.duplicates += duplicates
+        self.passed_over += passed_over
+        for outcome, n in zip(OUTCOMES, (applied, duplicates, passed_over), strict=True):
+            if n:
+                self._exported[outcome].inc(n)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Apply until stopped. A failure (database down, broker gone) rewinds the source
@@ -337,7 +356,7 @@ class Subscription:
                     if passed_over := self.source.passed_over():
                         # Before the offsets move: a crash in between redelivers them, and
                         # they are kept once.
-                        self.passed_over += await self.store.keep_passed_over(self.name, passed_over)
+                        self._count(passed_over=await self.store.keep_passed_over(self.name, passed_over))
                     await self.source.done(batch)
                     backoff.reset()
             except Exception as exc:
@@ -387,8 +406,7 @@ class Subscription:
             log.info("%s: batch of %d not applied at once (%s: %s); one by one", self.name,
                      len(fresh), type(exc).__name__, exc)
             return False
-        self.applied += len(fresh)
-        self.duplicates += len(envs) - len(fresh)
+        self._count(applied=len(fresh), duplicates=len(envs) - len(fresh))
         return True
 
     def _meta(self, env: Envelope) -> Meta:
@@ -399,7 +417,7 @@ class Subscription:
         """Applies one event, moving the checkpoint (if the source keeps one) to `upto` with
         it. True when that commit happened (False: applied before)."""
         if await self.store.is_applied(self.name, str(env.event_id)):
-            self.duplicates += 1
+            self._count(duplicates=1)
             return False
         cp = self.source.checkpoint_name(env)
         backoff = Backoff()
@@ -411,10 +429,10 @@ class Subscription:
             try:
                 await handler(env, uow)
                 await uow.commit()
-                self.applied += 1
+                self._count(applied=1)
                 return True
             except AlreadyApplied:
-                self.duplicates += 1
+                self._count(duplicates=1)
                 return False
             except ConcurrencyError:
                 continue

@@ -120,6 +120,12 @@ async def test_audit_views_rebuild_and_tampering_distributed(cluster: Cluster) -
             assert (shown["partition"], shown["offset"]) == (sent.partition, sent.offset), shown
             assert shown["value"] == "not an event 139****5678", shown  # masked like every view
             assert shown["consumer"].startswith("projection"), shown
+            # And counted where an operator's alert looks: each consumer's /metrics.
+            for service in ("dispatch", "disinfection", "projection"):
+                exported = (await c.get(f"http://127.0.0.1:{cluster.ports[service]}/metrics")).text
+                counted = [line for line in exported.splitlines() if line.startswith(
+                    "closedloop_consumer_messages_total{") and 'outcome="passed_over"' in line]
+                assert sum(float(line.rsplit(" ", 1)[1]) for line in counted) == 1.0, (service, counted)
             await scenarios_audit.check_views(c, ids)
 
             async with projection.engine.begin() as conn:

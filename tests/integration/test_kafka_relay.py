@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer  # type: ignore[import-untyped]
+from prometheus_client import REGISTRY
 from sqlalchemy import Column, MetaData, String, Table, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -310,6 +311,11 @@ async def test_a_source_passes_over_the_types_its_subscription_does_not_handle(s
     assert {e.type for e in got} == {"ParcelSent"} and sorted(e.payload["n"] for e in got) == list(range(30))
 
 
+def kept_on_metrics() -> float:
+    return REGISTRY.get_sample_value("closedloop_consumer_messages_total",
+                                     {"consumer": "sink", "outcome": "passed_over"}) or 0.0
+
+
 async def test_a_message_that_is_no_envelope_is_passed_over_kept_once_not_redelivered_forever(
         source: EventStore, sink: EventStore) -> None:
     """Garbage on a topic, or an envelope no store could hold (forged at the broker): the
@@ -334,8 +340,10 @@ async def test_a_message_that_is_no_envelope_is_passed_over_kept_once_not_redeli
         while published < 6:  # the relay may hold the newest back a moment (gap safety)
             published += (await publish_all(source)).published
             await asyncio.sleep(0.1)
+    before = kept_on_metrics()
     first, _ = await consume_until(sink, source.name, f"g-{uuid.uuid4().hex[:6]}", applied_at_least(6, 3))
     assert first.passed_over == 3
+    assert kept_on_metrics() - before == 3  # what an operator's alert watches
 
     async def all_seen_again(sub: Subscription, kafka: KafkaSource) -> bool:
         return sub.duplicates >= 6 and kafka.unreadable >= 3
@@ -343,6 +351,7 @@ async def test_a_message_that_is_no_envelope_is_passed_over_kept_once_not_redeli
     # Again from the start: every message comes back; none is applied or kept again.
     again, kafka = await consume_until(sink, source.name, f"g-{uuid.uuid4().hex[:6]}", all_seen_again, 60)
     assert again.applied == 0 and again.passed_over == 0 and kafka.unreadable == 3
+    assert kept_on_metrics() - before == 3
     assert set((await applied(sink)).values()) == {1} and len(await applied(sink)) == 6
     count, kept = await sink.passed_over()
     assert count == 3

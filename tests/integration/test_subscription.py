@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from prometheus_client import REGISTRY
+
 from libs.events.aggregate import Aggregate, UnitOfWork
 from libs.events.bus import Batched, StoreTailSource, Subscription
 from libs.events.contracts import Event, registry
@@ -13,6 +15,18 @@ from libs.events.envelope import Envelope
 from libs.events.store import EventStore, Meta
 
 META = Meta(actor="test", role="system", correlation_id="sub-test")
+
+
+def exported(consumer: str) -> dict[str, float]:
+    """What /metrics says this consumer did so far (the counters live as long as the process)."""
+    return {o: REGISTRY.get_sample_value("closedloop_consumer_messages_total",
+                                         {"consumer": consumer, "outcome": o}) or 0.0
+            for o in ("applied", "duplicate", "passed_over")}
+
+
+def grew(before: dict[str, float], consumer: str) -> dict[str, float]:
+    now = exported(consumer)
+    return {o: now[o] - before[o] for o in now}
 
 
 @registry.register
@@ -145,9 +159,11 @@ async def test_a_batched_consumer_applies_a_batch_in_one_commit_and_a_redelivery
     echo = EchoMany()
     sub = Subscription("echo", target, {"BellRung": Batched(echo.each, echo.many)},
                        StoreTailSource(source, target, "echo"))
+    before = exported("echo")
     batch = await source.read_all(0)
     await sub.process(batch)
     assert echo.batches == [5] and echo.alone == 0 and sub.applied == 5
+    assert grew(before, "echo") == {"applied": 5, "duplicate": 0, "passed_over": 0}  # /metrics
     assert await target.applied_among("echo", [str(e.event_id) for e in batch]) == {
         str(e.event_id) for e in batch}
     assert await target.checkpoint("echo<-bells") == 5
@@ -155,6 +171,7 @@ async def test_a_batched_consumer_applies_a_batch_in_one_commit_and_a_redelivery
     await source.append("bell-5", 0, [BellRung(n=5)], META)
     await sub.process(await source.read_all(0))
     assert echo.batches == [5, 1] and echo.alone == 0 and sub.duplicates == 5
+    assert grew(before, "echo") == {"applied": 6, "duplicate": 5, "passed_over": 0}
     assert sorted(e.payload["n"] for e in await target.read_all(0)) == list(range(6))
     for s in (source, target):
         await s.close()
