@@ -31,11 +31,19 @@ PHONE_KEYS = frozenset({"phone", "mobile", "contact_phone", "phone_number"})
 # touching a letter is part of something else (an event id, a hash, a plate) and stays;
 # so does one joined by a dash to a letter or digit before it: a UUID's last group (a
 # cycle's id ending in -075123452105 was masked, and a client could no longer use it).
+# Except behind a word that says what it is (Tel13912345678, ID No.640121...): none of
+# these words is hex, so no hash or UUID holds one.
+_ID = r"(?:\d{17}[\dXx]|\d{15})"
+_MOBILE = r"(?:\+?86[-\s]?)?1[3-9]\d(?:[-\s]?\d{4}){2}"
+_LANDLINE = r"0\d{2,3}[-\s]?\d{7,8}"
 _AFTER_TOKEN = r"(?<![0-9A-Za-z]-)"
-_ID_IN_TEXT = re.compile(_AFTER_TOKEN + r"(?<![0-9A-Za-z.])(?:\d{17}[\dXx]|\d{15})(?![0-9A-Za-z])")
+_ID_IN_TEXT = re.compile(_AFTER_TOKEN + r"(?<![0-9A-Za-z.])" + _ID + r"(?![0-9A-Za-z])")
 _PHONE_IN_TEXT = re.compile(
-    _AFTER_TOKEN + r"(?<![0-9A-Za-z.+])(?:\+?86[-\s]?)?1[3-9]\d(?:[-\s]?\d{4}){2}(?![0-9A-Za-z])"
-    r"|" + _AFTER_TOKEN + r"(?<![0-9A-Za-z.])0\d{2,3}[-\s]?\d{7,8}(?![0-9A-Za-z])")
+    _AFTER_TOKEN + r"(?<![0-9A-Za-z.+])" + _MOBILE + r"(?![0-9A-Za-z])"
+    r"|" + _AFTER_TOKEN + r"(?<![0-9A-Za-z.])" + _LANDLINE + r"(?![0-9A-Za-z])")
+_LABELLED = re.compile(
+    r"(?<![0-9A-Za-z])(?P<label>(?i:tel|phone|mobile|mob|cell|call|contact|idno|id|no|sfz|dh)[.#]?)"
+    r"(?:(?P<id>" + _ID + r")|(?P<phone>" + _MOBILE + r"|" + _LANDLINE + r"))(?![0-9A-Za-z])")
 _DIGIT = re.compile(r"\d")
 # Keys whose values are identifiers, never personal numbers: not scanned as text.
 OPAQUE_KEYS = frozenset({"event_id", "hash", "prev_hash", "head_hash", "correlation_id", "causation_id"})
@@ -75,7 +83,14 @@ def _mask_phone_in_text(number: str) -> str:
     return head + _DIGIT.sub(star, national)
 
 
+def _mask_labelled(m: re.Match[str]) -> str:
+    if m.group("id"):
+        return m.group("label") + mask_id_number(m.group("id"))
+    return m.group("label") + _mask_phone_in_text(m.group("phone"))
+
+
 def mask_text(text: str) -> str:
+    text = _LABELLED.sub(_mask_labelled, text)
     text = _ID_IN_TEXT.sub(lambda m: mask_id_number(m.group(0)), text)
     return _PHONE_IN_TEXT.sub(lambda m: _mask_phone_in_text(m.group(0)), text)
 

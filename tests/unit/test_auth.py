@@ -184,6 +184,14 @@ def test_numbers_typed_as_people_write_them_are_masked_in_free_text() -> None:
             "cycle 40b09cdb-7a3c-55a8-bb4d-075123452105 does not exist, 095*-***4321",
         "trip 9e0c2d1a-0000-4000-8000-139123456780, v-640121198001011231":
             "trip 9e0c2d1a-0000-4000-8000-139123456780, v-640121198001011231",
+        # Glued to a word that says what it is: masked all the same.
+        "Tel13912345678, tel.139-1234-5678, Mobile+8613912345678, ID No.640121198001011231":
+            "Tel139****5678, tel.139-****-5678, Mobile+86139****5678, ID No.6401**********1231",
+        "callback TEL0951-7654321, idno64012119800101123x, 身份证ID640121800101123":
+            "callback TEL095*-***4321, idno6401**********123x, 身份证ID6401*******1123",
+        # A word that says nothing, or a hex run (a hash): left alone.
+        "v13912345678 ab13912345678 f13912345678 RTel13912345678":
+            "v13912345678 ab13912345678 f13912345678 RTel13912345678",
     }
     for typed, shown in cases.items():
         assert privacy.mask_text(typed) == shown, typed
