@@ -11,6 +11,7 @@ out as the finding, through the same pipeline, or the absence proved nothing."""
 from __future__ import annotations
 
 from collections.abc import Awaitable
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import httpx
@@ -24,9 +25,11 @@ from tests.scenarios_audit import caught_up
 
 
 class Forge(Protocol):
-    """Appends events to a stream of the running app's store, as nobody's command would."""
+    """Appends events to a stream of the running app's store, as nobody's command would;
+    with `occurred_at`, as a device whose clock says so."""
 
-    def __call__(self, store: str, stream: str, *events: Event) -> Awaitable[None]: ...
+    def __call__(self, store: str, stream: str, *events: Event,
+                 occurred_at: datetime | None = None) -> Awaitable[None]: ...
 
 
 async def findings(c: httpx.AsyncClient, **params: Any) -> list[dict[str, Any]]:
@@ -79,7 +82,7 @@ async def a_breakdown_ends_the_reservation(c: httpx.AsyncClient, forge: Forge) -
     assert early["kind"] == "violation", early
 
 
-async def loops_closed_by_return_or_admission(c: httpx.AsyncClient, how: str) -> None:
+async def loops_closed_by_return_or_admission(c: httpx.AsyncClient, forge: Forge, how: str) -> None:
     """R11, on the transfer service's ReturnRequested / PatientAdmitted and the return
     leg's handover: both handovers are far past the audit's 24 h (their crews' clocks say
     2022), so a loop the audit did not see closed would be a finding."""
@@ -95,6 +98,17 @@ async def loops_closed_by_return_or_admission(c: httpx.AsyncClient, how: str) ->
     found = await findings(c, transfer_id=transfer_id)
     assert not of(found, "R11"), found
     assert {f["transfer_id"] for f in found} <= {transfer_id}
+    # The control: a return-required transfer handed over in 2022 by its crew's clock, with
+    # neither a return leg nor an admission since.
+    request = {"patient": {"name": "f"}, "risk_category": "isolation_site", "condition": {"fever": True},
+               "origin": {"kind": "isolation_site"}, "purpose": "outpatient_visit", "return_required": True,
+               "requested_by": {"channel": "console"}}
+    await forge("dispatch", "transfer-f-open", dsp.TransferRequested(transfer_id="f-open", **request),
+                dsp.TransferHandedOver(transfer_id="f-open", trip_id="f-trip", facility_id="yc-fourth"),
+                occurred_at=datetime(2022, 11, 20, 9, 0, tzinfo=UTC))
+    [open_loop] = of(await findings(c, transfer_id="f-open"), "R11")
+    assert (open_loop["check"], open_loop["kind"]) == ("loop_not_closed", "sla"), open_loop
+    assert open_loop["at"].startswith("2022-11-21T09:00:00"), open_loop  # 24 h after the handover
 
 
 async def supervisor_releases_early(c: httpx.AsyncClient) -> None:

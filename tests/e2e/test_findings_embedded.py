@@ -4,13 +4,14 @@ embedded default."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import datetime
 from pathlib import Path
 
 import httpx
 import pytest
 
 from libs.events.contracts import Event
-from libs.events.store import EventStore, Meta
+from libs.events.store import Commit, EventStore, Meta, NewEvent, StreamAppend
 from services.runtime import create_app
 from services.settings import Settings
 from tests import scenarios_findings as scenarios
@@ -32,12 +33,13 @@ def forge(tmp_path: Path) -> scenarios.Forge:
     forger with database access would (the app's subscriptions poll for such appends)."""
     settings = Settings(mode="embedded", data_dir=tmp_path)
 
-    async def append(store: str, stream: str, *events: Event) -> None:
+    async def append(store: str, stream: str, *events: Event, occurred_at: datetime | None = None) -> None:
         target = EventStore.from_url(store, settings.store_url(store))
         try:
             version = len(await target.read_stream(stream))
-            await target.append(stream, version, list(events), Meta(actor="forger", role="system",
-                                                                    correlation_id=stream))
+            await target.commit(Commit(
+                meta=Meta(actor="forger", role="system", correlation_id=stream),
+                appends=[StreamAppend(stream, version, [NewEvent(e, occurred_at) for e in events])]))
         finally:
             await target.close()
 
@@ -54,8 +56,9 @@ async def test_a_breakdown_ends_the_reservation(client: httpx.AsyncClient, forge
 
 
 @pytest.mark.parametrize("how", ["returned", "admitted"])
-async def test_loops_closed_by_return_or_admission(client: httpx.AsyncClient, how: str) -> None:
-    await scenarios.loops_closed_by_return_or_admission(client, how)
+async def test_loops_closed_by_return_or_admission(client: httpx.AsyncClient, forge: scenarios.Forge,
+                                                   how: str) -> None:
+    await scenarios.loops_closed_by_return_or_admission(client, forge, how)
 
 
 async def test_supervisor_releases_early(client: httpx.AsyncClient) -> None:
