@@ -256,6 +256,10 @@ async def check_views(c: httpx.AsyncClient, ids: dict[str, Any]) -> None:
     assert len(ex) == 1 and ex[0]["sample_id"] == "S-T3" and ex[0]["since_negative_sample"] == "S-T1"
     assert [t["transfer_id"] for t in ex[0]["transfers"]] == [ids["t3"], ids["t4"]]
     assert ex[0]["transfers"][0]["patient"]["phone"] == "137****7000"
+    # The list the disinfection service produced for it, read against the events: complete.
+    produced = ex[0]["list"]
+    assert produced is not None and produced["missing"] == [], produced
+    assert ids["t3"] in produced["transfers"], produced
 
     # -- indicators ---------------------------------------------------------------------------
     k = ok(await c.get(f"{API}/audit/kpis"))

@@ -154,7 +154,7 @@ async def violations(
 @router.get("/exposures")
 async def exposures(store: Store, vehicle_id: str | None = None) -> Any:
     """The transfers and patients exposed to each positive vehicle."""
-    data = await _data(store, vehicle_id=vehicle_id, tables=custody_view.READS)
+    data = await _data(store, vehicle_id=vehicle_id, tables=custody_view.EXPOSURE_READS)
     return {"exposures": custody_view.exposures(data, vehicle_id)}
 
 

@@ -51,7 +51,8 @@ def _cycle_view(data: AuditData, cycle: dict[str, Any]) -> dict[str, Any]:
 _RELEASE = ("policy", "override", "override_reason", "overridden_rules", "missing", "quarantine_lifted")
 
 
-READS = ("vehicles", "transfers", "trips", "cycles", "swabs")  # what custody() and exposures() read
+READS = ("vehicles", "transfers", "trips", "cycles", "swabs")  # what custody() reads
+EXPOSURE_READS = (*READS, "others")  # and exposures(): the exposure lists the disinfection service produced
 
 
 def custody(data: AuditData, vehicle_id: str, findings: list[dict[str, Any]]) -> dict[str, Any] | None:

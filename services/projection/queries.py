@@ -390,6 +390,7 @@ async def load(conn: AsyncConnection, gen: Generation | None = None, *, day_from
             where["swabs"] = sw.c.vehicle_id == vehicle_id
             where["vehicle_log"] = gen["vehicle_log"].c.vehicle_id == vehicle_id
             where["vehicles"] = gen["vehicles"].c.vehicle_id == vehicle_id
+            where["others"] = gen["others"].c.vehicle_id == vehicle_id
         else:
             cond = []
             if day_from is not None:
@@ -403,6 +404,7 @@ async def load(conn: AsyncConnection, gen: Generation | None = None, *, day_from
             cycle_ids = select(cy.c.cycle_id).where(cy.c.trip_id.in_(trip_ids)).scalar_subquery()
             where["swabs"] = sw.c.cycle_id.in_(cycle_ids)
             where["vehicle_log"] = gen["vehicle_log"].c.transfer_id.in_(transfer_ids)
+            where["others"] = gen["others"].c.transfer_id.in_(transfer_ids)
         where["transfers"] = t.c.transfer_id.in_(transfer_ids)
         where["decisions"] = gen["decisions"].c.transfer_id.in_(transfer_ids)
     for name in (n for n in KEYED if n in tables):

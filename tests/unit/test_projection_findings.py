@@ -629,7 +629,15 @@ def test_each_view_reads_only_the_tables_it_names() -> None:
 
     assert ledger.rows(only(ledger.READS)) == ledger.rows(everything) != []
     assert kpis.indicators(only(kpis.READS), h.clock) == kpis.indicators(everything, h.clock)
-    assert exposures(only(custody.READS)) == exposures(everything) != []
+    assert exposures(only(custody.EXPOSURE_READS)) == exposures(everything) != []
+    listed = full_history()
+    listed.add("disinfection", "cycle-c2", "ExposureListProduced", vehicle_id="v1", sample_id="s2",
+               cycle_id="c2", transfer_id="t2", last_negative_sample_id="s1", bounded_by_sample_id=None,
+               transfers=[{"transfer_id": "t2", "relation": "swabbed_trip"}])
+    with_list = listed.data()
+    assert exposures(AuditData(**{n: getattr(with_list, n) for n in custody.EXPOSURE_READS})) == exposures(
+        with_list)
+    assert exposures(with_list)[0]["list"]["transfers"] == ["t2"]
     assert (custody.custody(only(custody.READS), "v1", []) == custody.custody(everything, "v1", [])
             is not None)
 
