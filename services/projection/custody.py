@@ -5,7 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from services.projection.data import AuditData
-from services.projection.findings import exposure_list, exposure_window, positives, server_time
+from services.projection.findings import (
+    carried_patient,
+    ended_carrying,
+    exposure_list,
+    exposure_window,
+    positives,
+    server_time,
+)
 
 
 def _stage(ref: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -105,6 +112,7 @@ def custody(data: AuditData, vehicle_id: str, findings: list[dict[str, Any]]) ->
 
 def exposures(data: AuditData, vehicle_id: str | None = None) -> list[dict[str, Any]]:
     """For each positive swab: every transfer the vehicle carried in its exposure window
+    (a trip aborted before its patient was aboard is left out)
     (findings.exposure_window: since its last negative swab until a later sample comes
     back negative; a trip after the positive result, which R9 forbids, is flagged
     `after_positive_result`), plus the trip whose cycle took the sample; and the exposure
@@ -120,6 +128,8 @@ def exposures(data: AuditData, vehicle_id: str | None = None) -> list[dict[str, 
         ended = server_time(swab["result"])
         exposed = []
         for trip in window.trips:
+            if trip.get("aborted") and not carried_patient(trip):
+                continue  # aborted before pickup: its patient never rode in the vehicle
             opened = server_time(trip.get("opened"))
             t = data.transfers.get(trip.get("transfer_id") or "") or {}
             request = t.get("request") or {}
@@ -146,7 +156,7 @@ def exposures(data: AuditData, vehicle_id: str | None = None) -> list[dict[str, 
                                  for a in listed.acknowledged],
                 # What R9's exposure_list_incomplete reads: trips ended with their patient.
                 "missing": sorted({t["transfer_id"] for t in window.trips
-                                   if t.get("completed") and t.get("transfer_id")} - listed.transfers),
+                                   if ended_carrying(t) and t.get("transfer_id")} - listed.transfers),
             },
         })
     return out

@@ -832,6 +832,20 @@ def exposure_window(data: AuditData, swab: dict[str, Any]) -> ExposureWindow:
     return ExposureWindow(trips, last_negative["sample_id"] if last_negative else None, cleared)
 
 
+def carried_patient(trip: dict[str, Any]) -> bool:
+    """Its patient rode in the vehicle: aboard, handed over, or the trip completed. A trip
+    aborted before pickup (patient absent, refused, a breakdown on the way) carried nobody;
+    one aborted after it (a breakdown with the patient aboard, who goes on in another
+    vehicle) did."""
+    return bool(trip.get("completed") or trip.get("handover") or trip.get("s_patient_aboard"))
+
+
+def ended_carrying(trip: dict[str, Any]) -> bool:
+    """Over, with its patient carried: what an exposure list must name. A trip still under
+    way joins the list when it ends (ExposureListAmended)."""
+    return bool(trip.get("completed") or (trip.get("aborted") and carried_patient(trip)))
+
+
 @dataclass
 class ExposureList:
     """What the disinfection service listed for a positive sample (R9's exposure list)."""
@@ -867,10 +881,7 @@ def r9_exposure_list(data: AuditData) -> Iterator[Finding]:
         listed = exposure_list(data, vid, swab["sample_id"])
         if listed.produced is None:
             continue  # no list at all: positive_not_quarantined says what went wrong
-        # Trips that ended with their patient carried: one still under way when the vehicle
-        # was quarantined joins the list when it ends (ExposureListAmended); an aborted one
-        # carried nobody.
-        carried = [t for t in exposure_window(data, swab).trips if t.get("completed")]
+        carried = [t for t in exposure_window(data, swab).trips if ended_carrying(t)]
         exposed = {t.get("transfer_id") for t in carried} - {None}
         missing = sorted(str(t) for t in exposed - listed.transfers)
         if missing:

@@ -132,6 +132,17 @@ async def forbidden_histories(s: dict[str, EventStore]) -> None:
                                        collected_by="x", collected_at=T0.isoformat()),
               dis.SwabResultRecorded(cycle_id="c3", vehicle_id="v1", sample_id="s3", result="positive",
                                      lab="l", reported_at=(T0 + timedelta(hours=9)).isoformat()))
+    # R9: v1's exposure list for s3 names t7, not t8, whose trip broke down with its patient
+    # aboard (the vehicle carried them part of the way).
+    await put(x, "exposure-s3", dis.ExposureListProduced(
+        vehicle_id="v1", sample_id="s3", cycle_id="c3", transfer_id="t7", last_negative_sample_id=None,
+        bounded_by_sample_id=None, transfers=[dis.ExposedTransfer(
+            transfer_id="t7", trip_id="trip-d", cycle_id="c3", relation="swabbed_trip")]))
+    await put(t, "trip-f", trn.TripOpened(trip_id="trip-f", transfer_id="t8", vehicle_id="v1",
+                                          destination_id=None, origin={}, return_required=False),
+              trn.TripStepReported(trip_id="trip-f", step="patient_aboard", client_event_id="f1",
+                                   device_at=T0.isoformat(), transfer_id="t8", vehicle_id="v1"),
+              trn.TripAborted(trip_id="trip-f", transfer_id="t8", vehicle_id="v1", reason="breakdown"))
     # R4: an urgent transfer waits in the queue while v1 goes to a less urgent one.
     for tid, priority in (("urgent", 1), ("later", 3)):
         await put(d, f"transfer-{tid}", dsp.TransferRequested(
@@ -201,8 +212,10 @@ async def test_forbidden_histories_appended_into_stores_are_found(stores: dict[s
         ("R9", "released_without_swab", "v2"), ("R9", "positive_not_quarantined", "v1"),
         ("R8", "stage_below_protocol", "v1"), ("R12", "trip_without_request", "v9"),
         ("R14", "swab_result_overdue", "v1"), ("R4", "priority_inversion", "v1"),
-        ("R7", "backup_not_activated", "t7b"),
+        ("R7", "backup_not_activated", "t7b"), ("R9", "exposure_list_incomplete", "v1"),
     }, got
+    [listed] = [f for f in found if f["check"] == "exposure_list_incomplete"]
+    assert listed["transfer_id"] == "t8", listed
     r7 = next(f for f in found if f["check"] == "backup_not_activated")
     assert "p7 (load not reported)" in r7["detail"], r7  # re-evaluated when p7 named it
     assert total_found == len(found)

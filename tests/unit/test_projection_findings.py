@@ -913,6 +913,30 @@ def test_r9_an_exposure_list_that_leaves_out_an_exposed_patient_is_found() -> No
     assert not [f for f in listed([], amended="t2").found() if f.check == "exposure_list_incomplete"]
 
 
+def test_r9_a_patient_aboard_a_trip_that_broke_down_was_exposed_one_who_never_boarded_was_not() -> None:
+    """A breakdown after pickup ends the trip with its patient aboard (another vehicle takes
+    them on): exposed, so the list must name them. A trip aborted at the door (patient
+    absent) carried nobody: not exposed, not shown."""
+    h = full_history()  # s2 of trip2's cycle c2: positive; t2 exposed
+    for trip, steps in (("broke", ("at_pickup", "patient_aboard")), ("absent", ("at_pickup",))):
+        request(h, trip)
+        h.add("transfer", f"trip-{trip}", "TripOpened", trip_id=trip, transfer_id=trip, vehicle_id="v1",
+              destination_id="f", origin={}, return_required=False)
+        for step in steps:
+            h.add("transfer", f"trip-{trip}", "TripStepReported", trip_id=trip, step=step,
+                  client_event_id=f"{trip}{step}", device_at=h.clock.isoformat())
+        h.add("transfer", f"trip-{trip}", "TripAborted", trip_id=trip, transfer_id=trip, vehicle_id="v1",
+              reason="r")
+    h.add("disinfection", "cycle-c2", "ExposureListProduced", vehicle_id="v1", sample_id="s2",
+          cycle_id="c2", transfer_id="t2", last_negative_sample_id="s1", bounded_by_sample_id=None,
+          transfers=[{"transfer_id": "t2", "relation": "swabbed_trip"}])
+    found = [f for f in h.found() if f.check == "exposure_list_incomplete"]
+    assert [f.transfer_id for f in found] == ["broke"], found
+    (view,) = exposures(h.data())
+    assert [t["transfer_id"] for t in view["transfers"]] == ["t2", "broke"], view["transfers"]
+    assert view["list"]["missing"] == ["broke"]
+
+
 def test_the_read_models_digest_changes_with_the_checks_code(tmp_path: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """A generation built before a check existed is rebuilt at start (rebuild.upgrade):
