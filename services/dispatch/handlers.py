@@ -185,7 +185,7 @@ async def route(uow: UnitOfWork, transfer: Transfer, condition: dict[str, Any] |
     routes again on the new load; the decision's place in the store then comes after the
     loads it went by (what the audit's R7 checks read)."""
     cond = condition if condition is not None else transfer.condition
-    pclass = patient_class(transfer.risk_category, cond)
+    pclass = patient_class(transfer.risk_category, cond, transfer.origin.get("kind"))
     roles = region().roles.get(pclass, region().roles["other"])
     facilities = await uow.find(Facility)
     routing = choose_destination(transfer.origin_location, pclass, roles, facilities, eta(),

@@ -52,6 +52,8 @@ R6_ROLES = {
     # (a hospital that takes the severe may take the mild too).
     "confirmed_severe": {"designated"},
     "confirmed_mild": {"fangcang", "sub_designated", "designated"},
+    # R13: a suspected or confirmed case found in a fever clinic -> designated hospital.
+    "fever_clinic_case": {"designated"},
 }
 STAGE_ZH = {"initial": "首次消毒", "terminal": "终末消毒"}
 NPA_AREAS = {"isolation_site", "sealed_area", "controlled_area"}
@@ -536,6 +538,8 @@ def patient_class(request: dict[str, Any], condition: dict[str, Any] | None = No
         return "cardio_cerebro"
     if condition.get("critical"):
         return "critical"
+    if is_fever_clinic_case(request):
+        return "fever_clinic_case"
     if request.get("risk_category") == "confirmed":
         mild = condition.get("severity") in ("mild", "asymptomatic")
         return "confirmed_mild" if mild else "confirmed_severe"
@@ -1043,14 +1047,18 @@ def r12_trip_without_request(data: AuditData) -> Iterator[Finding]:
 # -- R13 fever-clinic cases move at once ------------------------------------------------------
 
 
+def is_fever_clinic_case(request: dict[str, Any]) -> bool:
+    """R13's cases: suspected or confirmed, found in a fever clinic (not every fever-clinic
+    patient: a fever is why they are there)."""
+    return request.get("risk_category") in ("confirmed", "suspected") and (
+        (request.get("origin") or {}).get("kind") == "fever_clinic")
+
+
 def r13_fever_clinic_cases(data: AuditData) -> Iterator[Finding]:
     hours = int(FEVER_CLINIC_TRANSFER_SLA.total_seconds() // 3600)
     for tid, t in data.transfers.items():
         request = t.get("request") or {}
-        from_clinic = t.get("origin_kind") == "fever_clinic" or t.get("risk_category") == "fever_clinic"
-        case = request.get("risk_category") in ("confirmed", "suspected") or (
-            t.get("risk_category") == "fever_clinic" and (request.get("condition") or {}).get("fever"))
-        if not request or not from_clinic or not case:
+        if not request or not is_fever_clinic_case(request):
             continue
         trip = data.carrying_trip(tid)
         handover = (trip or {}).get("handover")
@@ -1067,7 +1075,9 @@ def r13_fever_clinic_cases(data: AuditData) -> Iterator[Finding]:
                                   _ev(handover, "PatientHandedOver") if handover else None) if e),
                 transfer_id=tid, vehicle_id=t.get("vehicle_id"), facility_id=t.get("destination_id"))
         dest = data.facilities.get(t.get("destination_id") or "")
-        if dest and "designated" not in ((dest.get("registered") or {}).get("roles") or []):
+        # An emergency goes where it is treated first (R6: a stroke to the specialty hospital).
+        emergency = (request.get("condition") or {}).get("critical")
+        if dest and not emergency and "designated" not in ((dest.get("registered") or {}).get("roles") or []):
             yield Finding(
                 "R13", "fever_clinic_case_not_to_designated", "violation",
                 (t.get("destination") or {}).get("recorded_at") or request["recorded_at"],

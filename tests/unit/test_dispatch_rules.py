@@ -204,6 +204,14 @@ def test_r6_roles_by_patient_class() -> None:
     assert route(patient_class("isolation_site", {"fever": True}), places) == "fever"
     assert route(patient_class("confirmed", {"severity": "mild"}), places) == "cabin"
     assert route(patient_class("confirmed", {"severity": "severe"}), places) == "designated"
+    # R13: a case found in a fever clinic goes to a designated hospital, even a suspected
+    # one (a fever patient elsewhere) or a mild confirmed one (a fangcang's elsewhere).
+    for risk, condition in (("suspected", {"fever": True}), ("confirmed", {"severity": "mild"})):
+        assert route(patient_class(risk, condition, "fever_clinic"), places) == "designated"
+        assert route(patient_class(risk, condition, "home"), places) != "designated"
+    assert route(patient_class("fever_clinic", {"fever": True}, "fever_clinic"), places) == "fever"
+    emergency = patient_class("suspected", {"critical": True, "kind": "stroke"}, "fever_clinic")
+    assert route(emergency, places, critical=True) == "cardio"
 
 
 def test_r6_the_wish_is_honoured_when_eligible_but_not_before_urgency() -> None:

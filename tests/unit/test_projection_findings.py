@@ -447,6 +447,38 @@ def test_r6_a_severe_confirmed_case_goes_to_a_designated_hospital_a_mild_one_may
     assert sent == {"severe", "unsaid"}  # severity not said: treated as severe, as dispatch does
 
 
+def test_r13_cases_from_a_fever_clinic_go_to_a_designated_hospital_and_r6_agrees() -> None:
+    """A suspected or confirmed case found in a fever clinic: a designated hospital is
+    right by R13 and R6 alike (R6 took a suspected case for a fever patient, so no
+    destination satisfied both); a fever-clinic patient who is no case is no R13 case; an
+    emergency goes to its specialty hospital."""
+    h = History()
+    for fid, roles in (("dh", ["designated"]), ("fc", ["fever_clinic", "backup"]),
+                       ("cardio", ["specialty_cardio_cerebro"])):
+        h.add("dispatch", f"facility-{fid}", "FacilityRegistered", facility_id=fid, name=fid, roles=roles,
+              location={"lat": 38.0, "lon": 106.0})
+    sent = {"susp-dh": ("suspected", {"fever": True}, "dh"),
+            "mild-dh": ("confirmed", {"severity": "mild"}, "dh"),
+            "susp-fc": ("suspected", {"fever": True}, "fc"),
+            "febrile-fc": ("fever_clinic", {"fever": True}, "fc"),
+            "stroke-cardio": ("suspected", {"critical": True, "kind": "stroke"}, "cardio")}
+    for tid, (risk, condition, facility) in sent.items():
+        h.add("dispatch", f"transfer-{tid}", "TransferRequested", transfer_id=tid, patient={"name": tid},
+              risk_category=risk, condition=condition, origin={"kind": "fever_clinic"},
+              purpose="transfer_to_designated", return_required=False,
+              requested_by={"channel": "hospital_his"})
+        h.add("dispatch", f"transfer-{tid}", "DestinationAssigned", transfer_id=tid, facility_id=facility,
+              reason="r")
+    found = {(f.rule, f.check, f.transfer_id) for f in h.found(now=h.clock + timedelta(hours=3))
+             if f.rule in ("R6", "R13")}
+    assert {(r, c, t) for r, c, t in found if c != "fever_clinic_case_delayed"} == {
+        ("R6", "destination_role_mismatch", "susp-fc"),
+        ("R13", "fever_clinic_case_not_to_designated", "susp-fc")}, found
+    # Not handed over in 2 h: every case is late (the emergency too), the febrile patient is no case.
+    assert {t for r, c, t in found if c == "fever_clinic_case_delayed"} == {
+        "susp-dh", "mild-dh", "susp-fc", "stroke-cardio"}, found
+
+
 def test_r12_r13_r14() -> None:
     h = History()
     h.add("transfer", "trip-x", "TripOpened", trip_id="x", transfer_id="ghost", vehicle_id="v1",

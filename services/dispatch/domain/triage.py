@@ -27,8 +27,11 @@ def triage(risk_category: str, condition: dict[str, Any], purpose: str) -> tuple
     return 3, "other risk transfer 其他风险人员 (R4)"
 
 
-def patient_class(risk_category: str, condition: dict[str, Any]) -> str:
-    """The routing class: picks the facility roles of the region file (R6)."""
+def patient_class(risk_category: str, condition: dict[str, Any], origin_kind: str | None = None) -> str:
+    """The routing class: picks the facility roles of the region file (R6). A suspected
+    or confirmed case found in a fever clinic goes to a designated hospital (R13), which
+    the general classes would not ensure (a suspected case is routed as a fever patient,
+    a mild confirmed one to a fangcang); an emergency still goes where it is treated."""
     kind = condition.get("kind")
     if condition.get("critical"):
         if kind in ("stroke", "chest_pain"):
@@ -36,6 +39,8 @@ def patient_class(risk_category: str, condition: dict[str, Any]) -> str:
         if kind == "childbirth":
             return "childbirth"
         return "critical"
+    if risk_category in ("confirmed", "suspected") and origin_kind == "fever_clinic":
+        return "fever_clinic_case"
     if risk_category == "confirmed":
         return "confirmed_mild" if condition.get("severity") in ("mild", "asymptomatic") else (
             "confirmed_severe")
