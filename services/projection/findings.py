@@ -445,6 +445,9 @@ def fits(vehicle: dict[str, Any], request: dict[str, Any]) -> bool:
 
 R4_TYPES = ("TransferPrioritized", "TransferReprioritized", "TransferQueued", "VehicleAssigned",
             "TransferCancelled", "TransferHandedOver")
+# Whose requests R4's fold compares: the transfers that waited, and each that got a vehicle
+# (a newer one given a vehicle straight away while an older one of its priority waited).
+R4_REQUESTS = ("TransferQueued", "VehicleAssigned")
 
 
 @dataclass
@@ -478,16 +481,14 @@ class QueueFold:
             self.waiting.pop(tid, None)
             self.priority.pop(tid, None)
         elif t == "VehicleAssigned":
-            waited = self.waiting.pop(tid, None)
+            self.waiting.pop(tid, None)
             vehicle_id = payload(d).get("vehicle_id") or ""
             vehicle = data.vehicles.get(vehicle_id)
             mine = self.priority.get(tid)
             if vehicle is None or mine is None:
                 return
-            # Within a priority, request order; known when this transfer waited too (its
-            # request is loaded with the others that waited).
-            requested = ((data.transfers.get(tid) or {}).get("request") or {}).get("recorded_at") \
-                if waited else None
+            # Within a priority, request order (the loaders bring the requests of R4_REQUESTS).
+            requested = ((data.transfers.get(tid) or {}).get("request") or {}).get("recorded_at")
             for other_id, queued in self.waiting.items():
                 theirs = self.priority.get(other_id)
                 request = (data.transfers.get(other_id) or {}).get("request") or {}

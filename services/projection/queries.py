@@ -18,7 +18,7 @@ from libs.events.store import events_table, tracking_table
 from libs.web.fields import POSITION_MAX
 from services.projection.data import AuditData, PlanSql, parse_json
 from services.projection.facts import JSON_COLUMNS, SPECS, Records, Rows
-from services.projection.findings import R4_TYPES, TRANSFER, VEHICLE, backed_up_by, is_backup
+from services.projection.findings import R4_REQUESTS, R4_TYPES, TRANSFER, VEHICLE, backed_up_by, is_backup
 from services.projection.tables import (
     NUMERIC_COLUMNS,
     Generation,
@@ -195,7 +195,7 @@ def folded_queue(keyed: Rows, loaded: Loaded, upto: int) -> AuditData:
     data.decisions = sorted((d for d in decisions if d["type"] in R4_TYPES and d["position"] <= upto),
                             key=lambda d: d["position"])
     data.assemble("vehicles", _as_loaded("vehicles", keyed.get("vehicles", {}), _ALL["vehicles"]))
-    waited = {(d["transfer_id"],) for d in decisions if d["type"] == "TransferQueued"}
+    waited = {(d["transfer_id"],) for d in decisions if d["type"] in R4_REQUESTS}
     transfers = keyed.get("transfers", {})
     data.assemble("transfers", _as_loaded("transfers", {k: transfers[k] for k in waited if k in transfers},
                                           ("transfer_id", "request")))

@@ -210,7 +210,7 @@ async def _queue(conn: AsyncConnection, gen: Generation, fold: checks.QueueFold,
         v = gen["vehicles"]
         data.vehicles = {r["vehicle_id"]: r for r in parse_rows(
             await conn.execute(select(v).where(v.c.vehicle_id.in_(vehicle_ids))))}
-        wanted = set(fold.waiting) | {r["transfer_id"] for r in rows if r["type"] == "TransferQueued"}
+        wanted = set(fold.waiting) | {r["transfer_id"] for r in rows if r["type"] in checks.R4_REQUESTS}
         t = gen["transfers"]
         if wanted:
             data.transfers = {r["transfer_id"]: r for r in parse_rows(await conn.execute(
@@ -366,13 +366,13 @@ async def scope_ids(conn: AsyncConnection, gen: Generation, scope: str) -> list[
 
 async def load_queue(conn: AsyncConnection, gen: Generation, upto: int) -> AuditData:
     """What R4's fold reads, up to a position of dispatch's store: the decisions it folds,
-    in order; every vehicle; the requests of the transfers that ever waited."""
+    in order; every vehicle; the requests of the transfers that ever waited or got a vehicle."""
     d, t = gen["decisions"], gen["transfers"]
     data = AuditData()
     data.decisions = await fetch(conn, select(d).where(and_(
         d.c.position <= upto, d.c.type.in_(checks.R4_TYPES))).order_by(d.c.position))
     data.assemble("vehicles", await fetch(conn, select(gen["vehicles"])))
-    waited = select(d.c.transfer_id).where(d.c.type == "TransferQueued")
+    waited = select(d.c.transfer_id).where(d.c.type.in_(checks.R4_REQUESTS))
     data.assemble("transfers", await fetch(conn, select(t.c.transfer_id, t.c.request).where(
         t.c.transfer_id.in_(waited))))
     return data

@@ -154,6 +154,20 @@ async def forbidden_histories(s: dict[str, EventStore]) -> None:
     await put(d, "transfer-later", dsp.VehicleAssigned(
         transfer_id="later", vehicle_id="v1", destination_id=None, origin={}, return_required=False,
         reason="r"))
+    # R4 within a priority: a newer transfer given v3 straight away (never queued) while an
+    # older one of its priority waits (a second apart: request order has a tolerance).
+    for tid in ("older", "newer"):
+        await put(d, f"transfer-{tid}", dsp.TransferRequested(
+            transfer_id=tid, patient={"name": tid}, risk_category="isolation_site",
+            condition={"fever": True}, origin={"kind": "isolation_site"}, purpose="outpatient_visit",
+            return_required=False, requested_by={"channel": "console"}),
+            dsp.TransferPrioritized(transfer_id=tid, priority=2, reason="r"))
+        if tid == "older":
+            await put(d, "transfer-older", dsp.TransferQueued(transfer_id="older", reason="no vehicle"))
+            await asyncio.sleep(1.2)
+    await put(d, "transfer-newer", dsp.VehicleAssigned(
+        transfer_id="newer", vehicle_id="v3", destination_id=None, origin={}, return_required=False,
+        reason="r"))
     # R7: a backup hospital sent a patient while no hospital it backs up overflowed; the
     # hospital that names it registers after the decision, which the finding must then say.
     await put(d, "facility-b7", dsp.FacilityRegistered(
@@ -222,8 +236,10 @@ async def test_forbidden_histories_appended_into_stores_are_found(stores: dict[s
     assert any(r.type == "BrandNewThing" for r in unknown)
     r1 = next(f for f in found if f["rule"] == "R1")
     assert {e["actor"] for e in r1["evidence"]} == {"forger"}
-    r4 = next(f for f in found if f["rule"] == "R4")
+    r4 = next(f for f in found if f["rule"] == "R4" and f["vehicle_id"] == "v1")
     assert r4["transfer_id"] == "urgent" and "priority 3" in r4["detail"]
+    jumped = {(f["check"], f["transfer_id"]) for f in found if f["rule"] == "R4" and f["vehicle_id"] == "v3"}
+    assert ("queue_order", "older") in jumped, jumped
 
     # On PostgreSQL both ways a rebuild evaluates the findings: over the fact rows it wrote
     # (one process), and over its fold in memory (worker processes).

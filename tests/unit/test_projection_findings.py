@@ -221,20 +221,24 @@ def test_r4_priority_inversion() -> None:
 def test_r4_within_a_priority_the_earlier_request_goes_first() -> None:
     """R4: the queue orders by priority, then by request time. Both waited (the History's
     clock moves a minute per event); the vehicle goes to one of them."""
-    def both_waited_then_assigned(to: str) -> list[tuple[str, str, str | None]]:
+    def both_waited_then_assigned(to: str, second_waits: bool = True) -> list[tuple[str, str, str | None]]:
         h = History()
         vehicle(h, "v1")
         for tid in ("first", "second"):
             request(h, tid)
             h.add("dispatch", f"transfer-{tid}", "TransferPrioritized", transfer_id=tid, priority=2,
                   reason="r")
-            h.add("dispatch", f"transfer-{tid}", "TransferQueued", transfer_id=tid, reason="r")
+            if tid == "first" or second_waits:
+                h.add("dispatch", f"transfer-{tid}", "TransferQueued", transfer_id=tid, reason="r")
         h.add("dispatch", f"transfer-{to}", "VehicleAssigned", transfer_id=to, vehicle_id="v1",
               destination_id=None, origin={}, return_required=True, reason="r")
         return [(f.rule, f.check, f.transfer_id) for f in h.found() if f.rule == "R4"]
 
     assert both_waited_then_assigned("second") == [("R4", "queue_order", "first")]
     assert both_waited_then_assigned("first") == []
+    # The newer one given the vehicle straight away, never queued, while the older waits:
+    # the same jump (the fold knew request times only of transfers that had waited).
+    assert both_waited_then_assigned("second", second_waits=False) == [("R4", "queue_order", "first")]
 
 
 def test_r1_a_vehicle_that_stood_down_or_broke_down_may_be_reserved_again() -> None:
