@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from services.projection.data import AuditData, seconds
+from services.projection.data import AuditData, seconds, ts
 from services.projection.facts import local_day
 from services.projection.findings import RETURN_TO_ORIGIN
 
@@ -26,11 +26,11 @@ DISPATCH_TARGET_RATE = 0.95
 # (segment, from milestone, to milestone); milestones are named in `milestones`.
 SEGMENTS = (
     ("request_to_dispatch", "requested", "dispatched"),
-    ("dispatch_to_en_route", "dispatched", "en_route"),
+    ("dispatch_to_en_route", "unit_dispatched", "en_route"),
     ("en_route_to_at_pickup", "en_route", "at_pickup"),
     ("at_pickup_to_at_destination", "at_pickup", "at_destination"),
     ("at_destination_to_handover", "at_destination", "handed_over"),
-    ("response", "requested", "at_pickup"),
+    ("response", "requested", "first_at_pickup"),
     ("request_to_handover", "requested", "handed_over"),
     ("vehicle_turnaround", "handed_over", "released"),
     ("swab_turnaround", "swab_collected", "swab_result"),
@@ -53,8 +53,19 @@ def _at(ref: dict[str, Any] | None, clock: str) -> str | None:
 
 
 def milestones(data: AuditData, transfer_id: str, clock: str = "device") -> dict[str, str | None]:
+    """A transfer's milestones. The crew's steps are those of the trip that carried the
+    patient to the destination, each segment within one vehicle (NEMSIS times a responding
+    unit): after a breakdown and a takeover, the takeover vehicle's steps are timed from
+    its own dispatch (its trip opened; the first assignment went to the other vehicle).
+    The response ends when the first vehicle reached the patient, whichever it was."""
     t = data.transfers.get(transfer_id) or {}
     trip = data.carrying_trip(transfer_id) or {}
+    assigned = t.get("assigned") or {}
+    own_dispatch = assigned if not trip or assigned.get("vehicle_id") == trip.get("vehicle_id") \
+        else trip.get("opened")
+    # The first vehicle at the patient: (when, as written) of each trip's arrival.
+    arrivals = [(when, a) for x in data.trips_of_transfer(transfer_id)
+                if (when := ts(a := _at(x.get("s_at_pickup"), clock))) is not None]
     cycles = data.cycles_of_trip(trip.get("trip_id") or "") if trip else []
     cycle = cycles[0] if cycles else {}
     swabs = data.swabs_of_cycle(cycle.get("cycle_id") or "") if cycle else []
@@ -63,8 +74,10 @@ def milestones(data: AuditData, transfer_id: str, clock: str = "device") -> dict
     return {
         "requested": _at(t.get("request"), clock),
         "dispatched": _at(t.get("assigned"), clock),
+        "unit_dispatched": _at(own_dispatch, clock),
         "en_route": _at(trip.get("s_en_route"), clock),
         "at_pickup": _at(trip.get("s_at_pickup"), clock),
+        "first_at_pickup": min(arrivals)[1] if arrivals else None,
         "at_destination": _at(trip.get("s_at_destination"), clock),
         "handed_over": _at(handed, clock),
         "released": _at(cycle.get("released"), clock),

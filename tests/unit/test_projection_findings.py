@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from services.projection import custody, facts, findings, kpis, ledger, slices, tables
 from services.projection.custody import exposures
-from services.projection.data import AuditData, from_rows
+from services.projection.data import AuditData, from_rows, seconds
 from services.projection.facts import Buffer, Ev, Fact
 
 T0 = datetime(2022, 11, 20, 1, 0, tzinfo=UTC)
@@ -716,9 +716,10 @@ def test_a_failing_check_does_not_hide_the_others() -> None:
 # -- cancelled transfers, aborted trips and the 报备's delivery in the views ----------------
 
 
-def takeover_history() -> History:
-    """A confirmed case from a fever clinic: v1 breaks down on the way (its trip aborts),
-    v2 carries the patient to the designated hospital within the hour."""
+def takeover_history(picked_up: bool = False) -> History:
+    """A confirmed case from a fever clinic: v1 breaks down on the way (its trip aborts;
+    `picked_up`: after it reached the patient and took them aboard), v2 carries the patient
+    to the designated hospital within the hour."""
     h = History()
     for vid in ("v1", "v2"):
         vehicle(h, vid)
@@ -733,6 +734,10 @@ def takeover_history() -> History:
               destination_id="f", origin={}, return_required=False)
         h.add("transfer", f"trip-{vid}", "TripStepReported", trip_id=vid, step="en_route",
               client_event_id=f"{vid}en", device_at=h.clock.isoformat())
+        if picked_up or n == 1:
+            for step in ("at_pickup", "patient_aboard"):
+                h.add("transfer", f"trip-{vid}", "TripStepReported", trip_id=vid, step=step,
+                      client_event_id=f"{vid}{step}", device_at=h.clock.isoformat())
         if n == 0:
             h.add("dispatch", "transfer-t", "VehicleWithdrawn", transfer_id="t", vehicle_id=vid,
                   reason="breakdown")
@@ -756,6 +761,22 @@ def test_the_trip_that_carried_the_patient_counts_not_the_aborted_one() -> None:
     assert row.vehicle_id == "v2" and row.segments["request_to_handover"] is not None
     by_trip = {r["trip_id"]: r["status"] for r in ledger.rows(data)}
     assert by_trip == {"v1": "aborted", "v2": "completed"}
+
+
+def test_after_a_takeover_each_segment_is_timed_within_one_vehicle() -> None:
+    """NEMSIS times a responding unit: the takeover vehicle's way to the patient runs from
+    its own dispatch, not from the first assignment (another vehicle's); the response ends
+    when the first vehicle reached the patient; request to dispatch is the first assignment."""
+    data = takeover_history(picked_up=True).data().indexed()
+    first, second = data.trips["v1"], data.trips["v2"]
+    (row,) = kpis.rows(data)
+    m = kpis.milestones(data, "t")
+    assert m["unit_dispatched"] == second["opened"]["at"] and m["en_route"] == second["s_en_route"]["at"]
+    assert row.segments["dispatch_to_en_route"] == 60  # v2: its trip opened, a minute later en route
+    assert m["first_at_pickup"] == first["s_at_pickup"]["at"]
+    assert row.segments["response"] == seconds(m["requested"], first["s_at_pickup"]["at"])
+    assert m["dispatched"] == data.transfers["t"]["assigned"]["at"]  # v1's: the 3-minute rate's
+    assert data.transfers["t"]["assigned"]["vehicle_id"] == "v1"
 
 
 def test_a_transfer_cancelled_before_the_target_is_not_a_miss_and_the_ledger_says_cancelled() -> None:
