@@ -102,6 +102,14 @@ async def request_transfer(uow: UnitOfWork, transfer_id: str, cmd: TransferIn,
                            series_id: str | None = None) -> tuple[Transfer, bool]:
     """A new transfer, routed, reported and (when a fitting vehicle is free) assigned; or,
     when this person already has a live transfer, that one (False: nothing created)."""
+    return_required = cmd.return_required
+    if cmd.purpose == "outpatient_visit":
+        if return_required is False:
+            raise InvalidField("return_required", "outpatient_visit_returns",
+                               "an outpatient visit brings the patient back to the origin (R11): "
+                               "return_required cannot be false",
+                               "门诊就诊须闭环返回原出发地（R11），返程不可取消", rule="R11")
+        return_required = True
     body = cmd.model_dump(mode="json", exclude_none=True)
     existing = await live_transfer_of(uow, body["patient"])
     if existing is not None:
@@ -110,7 +118,7 @@ async def request_transfer(uow: UnitOfWork, transfer_id: str, cmd: TransferIn,
         ev.TransferRequested(
             transfer_id=transfer_id, patient=body["patient"], risk_category=body["risk_category"],
             condition=body.get("condition", {}), origin=body["origin"], purpose=body["purpose"],
-            return_required=cmd.return_required, requested_by=body["requested_by"],
+            return_required=bool(return_required), requested_by=body["requested_by"],
             destination_wish=cmd.destination_wish, series_id=series_id,
         ),
         requested_at=iso(utcnow()),

@@ -166,7 +166,8 @@ class TransferIn(Strict):
     condition: Condition = Condition()
     origin: Place
     purpose: Purpose
-    return_required: Flag = False
+    # R11: an outpatient visit returns to its origin (true when not given, never false).
+    return_required: Flag | None = None
     requested_by: RequestedBy
     destination_wish: Ident | None = None
 

@@ -305,8 +305,10 @@ class Fold:
     def _on_TransferRequested(self, ev: Ev) -> None:
         p = ev.payload
         tid, key = p["transfer_id"], patient_key(p.get("patient") or {})
+        # R11: an outpatient visit returns, whatever the request said.
+        returns = bool(p.get("return_required")) or p.get("purpose") == "outpatient_visit"
         self.transfers[tid] = TransferRec(
-            ev.keep("transfer_id"), key, bool(p.get("return_required")),
+            ev.keep("transfer_id"), key, returns,
             (p.get("requested_by") or {}).get("channel"), p.get("risk_category", ""),
             p.get("condition") or {})
         if key is None:

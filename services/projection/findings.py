@@ -989,6 +989,12 @@ def r10_reporting(data: AuditData) -> Iterator[Finding]:
 RETURN_TO_ORIGIN = "origin"  # dispatch's destination for a return leg with no origin facility
 
 
+def needs_return(request: dict[str, Any]) -> bool:
+    """R11's loops: a transfer asked to return, and every outpatient visit (the rule says so
+    whatever the request said; dispatch refuses one that says no)."""
+    return bool(request.get("return_required")) or request.get("purpose") == "outpatient_visit"
+
+
 def r11_loop_closed(data: AuditData) -> Iterator[Finding]:
     """A return-required transfer whose patient was handed over is closed by the hospital's
     admission (PatientAdmitted) or by its return leg (the transfer whose request names it
@@ -1016,7 +1022,7 @@ def r11_loop_closed(data: AuditData) -> Iterator[Finding]:
     for tid, t in data.transfers.items():
         request = t.get("request") or {}
         handed = t.get("handed_over")
-        if not request.get("return_required") or not handed or tid in admitted or tid in returned:
+        if not needs_return(request) or not handed or tid in admitted or tid in returned:
             continue
         trip = data.carrying_trip(tid) or {}
         handover = trip.get("handover") or handed

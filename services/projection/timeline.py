@@ -9,6 +9,7 @@ from typing import Any
 
 from libs.events.envelope import Envelope
 from services.projection.data import seconds, ts
+from services.projection.findings import needs_return
 
 LABELS_ZH = {
     "TransferRequested": "转运申请",
@@ -134,7 +135,7 @@ def timeline_view(transfer_id: str, events: list[Envelope],
         for e in ordered if e.type in NOTIFICATIONS
     ]
     requested = next((e for e in ordered if e.type == "TransferRequested"), None)
-    return_required = bool(requested and requested.payload.get("return_required"))
+    return_required = bool(requested and needs_return(requested.payload))
     handed = "TransferHandedOver" in types or "PatientHandedOver" in types
     returned = "TransferHandedOver" in back or "PatientHandedOver" in back
     if types & CLOSING or (handed and (returned or not return_required)):

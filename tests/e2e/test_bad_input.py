@@ -338,9 +338,24 @@ async def audit_filters_that_match_nothing(c: httpx.AsyncClient) -> None:
     assert 'filename="ledger-2026-11-20_2026-11-27.csv"' in week.headers["content-disposition"]
 
 
+async def an_outpatient_visit_that_would_not_return(c: httpx.AsyncClient) -> None:
+    """R11: an outpatient visit brings the patient back. Said not to return: 422 naming
+    `return_required`, nothing written; not said: it returns."""
+    await reference_data(c)
+    before = await counts(c)
+    body = problem(await c.post(f"{API}/transfers", json={**TRANSFER, "return_required": False}),
+                   422, "return_required")
+    assert body["code"] == "outpatient_visit_returns" and body["rule"] == "R11", body
+    assert await counts(c) == before
+    unsaid = {k: v for k, v in TRANSFER.items() if k != "return_required"}
+    created = ok(await c.post(f"{API}/transfers", json=unsaid), 201)
+    assert ok(await c.get(f"{API}/transfers/{created['id']}"))["return_required"] is True
+
+
 EMBEDDED: list[Scenario] = [oversize_bodies, wrong_media_types, unicode_names, times_out_of_reach,
                             device_clocks_off, nul_and_methods_in_the_url, numbers_out_of_reach,
-                            lab_and_staff_times, audit_filters_that_match_nothing]
+                            lab_and_staff_times, audit_filters_that_match_nothing,
+                            an_outpatient_visit_that_would_not_return]
 # Where PostgreSQL could answer otherwise than SQLite: text, NUL, times, big numbers; and
 # the media types once.
 # In this order on one cluster: the first takes the one negative-pressure ambulance.

@@ -19,10 +19,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from libs.events.envelope import Envelope
 from services.projection import custody, facts, findings, kpis, ledger, slices, tables
 from services.projection.custody import exposures
 from services.projection.data import AuditData, from_rows, seconds
 from services.projection.facts import Buffer, Ev, Fact
+from services.projection.timeline import timeline_view
 
 T0 = datetime(2022, 11, 20, 1, 0, tzinfo=UTC)
 KNOWN = findings.registry_types()
@@ -65,11 +67,19 @@ def vehicle(h: History, vid: str, kind: str = "negative_pressure_ambulance", poo
 
 
 def request(h: History, tid: str, risk: str = "isolation_site", fever: bool = True,
-            channel: str = "console", origin_kind: str = "isolation_site", **extra: Any) -> None:
+            channel: str = "console", origin_kind: str = "isolation_site", purpose: str = "outpatient_visit",
+            return_required: bool = True, **extra: Any) -> None:
     h.add("dispatch", f"transfer-{tid}", "TransferRequested", transfer_id=tid,
           patient={"name": "张三", "id_number": "640121198001011231", "phone": "13800138000"},
           risk_category=risk, condition={"fever": fever, **extra}, origin={"kind": origin_kind, "name": "o"},
-          purpose="outpatient_visit", return_required=True, requested_by={"channel": channel, "org": "站"})
+          purpose=purpose, return_required=return_required, requested_by={"channel": channel, "org": "站"})
+
+
+def envelope_of(ev: Ev) -> Envelope:
+    return Envelope(event_id=uuid.UUID(ev.event_id), type=ev.type, schema_version=1, store=ev.store,
+                    stream_id=ev.stream_id, stream_version=ev.stream_version, position=ev.position,
+                    occurred_at=ev.occurred_at, recorded_at=ev.recorded_at, actor=ev.actor, role=ev.role,
+                    correlation_id="c", payload=ev.payload, prev_hash="0" * 64, hash="0" * 64)
 
 
 def codes(found: list[findings.Finding]) -> set[tuple[str, str]]:
@@ -341,6 +351,25 @@ def test_r11_closed_by_admission_or_return_leg_else_a_finding_after_a_day() -> N
     assert not [f for f in h.found() if f.rule == "R11"]  # the deadline has not come
     later = [f for f in h.found(now=h.clock + timedelta(hours=25)) if f.rule == "R11"]
     assert [f.transfer_id for f in later] == ["open"]
+
+
+def test_r11_an_outpatient_visit_returns_whatever_its_request_said() -> None:
+    """R11 reads the purpose, not only the flag: a visit said not to return (dispatch now
+    refuses it; a history may still hold one) is an open loop after a day, and its
+    timeline waits for the return leg; a transfer of another purpose without it closes at
+    the handover."""
+    h = History()
+    request(h, "visit", return_required=False)
+    request(h, "admission", return_required=False, purpose="admission")
+    for tid in ("visit", "admission"):
+        h.add("dispatch", f"transfer-{tid}", "TransferHandedOver", transfer_id=tid, trip_id=f"trip-{tid}",
+              facility_id="f")
+    later = [f for f in h.found(now=h.clock + timedelta(hours=25)) if f.rule == "R11"]
+    assert [(f.check, f.transfer_id) for f in later] == [("loop_not_closed", "visit")]
+    envelopes = {tid: [envelope_of(ev) for ev in h.events if ev.stream_id == f"transfer-{tid}"]
+                 for tid in ("visit", "admission")}
+    assert timeline_view("visit", envelopes["visit"])["status"] == "awaiting_return_leg"
+    assert timeline_view("admission", envelopes["admission"])["status"] == "loop_closed"
 
 
 def test_r11_a_return_leg_goes_back_to_the_origin() -> None:
