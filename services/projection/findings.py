@@ -549,21 +549,27 @@ def patient_class(request: dict[str, Any], condition: dict[str, Any] | None = No
     return "other"
 
 
-def _destinations(data: AuditData) -> Iterator[tuple[dict[str, Any], str, str, dict[str, Any]]]:
-    """(decision, transfer, facility, request) of every destination dispatch chose or
-    redirected to; a return leg goes back to its origin whatever its role (R11), so R6 and
-    R7 do not apply to it."""
-    for d, p in _of_type(data, *DESTINATIONS):
+def _destinations(data: AuditData) -> Iterator[tuple[dict[str, Any], str, str, dict[str, Any],
+                                                    dict[str, Any] | None]]:
+    """(decision, transfer, facility, request, condition) of every destination dispatch
+    chose or redirected to, in dispatch's store order, with the condition then in effect:
+    the latest one a redirect recorded (a patient who worsened stays worse through a later
+    redirect that says nothing of it, as dispatch routes), else None (the request's). A
+    return leg goes back to its origin whatever its role (R11), so R6 and R7 do not apply
+    to it."""
+    latest: dict[str, dict[str, Any]] = {}
+    for d, p in sorted(_of_type(data, *DESTINATIONS), key=lambda dp: dp[0]["position"]):
+        if isinstance(p.get("condition"), dict):
+            latest[p["transfer_id"]] = p["condition"]
         request = (data.transfers.get(p["transfer_id"]) or {}).get("request") or {}
         facility_id = p.get("facility_id") or p.get("to_facility_id")
         if not facility_id or request.get("return_of"):
             continue
-        yield d, p["transfer_id"], facility_id, request
+        yield d, p["transfer_id"], facility_id, request, latest.get(p["transfer_id"])
 
 
 def r6_destination_role(data: AuditData) -> Iterator[Finding]:
-    for d, tid, facility_id, request in _destinations(data):
-        condition = payload(d).get("condition")
+    for d, tid, facility_id, request, condition in _destinations(data):
         facility = data.facilities.get(facility_id)
         pclass = patient_class(request, condition) if request else None
         allowed = R6_ROLES.get(pclass or "")
@@ -603,14 +609,14 @@ def _load_ev(load: dict[str, Any]) -> dict[str, Any]:
 
 def r7_overflowing_destination(data: AuditData) -> Iterator[Finding]:
     loads = _Loads(data)
-    for d, tid, facility_id, request in _destinations(data):
+    for d, tid, facility_id, request, condition in _destinations(data):
         last = loads.before(facility_id, d["position"])
         facility = data.facilities.get(facility_id) or {}
         other_wards = set((facility.get("registered") or {}).get("roles") or []) - {
             "fever_clinic", "backup"}
         # R7 is about the fever clinic: a full one does not close the hospital's other wards
         # (a severe confirmed case still goes to its designated ward), as dispatch reads it.
-        if patient_class(request, payload(d).get("condition")) != "fever" and other_wards:
+        if patient_class(request, condition) != "fever" and other_wards:
             continue
         if last is not None and last["overflowing"]:
             yield Finding(
@@ -649,7 +655,7 @@ def r7_backup_not_activated(data: AuditData) -> Iterator[Finding]:
     none was had not been activated, and was not ready for them."""
     loads = _Loads(data)
     primaries = backed_up_by(data)
-    for d, tid, facility_id, _ in _destinations(data):
+    for d, tid, facility_id, _, _ in _destinations(data):
         facility = data.facilities.get(facility_id)
         if facility is None or not is_backup(facility):
             continue

@@ -512,6 +512,26 @@ def test_r13_cases_from_a_fever_clinic_go_to_a_designated_hospital_and_r6_agrees
         "susp-dh", "mild-dh", "susp-fc", "stroke-cardio"}, found
 
 
+def test_r6_a_patient_who_worsened_stays_worse_through_a_later_redirect() -> None:
+    """A fever patient redirected with a stroke (to the specialty hospital), then redirected
+    again with nothing said of the condition: still a stroke, as dispatch routes it (the
+    check read the request's condition instead, and found a fever clinic right)."""
+    h = History()
+    for fid, roles in (("fc", ["fever_clinic"]), ("cardio", ["specialty_cardio_cerebro"]),
+                       ("fc2", ["fever_clinic"])):
+        h.add("dispatch", f"facility-{fid}", "FacilityRegistered", facility_id=fid, name=fid, roles=roles,
+              location={"lat": 38.0, "lon": 106.0})
+    request(h, "t")
+    h.add("dispatch", "transfer-t", "DestinationAssigned", transfer_id="t", facility_id="fc", reason="r")
+    h.add("dispatch", "transfer-t", "TransferRedirected", transfer_id="t", from_facility_id="fc",
+          to_facility_id="cardio", reason="worsened", candidates=[],
+          condition={"critical": True, "kind": "stroke"})
+    h.add("dispatch", "transfer-t", "TransferRedirected", transfer_id="t", from_facility_id="cardio",
+          to_facility_id="fc2", reason="named by the dispatcher", candidates=[])
+    r6 = [f for f in h.found() if f.rule == "R6"]
+    assert [(f.facility_id, f.detail.split(" ", 1)[0]) for f in r6] == [("fc2", "cardio_cerebro")], r6
+
+
 def test_r12_r13_r14() -> None:
     h = History()
     h.add("transfer", "trip-x", "TripOpened", trip_id="x", transfer_id="ghost", vehicle_id="v1",
