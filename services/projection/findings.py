@@ -1078,8 +1078,7 @@ def r13_fever_clinic_cases(data: AuditData) -> Iterator[Finding]:
         took = seconds(request["at"], handover["at"]) if handover else None
         if handover is None or (took is not None and took > FEVER_CLINIC_TRANSFER_SLA.total_seconds()):
             yield Finding(
-                "R13", "fever_clinic_case_delayed", "sla",
-                handover["at"] if handover else _later(request["at"], FEVER_CLINIC_TRANSFER_SLA),
+                "R13", "fever_clinic_case_delayed", "sla", _later(request["at"], FEVER_CLINIC_TRANSFER_SLA),
                 f"case {tid} from a fever clinic reached the designated hospital after "
                 f"{(took or 0) / 60:.0f} min" if handover
                 else f"case {tid} from a fever clinic not at a designated hospital within {hours} h",
@@ -1112,15 +1111,17 @@ def r14_swab_overdue(data: AuditData) -> Iterator[Finding]:
         result = s.get("result")
         start = s.get("collected_at") or collected["at"]
         if result is None:
-            at, what = _later(start, SWAB_RESULT_SLA), f"no result for sample {sid} within {hours} h"
+            what = f"no result for sample {sid} within {hours} h"
         else:
-            late = seconds(start, result.get("reported_at") or result["recorded_at"]) or 0.0
+            # By the lab's and the collector's own times, and by the server's receipt of both
+            # (a lab's report time written earlier than it reached the system hides nothing).
+            late = max(seconds(start, result.get("reported_at") or result["recorded_at"]) or 0.0,
+                       seconds(collected["recorded_at"], result["recorded_at"]) or 0.0)
             if late <= SWAB_RESULT_SLA.total_seconds():
                 continue
-            at = result["recorded_at"]
             what = f"result for sample {sid} came {late / 3600:.1f} h after collection"
         yield Finding(
-            "R14", "swab_result_overdue", "sla", at, what,
+            "R14", "swab_result_overdue", "sla", _later(start, SWAB_RESULT_SLA), what,
             f"样本{sid}核酸结果超过{hours}小时未回报",
             tuple(_ev(r, t) for r, t in ((collected, "SurfaceSwabCollected"), (result, "SwabResultRecorded"))
                   if r),

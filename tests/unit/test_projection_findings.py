@@ -532,6 +532,26 @@ def test_r6_a_patient_who_worsened_stays_worse_through_a_later_redirect() -> Non
     assert [(f.facility_id, f.detail.split(" ", 1)[0]) for f in r6] == [("fc2", "cardio_cerebro")], r6
 
 
+def test_r14_a_late_result_is_late_by_when_it_came_back_dated_at_its_deadline() -> None:
+    """The lab's own report time, written as two hours after collection, does not hide a
+    result the system received ten hours after the collection was (server times on both
+    ends); the finding is dated at the deadline, as it was while the result was missing,
+    so it does not move when the result comes."""
+    h = History()
+    cycle(h, "c1", "x")
+    collected = h.clock
+    h.add("disinfection", "cycle-c1", "SurfaceSwabCollected", cycle_id="c1", vehicle_id="v1",
+          sample_id="s1", sites=["a", "b", "c"], collected_by="x", collected_at=collected.isoformat())
+    missing = [f for f in h.found(now=h.clock + timedelta(hours=7)) if f.rule == "R14"]
+    h.clock += timedelta(hours=10)
+    h.add("disinfection", "cycle-c1", "SwabResultRecorded", cycle_id="c1", vehicle_id="v1", sample_id="s1",
+          result="negative", lab="l", reported_at=(collected + timedelta(hours=2)).isoformat())
+    late = [f for f in h.found() if f.rule == "R14"]
+    deadline = (collected + timedelta(hours=6)).isoformat()
+    assert [f.at for f in missing] == [f.at for f in late] == [deadline], (missing, late)
+    assert "10.0 h after collection" in late[0].detail, late[0].detail
+
+
 def test_r12_r13_r14() -> None:
     h = History()
     h.add("transfer", "trip-x", "TripOpened", trip_id="x", transfer_id="ghost", vehicle_id="v1",
