@@ -26,25 +26,30 @@ from libs.events.store import EventStore, Meta
 ID_KEYS = frozenset({"id_number", "resident_id", "id_card"})
 PHONE_KEYS = frozenset({"phone", "mobile", "contact_phone", "phone_number"})
 # And numbers that look like them in free text (a reason typed by a dispatcher, a place's
-# name): resident ids of 18 characters and the old 15 digits; mobiles bare, with +86 or
-# with spaces or dashes between the groups; landlines with their area code. A number
-# touching a letter is part of something else (an event id, a hash, a plate) and stays;
-# so does one joined by a dash to a letter or digit before it: a UUID's last group (a
-# cycle's id ending in -075123452105 was masked, and a client could no longer use it).
+# name): resident ids of 18 characters (also in 6-8-4 groups) and the old 15 digits;
+# mobiles bare, with +86 or with spaces or dashes between the groups; landlines with their
+# area code; in ASCII or in the full-width forms a Chinese input method types
+# (１３９１２３４５６７８), matched on a folded copy of the text and masked where they stand. A
+# number touching a letter is part of something else (an event id, a hash, a plate) and
+# stays; so does one joined by a dash to a letter or digit before it: a UUID's last group
+# (a cycle's id ending in -075123452105 was masked, and a client could no longer use it).
 # Except behind a word that says what it is (Tel13912345678, ID No.640121...): none of
 # these words is hex, so no hash or UUID holds one.
-_ID = r"(?:\d{17}[\dXx]|\d{15})"
-_MOBILE = r"(?:\+?86[-\s]?)?1[3-9]\d(?:[-\s]?\d{4}){2}"
-_LANDLINE = r"0\d{2,3}[-\s]?\d{7,8}"
+_FOLD = {**{0xFF10 + i: 0x30 + i for i in range(10)}, **{0xFF21 + i: 0x41 + i for i in range(26)},
+         **{0xFF41 + i: 0x61 + i for i in range(26)}, 0xFF0B: 0x2B, 0xFF0D: 0x2D, 0xFF0E: 0x2E,
+         0x3000: 0x20}  # one character for one: a match's place in the copy is its place in the text
+_DIGITS = re.compile("[0-9\uff10-\uff19]{3}")
+_ID = r"(?:[0-9]{17}[0-9Xx]|[0-9]{6}[-\s][0-9]{8}[-\s][0-9]{3}[0-9Xx]|[0-9]{15})"
+_MOBILE = r"(?:\+?86[-\s]?)?1[3-9][0-9](?:[-\s]?[0-9]{4}){2}"
+_LANDLINE = r"0[0-9]{2,3}[-\s]?[0-9]{7,8}"
 _AFTER_TOKEN = r"(?<![0-9A-Za-z]-)"
 _ID_IN_TEXT = re.compile(_AFTER_TOKEN + r"(?<![0-9A-Za-z.])" + _ID + r"(?![0-9A-Za-z])")
 _PHONE_IN_TEXT = re.compile(
     _AFTER_TOKEN + r"(?<![0-9A-Za-z.+])" + _MOBILE + r"(?![0-9A-Za-z])"
     r"|" + _AFTER_TOKEN + r"(?<![0-9A-Za-z.])" + _LANDLINE + r"(?![0-9A-Za-z])")
 _LABELLED = re.compile(
-    r"(?<![0-9A-Za-z])(?P<label>(?i:tel|phone|mobile|mob|cell|call|contact|idno|id|no|sfz|dh)[.#]?)"
+    r"(?<![0-9A-Za-z])(?:(?i:tel|phone|mobile|mob|cell|call|contact|idno|id|no|sfz|dh)[.#]?)"
     r"(?:(?P<id>" + _ID + r")|(?P<phone>" + _MOBILE + r"|" + _LANDLINE + r"))(?![0-9A-Za-z])")
-_DIGIT = re.compile(r"\d")
 # Keys whose values are identifiers, never personal numbers: not scanned as text.
 OPAQUE_KEYS = frozenset({"event_id", "hash", "prev_hash", "head_hash", "correlation_id", "causation_id"})
 
@@ -68,31 +73,48 @@ def mask_phone(value: str) -> str:
     return digits[:3] + "*" * (len(digits) - 7) + digits[-4:]
 
 
-def _mask_phone_in_text(number: str) -> str:
+def _starred(text: str, folded: str, keep_head: int, keep_tail: int) -> str:
+    """`text` with its digits (counted on `folded`, an id's final X among them) starred but
+    the first `keep_head` and the last `keep_tail`; spaces, dashes and the width it was
+    typed in stay."""
+    at = [i for i, ch in enumerate(folded) if ch.isascii() and (ch.isdigit() or ch in "Xx")]
+    hidden = set(at) if len(at) <= keep_head + keep_tail else set(at[keep_head:len(at) - keep_tail])
+    return "".join("*" if i in hidden else ch for i, ch in enumerate(text))
+
+
+def _id_mask(text: str, folded: str) -> str:
+    """As mask_id_number: 6401**********1231, 6401** ******** 1231."""
+    return _starred(text, folded, 4, 4)
+
+
+def _phone_mask(text: str, folded: str) -> str:
     """As mask_phone, keeping how it was written: +86 139 **** 5678, 095*-***4321."""
-    national = number[3:] if number.startswith("+86") else number[2:] if number.startswith("86") else number
-    head = number[:len(number) - len(national)]
-    digits = len(_DIGIT.findall(national))
-    seen = 0
-
-    def star(m: re.Match[str]) -> str:
-        nonlocal seen
-        seen += 1
-        return m.group(0) if seen <= 3 or seen > digits - 4 else "*"
-
-    return head + _DIGIT.sub(star, national)
-
-
-def _mask_labelled(m: re.Match[str]) -> str:
-    if m.group("id"):
-        return m.group("label") + mask_id_number(m.group("id"))
-    return m.group("label") + _mask_phone_in_text(m.group("phone"))
+    prefix = 3 if folded.startswith("+86") else 2 if folded.startswith("86") else 0
+    return text[:prefix] + _starred(text[prefix:], folded[prefix:], 3, 4)
 
 
 def mask_text(text: str) -> str:
-    text = _LABELLED.sub(_mask_labelled, text)
-    text = _ID_IN_TEXT.sub(lambda m: mask_id_number(m.group(0)), text)
-    return _PHONE_IN_TEXT.sub(lambda m: _mask_phone_in_text(m.group(0)), text)
+    if not _DIGITS.search(text):
+        return text  # most text (a name, a place) holds no run of digits: nothing to fold
+    folded = text.translate(_FOLD)
+    spans: list[tuple[int, int, Any]] = []  # (start, end, how), first match wins
+
+    def take(start: int, end: int, how: Any) -> None:
+        if all(end <= a or start >= b for a, b, _ in spans):
+            spans.append((start, end, how))
+
+    for m in _LABELLED.finditer(folded):
+        group = "id" if m.group("id") else "phone"
+        take(m.start(group), m.end(group), _id_mask if group == "id" else _phone_mask)
+    for m in _ID_IN_TEXT.finditer(folded):
+        take(m.start(), m.end(), _id_mask)
+    for m in _PHONE_IN_TEXT.finditer(folded):
+        take(m.start(), m.end(), _phone_mask)
+    out, last = [], 0
+    for start, end, how in sorted(spans, key=lambda s: s[0]):
+        out += [text[last:start], how(text[start:end], folded[start:end])]
+        last = end
+    return "".join(out) + text[last:]
 
 
 def mask(value: Any) -> Any:

@@ -189,6 +189,11 @@ def test_numbers_typed_as_people_write_them_are_masked_in_free_text() -> None:
             "Tel139****5678, tel.139-****-5678, Mobile+86139****5678, ID No.6401**********1231",
         "callback TEL0951-7654321, idno64012119800101123x, 身份证ID640121800101123":
             "callback TEL095*-***4321, idno6401**********123x, 身份证ID6401*******1123",
+        # Full width, as a Chinese input method types them; an id in its 6-8-4 groups.
+        "联系人电话１３９１２３４５６７８，身份证６４０１２１１９８００１０１１２３１":
+            "联系人电话１３９****５６７８，身份证６４０１**********１２３１",
+        "证件 640121 19800101 1231 / 640121-19800101-123X，ＴＥＬ１３９１２３４５６７８":
+            "证件 6401** ******** 1231 / 6401**-********-123X，ＴＥＬ１３９****５６７８",
         # A word that says nothing, or a hex run (a hash): left alone.
         "v13912345678 ab13912345678 f13912345678 RTel13912345678":
             "v13912345678 ab13912345678 f13912345678 RTel13912345678",
