@@ -24,12 +24,16 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import zipfile
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+from sqlalchemy import text
 
+from libs.events.envelope import Envelope
+from libs.events.store import EventStore
 from tests.actors import as_
 from tests.scenarios import (
     API,
@@ -309,3 +313,29 @@ async def check_views(c: httpx.AsyncClient, ids: dict[str, Any]) -> None:
     # -- tamper evidence ------------------------------------------------------------------------
     verify = ok(await c.get(f"{API}/audit/verify"))
     assert verify["ok"], verify
+
+
+async def rewrite_and_rehash(store: EventStore, position: int) -> list[Envelope]:
+    """A forger with database access and the code: the event at `position` edited and every
+    hash from it on recomputed, so the store's own chain is whole again. The events as they
+    were."""
+    stored = await store.read_all(0)
+    prev = stored[position - 2].hash if position > 1 else "0" * 64
+    async with store.engine.begin() as conn:
+        for env in stored[position - 1:]:
+            payload = {**env.payload, "note": "rewritten"} if env.position == position else env.payload
+            env = env.model_copy(update={"payload": payload, "prev_hash": prev})
+            prev = env.compute_hash()
+            await conn.execute(
+                text("UPDATE events SET payload = :p, prev_hash = :ph, hash = :h WHERE position = :n"),
+                {"p": json.dumps(payload, sort_keys=True, ensure_ascii=False), "ph": env.prev_hash,
+                 "h": prev, "n": env.position})
+    return stored
+
+
+def names_the_rewritten_event(entry: dict[str, Any], stored: list[Envelope], position: int) -> None:
+    """/audit/verify's entry for that store: not ok, the first event that departs from the
+    copy named, not the copy's last (what one comparison at the copy's end could say)."""
+    brk = entry["first_break"]
+    assert not entry["ok"] and brk["position"] == position, entry
+    assert brk["event_id"] == str(stored[position - 1].event_id) and "re-hashed" in brk["reason"], entry

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from sqlalchemy import text
@@ -66,13 +66,39 @@ async def chain(store: str, request: Request,
     return await chain_report(stores[store], at)
 
 
+@router.get("/chain/{store}/links/{position}", tags=["ops"], responses={
+    404: {"description": "no store of that name here, or no event at that position", "content": _PROBLEM},
+    422: {"description": "`position` is not a position", "content": _PROBLEM},
+    503: {"description": "the store cannot be reached right now (Retry-After)", "content": _PROBLEM}})
+async def chain_link(store: str, request: Request,
+                     position: Annotated[int, Path(ge=1, le=POSITION_MAX)]) -> dict[str, Any]:
+    """One link of this service's store: its event id and hash, as stored. Cheap (no chain
+    recomputed): /audit/verify asks for a few to find where a store rewritten and re-hashed
+    first departs from the copy the projection received."""
+    stores: dict[str, EventStore] = request.app.state.stores
+    if store not in stores:
+        raise NotFound("store", store)
+    link = await link_at(stores[store], position)
+    if link is None:
+        raise NotFound("event", f"{store}@{position}")
+    return link
+
+
+async def link_at(store: EventStore, position: int) -> dict[str, Any] | None:
+    found = await store.read_all(position - 1, 1) if position >= 1 else []
+    if not found or found[0].position != position:
+        return None
+    return {"store": store.name, "position": position, "event_id": str(found[0].event_id),
+            "hash": found[0].hash}
+
+
 async def chain_report(store: EventStore, at: int | None = None) -> dict[str, Any]:
     broken = await store.verify()
     head = await store.head()
 
     async def hash_at(position: int) -> str | None:
-        found = await store.read_all(position - 1, 1) if position >= 1 else []
-        return found[0].hash if found and found[0].position == position else None
+        link = await link_at(store, position)
+        return None if link is None else str(link["hash"])
 
     return {"store": store.name, "events": head, "head_hash": await hash_at(head), "ok": broken is None,
             "first_break": broken.model_dump() if broken else None,

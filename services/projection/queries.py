@@ -526,9 +526,14 @@ async def missing_applied(conn: AsyncConnection) -> tuple[int, str | None]:
 
 
 async def copy_hashes(conn: AsyncConnection, store: str, positions: list[int]) -> dict[int, str]:
-    rows = await conn.execute(select(archive.c.position, archive.c.hash).where(
+    return {p: link[0] for p, link in (await copy_links(conn, store, positions)).items()}
+
+
+async def copy_links(conn: AsyncConnection, store: str, positions: list[int]) -> dict[int, tuple[str, str]]:
+    """(hash, event id) of the copy's events at these positions of a store."""
+    rows = await conn.execute(select(archive.c.position, archive.c.hash, archive.c.event_id).where(
         (archive.c.store == store) & (archive.c.position.in_(positions))))
-    return {r.position: r.hash for r in rows}
+    return {r.position: (r.hash, r.event_id) for r in rows}
 
 
 def envelope_view(env: Envelope) -> dict[str, Any]:

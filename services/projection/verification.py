@@ -24,13 +24,14 @@ not a break in any chain (no store wrote them), but what an auditor should see.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.events.store import EventStore
-from libs.web.health import chain_report
+from libs.web.health import chain_report, link_at
 from services.projection import queries
 from services.settings import Settings
 
@@ -57,15 +58,16 @@ async def verify_all(conn: AsyncConnection, own: EventStore, hosted: dict[str, E
     async with httpx.AsyncClient(timeout=timeout) as client:
         for name in names:
             count, last_hash = copies[name]
-            results[f"store:{name}"] = await _store(name, count, last_hash, hosted, settings, client)
+            results[f"store:{name}"] = await _store(conn, name, count, last_hash, hosted, settings, client)
         checks["store"] = {"store": own.name,
-                           **await _store(own.name, 0, None, {own.name: own}, settings, client)}
+                           **await _store(conn, own.name, 0, None, {own.name: own}, settings, client)}
     return {"ok": all(r["ok"] for r in (*results.values(), *checks.values())), "chains": results,
             "own": checks}
 
 
-async def _store(name: str, count: int, last_hash: str | None, hosted: dict[str, EventStore],
-                 settings: Settings, client: httpx.AsyncClient) -> dict[str, Any]:
+async def _store(conn: AsyncConnection, name: str, count: int, last_hash: str | None,
+                 hosted: dict[str, EventStore], settings: Settings,
+                 client: httpx.AsyncClient) -> dict[str, Any]:
     at = count or None
     if name in hosted:
         report, checked_by = await chain_report(hosted[name], at), "this process"
@@ -83,9 +85,44 @@ async def _store(name: str, count: int, last_hash: str | None, hosted: dict[str,
              "first_break": report["first_break"], "checked_by": checked_by,
              "passed_over": report.get("passed_over")}
     if report["ok"] and count and (report.get("at") or {}).get("hash") != last_hash:
+        async def link(position: int) -> dict[str, Any] | None:
+            if name in hosted:
+                return await link_at(hosted[name], position)
+            resp = await client.get(f"{settings.service_url(name)}/chain/{name}/links/{position}")
+            if resp.status_code == 404:
+                return None
+            resp.raise_for_status()
+            found: dict[str, Any] = resp.json()
+            return found
+
         entry["ok"] = False
-        entry["first_break"] = {
-            "store": name, "position": count, "event_id": "",
-            "reason": "the store's chain no longer matches the history the projection received "
-                      "(rewritten and re-hashed?)"}
+        try:
+            entry["first_break"] = await _first_departure(conn, name, count, link)
+        except (httpx.HTTPError, ValueError) as exc:
+            entry["first_break"] = {
+                "store": name, "position": count, "event_id": "",
+                "reason": "the store's chain no longer matches the history the projection received "
+                          f"(rewritten and re-hashed?); where it first departs is unknown: {exc!r}"}
     return entry
+
+
+async def _first_departure(conn: AsyncConnection, name: str, count: int,
+                           link: Callable[[int], Awaitable[dict[str, Any] | None]]) -> dict[str, Any]:
+    """The first position where the store's hash differs from the copy's, when it differs at
+    `count`. A hash covers the one before it, so from the first rewritten event on every
+    hash differs: a binary search finds it in about log2(count) links asked for."""
+    lo, hi = 1, count
+    while lo < hi:
+        mid = (lo + hi) // 2
+        mine = (await queries.copy_links(conn, name, [mid])).get(mid)
+        theirs = await link(mid)
+        if mine is None or theirs is None or theirs["hash"] != mine[0]:
+            hi = mid
+        else:
+            lo = mid + 1
+    copied = (await queries.copy_links(conn, name, [lo])).get(lo)
+    stored = await link(lo)
+    return {"store": name, "position": lo, "event_id": copied[1] if copied else "",
+            "reason": f"the store's event at {lo} is not the one the projection received (rewritten "
+                      f"and re-hashed after it): the store has {stored['hash'] if stored else 'none'}, "
+                      f"the copy {copied[0] if copied else 'none'}"}

@@ -146,5 +146,15 @@ async def test_audit_views_rebuild_and_tampering_distributed(cluster: Cluster) -
             brk = verify["chains"]["store:dispatch"]["first_break"]
             assert brk["position"] == 3 and "edited" in brk["reason"], verify["chains"]["store:dispatch"]
             assert verify["chains"]["copy:dispatch"]["ok"]
+
+            # Transfer's store rewritten from its 4th event on and re-hashed whole: the
+            # projection asks transfer's service for links until it finds the first that departs.
+            transfer = EventStore.from_url("transfer", sqlalchemy_url(db(cluster, "transfer")))
+            try:
+                stored = await scenarios_audit.rewrite_and_rehash(transfer, 4)
+            finally:
+                await transfer.close()
+            verify = ok(await c.get(f"{API}/audit/verify"))
+            scenarios_audit.names_the_rewritten_event(verify["chains"]["store:transfer"], stored, 4)
         finally:
             await projection.close()

@@ -98,6 +98,13 @@ async def test_audit_scenario_views_rebuild_and_tampering(app: FastAPI, client: 
     assert verify["chains"]["copy:transfer"]["events"] == 2  # the links before the break hold
     assert verify["own"]["applied"]["ok"] and verify["own"]["store"]["ok"]
 
+    # The transfer store rewritten from its 2nd event on and re-hashed into a whole chain, as
+    # a forger with the code would: the store's own check finds nothing; the copy names the
+    # first event that is not the one it received.
+    stored = await scenarios_audit.rewrite_and_rehash(app.state.stores["transfer"], 2)
+    verify = ok(await client.get(f"{API}/audit/verify"))
+    scenarios_audit.names_the_rewritten_event(verify["chains"]["store:transfer"], stored, 2)
+
     # The last event of a store deleted from the copy: to its chain that is an event not
     # received yet; the projection's tracking row says it was applied.
     async with projection.engine.begin() as conn:
