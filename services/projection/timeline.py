@@ -120,6 +120,31 @@ def _transfer_of(env: Envelope) -> str:
     return str(env.payload.get("transfer_id") or env.correlation_id)
 
 
+def _before_handover(ordered: list[Envelope]) -> str:
+    """Where a transfer stands before its handover: dispatch's latest decision on it (queued,
+    a vehicle given, the vehicle withdrawn: a crew abort or a breakdown puts it back; a
+    cancel is final), on a trip while the vehicle it was given has one open. Across stores
+    by dispatch's word, not by which event a store recorded last: the trip a withdrawn
+    vehicle aborts may be recorded after the next vehicle was given."""
+    status, vehicle = "requested", None
+    open_trips: dict[str, Any] = {}  # trip id -> its vehicle
+    for e in ordered:
+        p = e.payload
+        if e.type == "TransferCancelled":
+            return "cancelled"
+        if e.type == "TransferQueued":
+            status, vehicle = "queued", None
+        elif e.type == "VehicleAssigned":
+            status, vehicle = "assigned", p.get("vehicle_id")
+        elif e.type == "VehicleWithdrawn":
+            status, vehicle = "requested", None
+        elif e.type == "TripOpened":
+            open_trips[str(p.get("trip_id"))] = p.get("vehicle_id")
+        elif e.type in ("TripAborted", "TripCompleted"):
+            open_trips.pop(str(p.get("trip_id")), None)
+    return "on_trip" if status == "assigned" and vehicle in open_trips.values() else status
+
+
 def timeline_view(transfer_id: str, events: list[Envelope],
                   return_legs: frozenset[str] = frozenset()) -> dict[str, Any]:
     """`return_legs`: the transfers that bring this one's patient back (their `return_of`
@@ -140,17 +165,11 @@ def timeline_view(transfer_id: str, events: list[Envelope],
     returned = "TransferHandedOver" in back or "PatientHandedOver" in back
     if types & CLOSING or (handed and (returned or not return_required)):
         status = "loop_closed"
-    elif "TransferCancelled" in types and not handed:
-        status = "cancelled"
     elif back:
         status = "return_leg"
     elif handed:
         status = "awaiting_return_leg"  # R11: closed by the return leg or an admission (issue 4)
-    elif "TripOpened" in types:
-        status = "on_trip"
-    elif "VehicleAssigned" in types:
-        status = "assigned"
     else:
-        status = "requested"
+        status = _before_handover([e for e in ordered if _transfer_of(e) not in return_legs])
     return {"transfer_id": transfer_id, "status": status, "return_required": return_required,
             "return_legs": sorted(return_legs), "entries": entries, "notifications": notifications}

@@ -372,6 +372,34 @@ def test_r11_an_outpatient_visit_returns_whatever_its_request_said() -> None:
     assert timeline_view("admission", envelopes["admission"])["status"] == "loop_closed"
 
 
+def test_the_timeline_says_where_a_transfer_stands_by_dispatchs_latest_word() -> None:
+    """A crew abort puts the transfer back in the queue (it said on_trip: a trip had been
+    opened once); the trip a withdrawn vehicle aborts may be recorded after the next vehicle
+    was given; a cancel is final."""
+    def status_after(*steps: tuple[str, str, dict[str, Any]]) -> str:
+        h = History()
+        request(h, "t")
+        for store, type_, payload in steps:
+            stream = "transfer-t" if store == "dispatch" else f"trip-{payload.get('trip_id')}"
+            h.add(store, stream, type_, transfer_id="t", **payload)
+        return str(timeline_view("t", [envelope_of(ev) for ev in h.events])["status"])
+
+    given = ("dispatch", "VehicleAssigned", {"vehicle_id": "v1", "destination_id": None, "origin": {},
+                                             "return_required": True, "reason": "r"})
+    opened = ("transfer", "TripOpened", {"trip_id": "a", "vehicle_id": "v1", "destination_id": None,
+                                         "origin": {}, "return_required": True})
+    aborted = ("transfer", "TripAborted", {"trip_id": "a", "vehicle_id": "v1", "reason": "patient absent"})
+    withdrawn = ("dispatch", "VehicleWithdrawn", {"vehicle_id": "v1", "reason": "crew aborted"})
+    queued = ("dispatch", "TransferQueued", {"reason": "requeued"})
+    second = ("dispatch", "VehicleAssigned", {"vehicle_id": "v2", "destination_id": None, "origin": {},
+                                              "return_required": True, "reason": "r"})
+    assert status_after(given, opened) == "on_trip"
+    assert status_after(given, opened, aborted, withdrawn, queued) == "queued"
+    assert status_after(given, opened, withdrawn, second, aborted) == "assigned"
+    cancelled = ("dispatch", "TransferCancelled", {"reason": "r"})
+    assert status_after(given, opened, cancelled, aborted) == "cancelled"
+
+
 def test_r11_a_return_leg_goes_back_to_the_origin() -> None:
     def returned_to(facility: str) -> set[tuple[str, str]]:
         h = History()
