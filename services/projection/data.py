@@ -41,6 +41,18 @@ def seconds(a: str | None, b: str | None) -> float | None:
     return (tb - ta).total_seconds()
 
 
+def unit_dispatch(transfer: dict[str, Any], trip: dict[str, Any] | None) -> dict[str, Any] | None:
+    """When the vehicle of this trip was dispatched (a proof): the transfer's first
+    assignment when it went to this trip's vehicle, else the trip's opening (a takeover
+    vehicle given after the first one was withdrawn; the transfer row keeps only the first
+    assignment, and the trip opens as its vehicle is given)."""
+    assigned = transfer.get("assigned")
+    if not trip or (assigned or {}).get("vehicle_id") == trip.get("vehicle_id"):
+        return assigned
+    opened: dict[str, Any] | None = trip.get("opened")
+    return opened
+
+
 @dataclass
 class AuditData:
     transfers: dict[str, dict[str, Any]] = field(default_factory=dict)

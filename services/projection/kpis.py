@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from services.projection.data import AuditData, seconds, ts
+from services.projection.data import AuditData, seconds, ts, unit_dispatch
 from services.projection.facts import local_day
 from services.projection.findings import RETURN_TO_ORIGIN
 
@@ -60,9 +60,6 @@ def milestones(data: AuditData, transfer_id: str, clock: str = "device") -> dict
     The response ends when the first vehicle reached the patient, whichever it was."""
     t = data.transfers.get(transfer_id) or {}
     trip = data.carrying_trip(transfer_id) or {}
-    assigned = t.get("assigned") or {}
-    own_dispatch = assigned if not trip or assigned.get("vehicle_id") == trip.get("vehicle_id") \
-        else trip.get("opened")
     # The first vehicle at the patient: (when, as written) of each trip's arrival.
     arrivals = [(when, a) for x in data.trips_of_transfer(transfer_id)
                 if (when := ts(a := _at(x.get("s_at_pickup"), clock))) is not None]
@@ -74,7 +71,7 @@ def milestones(data: AuditData, transfer_id: str, clock: str = "device") -> dict
     return {
         "requested": _at(t.get("request"), clock),
         "dispatched": _at(t.get("assigned"), clock),
-        "unit_dispatched": _at(own_dispatch, clock),
+        "unit_dispatched": _at(unit_dispatch(t, trip), clock),
         "en_route": _at(trip.get("s_en_route"), clock),
         "at_pickup": _at(trip.get("s_at_pickup"), clock),
         "first_at_pickup": min(arrivals)[1] if arrivals else None,

@@ -9,7 +9,7 @@ import io
 from datetime import datetime
 from typing import Any
 
-from services.projection.data import AuditData
+from services.projection.data import AuditData, unit_dispatch
 from services.projection.facts import REGION_TZ, local_day
 from services.projection.findings import RETURN_TO_ORIGIN
 
@@ -42,9 +42,8 @@ def _local(at: str | None) -> str | None:
 
 READS = ("transfers", "trips", "vehicles", "facilities")  # the fact tables rows() reads
 
-def _destination(data: AuditData, t: dict[str, Any]) -> str | None:
+def _destination(data: AuditData, t: dict[str, Any], destination: str | None) -> str | None:
     """The destination's name; a return leg's is the outbound transfer's origin."""
-    destination: str | None = t.get("destination_id")
     if destination == RETURN_TO_ORIGIN and t.get("return_of"):
         outbound = (data.transfers.get(t["return_of"]) or {}).get("request") or {}
         name = (outbound.get("origin") or {}).get("name")
@@ -72,7 +71,7 @@ def rows(data: AuditData, day_from: str | None = None, day_to: str | None = None
             "phone": patient.get("phone"), "risk_category": request.get("risk_category"),
             "purpose": request.get("purpose"), "transfer_id": tid,
             "origin": (request.get("origin") or {}).get("name"),
-            "destination": _destination(indexed, t),
+            "destination": _destination(indexed, t, t.get("destination_id")),
             "requested_at": _local(request.get("at")), "dispatched_at": _device(t.get("assigned")),
             # Reported is what dispatch decided; whether the bureau's system got it is
             # what the webhook said last (nothing when no webhook is configured).
@@ -84,6 +83,7 @@ def rows(data: AuditData, day_from: str | None = None, day_to: str | None = None
         }
         rows_of_transfer = []
         trips = indexed.trips_of_transfer(tid)
+        carrying = indexed.carrying_trip(tid) if trips else None
         if not trips:
             rows_of_transfer.append({
                 **base, "day": requested_day, "trip_id": None, "vehicle_id": t.get("vehicle_id"),
@@ -96,9 +96,16 @@ def rows(data: AuditData, day_from: str | None = None, day_to: str | None = None
                       "handed_over" if handover else
                       "aborted" if trip.get("aborted") else
                       "cancelled" if cancelled else "on_trip")
+            # Each trip its own vehicle's dispatch and where it went: the one that carried the
+            # patient where the transfer ended, an earlier one (a breakdown) where it was sent.
+            went = handover.get("facility_id") or (
+                t.get("destination_id") if trip is carrying else trip.get("destination_id")) or t.get(
+                "destination_id")
             rows_of_transfer.append({
                 # The trip's day: a care-series transfer may be requested the day before.
                 **base, "day": local_day(trip["opened_at"]) if trip.get("opened_at") else requested_day,
+                "destination": _destination(indexed, t, went),
+                "dispatched_at": _device(unit_dispatch(t, trip)),
                 "trip_id": trip["trip_id"], "vehicle_id": trip.get("vehicle_id"),
                 "plate": vehicle.get("plate"), "at_pickup_at": _device(trip.get("s_at_pickup")),
                 "handed_over_at": _device(trip.get("handover") or trip.get("s_handed_over")),

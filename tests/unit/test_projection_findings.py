@@ -874,6 +874,10 @@ def test_after_a_takeover_each_segment_is_timed_within_one_vehicle() -> None:
     assert row.segments["response"] == seconds(m["requested"], first["s_at_pickup"]["at"])
     assert m["dispatched"] == data.transfers["t"]["assigned"]["at"]  # v1's: the 3-minute rate's
     assert data.transfers["t"]["assigned"]["vehicle_id"] == "v1"
+    # The ledger's row of each trip: its own vehicle's dispatch, not the first one's for both.
+    dispatched = {r["trip_id"]: r["dispatched_at"] for r in ledger.rows(data)}
+    assert dispatched["v1"] < dispatched["v2"], dispatched  # v2 was given after v1 broke down
+    assert {r["trip_id"]: r["destination"] for r in ledger.rows(data)} == {"v1": "定点医院", "v2": "定点医院"}
 
 
 def test_a_transfer_cancelled_before_the_target_is_not_a_miss_and_the_ledger_says_cancelled() -> None:
