@@ -731,6 +731,7 @@ def r8_stages(data: AuditData) -> Iterator[Finding]:
                 f"cycle {cid}: terminal stage logged before the initial stage",
                 "终末消毒先于首次消毒登记", (_ev(terminal, "TerminalDisinfectionLogged"),),
                 transfer_id=cycle.get("transfer_id"), vehicle_id=vid)
+        yield from _stage_times(data, cycle, initial, terminal)
         if released:
             missing = [n for n, ref in (("initial", initial), ("terminal", terminal))
                        if ref is None or ref["v"] > released["v"]]
@@ -743,6 +744,39 @@ def r8_stages(data: AuditData) -> Iterator[Finding]:
                     tuple(_ev(r, t) for r, t in ((released, "VehicleReleased"),
                                                  (cycle.get("opened"), "CycleOpened")) if r),
                     transfer_id=cycle.get("transfer_id"), vehicle_id=vid)
+
+
+# A crew's phone and a washing bay's console keep their own clocks: a first stage that
+# starts this much before the trip ended is not a clock's error.
+STAGE_CLOCK_TOLERANCE = timedelta(minutes=10)
+
+
+def _stage_times(data: AuditData, cycle: dict[str, Any], initial: dict[str, Any] | None,
+                 terminal: dict[str, Any] | None) -> Iterator[Finding]:
+    """R8 in time, not only in the order logged: the first stage after the trip ended (the
+    vehicle is disinfected when it is back), the terminal one after the first one ended."""
+    vid, cid = cycle["vehicle_id"], cycle["cycle_id"]
+    first, last = (initial or {}).get("stage") or {}, (terminal or {}).get("stage") or {}
+    first_ended, last_started = ts(first.get("ended_at")), ts(last.get("started_at"))
+    if terminal and first_ended and last_started and last_started < first_ended:
+        yield Finding(
+            "R8", "terminal_overlaps_initial", "violation", terminal["recorded_at"],
+            f"cycle {cid}: terminal stage started {last.get('started_at')}, before the initial stage "
+            f"ended ({first.get('ended_at')})", "终末消毒在首次消毒结束前开始",
+            tuple(_ev(r, t) for r, t in ((initial, "InitialDisinfectionLogged"),
+                                         (terminal, "TerminalDisinfectionLogged")) if r),
+            transfer_id=cycle.get("transfer_id"), vehicle_id=vid)
+    trip = data.trips.get(cycle.get("trip_id") or "") or {}
+    end = trip.get("handover") or trip.get("completed")
+    trip_ended, first_started = ts((end or {}).get("at")), ts(first.get("started_at"))
+    if initial and trip_ended and first_started and first_started < trip_ended - STAGE_CLOCK_TOLERANCE:
+        yield Finding(
+            "R8", "stage_before_trip_ended", "violation", initial["recorded_at"],
+            f"cycle {cid}: initial stage started {first.get('started_at')}, before trip "
+            f"{trip.get('trip_id')} ended ({(end or {}).get('at')})", "首次消毒记录早于该趟转运结束",
+            (_ev(initial, "InitialDisinfectionLogged"),
+             _ev(end, "PatientHandedOver" if trip.get("handover") else "TripCompleted")),
+            transfer_id=cycle.get("transfer_id"), vehicle_id=vid)
 
 
 def r8_returned_without_terminal(data: AuditData) -> Iterator[Finding]:

@@ -127,8 +127,7 @@ def test_r2_trip_before_release_and_clean_sequence() -> None:
     assert ("R2", "trip_before_release") in codes(h.found())
 
 
-def stage(minutes: int = 35, **override: Any) -> dict[str, Any]:
-    start = T0
+def stage(minutes: int = 35, start: datetime = T0, **override: Any) -> dict[str, Any]:
     end = start + timedelta(minutes=minutes)
     body = {"stage": "initial", "disinfectant": "chlorine", "concentration_mg_per_l": 1000,
             "method": "wipe", "started_at": start.isoformat(), "ended_at": end.isoformat(),
@@ -580,6 +579,33 @@ def test_r14_a_late_result_is_late_by_when_it_came_back_dated_at_its_deadline() 
     assert "10.0 h after collection" in late[0].detail, late[0].detail
 
 
+def test_r8_the_stages_in_time_after_the_trip_and_one_after_the_other() -> None:
+    """Logged in the right order is not enough: a first stage dated before the trip ended
+    (85 min before the handover), or a terminal stage begun before the first one ended, is
+    no two-stage disinfection after the trip. A few minutes' clock difference is not one."""
+    def stages(initial_start: timedelta, terminal_start: timedelta) -> set[str]:
+        h = History()
+        vehicle(h, "v1")
+        request(h, "t")
+        h.add("transfer", "trip-a", "TripOpened", trip_id="a", transfer_id="t", vehicle_id="v1",
+              destination_id="f", origin={}, return_required=True)
+        handed = h.clock + timedelta(minutes=1)
+        h.add("transfer", "trip-a", "PatientHandedOver", trip_id="a", transfer_id="t", facility_id="f",
+              received_by="李", confirmed_by="crew")
+        h.add("transfer", "trip-a", "TripCompleted", trip_id="a", transfer_id="t", vehicle_id="v1")
+        cycle(h, "c1", "a")
+        h.add("disinfection", "cycle-c1", "InitialDisinfectionLogged", cycle_id="c1", vehicle_id="v1",
+              stage=stage(start=handed + initial_start))
+        h.add("disinfection", "cycle-c1", "TerminalDisinfectionLogged", cycle_id="c1", vehicle_id="v1",
+              stage=stage(start=handed + terminal_start, stage="terminal"))
+        return {f.check for f in h.found() if f.rule == "R8"}
+
+    assert stages(timedelta(minutes=20), timedelta(minutes=60)) == set()
+    assert stages(timedelta(minutes=-5), timedelta(minutes=35)) == set()  # a clock a little off
+    assert stages(timedelta(minutes=-120), timedelta(minutes=60)) == {"stage_before_trip_ended"}
+    assert stages(timedelta(minutes=20), timedelta(minutes=40)) == {"terminal_overlaps_initial"}
+
+
 def test_r12_r13_r14() -> None:
     h = History()
     h.add("transfer", "trip-x", "TripOpened", trip_id="x", transfer_id="ghost", vehicle_id="v1",
@@ -639,10 +665,11 @@ def full_history() -> History:
         h.add("transfer", f"trip-{trip}", "TripCompleted", trip_id=trip, transfer_id=tid, vehicle_id="v1")
         h.add("dispatch", "vehicle-v1", "VehicleAwaitingDisinfection", vehicle_id="v1", trip_id=trip)
         cycle(h, cid, trip)
+        back = h.clock  # the vehicle back at the washing bay: one stage after the other
         h.add("disinfection", f"cycle-{cid}", "InitialDisinfectionLogged", cycle_id=cid, vehicle_id="v1",
-              stage=stage())
+              stage=stage(start=back))
         h.add("disinfection", f"cycle-{cid}", "TerminalDisinfectionLogged", cycle_id=cid, vehicle_id="v1",
-              stage=stage(stage="terminal"))
+              stage=stage(start=back + timedelta(minutes=40), stage="terminal"))
         h.add("disinfection", f"cycle-{cid}", "SurfaceSwabCollected", cycle_id=cid, vehicle_id="v1",
               sample_id=f"s{n}", sites=["a", "b", "c"], collected_by="x", collected_at=h.clock.isoformat())
         h.add("disinfection", f"cycle-{cid}", "VehicleReleased", cycle_id=cid, vehicle_id="v1", trip_id=trip,
