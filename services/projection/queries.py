@@ -18,6 +18,7 @@ from libs.events.store import events_table, tracking_table
 from libs.web.fields import POSITION_MAX
 from services.projection.data import AuditData, PlanSql, parse_json
 from services.projection.facts import JSON_COLUMNS, SPECS, Records, Rows
+from services.projection.facts import dump as canonical
 from services.projection.findings import R4_REQUESTS, R4_TYPES, TRANSFER, VEHICLE, backed_up_by, is_backup
 from services.projection.tables import (
     NUMERIC_COLUMNS,
@@ -448,11 +449,25 @@ async def timeline_events(conn: AsyncConnection, transfer_id: str,
         if trip_ids:
             cycle_ids = [r[0] for r in await conn.execute(
                 select(gen["cycles"].c.cycle_id).where(gen["cycles"].c.trip_id.in_(trip_ids)))]
-    cond = [archive.c.transfer_key.in_(transfers)]
+    cond: list[Any] = [archive.c.transfer_key.in_(transfers)]
     if trip_ids:
         cond.append(archive.c.trip_id.in_(trip_ids))
     if cycle_ids:
         cond.append(archive.c.cycle_id.in_(cycle_ids))
+    # The exposure lists that name it (filed under the swabbed trip's transfer), and their
+    # acknowledgements: who was told this patient rode in a vehicle later found positive.
+    def naming(key: str, values: Iterable[str]) -> Any:
+        # Payloads are archived as canonical JSON (compact, sorted keys): a key and its value
+        # are written one way only.
+        return or_(*(archive.c.payload.contains(f'"{key}":{canonical(v)}', autoescape=True) for v in values))
+
+    lists = ("ExposureListProduced", "ExposureListAmended")
+    listed = [r.payload for r in await conn.execute(select(archive.c.payload).where(and_(
+        archive.c.type.in_(lists), naming("transfer_id", transfers))))]
+    samples = sorted({str(orjson.loads(p).get("sample_id")) for p in listed})
+    if samples:
+        acknowledged = archive.c.type.in_((*lists, "ExposureListAcknowledged"))
+        cond.append(and_(acknowledged, naming("sample_id", samples)))
     rows = await conn.execute(select(archive).where(or_(*cond)).order_by(archive.c.seq))
     return list(rows), frozenset(transfers[1:])
 

@@ -78,12 +78,25 @@ NOTIFICATIONS = {
     "PreArrivalNoticeResent": ("pre-arrival notice", "receiving hospital", "resent"),
     "PreArrivalNoticeAcknowledged": ("pre-arrival notice", "receiving hospital", "acknowledged"),
     "PreArrivalNoticeEscalated": ("pre-arrival notice", "dispatcher", "escalated"),
+    # R9: the patient rode in a vehicle later found positive (the disinfection service's
+    # list names them; a dispatcher acknowledges it).
+    "ExposureListProduced": ("exposure list (R9)", "dispatcher", "issued"),
+    "ExposureListAmended": ("exposure list (R9)", "dispatcher", "amended"),
+    "ExposureListAcknowledged": ("exposure list (R9)", "dispatcher", "acknowledged"),
 }
 REASON_KEYS = ("reason", "override_reason", "candidates", "policy", "priority")
 CLOSING = {"PatientAdmitted", "LoopClosed"}
 
 
-def place(env: Envelope) -> Any:
+# A crew step sent without a position happened where its trip says: at the patient's
+# origin, or at the destination.
+AT_ORIGIN, AT_DESTINATION = {"at_pickup", "patient_aboard"}, {"at_destination", "handed_over"}
+
+
+def place(env: Envelope, trips: dict[str, tuple[Any, Any]] | None = None) -> Any:
+    """Where it happened: as the event says (a position, a stage's location, a facility);
+    else, for a crew step, from its trip (`trips`: trip id -> (origin, destination)); an
+    assignment sends the vehicle to the patient's origin."""
     p = env.payload
     if env.type == "TransferRequested":
         return (p.get("origin") or {}).get("name")
@@ -92,10 +105,18 @@ def place(env: Envelope) -> Any:
     stage = p.get("stage")
     if isinstance(stage, dict) and stage.get("location"):
         return stage["location"]
+    if env.type == "VehicleAssigned":
+        return (p.get("origin") or {}).get("name") or p.get("destination_id")
+    origin, destination = (trips or {}).get(str(p.get("trip_id")), (None, None))
+    if env.type == "TripStepReported" and p.get("step") in AT_ORIGIN:
+        return origin
+    if env.type == "TripStepReported" and p.get("step") in AT_DESTINATION:
+        return destination
     return p.get("facility_id") or p.get("destination_id")
 
 
-def entry(env: Envelope, return_legs: frozenset[str] = frozenset()) -> dict[str, Any]:
+def entry(env: Envelope, return_legs: frozenset[str] = frozenset(),
+          trips: dict[str, tuple[Any, Any]] | None = None) -> dict[str, Any]:
     p = env.payload
     label = LABELS_ZH.get(env.type, env.type)
     if env.type == "TripStepReported":
@@ -106,7 +127,7 @@ def entry(env: Envelope, return_legs: frozenset[str] = frozenset()) -> dict[str,
         "recorded_at": env.recorded_at,
         # How far the actor's clock (a crew phone) is from the server's: shown, not trusted.
         "receipt_delay_seconds": skew if skew else 0.0,
-        "actor": env.actor, "role": env.role, "place": place(env),
+        "actor": env.actor, "role": env.role, "place": place(env, trips),
         "why": {k: p[k] for k in REASON_KEYS if p.get(k) not in (None, [], "")} or None,
         "store": env.store, "stream_id": env.stream_id, "stream_version": env.stream_version,
         "position": env.position, "event_id": str(env.event_id), "payload": p,
@@ -150,7 +171,12 @@ def timeline_view(transfer_id: str, events: list[Envelope],
     """`return_legs`: the transfers that bring this one's patient back (their `return_of`
     names it); their events are in the story too, up to the loop closed."""
     ordered = sorted(events, key=lambda e: (ts(e.recorded_at), e.store, e.position))
-    entries = [entry(e, return_legs) for e in ordered]
+    origins = {_transfer_of(e): (e.payload.get("origin") or {}).get("name")
+               for e in ordered if e.type == "TransferRequested"}
+    trips = {str(e.payload.get("trip_id")): (
+        (e.payload.get("origin") or {}).get("name") or origins.get(_transfer_of(e)),
+        e.payload.get("destination_id")) for e in ordered if e.type == "TripOpened"}
+    entries = [entry(e, return_legs, trips) for e in ordered]
     types = {e.type for e in ordered if _transfer_of(e) not in return_legs}
     back = {e.type for e in ordered if _transfer_of(e) in return_legs}
     notifications = [

@@ -34,12 +34,14 @@ from services.projection.tables import (
     active_generation,
     active_model,
     archive,
+    envelope_of_row,
     generation,
     generations_present,
     meta_table,
     metadata,
     model_digest,
 )
+from services.projection.timeline import timeline_view
 from tests.conftest import fresh_pg_schema, pg_store
 
 LOC = {"lat": 38.0, "lon": 106.0}
@@ -249,6 +251,35 @@ async def test_forbidden_histories_appended_into_stores_are_found(stores: dict[s
             assert report.events + report.caught_up == total
             async with stores["projection"].engine.connect() as conn:
                 assert await queries.dump(conn, generation(report.generation)) == live, (order, workers)
+
+
+async def test_a_transfer_named_on_an_exposure_list_has_it_in_its_timeline(
+        stores: dict[str, EventStore]) -> None:
+    """The list is filed under the swabbed trip's transfer; a patient it names who rode
+    earlier sees it (and the dispatcher's acknowledgement) among their own notifications,
+    whoever else the list named."""
+    d, x = stores["dispatch"], stores["disinfection"]
+    for tid in ("rode-before", "rode_before"):
+        await put(d, f"transfer-{tid}", dsp.TransferRequested(
+            transfer_id=tid, patient={"name": tid}, risk_category="isolation_site", condition={"fever": True},
+            origin={"kind": "isolation_site", "name": "隔离点"}, purpose="outpatient_visit",
+            return_required=True, requested_by={"channel": "console"}))
+    await put(x, "exposure-sx", dis.ExposureListProduced(
+        vehicle_id="v1", sample_id="sx", cycle_id="cx", transfer_id="swabbed", last_negative_sample_id=None,
+        bounded_by_sample_id=None, transfers=[dis.ExposedTransfer(
+            transfer_id=t, trip_id=f"trip-{t}", cycle_id="cx", relation="before_swab")
+            for t in ("rode-before", "swabbed")]),
+        dis.ExposureListAcknowledged(vehicle_id="v1", sample_id="sx", acknowledged_by="dispatcher-1"))
+    await run_projection(stores)
+    async with stores["projection"].engine.connect() as conn:
+        gen = await queries.current(conn)
+        told, legs = await queries.timeline_events(conn, "rode-before", gen)
+        untold, _ = await queries.timeline_events(conn, "rode_before", gen)
+    view = timeline_view("rode-before", [envelope_of_row(r) for r in told], legs)
+    assert [(n["what"], n["state"]) for n in view["notifications"]] == [
+        ("exposure list (R9)", "issued"), ("exposure list (R9)", "acknowledged")], view["notifications"]
+    # Not named: "_" is no wildcard here (it would match the "-" of the one named).
+    assert {r.type for r in untold} == {"TransferRequested"}
 
 
 async def test_payloads_whose_values_their_columns_cannot_hold_stall_nothing(

@@ -399,6 +399,23 @@ def test_the_timeline_says_where_a_transfer_stands_by_dispatchs_latest_word() ->
     assert status_after(given, opened, cancelled, aborted) == "cancelled"
 
 
+def test_a_crew_step_sent_without_a_position_happened_where_its_trip_says() -> None:
+    h = History()
+    request(h, "t")  # origin "o"
+    h.add("dispatch", "transfer-t", "VehicleAssigned", transfer_id="t", vehicle_id="v1", destination_id="f",
+          origin={"name": "o"}, return_required=True, reason="r")
+    h.add("transfer", "trip-a", "TripOpened", trip_id="a", transfer_id="t", vehicle_id="v1",
+          destination_id="f", origin={"name": "o"}, return_required=True)
+    for step in ("en_route", "at_pickup", "patient_aboard", "at_destination", "handed_over"):
+        h.add("transfer", "trip-a", "TripStepReported", trip_id="a", step=step, client_event_id=step,
+              device_at=h.clock.isoformat(), transfer_id="t", vehicle_id="v1")
+    entries = timeline_view("t", [envelope_of(ev) for ev in h.events])["entries"]
+    places = [(e["payload"].get("step") or e["type"], e["place"]) for e in entries]
+    assert places == [("TransferRequested", "o"), ("VehicleAssigned", "o"), ("TripOpened", "f"),
+                      ("en_route", None), ("at_pickup", "o"), ("patient_aboard", "o"),
+                      ("at_destination", "f"), ("handed_over", "f")], places
+
+
 def test_r11_a_return_leg_goes_back_to_the_origin() -> None:
     def returned_to(facility: str) -> set[tuple[str, str]]:
         h = History()
