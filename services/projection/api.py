@@ -79,8 +79,16 @@ def _ordered(lo: Any, hi: Any) -> None:
 
 
 def _days(from_: str | None, to: str | None) -> tuple[str | None, str | None]:
-    """Local days [from, to): by day, as the views count them."""
-    day_from, day_to = _day(from_, "from"), _day(to, "to")
+    """Local days [from, to): by whole days, as the KPIs and the ledger count them. A time
+    stands for its local day; a `to` after its day's midnight takes that day in (a range
+    within one day is that day, not an empty range, and none of the last day is lost)."""
+    day_from = _day(from_, "from")
+    end = _bound(to, "to")
+    day_to = None
+    if end is not None:
+        local = end.astimezone(REGION_TZ)
+        day_to = (local.date() + timedelta(days=1 if local.timetz() != time(tzinfo=local.tzinfo) else 0)
+                  ).isoformat()
     _ordered(day_from, day_to)
     return day_from, day_to
 

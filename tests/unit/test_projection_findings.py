@@ -623,6 +623,17 @@ def test_r8_the_stages_in_time_after_the_trip_and_one_after_the_other() -> None:
     assert stages(timedelta(minutes=20), timedelta(minutes=40)) == {"terminal_overlaps_initial"}
 
 
+def test_kpis_and_ledger_count_whole_local_days_a_time_stands_for_its_day() -> None:
+    """A range within one day is that day (it was refused as empty); a `to` after midnight
+    takes its day in (its morning was lost); local midnight, given in UTC, is a day's end."""
+    from services.projection.api import _days
+
+    assert _days("2024-05-01T10:00:00+08:00", "2024-05-01T18:00:00+08:00") == ("2024-05-01", "2024-05-02")
+    assert _days("2024-05-01", "2024-05-02T12:00:00+08:00") == ("2024-05-01", "2024-05-03")
+    assert _days("2024-05-01", "2024-05-02") == ("2024-05-01", "2024-05-02")
+    assert _days(None, "2024-05-01T16:00:00Z") == (None, "2024-05-02")  # 00:00 in Yinchuan
+
+
 def test_r12_r13_r14() -> None:
     h = History()
     h.add("transfer", "trip-x", "TripOpened", trip_id="x", transfer_id="ghost", vehicle_id="v1",
