@@ -1014,6 +1014,17 @@ def r10_reporting(data: AuditData) -> Iterator[Finding]:
                       if r), transfer_id=tid)
         if reported is None:
             continue
+        delivery = t.get("delivery")
+        if delivery and not delivery.get("delivered"):
+            # Dispatch reported, but the bureau's system has not taken it (the last attempt
+            # failed): the bureau was not told. Gone once a later attempt gets through.
+            yield Finding(
+                "R10", "report_not_delivered", "violation",
+                max(delivery["recorded_at"], _later(request["recorded_at"], REPORT_SLA), key=utc_key),
+                f"transfer {tid}: the 报备 did not reach the county health bureau's system "
+                f"({delivery.get('attempts')} attempts; {delivery.get('error') or 'no answer'})",
+                f"转运{tid}的报备未送达县卫健局系统",
+                (_ev(reported, "TransferReported"), _ev(delivery, "ReportDeliveryFailed")), transfer_id=tid)
         channel = (request.get("requested_by") or {}).get("channel")
         if channel == "direct_call" and reported.get("reported_by") != "120":
             yield Finding(
@@ -1212,7 +1223,9 @@ CHECKS: tuple[CheckSpec, ...] = (
               "an exposure list that leaves out a patient the events show exposed",
               frozenset({"SwabResultRecorded", "ExposureListProduced", "ExposureListAmended"}),
               r9_exposure_list, VEHICLE),
-    CheckSpec("R10", "reporting", "not reported, reported late, or a direct call not reported by 120",
+    CheckSpec("R10", "reporting",
+              "not reported, reported late, not delivered to the bureau, or a direct call not reported "
+              "by 120",
               frozenset({"TransferRequested", "TransferReported"}), r10_reporting, TRANSFER),
     CheckSpec("R11", "loop_not_closed",
               "return leg neither done nor replaced by an admission, or done to somewhere else",

@@ -74,7 +74,7 @@ async def fetch(conn: AsyncConnection, stmt: Any) -> list[dict[str, Any]]:
 # parsing the JSON of columns no check reads (a trip's six steps, ...) would double its cost.
 _CHECKED: dict[str, tuple[str, ...]] = {
     "transfers": ("transfer_id", "origin_kind", "risk_category", "destination_id", "vehicle_id", "return_of",
-                  "request", "destination", "reported", "handed_over"),
+                  "request", "destination", "reported", "delivery", "handed_over"),
     "trips": ("trip_id", "transfer_id", "vehicle_id", "opened_at", "opened", "completed", "handover",
               "returned", "s_patient_aboard", "s_handed_over", "aborted"),
     "vehicles": ("vehicle_id", "kind", "dedicated_pool", "life_support"),

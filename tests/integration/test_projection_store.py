@@ -156,6 +156,14 @@ async def forbidden_histories(s: dict[str, EventStore]) -> None:
     await put(d, "transfer-later", dsp.VehicleAssigned(
         transfer_id="later", vehicle_id="v1", destination_id=None, origin={}, return_required=False,
         reason="r"))
+    # R10: reported at once, but the bureau's system never took it.
+    await put(d, "transfer-unheard", dsp.TransferRequested(
+        transfer_id="unheard", patient={"name": "unheard"}, risk_category="isolation_site",
+        condition={"fever": True}, origin={"kind": "isolation_site"}, purpose="outpatient_visit",
+        return_required=True, requested_by={"channel": "console"}),
+        dsp.TransferReported(transfer_id="unheard", reported_to="bureau", reported_by="120"))
+    await put(d, "report-unheard", dsp.ReportDeliveryFailed(transfer_id="unheard", url="http://bureau",
+                                                            attempts=8, error="HTTP 503"))
     # R4 within a priority: a newer transfer given v3 straight away (never queued) while an
     # older one of its priority waits (a second apart: request order has a tolerance).
     for tid in ("older", "newer"):
@@ -219,6 +227,8 @@ async def test_forbidden_histories_appended_into_stores_are_found(stores: dict[s
     async with stores["projection"].engine.connect() as conn:
         # What the live model holds: the findings read model the subscription kept.
         found, _, total_found = await violations.page(conn, generation(1), now=datetime.now(UTC), limit=1000)
+        due, _, _ = await violations.page(conn, generation(1), now=datetime.now(UTC) + timedelta(minutes=20),
+                                          limit=1000, rule="R10")
         live = await queries.dump(conn, generation(1))
         unknown, _ = await queries.timeline_events(conn, "trip-e", None)
     got = {(f["rule"], f["check"], f["vehicle_id"] or f["transfer_id"]) for f in found}
@@ -230,6 +240,8 @@ async def test_forbidden_histories_appended_into_stores_are_found(stores: dict[s
         ("R14", "swab_result_overdue", "v1"), ("R4", "priority_inversion", "v1"),
         ("R7", "backup_not_activated", "t7b"), ("R9", "exposure_list_incomplete", "v1"),
     }, got
+    # Due at R10's deadline, 15 min after the request (a retry may still get through).
+    assert ("report_not_delivered", "unheard") in {(f["check"], f["transfer_id"]) for f in due}, due
     [listed] = [f for f in found if f["check"] == "exposure_list_incomplete"]
     assert listed["transfer_id"] == "t8", listed
     r7 = next(f for f in found if f["check"] == "backup_not_activated")

@@ -634,6 +634,22 @@ def test_kpis_and_ledger_count_whole_local_days_a_time_stands_for_its_day() -> N
     assert _days(None, "2024-05-01T16:00:00Z") == (None, "2024-05-02")  # 00:00 in Yinchuan
 
 
+def test_r10_a_report_the_bureaus_system_never_took_is_a_finding_until_one_gets_through() -> None:
+    """Dispatch reported at once, but every delivery to the bureau's system failed: the
+    bureau was not told (the ledger said 报备失败 while the violations said nothing)."""
+    h = History()
+    request(h, "t")
+    h.add("dispatch", "transfer-t", "TransferReported", transfer_id="t", reported_to="bureau",
+          reported_by="120")
+    h.add("dispatch", "report-t", "ReportDeliveryFailed", transfer_id="t", attempts=8, error="HTTP 503")
+    later = h.clock + timedelta(hours=1)
+    [failed] = [f for f in h.found(now=later) if f.rule == "R10"]
+    assert (failed.check, failed.kind, failed.transfer_id) == ("report_not_delivered", "violation", "t")
+    assert {e["type"] for e in failed.evidence} == {"TransferReported", "ReportDeliveryFailed"}
+    h.add("dispatch", "report-t", "ReportDelivered", transfer_id="t", attempts=9)
+    assert not [f for f in h.found(now=later) if f.rule == "R10"]
+
+
 def test_r12_r13_r14() -> None:
     h = History()
     h.add("transfer", "trip-x", "TripOpened", trip_id="x", transfer_id="ghost", vehicle_id="v1",
