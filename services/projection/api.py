@@ -93,9 +93,6 @@ def _days(from_: str | None, to: str | None) -> tuple[str | None, str | None]:
     return day_from, day_to
 
 
-LEDGER_LOOKBACK = timedelta(days=2)
-
-
 async def _data(store: EventStore, **scope: Any) -> Any:
     async with store.engine.connect() as conn:
         return await queries.load(conn, **scope)
@@ -196,10 +193,10 @@ async def ledger(request: Request, store: Store, date: str | None = None,
     if date:
         day_from = _day(date, "date")
         day_to = (datetime.fromisoformat(day_from or "") + timedelta(days=1)).date().isoformat()
-    # A trip's day may come after its request's (a care-series visit booked the day before):
-    # the transfers of the days before are loaded too, and rows() keeps the trips' days.
-    load_from = (datetime.fromisoformat(day_from) - LEDGER_LOOKBACK).date().isoformat() if day_from else None
-    data = await _data(store, day_from=load_from, day_to=day_to, tables=ledger_view.READS)
+    # A trip's day may come after its request's (a care-series visit booked days before, a
+    # transfer that waited, a takeover): the transfers with a trip opened in the range are
+    # loaded too, and rows() keeps the trips' days.
+    data = await _data(store, day_from=day_from, day_to=day_to, trips_too=True, tables=ledger_view.READS)
     rows: list[dict[str, Any]] = ledger_view.rows(data, day_from, day_to)
     name = "ledger-" + ("all" if not (day_from or day_to) else
                         f"{day_from or 'start'}" + (f"_{day_to}" if day_to and not date else ""))

@@ -4,6 +4,7 @@ timelines, the feed and verification."""
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Sequence
+from datetime import date, timedelta
 from functools import lru_cache
 from typing import Any
 
@@ -370,12 +371,13 @@ async def current(conn: AsyncConnection) -> Generation | None:
 
 
 async def load(conn: AsyncConnection, gen: Generation | None = None, *, day_from: str | None = None,
-               day_to: str | None = None, vehicle_id: str | None = None,
+               day_to: str | None = None, vehicle_id: str | None = None, trips_too: bool = False,
                tables: Collection[str] = (*KEYED, *LISTED)) -> AuditData:
     """The fact rows the views read, of these tables (what a view reads: its READS): all
-    of them, or those of the transfers requested in [day_from, day_to) (local days), or
-    those of one vehicle's trips and cycles. The scoped loads read a day's or a vehicle's
-    rows, not the whole history."""
+    of them, or those of the transfers requested in [day_from, day_to) (local days) and,
+    with `trips_too`, of those with a trip opened then (the ledger's rows are trips, on
+    their own days), or those of one vehicle's trips and cycles. The scoped loads read a
+    day's or a vehicle's rows, not the whole history."""
     gen = gen or await current(conn)
     data = AuditData()
     if gen is None:
@@ -398,7 +400,17 @@ async def load(conn: AsyncConnection, gen: Generation | None = None, *, day_from
                 cond.append(t.c.day >= day_from)
             if day_to is not None:
                 cond.append(t.c.day < day_to)
-            transfer_ids = select(t.c.transfer_id).where(and_(*cond)).scalar_subquery()
+            requested: Any = select(t.c.transfer_id).where(and_(*cond))
+            if trips_too:
+                # A trip's opening is an instant written with its offset: the text of any
+                # instant of those local days falls within a day either side of them.
+                opened: list[Any] = [tr.c.transfer_id.is_not(None)]
+                if day_from is not None:
+                    opened.append(tr.c.opened_at >= _day_shift(day_from, -1))
+                if day_to is not None:
+                    opened.append(tr.c.opened_at < _day_shift(day_to, 1))
+                requested = union(requested, select(tr.c.transfer_id).where(and_(*opened)))
+            transfer_ids = select(requested.subquery().c[0]).scalar_subquery()
             trip_ids = select(tr.c.trip_id).where(tr.c.transfer_id.in_(transfer_ids)).scalar_subquery()
             where["trips"] = tr.c.transfer_id.in_(transfer_ids)
             where["cycles"] = cy.c.trip_id.in_(trip_ids)
@@ -420,6 +432,10 @@ async def load(conn: AsyncConnection, gen: Generation | None = None, *, day_from
         q = select(gen[name]) if name not in where else select(gen[name]).where(where[name])
         listed.extend(_parse(r) for r in await conn.execute(q))
     return data
+
+
+def _day_shift(day: str, days: int) -> str:
+    return (date.fromisoformat(day) + timedelta(days=days)).isoformat()
 
 
 async def dump(conn: AsyncConnection, gen: Generation) -> dict[str, list[tuple[Any, ...]]]:

@@ -21,12 +21,12 @@ from libs.events.catalog import disinfection as dis
 from libs.events.catalog import dispatch as dsp
 from libs.events.catalog import transfer as trn
 from libs.events.contracts import Event
-from libs.events.store import EventStore, Meta
-from services.projection import findings, queries, violations
+from libs.events.store import Commit, EventStore, Meta, NewEvent, StreamAppend
+from services.projection import findings, ledger, queries, violations
 from services.projection import rebuild as rebuild_module
 from services.projection.consumers import CONSUMES
 from services.projection.data import AuditData
-from services.projection.facts import Buffer
+from services.projection.facts import REGION_TZ, Buffer, local_day
 from services.projection.rebuild import BUILDING, rebuild, upgrade
 from services.projection.tables import (
     MODEL,
@@ -292,6 +292,32 @@ async def test_a_transfer_named_on_an_exposure_list_has_it_in_its_timeline(
         ("exposure list (R9)", "issued"), ("exposure list (R9)", "acknowledged")], view["notifications"]
     # Not named: "_" is no wildcard here (it would match the "-" of the one named).
     assert {r.type for r in untold} == {"TransferRequested"}
+
+
+async def test_the_days_ledger_lists_a_trip_whose_transfer_was_requested_days_before(
+        stores: dict[str, EventStore]) -> None:
+    """R12: every outgoing trip is in the ledger of its day. A transfer requested on the
+    20th whose trip went out on the 23rd (it waited; a takeover): the ledger of the 23rd
+    lists it (it loaded only transfers requested up to two days before)."""
+    d, t = stores["dispatch"], stores["transfer"]
+    meta = Meta(actor="dispatcher-1", role="dispatcher", correlation_id="late")
+    requested = dsp.TransferRequested(
+        transfer_id="late", patient={"name": "迟"}, risk_category="isolation_site", condition={"fever": True},
+        origin={"kind": "isolation_site", "name": "隔离点"}, purpose="outpatient_visit", return_required=True,
+        requested_by={"channel": "console"})
+    await d.commit(Commit(meta=meta, appends=[StreamAppend("transfer-late", 0, [NewEvent(requested, T0)])]))
+    went = T0 + timedelta(days=3)
+    await t.commit(Commit(meta=meta, appends=[StreamAppend("trip-late", 0, [NewEvent(trn.TripOpened(
+        trip_id="trip-late", transfer_id="late", vehicle_id="v1", destination_id="f", origin={},
+        return_required=True), went)])]))
+    await run_projection(stores)
+    day = local_day(went.isoformat())
+    after = (went + timedelta(days=1)).astimezone(REGION_TZ).date().isoformat()
+    async with stores["projection"].engine.connect() as conn:
+        scoped = await queries.load(conn, day_from=day, day_to=after, trips_too=True, tables=ledger.READS)
+        requested_only = await queries.load(conn, day_from=day, day_to=after, tables=ledger.READS)
+    assert [(r["trip_id"], r["day"]) for r in ledger.rows(scoped, day, after)] == [("trip-late", day)]
+    assert ledger.rows(requested_only, day, after) == []
 
 
 async def test_payloads_whose_values_their_columns_cannot_hold_stall_nothing(
