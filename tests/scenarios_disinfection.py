@@ -243,11 +243,12 @@ async def positive_swab_after_two_more_trips(c: httpx.AsyncClient) -> None:
         (t2["transfer"]["id"], "after_swab", "丁", "13800138023"),
     ]
 
-    await disinfect(c, redo["id"], 7)
-    held = await swab(c, redo["id"], "POS-R", 7)
+    # The re-disinfection follows the positive result (reported at 21:05, hour 6).
+    await disinfect(c, redo["id"], 12)
+    held = await swab(c, redo["id"], "POS-R", 12)
     assert held["status"] == "awaiting_result"  # a quarantine waits for a negative result
     assert ok(await c.get(f"{API}/vehicles/{NPA}"))["status"] == "quarantined"
-    lifted = await result(c, "POS-R", "negative", 7)
+    lifted = await result(c, "POS-R", "negative", 12)
     assert lifted["status"] == "closed" and lifted["release"]["quarantine_lifted"] is True
 
     async def served() -> bool:

@@ -105,6 +105,7 @@ class Cycle(Aggregate):
     transfer_id: str = ""
     kind: str = TRIP
     opened_at: str | None = None
+    trip_ended_at: str | None = None
     after_sample_id: str | None = None
     status: str = "open"
     initial: dict[str, Any] | None = None
@@ -121,11 +122,13 @@ class Cycle(Aggregate):
 
     @classmethod
     def open(cls, vehicle_id: str, trip_id: str, transfer_id: str, reason: str,
-             opened_at: datetime | None = None) -> Cycle:
+             opened_at: datetime | None = None, handed_over: bool = False) -> Cycle:
+        """`handed_over`: the trip ended at a handover, at `opened_at` on the crew's clock."""
         cycle = cls(id=cycle_id_for(trip_id))
+        at = iso(opened_at) if opened_at else None
         cycle.record(ev.CycleOpened(
             cycle_id=cycle.id, vehicle_id=vehicle_id, trip_id=trip_id, transfer_id=transfer_id,
-            reason=reason, opened_at=iso(opened_at) if opened_at else None), occurred_at=opened_at)
+            reason=reason, opened_at=at, trip_ended_at=at if handed_over else None), occurred_at=opened_at)
         return cycle
 
     @classmethod
@@ -143,6 +146,7 @@ class Cycle(Aggregate):
     def _on_CycleOpened(self, e: ev.CycleOpened) -> None:
         self.vehicle_id, self.trip_id, self.transfer_id = e.vehicle_id, e.trip_id, e.transfer_id
         self.kind, self.opened_at, self.after_sample_id = e.kind, e.opened_at, e.after_sample_id
+        self.trip_ended_at = e.trip_ended_at
 
     # -- what the cycle is waiting for ----------------------------------------------
 
@@ -225,6 +229,7 @@ class Cycle(Aggregate):
                 raise StateConflict("stage_already_logged", "the initial stage is already logged",
                                     "首次消毒已登记", cycle_id=self.id)
             evidence = stage.check(rules)
+            self._after_trip_ended(stage, rules)
             self.record(ev.InitialDisinfectionLogged(cycle_id=self.id, vehicle_id=self.vehicle_id,
                                                      stage=evidence), occurred_at=stage.ended_at)
             return
@@ -244,6 +249,24 @@ class Cycle(Aggregate):
                 "终末消毒开始时间早于首次消毒结束时间", rule="R8", initial_ended_at=iso(initial_end))
         self.record(ev.TerminalDisinfectionLogged(cycle_id=self.id, vehicle_id=self.vehicle_id,
                                                   stage=evidence), occurred_at=stage.ended_at)
+
+    def _after_trip_ended(self, stage: StageRecord, rules: Rules) -> None:
+        """R8 in time: the first stage follows the handover that ended the trip, or the
+        positive result that ordered a re-disinfection, beyond the clocks' tolerance. A trip
+        dispatch ended (a breakdown's takeover) has no time the stage can be held to: it is
+        dated when the transfer service heard of it, which a lagging consumer puts late."""
+        if self.kind == TRIP:
+            bound, code, what, what_zh = (self.trip_ended_at, "stage_before_trip_ended",
+                                          "the patient was handed over", "患者交接")
+        else:
+            bound, code, what, what_zh = (self.opened_at, "stage_before_positive_result",
+                                          "the positive result was reported", "阳性结果报告")
+        if bound is None:
+            return
+        ended = datetime.fromisoformat(bound)
+        if stage.started_at < ended - rules.stage_clock_tolerance:
+            raise InvalidField("started_at", code, f"the initial stage starts before {what} ({iso(ended)})",
+                               f"首次消毒开始时间早于{what_zh}时间", rule="R8", bound_at=iso(ended))
 
     def _on_InitialDisinfectionLogged(self, e: ev.InitialDisinfectionLogged) -> None:
         self.initial = e.stage

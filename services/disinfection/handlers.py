@@ -132,7 +132,8 @@ async def on_trip_completed(env: Envelope, uow: UnitOfWork) -> None:
     if await uow.get(Cycle, cycle_id_for(e.trip_id)) is not None:
         return
     cycle = Cycle.open(e.vehicle_id, e.trip_id, e.transfer_id, "risk trip completed (一车一消)",
-                       opened_at=datetime.fromisoformat(env.occurred_at))
+                       opened_at=datetime.fromisoformat(env.occurred_at),
+                       handed_over=e.reason == tr.HANDED_OVER)
     uow.add(cycle)
     history = await history_of(uow, e.vehicle_id)
     history.log_cycle(cycle)

@@ -67,6 +67,11 @@ class Rules:
     result_sla: timedelta = timedelta(hours=6)
     # How far ahead of the server's clock a reported time may be (phone clocks drift).
     clock_skew: timedelta = CLOCK_SKEW
+    # R8: the first stage begins once the trip has ended (the vehicle is disinfected when it
+    # is back). The crew's phone and the washing bay's console keep their own clocks: a
+    # stage that starts this much before the trip ended is taken for a clock's error (the
+    # audit allows the same, services/projection/findings.py).
+    stage_clock_tolerance: timedelta = timedelta(minutes=10)
 
     def protocols(self, target: str) -> Mapping[str, Protocol]:
         return self.surface if target == SURFACE else self.air

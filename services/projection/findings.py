@@ -766,16 +766,17 @@ def _stage_times(data: AuditData, cycle: dict[str, Any], initial: dict[str, Any]
             tuple(_ev(r, t) for r, t in ((initial, "InitialDisinfectionLogged"),
                                          (terminal, "TerminalDisinfectionLogged")) if r),
             transfer_id=cycle.get("transfer_id"), vehicle_id=vid)
+    # Held to the handover only (the crew's clock): a trip dispatch ended is dated when the
+    # transfer service heard of it, which a lagging consumer puts late.
     trip = data.trips.get(cycle.get("trip_id") or "") or {}
-    end = trip.get("handover") or trip.get("completed")
+    end = trip.get("handover")
     trip_ended, first_started = ts((end or {}).get("at")), ts(first.get("started_at"))
     if initial and trip_ended and first_started and first_started < trip_ended - STAGE_CLOCK_TOLERANCE:
         yield Finding(
             "R8", "stage_before_trip_ended", "violation", initial["recorded_at"],
             f"cycle {cid}: initial stage started {first.get('started_at')}, before trip "
             f"{trip.get('trip_id')} ended ({(end or {}).get('at')})", "首次消毒记录早于该趟转运结束",
-            (_ev(initial, "InitialDisinfectionLogged"),
-             _ev(end, "PatientHandedOver" if trip.get("handover") else "TripCompleted")),
+            (_ev(initial, "InitialDisinfectionLogged"), _ev(end, "PatientHandedOver")),
             transfer_id=cycle.get("transfer_id"), vehicle_id=vid)
 
 

@@ -49,7 +49,7 @@ def air(start: datetime, minutes: float = 60, **changes: object) -> Treatment:
 
 
 def opened(trip: str = "trip-1", transfer: str = "t-1") -> Cycle:
-    return Cycle.open("v-1", trip, transfer, "test", opened_at=T0 - timedelta(minutes=20))
+    return Cycle.open("v-1", trip, transfer, "test", opened_at=T0 - timedelta(minutes=20), handed_over=True)
 
 
 def disinfected(rules: Rules = DEFAULT_RULES, trip: str = "trip-1", transfer: str = "t-1") -> Cycle:
@@ -167,6 +167,33 @@ def test_r8_terminal_before_initial_is_409_and_the_terminal_cannot_overlap_it() 
     with pytest.raises(InvalidField) as overlap:
         c.log_stage(stage("terminal", T0 + timedelta(minutes=30)))
     assert refused(overlap) == (422, "terminal_overlaps_initial", "started_at")
+
+
+def test_r8_the_first_stage_cannot_begin_before_the_trip_ended() -> None:
+    """The trip was handed over at T0 - 20 min: a first stage begun more than the clocks'
+    tolerance (10 min) before is refused, naming the time; within it, it is taken. A trip
+    dispatch ended (a takeover, dated by the server when it heard) bounds nothing."""
+    c = opened()
+    with pytest.raises(InvalidField) as early:
+        c.log_stage(stage("initial", T0 - timedelta(minutes=31)))
+    assert refused(early) == (422, "stage_before_trip_ended", "started_at")
+    assert early.value.extra["bound_at"] == "2022-11-20T09:30:00+08:00"
+    assert c.pending()[-1].event.event_type == "CycleOpened"  # nothing recorded
+    c.log_stage(stage("initial", T0 - timedelta(minutes=29)))
+    assert c.initial is not None
+    taken_over = Cycle.open("v-1", "trip-2", "t-2", "test", opened_at=T0 + timedelta(hours=1))
+    taken_over.log_stage(stage("initial", T0))
+    assert taken_over.initial is not None
+
+
+def test_r8_a_redisinfection_begins_after_the_positive_result() -> None:
+    positive = disinfected()
+    redo = Cycle.open_redisinfection(positive, "s-1", T0 + timedelta(hours=3))
+    with pytest.raises(InvalidField) as early:
+        redo.log_stage(stage("initial", T0 + timedelta(hours=2)))
+    assert refused(early) == (422, "stage_before_positive_result", "started_at")
+    redo.log_stage(stage("initial", T0 + timedelta(hours=3)))
+    assert redo.initial is not None
 
 
 def test_a_stage_is_logged_once_and_not_after_the_swab() -> None:
@@ -362,12 +389,12 @@ def test_r9_positive_quarantines_and_the_redisinfection_waits_for_a_negative_res
 
 def test_a_superseded_redisinfection_no_longer_holds_nor_releases_the_vehicle() -> None:
     redo = Cycle.open_redisinfection(swabbed(), "S-1", SWAB_AT)
-    redo.log_stage(stage("initial"))
-    redo.log_stage(stage("terminal", T0 + timedelta(minutes=50)))
-    redo.collect_swab("S-R", SITES, "赵六", SWAB_AT)
+    redo.log_stage(stage("initial", SWAB_AT))
+    redo.log_stage(stage("terminal", SWAB_AT + timedelta(minutes=50)))
+    redo.collect_swab("S-R", SITES, "赵六", SWAB_AT + timedelta(minutes=90))
     redo.supersede(redisinfection_id_for("S-2"), "S-2")
     assert redo.status == "superseded" and not redo.holds_quarantine
-    redo.record_result("S-R", "negative", "lab", SWAB_AT + timedelta(hours=1))  # kept on record
+    redo.record_result("S-R", "negative", "lab", SWAB_AT + timedelta(hours=3))  # kept on record
     assert "VehicleReleased" not in types(redo) and redo.status == "superseded"
     with pytest.raises(StateConflict):
         redo.collect_swab("S-R2", SITES, "赵六", SWAB_AT)

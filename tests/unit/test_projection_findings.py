@@ -600,16 +600,18 @@ def test_r8_the_stages_in_time_after_the_trip_and_one_after_the_other() -> None:
     """Logged in the right order is not enough: a first stage dated before the trip ended
     (85 min before the handover), or a terminal stage begun before the first one ended, is
     no two-stage disinfection after the trip. A few minutes' clock difference is not one."""
-    def stages(initial_start: timedelta, terminal_start: timedelta) -> set[str]:
+    def stages(initial_start: timedelta, terminal_start: timedelta, handover: bool = True) -> set[str]:
         h = History()
         vehicle(h, "v1")
         request(h, "t")
         h.add("transfer", "trip-a", "TripOpened", trip_id="a", transfer_id="t", vehicle_id="v1",
               destination_id="f", origin={}, return_required=True)
         handed = h.clock + timedelta(minutes=1)
-        h.add("transfer", "trip-a", "PatientHandedOver", trip_id="a", transfer_id="t", facility_id="f",
-              received_by="李", confirmed_by="crew")
-        h.add("transfer", "trip-a", "TripCompleted", trip_id="a", transfer_id="t", vehicle_id="v1")
+        if handover:
+            h.add("transfer", "trip-a", "PatientHandedOver", trip_id="a", transfer_id="t", facility_id="f",
+                  received_by="李", confirmed_by="crew")
+        h.add("transfer", "trip-a", "TripCompleted", trip_id="a", transfer_id="t", vehicle_id="v1",
+              **({} if handover else {"reason": "vehicle withdrawn"}))
         cycle(h, "c1", "a")
         h.add("disinfection", "cycle-c1", "InitialDisinfectionLogged", cycle_id="c1", vehicle_id="v1",
               stage=stage(start=handed + initial_start))
@@ -621,6 +623,8 @@ def test_r8_the_stages_in_time_after_the_trip_and_one_after_the_other() -> None:
     assert stages(timedelta(minutes=-5), timedelta(minutes=35)) == set()  # a clock a little off
     assert stages(timedelta(minutes=-120), timedelta(minutes=60)) == {"stage_before_trip_ended"}
     assert stages(timedelta(minutes=20), timedelta(minutes=40)) == {"terminal_overlaps_initial"}
+    # A trip dispatch ended (a takeover) is dated when the transfer service heard: no bound.
+    assert stages(timedelta(minutes=-120), timedelta(minutes=60), handover=False) == set()
 
 
 def test_kpis_and_ledger_count_whole_local_days_a_time_stands_for_its_day() -> None:

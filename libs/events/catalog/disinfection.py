@@ -26,6 +26,10 @@ class CycleOpened(Event):
     # When the trip ended (the crew's clock) or the positive result was reported.
     opened_at: str | None = None
     after_sample_id: str | None = None
+    # When the crew handed the patient over, for a trip that ended so (R8: the first stage
+    # follows it). None for a trip dispatch ended (its time is when the transfer service
+    # heard of it, late if a consumer lagged) and for a re-disinfection.
+    trip_ended_at: str | None = None
 
 
 @registry.register

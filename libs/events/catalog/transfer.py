@@ -83,15 +83,20 @@ class TripAborted(Event):
     aborted_by: str = "dispatch"
 
 
+HANDED_OVER = "handed over"  # TripCompleted's reason when the crew handed the patient over
+
+
 @registry.register
 class TripCompleted(Event):
     """The vehicle's part is over: disinfection opens a cycle, dispatch holds the vehicle (R2).
-    One for every vehicle that carried the patient, also one that broke down on the way."""
+    One for every vehicle that carried the patient, also one that broke down on the way.
+    After a handover it is dated at the handover (the crew's clock); when dispatch took the
+    vehicle off (another reason), when the transfer service heard of it (the server's)."""
 
     trip_id: str
     transfer_id: str
     vehicle_id: str
-    reason: str = "handed over"
+    reason: str = HANDED_OVER
 
 
 @registry.register
