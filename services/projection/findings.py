@@ -867,7 +867,10 @@ def exposure_window(data: AuditData, swab: dict[str, Any]) -> ExposureWindow:
                         default=(None, None))[1]
     since = server_time(last_negative.get("collected")) if last_negative else None
     cleared = min((at for at, _ in negatives if at > at_positive), default=None)
-    own_trip = (data.cycles.get(swab.get("cycle_id") or "") or {}).get("trip_id")
+    # The trip the swabbed cycle disinfected after. A re-disinfection's cycle names the trip
+    # whose swab was positive, but disinfected after that swab, not after the trip.
+    cycle = data.cycles.get(swab.get("cycle_id") or "") or {}
+    own_trip = cycle.get("trip_id") if (cycle.get("opened") or {}).get("kind", "trip") == "trip" else None
     trips = []
     for trip in data.trips_of_vehicle(vid):
         opened = server_time(trip.get("opened"))

@@ -1146,6 +1146,39 @@ def test_r9_an_exposure_list_that_leaves_out_an_exposed_patient_is_found() -> No
     assert not [f for f in listed([], amended="t2").found() if f.check == "exposure_list_incomplete"]
 
 
+def test_r9_a_positive_redisinfection_swab_exposes_only_trips_after_the_last_negative() -> None:
+    """Trip a's swab came back positive after trip b's negative one; the re-disinfection of
+    a (its cycle names trip a) is positive too. Nothing rode since b's negative swab: the
+    list is empty and right; trip a was exposed to sa, not to the re-disinfection's swab."""
+    h = History()
+    vehicle(h, "v1")
+    for trip in ("a", "b"):
+        request(h, f"t-{trip}")
+        h.add("transfer", f"trip-{trip}", "TripOpened", trip_id=trip, transfer_id=f"t-{trip}",
+              vehicle_id="v1", destination_id="f", origin={}, return_required=False)
+        h.add("transfer", f"trip-{trip}", "TripCompleted", trip_id=trip, transfer_id=f"t-{trip}",
+              vehicle_id="v1")
+        cycle(h, f"c{trip}", trip)
+        h.add("disinfection", f"cycle-c{trip}", "SurfaceSwabCollected", cycle_id=f"c{trip}", vehicle_id="v1",
+              sample_id=f"s{trip}", sites=["a", "b", "c"], collected_by="x", collected_at=h.clock.isoformat())
+    for sample, result in (("sb", "negative"), ("sa", "positive")):
+        h.add("disinfection", f"cycle-c{sample[1]}", "SwabResultRecorded", cycle_id=f"c{sample[1]}",
+              vehicle_id="v1", sample_id=sample, result=result, lab="l", reported_at=h.clock.isoformat())
+    h.add("disinfection", "cycle-ra", "CycleOpened", cycle_id="ra", vehicle_id="v1", trip_id="a",
+          transfer_id="t-a", reason="positive swab", kind="redisinfection", after_sample_id="sa")
+    h.add("disinfection", "cycle-ra", "SurfaceSwabCollected", cycle_id="ra", vehicle_id="v1",
+          sample_id="sra", sites=["a", "b", "c"], collected_by="x", collected_at=h.clock.isoformat())
+    h.add("disinfection", "cycle-ra", "SwabResultRecorded", cycle_id="ra", vehicle_id="v1",
+          sample_id="sra", result="positive", lab="l", reported_at=h.clock.isoformat())
+    h.add("disinfection", "cycle-ra", "ExposureListProduced", vehicle_id="v1", sample_id="sra",
+          cycle_id="ra", transfer_id="t-a", last_negative_sample_id="sb", bounded_by_sample_id=None,
+          transfers=[])
+    view = {e["sample_id"]: e for e in exposures(h.data())}
+    assert [t["transfer_id"] for t in view["sra"]["transfers"]] == [], view["sra"]
+    assert [t["transfer_id"] for t in view["sa"]["transfers"]] == ["t-a", "t-b"], view["sa"]
+    assert not [f for f in h.found() if f.check == "exposure_list_incomplete"]
+
+
 def test_r9_a_patient_aboard_a_trip_that_broke_down_was_exposed_one_who_never_boarded_was_not() -> None:
     """A breakdown after pickup ends the trip with its patient aboard (another vehicle takes
     them on): exposed, so the list must name them. A trip aborted at the door (patient
