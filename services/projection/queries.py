@@ -474,18 +474,35 @@ async def timeline_events(conn: AsyncConnection, transfer_id: str,
     # acknowledgements: who was told this patient rode in a vehicle later found positive.
     def naming(key: str, values: Iterable[str]) -> Any:
         # Payloads are archived as canonical JSON (compact, sorted keys): a key and its value
-        # are written one way only.
+        # are written one way only. SQLite's LIKE ignores case: the rows found are checked
+        # again, exactly (names).
         return or_(*(archive.c.payload.contains(f'"{key}":{canonical(v)}', autoescape=True) for v in values))
 
     lists = ("ExposureListProduced", "ExposureListAmended")
-    listed = [r.payload for r in await conn.execute(select(archive.c.payload).where(and_(
-        archive.c.type.in_(lists), naming("transfer_id", transfers))))]
-    samples = sorted({str(orjson.loads(p).get("sample_id")) for p in listed})
+    listed = [p for (text_,) in await conn.execute(select(archive.c.payload).where(and_(
+        archive.c.type.in_(lists), naming("transfer_id", transfers))))
+        if names(p := orjson.loads(text_), "transfer_id", set(transfers))]
+    samples = sorted({str(p.get("sample_id")) for p in listed})
+    notices = (*lists, "ExposureListAcknowledged")
     if samples:
-        acknowledged = archive.c.type.in_((*lists, "ExposureListAcknowledged"))
-        cond.append(and_(acknowledged, naming("sample_id", samples)))
+        cond.append(and_(archive.c.type.in_(notices), naming("sample_id", samples)))
     rows = await conn.execute(select(archive).where(or_(*cond)).order_by(archive.c.seq))
-    return list(rows), frozenset(transfers[1:])
+    by_transfer, by_trip, by_cycle = set(transfers), set(trip_ids), set(cycle_ids)
+
+    def linked(r: Any) -> bool:
+        return (r.transfer_key in by_transfer or r.trip_id in by_trip or r.cycle_id in by_cycle
+                or (r.type in notices and orjson.loads(r.payload).get("sample_id") in samples))
+
+    return [r for r in rows if linked(r)], frozenset(transfers[1:])
+
+
+def names(value: Any, key: str, wanted: set[str]) -> bool:
+    """Whether a payload says `key` is one of `wanted`, at any depth."""
+    if isinstance(value, dict):
+        return any((k == key and v in wanted) or names(v, key, wanted) for k, v in value.items())
+    if isinstance(value, list):
+        return any(names(v, key, wanted) for v in value)
+    return False
 
 
 async def feed(conn: AsyncConnection, after: int, limit: int) -> list[Any]:

@@ -269,9 +269,9 @@ async def test_a_transfer_named_on_an_exposure_list_has_it_in_its_timeline(
         stores: dict[str, EventStore]) -> None:
     """The list is filed under the swabbed trip's transfer; a patient it names who rode
     earlier sees it (and the dispatcher's acknowledgement) among their own notifications,
-    whoever else the list named."""
+    whoever else the list named. Ids are matched exactly (SQLite's LIKE ignores case)."""
     d, x = stores["dispatch"], stores["disinfection"]
-    for tid in ("rode-before", "rode_before"):
+    for tid in ("rode-before", "rode_before", "Rode-Before"):
         await put(d, f"transfer-{tid}", dsp.TransferRequested(
             transfer_id=tid, patient={"name": tid}, risk_category="isolation_site", condition={"fever": True},
             origin={"kind": "isolation_site", "name": "隔离点"}, purpose="outpatient_visit",
@@ -282,16 +282,22 @@ async def test_a_transfer_named_on_an_exposure_list_has_it_in_its_timeline(
             transfer_id=t, trip_id=f"trip-{t}", cycle_id="cx", relation="before_swab")
             for t in ("rode-before", "swabbed")]),
         dis.ExposureListAcknowledged(vehicle_id="v1", sample_id="sx", acknowledged_by="dispatcher-1"))
+    # Another vehicle's list, whose sample id differs in case only, naming someone else.
+    await put(x, "exposure-SX", dis.ExposureListProduced(
+        vehicle_id="v2", sample_id="SX", cycle_id="cy", transfer_id="other", last_negative_sample_id=None,
+        bounded_by_sample_id=None, transfers=[dis.ExposedTransfer(
+            transfer_id="other", trip_id="trip-other", cycle_id="cy", relation="swabbed_trip")]))
     await run_projection(stores)
     async with stores["projection"].engine.connect() as conn:
         gen = await queries.current(conn)
         told, legs = await queries.timeline_events(conn, "rode-before", gen)
         untold, _ = await queries.timeline_events(conn, "rode_before", gen)
+        cased, _ = await queries.timeline_events(conn, "Rode-Before", gen)
     view = timeline_view("rode-before", [envelope_of_row(r) for r in told], legs)
     assert [(n["what"], n["state"]) for n in view["notifications"]] == [
         ("exposure list (R9)", "issued"), ("exposure list (R9)", "acknowledged")], view["notifications"]
     # Not named: "_" is no wildcard here (it would match the "-" of the one named).
-    assert {r.type for r in untold} == {"TransferRequested"}
+    assert {r.type for r in untold} == {r.type for r in cased} == {"TransferRequested"}
 
 
 async def test_the_days_ledger_lists_a_trip_whose_transfer_was_requested_days_before(
