@@ -256,16 +256,18 @@ async def stream(request: Request, store: Store,
     EventSource sends when it reconnects: it wins over the URL's `after`, which the
     reconnect repeats), else after `after`, else (`from_now`) after the newest event, else
     from the first. `follow=false` ends the stream once caught up. The record of reads in
-    clear (PatientDataDisclosed) is left out for those who may not read /audit/disclosures."""
+    clear (PatientDataDisclosed) is left out for those who may not read /audit/disclosures.
+
+    The first frame, and every keep-alive, carries an `id` and no data: the position read
+    up to. An EventSource keeps it as its last event id, so a console that reconnects before
+    any event came (or after events it may not see) resumes there, not from_now again."""
     if last_event_id:
-        try:
-            after = int(last_event_id)
-            if not 0 <= after <= POSITION_MAX:
-                raise ValueError(after)
-        except ValueError as exc:
+        # Digits only: int() would also take "1_0", "+5" or " 7 ".
+        after = int(last_event_id) if last_event_id.isascii() and last_event_id.isdigit() else -1
+        if not 0 <= after <= POSITION_MAX:
             raise InvalidField("Last-Event-ID", "invalid_last_event_id",
                                "Last-Event-ID is an event's id (a number from 0)",
-                               "Last-Event-ID须为事件编号（非负整数）") from exc
+                               "Last-Event-ID须为事件编号（非负整数）")
     if after is None and from_now:
         async with store.engine.connect() as conn:
             after = await next_seq(conn) - 1
@@ -277,7 +279,7 @@ async def stream(request: Request, store: Store,
     async def frames() -> Any:
         cursor = start
         idle = 0.0
-        yield "retry: 2000\n\n"
+        yield f"retry: 2000\nid: {cursor}\n\n"
         while True:
             async with store.engine.connect() as conn:
                 rows = await queries.feed(conn, cursor, 500)
@@ -293,7 +295,7 @@ async def stream(request: Request, store: Store,
             idle += 0.25
             if idle >= heartbeat:
                 idle = 0.0
-                yield ": keep-alive\n\n"
+                yield f": keep-alive\nid: {cursor}\n\n"
 
     return StreamingResponse(frames(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

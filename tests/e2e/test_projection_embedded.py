@@ -173,7 +173,8 @@ class HeldStream:
 async def test_a_console_holding_the_stream_sees_what_happens_after_it_connected(
         app: FastAPI, client: httpx.AsyncClient) -> None:
     """Held open from now: nothing of before, then the vehicle registered after connecting,
-    live; a reconnect's Last-Event-ID wins over the URL's `after`."""
+    live; a reconnect's Last-Event-ID wins over the URL's `after`. A console that drops
+    before any event came resumes from the id the stream opened with, not from now."""
     ok(await client.post(f"{API}/vehicles", json=scenarios_audit.AMBULANCE), 201)
 
     async def archived() -> bool:
@@ -185,6 +186,7 @@ async def test_a_console_holding_the_stream_sees_what_happens_after_it_connected
     held = HeldStream(app, acting.headers("dispatcher"), "from_now=true&heartbeat=0.5")
     try:
         await eventually(lambda: _true(held.text.startswith("retry:")), "the stream to open")
+        opened_at = int(held.text.split("\n\n")[0].split("id: ")[1])
         second = {**scenarios_audit.AMBULANCE, "id": "nx-held-2", "plate": "宁A·H0002"}
         ok(await client.post(f"{API}/vehicles", json=second), 201)
         await eventually(lambda: _true("nx-held-2" in held.text), "the new event on the held stream")
@@ -193,11 +195,21 @@ async def test_a_console_holding_the_stream_sees_what_happens_after_it_connected
     finally:
         await held.close()
 
-    frames = [f for f in held.text.split("\n\n") if f.startswith("id: ")]
-    first = int(frames[0].split("\n")[0][4:])
+    def events(text: str) -> list[int]:
+        return [int(f.split("\n")[0][4:]) for f in text.split("\n\n") if "\nevent: " in f]
+
+    first = events(held.text)[0]
     resumed = await client.get(f"{API}/audit/stream", params={"follow": "false", "after": 0},
                                headers={"Last-Event-ID": str(first - 1)})
-    assert f"id: {first - 1}\n" not in resumed.text and f"id: {first}\n" in resumed.text
+    assert events(resumed.text)[0] == first
+    # Dropped before its first event: the EventSource sends the opening id back, and the
+    # event that came meanwhile is delivered (the URL still says from_now).
+    reconnected = await client.get(f"{API}/audit/stream", params={"follow": "false", "from_now": "true"},
+                                   headers={**acting.headers("dispatcher"), "Last-Event-ID": str(opened_at)})
+    assert "nx-held-2" in reconnected.text
+    # Idle, it still says how far it read.
+    idle = [f for f in held.text.split("\n\n") if f][-1]
+    assert idle.startswith(": keep-alive\nid: ") and int(idle.split("id: ")[1]) >= events(held.text)[-1]
 
 
 async def _true(value: bool) -> bool:

@@ -195,6 +195,6 @@ def test_the_live_feed_is_the_stream_its_document_describes() -> None:
 
     with_events, empty = asyncio.run(fetch())
     assert with_events.text.count("\nevent: ") > 10
-    assert empty.text == "retry: 2000\n\n"
+    assert empty.text == f"retry: 2000\nid: {10**9}\n\n"
     for resp in (with_events, empty):
         operation.validate_response(resp)
