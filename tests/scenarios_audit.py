@@ -198,6 +198,9 @@ async def check_views(c: httpx.AsyncClient, ids: dict[str, Any]) -> None:
     await settled(c, ids)
     # -- timeline of T1: every step, both clocks, actors, place, reasons, notifications ---------
     tl = ok(await c.get(f"{API}/audit/transfers/{ids['t1']}/timeline"))
+    # A vehicle's or a facility's id is no transfer (their registrations correlate by it).
+    for other in ("nx-120-07", "yc-second"):
+        assert ok(await c.get(f"{API}/audit/transfers/{other}/timeline"), 404)["code"] == "transfer_not_found"
     types = [e["type"] for e in tl["entries"]]
     for expected in ("TransferRequested", "TransferPrioritized", "DestinationAssigned", "VehicleAssigned",
                      "TransferReported", "TripOpened", "PatientHandedOver", "TripCompleted",

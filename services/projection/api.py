@@ -105,7 +105,10 @@ async def transfer_timeline(transfer_id: str, store: Store) -> Any:
     async with store.engine.connect() as conn:
         gen = await queries.current(conn)
         rows, return_legs = await queries.timeline_events(conn, transfer_id, gen)
-    if not rows:
+    # A transfer is what some event names as one: the archive keys an event that names no
+    # transfer by its correlation id, which for a registration is the vehicle's or the
+    # facility's id; that is no transfer's timeline.
+    if not any(json.loads(r.payload).get("transfer_id") == transfer_id for r in rows):
         raise NotFound("transfer", transfer_id)
     return timeline_view(transfer_id, [envelope_of_row(r) for r in rows], return_legs)
 
