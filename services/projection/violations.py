@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -399,9 +400,15 @@ def _cursor(at_key: str, id_: str) -> str:
 def parse_cursor(cursor: str) -> tuple[str, str]:
     """The (at_key, id) a page ends at; ValueError when it is not one of ours."""
     at_key, sep, id_ = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
-    if not sep or not at_key or not id_:
+    # Of the shape we write, strictly: anything else (a NUL, which PostgreSQL's text cannot
+    # hold, or text that sorts anywhere) reached the query's comparison.
+    if not (sep and _CURSOR_AT.fullmatch(at_key) and _CURSOR_ID.fullmatch(id_)):
         raise ValueError("not a cursor")
     return at_key, id_
+
+
+_CURSOR_AT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z", re.ASCII)
+_CURSOR_ID = re.compile(r"[0-9a-f]{16}", re.ASCII)
 
 
 async def page(conn: AsyncConnection, gen: Generation | None, *, now: datetime, limit: int,

@@ -261,6 +261,10 @@ async def nul_and_methods_in_the_url(c: httpx.AsyncClient) -> None:
                        (f"{API}/transfers?status=queued%00", "status"),
                        (f"{API}/audit/violations?rule=R1%00", "rule")):
         problem(await c.get(url, headers=as_(c, "supervisor")), 422, field)
+    # A findings cursor decoding to NULs ("\0|\0") or to text of no cursor's shape ("a||").
+    for cursor in ("AHwA", "YXx8"):
+        problem(await c.get(f"{API}/audit/violations", params={"cursor": cursor},
+                            headers=as_(c, "auditor")), 422, "cursor")
     resp = await c.request("DELETE", f"{API}/transfers")
     problem(resp, 405)
     assert set(resp.headers["allow"].split(", ")) >= {"GET", "POST"}
