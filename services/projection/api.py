@@ -82,8 +82,9 @@ def _days(from_: str | None, to: str | None) -> tuple[str | None, str | None]:
     """Local days [from, to): by whole days, as the KPIs and the ledger count them. A time
     stands for its local day; a `to` after its day's midnight takes that day in (a range
     within one day is that day, not an empty range, and none of the last day is lost)."""
-    day_from = _day(from_, "from")
-    end = _bound(to, "to")
+    start, end = _bound(from_, "from"), _bound(to, "to")
+    _ordered(start, end)  # as given: 18:00 to 09:00 of one day is no range, not that day
+    day_from = start.astimezone(REGION_TZ).date().isoformat() if start else None
     day_to = None
     if end is not None:
         local = end.astimezone(REGION_TZ)

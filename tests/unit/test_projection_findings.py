@@ -19,6 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from libs.events.aggregate import InvalidField
 from libs.events.envelope import Envelope
 from services.projection import custody, facts, findings, kpis, ledger, slices, tables
 from services.projection.custody import exposures
@@ -636,6 +637,10 @@ def test_kpis_and_ledger_count_whole_local_days_a_time_stands_for_its_day() -> N
     assert _days("2024-05-01", "2024-05-02T12:00:00+08:00") == ("2024-05-01", "2024-05-03")
     assert _days("2024-05-01", "2024-05-02") == ("2024-05-01", "2024-05-02")
     assert _days(None, "2024-05-01T16:00:00Z") == (None, "2024-05-02")  # 00:00 in Yinchuan
+    # Reversed within one day: refused as the violations refuse it, not taken for that day.
+    with pytest.raises(InvalidField) as reversed_:
+        _days("2024-05-01T18:00:00+08:00", "2024-05-01T09:00:00+08:00")
+    assert (reversed_.value.field, reversed_.value.code) == ("to", "empty_range")
 
 
 def test_r10_a_report_the_bureaus_system_never_took_is_a_finding_until_one_gets_through() -> None:
