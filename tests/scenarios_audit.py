@@ -267,6 +267,7 @@ async def check_views(c: httpx.AsyncClient, ids: dict[str, Any]) -> None:
     produced = ex[0]["list"]
     assert produced is not None and produced["missing"] == [], produced
     assert ids["t3"] in produced["transfers"], produced
+    assert produced["status"] == "unacknowledged" and produced["acknowledged"] == [], produced
 
     # -- indicators ---------------------------------------------------------------------------
     k = ok(await c.get(f"{API}/audit/kpis"))

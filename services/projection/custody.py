@@ -10,6 +10,7 @@ from services.projection.findings import (
     ended_carrying,
     exposure_list,
     exposure_window,
+    payload,
     positives,
     server_time,
 )
@@ -154,6 +155,10 @@ def exposures(data: AuditData, vehicle_id: str | None = None) -> list[dict[str, 
                 "transfers": sorted(listed.transfers),
                 "acknowledged": [{"by": a["actor"], "at": a["recorded_at"], "event_id": a["event_id"]}
                                  for a in listed.acknowledged],
+                # Patients added as their trips ended; acknowledged again or not.
+                "amended": [{"transfer_id": (payload(a).get("transfer") or {}).get("transfer_id"),
+                             "at": a["recorded_at"], "event_id": a["event_id"]} for a in listed.amended],
+                "status": "acknowledged" if listed.acknowledged_whole else "unacknowledged",
                 # What R9's exposure_list_incomplete reads: trips ended with their patient.
                 "missing": sorted({t["transfer_id"] for t in window.trips
                                    if ended_carrying(t) and t.get("transfer_id")} - listed.transfers),

@@ -902,6 +902,16 @@ class ExposureList:
     produced: dict[str, Any] | None
     transfers: set[str]
     acknowledged: list[dict[str, Any]]
+    amended: list[dict[str, Any]]
+
+    @property
+    def acknowledged_whole(self) -> bool:
+        """A dispatcher acknowledged the list as it stands: after it was produced and after
+        its last amendment (a patient added later was not in what they acknowledged). In
+        the disinfection service's order (its store's positions)."""
+        last = max((r["position"] for r in [*([self.produced] if self.produced else []), *self.amended]),
+                   default=None)
+        return last is not None and any(a["position"] > last for a in self.acknowledged)
 
 
 EXPOSURE_TYPES = ("ExposureListProduced", "ExposureListAmended", "ExposureListAcknowledged")
@@ -916,7 +926,8 @@ def exposure_list(data: AuditData, vehicle_id: str, sample_id: str) -> ExposureL
                if r["type"] == "ExposureListAmended"}
     listed.discard(None)
     return ExposureList(produced, {str(t) for t in listed},
-                        [r for r in rows if r["type"] == "ExposureListAcknowledged"])
+                        [r for r in rows if r["type"] == "ExposureListAcknowledged"],
+                        [r for r in rows if r["type"] == "ExposureListAmended"])
 
 
 def r9_exposure_list(data: AuditData) -> Iterator[Finding]:

@@ -1149,6 +1149,14 @@ def test_r9_an_exposure_list_that_leaves_out_an_exposed_patient_is_found() -> No
     assert view["list"]["missing"] == ["t2"] and view["list"]["acknowledged"][0]["by"] == "d1"
     assert not [f for f in listed(["t2"]).found() if f.check == "exposure_list_incomplete"]
     assert not [f for f in listed([], amended="t2").found() if f.check == "exposure_list_incomplete"]
+    (view,) = exposures(listed([], amended="t2").data())
+    assert view["list"]["status"] == "acknowledged"  # amended, then acknowledged
+    late = listed(["t2"])  # acknowledged, then a patient added: not what was acknowledged
+    late.add("disinfection", "cycle-c2", "ExposureListAmended", vehicle_id="v1", sample_id="s2",
+             transfer={"transfer_id": "t9", "relation": "during_quarantine"})
+    (view,) = exposures(late.data())
+    assert view["list"]["status"] == "unacknowledged", view["list"]
+    assert [a["transfer_id"] for a in view["list"]["amended"]] == ["t9"]
 
 
 def test_r9_a_positive_redisinfection_swab_exposes_only_trips_after_the_last_negative() -> None:
