@@ -27,9 +27,10 @@ ID_KEYS = frozenset({"id_number", "resident_id", "id_card"})
 PHONE_KEYS = frozenset({"phone", "mobile", "contact_phone", "phone_number"})
 # And numbers that look like them in free text (a reason typed by a dispatcher, a place's
 # name): resident ids of 18 characters (also in 6-8-4 groups) and the old 15 digits;
-# mobiles bare, with +86 or with spaces or dashes between the groups; landlines with their
-# area code; in ASCII or in the full-width forms a Chinese input method types
-# (１３９１２３４５６７８), matched on a folded copy of the text and masked where they stand. A
+# mobiles bare, with +86 or 0086 or with spaces or dashes (any dash) between the groups;
+# landlines with their area code, bracketed or not, the number whole or in two groups; in
+# ASCII or in the full-width forms a Chinese input method types (１３９１２３４５６７８,
+# （０９５１）), matched on a folded copy of the text and masked where they stand. A
 # number touching a letter is part of something else (an event id, a hash, a plate) and
 # stays; so does one joined by a dash to a letter or digit before it: a UUID's last group
 # (a cycle's id ending in -075123452105 was masked, and a client could no longer use it).
@@ -37,11 +38,13 @@ PHONE_KEYS = frozenset({"phone", "mobile", "contact_phone", "phone_number"})
 # these words is hex, so no hash or UUID holds one.
 _FOLD = {**{0xFF10 + i: 0x30 + i for i in range(10)}, **{0xFF21 + i: 0x41 + i for i in range(26)},
          **{0xFF41 + i: 0x61 + i for i in range(26)}, 0xFF0B: 0x2B, 0xFF0D: 0x2D, 0xFF0E: 0x2E,
-         0x3000: 0x20}  # one character for one: a match's place in the copy is its place in the text
+         0xFF08: 0x28, 0xFF09: 0x29, 0x3000: 0x20,
+         **dict.fromkeys((0x2010, 0x2011, 0x2012, 0x2013, 0x2014, 0x2212), 0x2D)}
+# (one character for one: a match's place in the copy is its place in the text)
 _DIGITS = re.compile("[0-9\uff10-\uff19]{3}")
 _ID = r"(?:[0-9]{17}[0-9Xx]|[0-9]{6}[-\s][0-9]{8}[-\s][0-9]{3}[0-9Xx]|[0-9]{15})"
-_MOBILE = r"(?:\+?86[-\s]?)?1[3-9][0-9](?:[-\s]?[0-9]{4}){2}"
-_LANDLINE = r"0[0-9]{2,3}[-\s]?[0-9]{7,8}"
+_MOBILE = r"(?:(?:\+|00)?86[-\s]?)?1[3-9][0-9](?:[-\s]?[0-9]{4}){2}"
+_LANDLINE = r"(?:\(0[0-9]{2,3}\)|0[0-9]{2,3})[-\s]?(?:[0-9]{7,8}|[0-9]{3,4}[-\s][0-9]{4})"
 _AFTER_TOKEN = r"(?<![0-9A-Za-z]-)"
 _ID_IN_TEXT = re.compile(_AFTER_TOKEN + r"(?<![0-9A-Za-z.])" + _ID + r"(?![0-9A-Za-z])")
 _PHONE_IN_TEXT = re.compile(
@@ -89,7 +92,7 @@ def _id_mask(text: str, folded: str) -> str:
 
 def _phone_mask(text: str, folded: str) -> str:
     """As mask_phone, keeping how it was written: +86 139 **** 5678, 095*-***4321."""
-    prefix = 3 if folded.startswith("+86") else 2 if folded.startswith("86") else 0
+    prefix = next((len(p) for p in ("+86", "0086", "86") if folded.startswith(p)), 0)
     return text[:prefix] + _starred(text[prefix:], folded[prefix:], 3, 4)
 
 
