@@ -15,12 +15,12 @@ from pydantic import TypeAdapter, ValidationError
 
 import libs.events.catalog  # noqa: F401  (registers the event types the checks look for)
 from libs.auth.privacy import DisclosingRoute, disclose, mask
-from libs.events.aggregate import InvalidField, NotFound, StateConflict
+from libs.events.aggregate import InvalidField, NotFound, StateConflict, UnitOfWork
 from libs.events.catalog.common import PatientDataDisclosed
 from libs.events.contracts import registry
 from libs.events.envelope import utcnow
 from libs.events.store import EventStore
-from libs.web.deps import store_dep
+from libs.web.deps import ActorDep, IdempotencyKey, Remember, idempotent, meta_for, store_dep
 from libs.web.fields import FIRST_YEAR, LAST_YEAR, POSITION_MAX, Day, Instant
 from services.projection import custody as custody_view
 from services.projection import findings as findings_view
@@ -316,24 +316,42 @@ async def verify(store: Store, request: Request) -> dict[str, Any]:
 
 
 @router.post("/rebuild", status_code=202)
-async def start_rebuild(request: Request, store: Store, order: Literal["seq", "store"] = "seq",
-                        force: bool = False) -> JSONResponse:
+async def start_rebuild(request: Request, store: Store, actor: ActorDep, key: IdempotencyKey = None,
+                        order: Literal["seq", "store"] = "seq", force: bool = False) -> JSONResponse:
     """Rebuild every read model beside the live one, then switch (no downtime). Refused
     while another rebuild (here, in another process, or the command's) is building;
     `force` takes over the marker of one that died without clearing it (it goes stale by
-    itself after an hour)."""
+    itself after an hour). An Idempotency-Key sent again gets the first answer back and
+    starts nothing."""
     state = request.app.state
-    task: asyncio.Task[Any] | None = getattr(state, "projection_rebuild", None)
-    if task is not None and not task.done():
-        raise StateConflict("rebuild_running", "a rebuild is running", "重建正在进行中")
-    if not force:
-        async with store.engine.connect() as conn:
-            elsewhere = await being_built(conn)
-        if elsewhere:
-            raise StateConflict("rebuild_running", f"a rebuild is running: {elsewhere}",
-                                "另一重建正在进行中（若其已中断，可加force=true接管）")
-    state.projection_rebuild = asyncio.create_task(rebuild(store, order=order, force=force))
-    return JSONResponse({"status": "running", "order": order}, status_code=202)
+    # One request at a time decides: two that both found none running started two (found
+    # by review), the second failing as the first's report was lost.
+    if getattr(state, "projection_rebuild_lock", None) is None:
+        state.projection_rebuild_lock = asyncio.Lock()
+
+    async def run(remember: Remember) -> tuple[int, dict[str, Any]]:
+        async with state.projection_rebuild_lock:
+            return await start(remember)
+
+    async def start(remember: Remember) -> tuple[int, dict[str, Any]]:
+        task: asyncio.Task[Any] | None = getattr(state, "projection_rebuild", None)
+        if task is not None and not task.done():
+            raise StateConflict("rebuild_running", "a rebuild is running", "重建正在进行中")
+        if not force:
+            async with store.engine.connect() as conn:
+                elsewhere = await being_built(conn)
+            if elsewhere:
+                raise StateConflict("rebuild_running", f"a rebuild is running: {elsewhere}",
+                                    "另一重建正在进行中（若其已中断，可加force=true接管）")
+        answer = {"status": "running", "order": order}
+        uow = UnitOfWork(store, meta_for(actor, "audit-rebuild"))
+        remember(uow, 202, answer)
+        await uow.commit()  # the key's answer, before the rebuild starts
+        state.projection_rebuild = asyncio.create_task(rebuild(store, order=order, force=force))
+        return 202, answer
+
+    return await idempotent(store, key, f"{actor.subject} audit-rebuild",
+                            {"order": order, "force": force}, run)
 
 
 @router.get("/rebuild")

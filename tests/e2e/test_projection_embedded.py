@@ -54,6 +54,28 @@ async def rebuilt(c: httpx.AsyncClient, order: str) -> dict[str, Any]:
     return dict(status)
 
 
+async def test_one_rebuild_at_a_time_and_a_key_sent_again_starts_none(client: httpx.AsyncClient) -> None:
+    """Two requests at once: one starts it, the other is told one is running (both were
+    started, and the report of the first lost). The started one's Idempotency-Key sent
+    again after it finished gets its answer back, and no second rebuild."""
+    ok(await client.post(f"{API}/vehicles", json=scenarios_audit.AMBULANCE), 201)
+    answers = await asyncio.gather(*(client.post(f"{API}/audit/rebuild", headers={"Idempotency-Key": k})
+                                     for k in ("rb-1", "rb-2")))
+    assert sorted(a.status_code for a in answers) == [202, 409], [a.text for a in answers]
+    started = "rb-1" if answers[0].status_code == 202 else "rb-2"
+
+    async def done() -> Any:
+        status = ok(await client.get(f"{API}/audit/rebuild"))
+        assert status["status"] != "failed", status
+        return status if status["status"] == "done" else None
+
+    status = await eventually(done, "the rebuild")
+    again = await client.post(f"{API}/audit/rebuild", headers={"Idempotency-Key": started})
+    assert again.status_code == 202 and again.headers.get("idempotent-replayed") == "true", again.text
+    after = ok(await client.get(f"{API}/audit/rebuild"))
+    assert after["status"] == "done" and after["active_generation"] == status["active_generation"]
+
+
 async def test_audit_scenario_views_rebuild_and_tampering(app: FastAPI, client: httpx.AsyncClient,
                                                           tmp_path: Path) -> None:
     ids = await scenarios_audit.run(client)
