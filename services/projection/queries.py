@@ -9,14 +9,25 @@ from functools import lru_cache
 from typing import Any
 
 import orjson
-from sqlalchemy import BigInteger, String, and_, any_, bindparam, func, literal_column, or_, select, union
+from sqlalchemy import (
+    BigInteger,
+    String,
+    and_,
+    any_,
+    bindparam,
+    func,
+    literal_column,
+    or_,
+    select,
+    union,
+    union_all,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.events.catalog.common import PatientDataDisclosed
 from libs.events.envelope import GENESIS_HASH, ChainBreak, Envelope, verify_chain
 from libs.events.store import events_table, tracking_table
-from libs.web.fields import POSITION_MAX
 from services.projection.data import AuditData, PlanSql, parse_json
 from services.projection.facts import JSON_COLUMNS, SPECS, Records, Rows
 from services.projection.facts import dump as canonical
@@ -515,19 +526,18 @@ async def disclosures(conn: AsyncConnection, actor: str | None, limit: int,
     """Unmasked reads recorded by every service (archived here) and by this one (its own
     store), newest first."""
     kind = PatientDataDisclosed.__name__
-    found: list[dict[str, Any]] = []
-    for table, store in ((archive, None), (events_table, "projection")):
-        query = select(table).where(table.c.type == kind)
-        if actor is not None:
-            query = query.where(table.c.actor == actor)
-        # Both sources are merged here, so each gives its first offset + limit (a bigint at most).
-        upto = min(offset + limit, POSITION_MAX)
-        for row in await conn.execute(query.order_by(table.c.recorded_at.desc()).limit(upto)):
-            found.append({"at": row.recorded_at, "actor": row.actor, "role": row.role,
-                          "store": store or row.store, "event_id": row.event_id,
-                          **orjson.loads(row.payload)})
-    found.sort(key=lambda d: d["at"], reverse=True)
-    return found[offset:offset + limit]
+    # Merged and paged in the database: merged here, each source gave its first offset +
+    # limit rows, all of them for a far offset (found by review: 700 MB for an empty page).
+    sources = []
+    for table, store in ((archive, archive.c.store), (events_table, literal_column("'projection'"))):
+        query = select(table.c.recorded_at, table.c.actor, table.c.role, store.label("store"),
+                       table.c.event_id, table.c.payload).where(table.c.type == kind)
+        sources.append(query.where(table.c.actor == actor) if actor is not None else query)
+    merged = union_all(*sources).subquery()
+    rows = await conn.execute(select(merged).order_by(merged.c.recorded_at.desc(), merged.c.event_id)
+                              .limit(limit).offset(offset))
+    return [{"at": row.recorded_at, "actor": row.actor, "role": row.role, "store": row.store,
+             "event_id": str(row.event_id), **orjson.loads(row.payload)} for row in rows]
 
 
 async def stores_seen(conn: AsyncConnection) -> list[str]:

@@ -20,6 +20,7 @@ from libs.events.bus import StoreTailSource, Subscription
 from libs.events.catalog import disinfection as dis
 from libs.events.catalog import dispatch as dsp
 from libs.events.catalog import transfer as trn
+from libs.events.catalog.common import PatientDataDisclosed
 from libs.events.contracts import Event
 from libs.events.store import Commit, EventStore, Meta, NewEvent, StreamAppend
 from services.projection import findings, ledger, queries, violations
@@ -550,3 +551,27 @@ async def test_rebuilt_tables_keep_their_json_proofs_lz4_compressed() -> None:
                     assert methods["trip_id"] == "", methods  # keys stay as they were
         finally:
             await proj.close()
+
+
+async def test_reads_in_clear_are_merged_from_both_sources_and_paged_in_the_database(
+        stores: dict[str, EventStore]) -> None:
+    """Dispatch's records of reads in clear (archived here) and the projection's own (its
+    store): one list, newest first, filtered by actor, paged by the database however far
+    the offset."""
+    def read(route: str) -> PatientDataDisclosed:
+        return PatientDataDisclosed(route=route, patients=[{"name": "张三", "transfer_id": "t1"}])
+
+    for n in range(3):
+        await put(stores["dispatch"], f"disclosure-d{n}", read(f"/transfers/t{n}"), actor="dispatcher-a")
+        await put(stores["projection"], f"disclosure-p{n}", read(f"/audit/p{n}"), actor="auditor-b")
+    await put(stores["dispatch"], "disclosure-other", read("/transfers/x"), actor="dispatcher-c")
+    await run_projection(stores)
+    async with stores["projection"].engine.connect() as conn:
+        every = await queries.disclosures(conn, None, 100, 0)
+        assert [d["at"] for d in every] == sorted((d["at"] for d in every), reverse=True)
+        assert len(every) == 7 and {d["store"] for d in every} == {"dispatch", "projection"}
+        assert [d["route"] for d in every[:1]] == ["/transfers/x"]  # the last one written
+        assert await queries.disclosures(conn, None, 2, 3) == every[3:5]
+        mine = await queries.disclosures(conn, "auditor-b", 10, 1)
+        assert [d["route"] for d in mine] == ["/audit/p1", "/audit/p0"]
+        assert await queries.disclosures(conn, None, 1, 2**62) == []
