@@ -32,8 +32,8 @@ def _step(ref: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _cycle_view(data: AuditData, cycle: dict[str, Any]) -> dict[str, Any]:
-    released = cycle.get("released")
-    quarantined = cycle.get("quarantined")
+    released, quarantined = cycle.get("released"), cycle.get("quarantined")
+    superseded = cycle.get("superseded")
     return {
         "cycle_id": cycle["cycle_id"], "opened_at": cycle.get("opened_at"),
         "reason": (cycle.get("opened") or {}).get("reason"),
@@ -53,13 +53,21 @@ def _cycle_view(data: AuditData, cycle: dict[str, Any]) -> dict[str, Any]:
         "quarantined": {**(_step(quarantined) or {}), "sample_id": quarantined.get("sample_id"),
                         "redisinfection_cycle_id": quarantined.get("redisinfection_cycle_id")}
         if quarantined else None,
+        # A re-disinfection another positive swab overtook: the newer cycle answers for it.
+        "superseded": {**(_step(superseded) or {}), "by_cycle_id": superseded.get("by_cycle_id"),
+                       "sample_id": superseded.get("sample_id")} if superseded else None,
     }
 
 
 _RELEASE = ("policy", "override", "override_reason", "overridden_rules", "missing", "quarantine_lifted")
 
 
-READS = ("vehicles", "transfers", "trips", "cycles", "swabs")  # what custody() reads
+READS = ("vehicles", "vehicle_log", "transfers", "trips", "cycles", "swabs")  # what custody() reads
+# The vehicle's own word on its state, beside the chain: out of service (a breakdown, a
+# quarantine), duty, every return to service (one lifting a quarantine among them).
+STATUS_TYPES = ("VehicleTakenOutOfService", "VehicleDutyChanged", "VehicleReturnedToService",
+                "VehicleStoodDown")
+_STATUS_FIELDS = ("reason", "on_duty", "quarantine_lifted", "trip_id", "cycle_id", "transfer_id")
 EXPOSURE_READS = (*READS, "others")  # and exposures(): the exposure lists the disinfection service produced
 
 
@@ -77,13 +85,14 @@ def custody(data: AuditData, vehicle_id: str, findings: list[dict[str, Any]]) ->
     for trip in trips:
         cycles = data.cycles_of_trip(trip["trip_id"])
         linked_cycles |= {c["cycle_id"] for c in cycles}
-        handover, aborted = trip.get("handover"), trip.get("aborted")
+        handover, aborted, completed = trip.get("handover"), trip.get("aborted"), trip.get("completed")
         links.append({
             "trip_id": trip["trip_id"], "transfer_id": trip.get("transfer_id"),
             "opened": _step(trip.get("opened")),
             "handed_over": {**(_step(handover) or {}), "facility_id": handover.get("facility_id"),
                             "received_by": handover.get("received_by")} if handover else None,
-            "completed": _step(trip.get("completed")),
+            "completed": {**(_step(completed) or {}), "reason": completed.get("reason")}
+            if completed else None,
             "aborted": {**(_step(aborted) or {}), "reason": aborted.get("reason")} if aborted else None,
             "awaiting_disinfection": _step(trip.get("awaiting")),
             "cycles": [_cycle_view(data, c) for c in cycles],
@@ -98,10 +107,25 @@ def custody(data: AuditData, vehicle_id: str, findings: list[dict[str, Any]]) ->
     mine = [f for f in findings if f.get("vehicle_id") == vehicle_id]
     cycles = [c for link in links for c in link["cycles"]]
     released = {c["cycle_id"] for c in cycles if c["released"]}
+    # A quarantine is lifted by its re-disinfection's release, or by the release of the
+    # cycle that superseded it (and so on, another positive swab after another).
+    successor = {c["cycle_id"]: c["superseded"]["by_cycle_id"] for c in cycles if c["superseded"]}
+    for cycle_id in list(successor):
+        seen, last = {cycle_id}, successor[cycle_id]
+        while last in successor and last not in seen:
+            seen.add(last)
+            last = successor[last]
+        if last in released:
+            released.add(cycle_id)
+    status = [{"type": r["type"], "at": r["at"], "recorded_at": r["recorded_at"], "actor": r["actor"],
+               "role": r["role"], "event_id": r["event_id"],
+               **{k: v for k, v in payload(r).items() if k in _STATUS_FIELDS}}
+              for r in sorted(data.vehicle_log, key=lambda r: r["position"])
+              if r.get("vehicle_id") == vehicle_id and r["type"] in STATUS_TYPES]
     return {
         "vehicle_id": vehicle_id,
         "vehicle": {k: (vehicle or {}).get(k) for k in ("plate", "kind", "dedicated_pool", "life_support")},
-        "links": links, "findings": mine,
+        "links": links, "status_changes": status, "findings": mine,
         # No finding, every trip that ended back in service, and every quarantine lifted
         # by a released re-disinfection: a vehicle in quarantine is not a closed chain.
         "complete": not mine and all(

@@ -156,7 +156,7 @@ SPECS: dict[str, TableSpec] = {
     "cycles": TableSpec(
         ("cycle_id",),
         ("vehicle_id", "trip_id", "transfer_id", "opened_at", "opened", "initial", "terminal",
-         "released", "quarantined"),
+         "released", "quarantined", "superseded"),
     ),
     "swabs": TableSpec(("sample_id",), ("cycle_id", "vehicle_id", "collected_at", "collected",
                                          "result")),
@@ -172,7 +172,7 @@ JSON_COLUMNS = frozenset({
     "request", "prioritized", "destination", "queued", "assigned", "reported", "handed_over",
     "data", "registered", "opened", *(f"s_{s}" for s in STEPS), "handover", "confirmed",
     "completed", "awaiting", "returned", "initial", "terminal", "released", "quarantined",
-    "collected", "result", "cancelled", "delivery", "aborted",
+    "collected", "result", "cancelled", "delivery", "aborted", "superseded",
 })
 _LAST = {name: spec.last for name, spec in SPECS.items()}
 _APPEND_ONLY = frozenset(name for name, spec in SPECS.items() if spec.append_only)
@@ -413,7 +413,7 @@ def _handover(column: str) -> Callable[[Ev, dict[str, Any], Put], None]:
 
 def _trip_completed(ev: Ev, p: dict[str, Any], put: Put) -> None:
     put("trips", (p["trip_id"],), {"transfer_id": p.get("transfer_id"), "vehicle_id": p.get("vehicle_id"),
-                                   "completed": _ref(ev)})
+                                   "completed": _ref(ev, {"reason": p.get("reason")})})
 
 
 def _cycle_opened(ev: Ev, p: dict[str, Any], put: Put) -> None:
@@ -454,6 +454,12 @@ def _quarantined(ev: Ev, p: dict[str, Any], put: Put) -> None:
     put("cycles", (p["cycle_id"],), {"quarantined": _ref(ev, {
         "sample_id": p.get("sample_id"), "reason": p.get("reason"),
         "redisinfection_cycle_id": p.get("redisinfection_cycle_id")})})
+
+
+def _superseded(ev: Ev, p: dict[str, Any], put: Put) -> None:
+    """A re-disinfection that gave way to a newer one (another positive swab came first)."""
+    put("cycles", (p["cycle_id"],), {"vehicle_id": p.get("vehicle_id"), "superseded": _ref(ev, {
+        "by_cycle_id": p.get("by_cycle_id"), "sample_id": p.get("sample_id")})})
 
 
 def _trip_aborted(ev: Ev, p: dict[str, Any], put: Put) -> None:
@@ -502,6 +508,7 @@ FOLDS: dict[str, Callable[[Ev, dict[str, Any], Put], None]] = {
     "SwabResultRecorded": _swab_result,
     "VehicleReleased": _released,
     "VehicleQuarantined": _quarantined,
+    "CycleSuperseded": _superseded,
     **{t: _other for t in OTHER_TYPES},
     "TripAborted": _trip_aborted,
 }

@@ -1076,6 +1076,36 @@ def test_custody_shows_an_aborted_trip_the_swabs_proofs_an_early_release_and_an_
     assert released["override"] and released["missing"] == ["swab"], released
 
 
+def test_custody_follows_a_superseded_redisinfection_and_the_vehicles_own_status() -> None:
+    """A second positive swab while the first re-disinfection was open: that cycle gives
+    way to the newer one, which lifts both quarantines when it releases the vehicle. The
+    vehicle's own word (out of service, back in service lifting the quarantine) is shown."""
+    h = full_history()  # s2 of c2: positive
+    h.add("disinfection", "cycle-c2", "VehicleQuarantined", cycle_id="c2", vehicle_id="v1", sample_id="s2",
+          reason="positive swab", redisinfection_cycle_id="r2")
+    h.add("disinfection", "cycle-r2", "CycleOpened", cycle_id="r2", vehicle_id="v1", trip_id="trip2",
+          transfer_id="t2", reason="positive swab", kind="redisinfection", after_sample_id="s2")
+    h.add("dispatch", "vehicle-v1", "VehicleTakenOutOfService", vehicle_id="v1", reason="R9 quarantine")
+    h.add("disinfection", "cycle-r2", "CycleSuperseded", cycle_id="r2", vehicle_id="v1", by_cycle_id="r3",
+          sample_id="s9")
+    h.add("disinfection", "cycle-r3", "CycleOpened", cycle_id="r3", vehicle_id="v1", trip_id="trip2",
+          transfer_id="t2", reason="positive swab", kind="redisinfection", after_sample_id="s9")
+    held = custody.custody(h.data(), "v1", [])
+    assert held is not None and not held["complete"]
+    r2 = next(c for link in held["links"] for c in link["cycles"] if c["cycle_id"] == "r2")
+    assert r2["superseded"]["by_cycle_id"] == "r3" and r2["superseded"]["event_id"], r2
+    h.add("disinfection", "cycle-r3", "VehicleReleased", cycle_id="r3", vehicle_id="v1", trip_id="trip2",
+          policy="p", quarantine_lifted=True)
+    h.add("dispatch", "vehicle-v1", "VehicleReturnedToService", vehicle_id="v1", trip_id="trip2",
+          cycle_id="r3", quarantine_lifted=True)
+    lifted = custody.custody(h.data(), "v1", [])
+    assert lifted is not None and lifted["complete"], lifted["links"][-1]
+    status = [(s["type"], s.get("reason"), s.get("quarantine_lifted")) for s in lifted["status_changes"]]
+    assert ("VehicleTakenOutOfService", "R9 quarantine", None) in status
+    assert status[-1] == ("VehicleReturnedToService", None, True), status
+    assert "reason" in lifted["links"][0]["completed"]
+
+
 def test_a_trip_is_on_the_ledger_of_its_own_day_not_its_requests() -> None:
     """A care-series visit booked the evening before is an outgoing trip of the next day."""
     h = History()
