@@ -39,6 +39,7 @@ from services.projection.tables import (
     archive,
     envelope_of_row,
     generation,
+    links,
 )
 
 KEYED = ("transfers", "trips", "cycles", "swabs", "vehicles", "facilities")
@@ -549,8 +550,12 @@ async def verify_copy(
 ) -> tuple[int, str | None, ChainBreak | None]:
     """How many of a store's events the copy holds in an unbroken chain from the first,
     the hash of the last of them, and the first broken link (an edited row, or a position
-    missing from the copy)."""
+    missing from the copy). The hash covers the envelope; the archive's own columns are
+    checked against it as well: the links the timelines select by (read off the payload
+    again), and `seq`, the order the feed and the rebuild follow, which must keep each
+    stream's order (Kafka keeps nothing else, so that is all it can be held to)."""
     prev, after = GENESIS_HASH, 0
+    last_seq: dict[str, int] = {}
     while True:
         rows = list(await conn.execute(
             select(archive).where((archive.c.store == store) & (archive.c.position > after))
@@ -561,7 +566,7 @@ async def verify_copy(
         if batch[0].position != after + 1:
             return after, (prev if after else None), ChainBreak(
                 store=store, position=after + 1, event_id="", reason="missing from the projection's copy")
-        broken = verify_chain(batch, prev)
+        broken = verify_chain(batch, prev) or _unlinked(store, rows, batch, last_seq)
         if broken is not None:
             # The links before the broken one hold: counted, and their last hash is the
             # one the store is compared at.
@@ -569,6 +574,22 @@ async def verify_copy(
             return (good[-1].position, good[-1].hash, broken) if good else (
                 after, (prev if after else None), broken)
         prev, after = batch[-1].hash, batch[-1].position
+
+
+def _unlinked(store: str, rows: list[Any], batch: list[Envelope],
+              last_seq: dict[str, int]) -> ChainBreak | None:
+    """The first row whose link columns are not what its payload says, or whose seq puts
+    it before an earlier event of its stream."""
+    for row, env in zip(rows, batch, strict=True):
+        stored = {k: getattr(row, k) for k in ("transfer_key", "trip_id", "cycle_id", "vehicle_id")}
+        if stored != links(env):
+            return ChainBreak(store=store, position=env.position, event_id=str(env.event_id),
+                              reason="its links (transfer, trip, cycle, vehicle) were edited in the copy")
+        if row.seq <= last_seq.get(env.stream_id, 0):
+            return ChainBreak(store=store, position=env.position, event_id=str(env.event_id),
+                              reason="its seq puts it before an earlier event of its stream in the copy")
+        last_seq[env.stream_id] = row.seq
+    return None
 
 
 async def missing_applied(conn: AsyncConnection) -> tuple[int, str | None]:

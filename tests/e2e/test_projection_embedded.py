@@ -127,6 +127,27 @@ async def test_audit_scenario_views_rebuild_and_tampering(app: FastAPI, client: 
     verify = ok(await client.get(f"{API}/audit/verify"))
     scenarios_audit.names_the_rewritten_event(verify["chains"]["store:transfer"], stored, 2)
 
+    # The archive's own columns, which the hash does not cover: a row unlinked from its
+    # transfer (gone from the timeline), then two events of one stream swapped in seq (the
+    # feed's and the rebuild's order).
+    async with projection.engine.begin() as conn:
+        a, b = (await conn.execute(text(
+            "SELECT seq, position, event_id, transfer_key FROM audit_archive WHERE store = 'dispatch' "
+            "AND stream_id = (SELECT stream_id FROM audit_archive WHERE type = 'TransferHandedOver' LIMIT 1) "
+            "ORDER BY position DESC LIMIT 2"))).all()
+        await conn.execute(text("UPDATE audit_archive SET transfer_key = 'nothing' WHERE seq = :s"),
+                           {"s": a.seq})
+    brk = ok(await client.get(f"{API}/audit/verify"))["chains"]["copy:dispatch"]["first_break"]
+    assert (brk["position"], brk["event_id"]) == (a.position, a.event_id) and "links" in brk["reason"], brk
+    async with projection.engine.begin() as conn:
+        await conn.execute(text("UPDATE audit_archive SET transfer_key = :k WHERE seq = :s"),
+                           {"k": a.transfer_key, "s": a.seq})
+        for seq, to in ((a.seq, -1), (b.seq, a.seq), (-1, b.seq)):
+            await conn.execute(text("UPDATE audit_archive SET seq = :to WHERE seq = :s"),
+                               {"s": seq, "to": to})
+    brk = ok(await client.get(f"{API}/audit/verify"))["chains"]["copy:dispatch"]["first_break"]
+    assert brk["position"] == a.position and "seq" in brk["reason"], brk
+
     # The last event of a store deleted from the copy: to its chain that is an event not
     # received yet; the projection's tracking row says it was applied.
     async with projection.engine.begin() as conn:
