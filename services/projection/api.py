@@ -10,7 +10,9 @@ from datetime import datetime, time, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from pydantic import TypeAdapter, ValidationError
 
 import libs.events.catalog  # noqa: F401  (registers the event types the checks look for)
@@ -34,7 +36,34 @@ from services.projection.rebuild import RebuildRunning, being_built, rebuild
 from services.projection.tables import envelope_of_row, next_seq
 from services.projection.timeline import timeline_view
 
-router = APIRouter(prefix="/audit", tags=["audit"], route_class=DisclosingRoute)
+
+def _known_query(request: Request) -> None:
+    """Each query parameter is one the route reads, given once: an auditor's `?date=` on the
+    KPIs (they read from/to) got every day's figures as if they were that day's, and a
+    second `rule=` silently replaced the first."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute):
+        return
+    known = _query_names(route.dependant)
+    seen: set[str] = set()
+    for key, _ in request.query_params.multi_items():
+        if key not in known:
+            reads = ", ".join(sorted(known)) or "none"
+            raise InvalidField(key, "unknown_parameter",
+                               f"{key} is not a parameter of this view; it reads: {reads}",
+                               f"该查询不支持参数{key}")
+        if key in seen:
+            raise InvalidField(key, "repeated_parameter", f"{key} is given more than once",
+                               f"参数{key}重复")
+        seen.add(key)
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    return {p.alias for p in dependant.query_params}.union(*(_query_names(d) for d in dependant.dependencies))
+
+
+router = APIRouter(prefix="/audit", tags=["audit"], route_class=DisclosingRoute,
+                   dependencies=[Depends(_known_query)])
 Store = Annotated[EventStore, Depends(store_dep("projection"))]
 Limit = Annotated[int, Query(ge=1, le=5000)]
 Offset = Annotated[int, Query(ge=0, le=POSITION_MAX)]

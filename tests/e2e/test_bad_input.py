@@ -261,6 +261,11 @@ async def nul_and_methods_in_the_url(c: httpx.AsyncClient) -> None:
                        (f"{API}/transfers?status=queued%00", "status"),
                        (f"{API}/audit/violations?rule=R1%00", "rule")):
         problem(await c.get(url, headers=as_(c, "supervisor")), 422, field)
+    # A parameter the view does not read (the KPIs read from/to, not date), or one given
+    # twice: refused, not ignored.
+    problem(await c.get(f"{API}/audit/kpis", params={"date": "2020-01-01"}, headers=as_(c, "auditor")),
+            422, "date")
+    problem(await c.get(f"{API}/audit/violations?rule=R11&rule=R14", headers=as_(c, "auditor")), 422, "rule")
     # A findings cursor decoding to NULs ("\0|\0") or to text of no cursor's shape ("a||").
     for cursor in ("AHwA", "YXx8"):
         problem(await c.get(f"{API}/audit/violations", params={"cursor": cursor},
