@@ -207,18 +207,41 @@ async def kpis(store: Store, from_: Annotated[str | None, Query(alias="from")] =
 XLSX = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
 
 
+LedgerFormat = Literal["json", "csv", "xlsx"]
+_OFFERED: dict[str, LedgerFormat] = {XLSX: "xlsx", "text/csv": "csv", "application/json": "json"}
+
+
+def negotiated(accept: str | None) -> LedgerFormat:
+    """The ledger's format `Accept` prefers, by its q-values (the first of equals; q=0
+    refuses one); JSON when it names none of them."""
+    best: LedgerFormat = "json"
+    best_q = 0.0
+    for part in (accept or "").lower().split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if media in _OFFERED and q > best_q:
+            best, best_q = _OFFERED[media], q
+    return best
+
+
 @router.get("/ledger", response_model=None, responses={200: {"content": {
     "text/csv": {"schema": {"type": "string"}}, XLSX: {"schema": {"type": "string", "format": "binary"}}}}})
 async def ledger(request: Request, store: Store, date: str | None = None,
                  from_: Annotated[str | None, Query(alias="from")] = None, to: str | None = None,
-                 format: Literal["json", "csv", "xlsx"] | None = None,
+                 format: LedgerFormat | None = None,
                  accept: Annotated[str | None, Header()] = None) -> Response | dict[str, Any]:
     """The 台账: every outgoing trip by person and day (the trip's local day). `date` is
     one local day; or `from` (included) to `to` (excluded). As JSON, CSV or XLSX: `format`,
     else what `Accept` asks for."""
     if format is None:
-        wanted = (accept or "").lower()
-        format = "xlsx" if XLSX in wanted else "csv" if "text/csv" in wanted else "json"
+        format = negotiated(accept)
     if date and (from_ or to):
         raise InvalidField("date", "date_with_range", "give either date or from/to, not both",
                            "date与from/to只能二选一")

@@ -643,6 +643,17 @@ def test_kpis_and_ledger_count_whole_local_days_a_time_stands_for_its_day() -> N
     assert (reversed_.value.field, reversed_.value.code) == ("to", "empty_range")
 
 
+def test_the_ledgers_format_follows_the_accept_headers_preferences() -> None:
+    from services.projection.api import XLSX, negotiated
+
+    assert negotiated(None) == negotiated("text/html,*/*;q=0.8") == "json"
+    assert negotiated("text/csv") == "csv" and negotiated(XLSX) == "xlsx"
+    assert negotiated("text/csv;q=0") == "json"  # refused, not taken
+    assert negotiated(f"{XLSX};q=0, application/json") == "json"
+    assert negotiated(f"text/csv;q=0.5, {XLSX};q=0.9") == "xlsx"
+    assert negotiated("TEXT/CSV; q=1.0, application/json;q=bad") == "csv"
+
+
 def test_r10_a_report_the_bureaus_system_never_took_is_a_finding_until_one_gets_through() -> None:
     """Dispatch reported at once, but every delivery to the bureau's system failed: the
     bureau was not told (the ledger said 报备失败 while the violations said nothing)."""
