@@ -44,7 +44,8 @@ _FOLD = {**{0xFF10 + i: 0x30 + i for i in range(10)}, **{0xFF21 + i: 0x41 + i fo
 _DIGITS = re.compile("[0-9\uff10-\uff19]{3}")
 _ID = r"(?:[0-9]{17}[0-9Xx]|[0-9]{6}[-\s][0-9]{8}[-\s][0-9]{3}[0-9Xx]|[0-9]{15})"
 _MOBILE = r"(?:(?:\+|00)?86[-\s]?)?1[3-9][0-9](?:[-\s]?[0-9]{4}){2}"
-_LANDLINE = r"(?:\(0[0-9]{2,3}\)|0[0-9]{2,3})[-\s]?(?:[0-9]{7,8}|[0-9]{3,4}[-\s][0-9]{4})"
+# A local number begins with 2-8: times written as HHMM (0800-1200 1300-1700) are none.
+_LANDLINE = r"(?:\(0[0-9]{2,3}\)|0[0-9]{2,3})[-\s]?(?:[2-8][0-9]{6,7}|[2-8][0-9]{2,3}[-\s][0-9]{4})"
 _AFTER_TOKEN = r"(?<![0-9A-Za-z]-)"
 _ID_IN_TEXT = re.compile(_AFTER_TOKEN + r"(?<![0-9A-Za-z.])" + _ID + r"(?![0-9A-Za-z])")
 _PHONE_IN_TEXT = re.compile(

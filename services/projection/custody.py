@@ -68,7 +68,9 @@ READS = ("vehicles", "vehicle_log", "transfers", "trips", "cycles", "swabs")  # 
 STATUS_TYPES = ("VehicleTakenOutOfService", "VehicleDutyChanged", "VehicleReturnedToService",
                 "VehicleStoodDown")
 _STATUS_FIELDS = ("reason", "on_duty", "quarantine_lifted", "trip_id", "cycle_id", "transfer_id")
-EXPOSURE_READS = (*READS, "others")  # and exposures(): the exposure lists the disinfection service produced
+# What exposures() reads: the exposure lists the disinfection service produced, and no
+# vehicle's status (over the whole history when no vehicle is named).
+EXPOSURE_READS = (*(t for t in READS if t != "vehicle_log"), "others")
 
 
 def custody(data: AuditData, vehicle_id: str, findings: list[dict[str, Any]]) -> dict[str, Any] | None:
