@@ -122,13 +122,13 @@ class Cycle(Aggregate):
 
     @classmethod
     def open(cls, vehicle_id: str, trip_id: str, transfer_id: str, reason: str,
-             opened_at: datetime | None = None, handed_over: bool = False) -> Cycle:
-        """`handed_over`: the trip ended at a handover, at `opened_at` on the crew's clock."""
+             opened_at: datetime | None = None, trip_ended_at: datetime | None = None) -> Cycle:
+        """`trip_ended_at`: when the trip ended at a handover (R8: the first stage follows)."""
         cycle = cls(id=cycle_id_for(trip_id))
-        at = iso(opened_at) if opened_at else None
         cycle.record(ev.CycleOpened(
             cycle_id=cycle.id, vehicle_id=vehicle_id, trip_id=trip_id, transfer_id=transfer_id,
-            reason=reason, opened_at=at, trip_ended_at=at if handed_over else None), occurred_at=opened_at)
+            reason=reason, opened_at=iso(opened_at) if opened_at else None,
+            trip_ended_at=iso(trip_ended_at) if trip_ended_at else None), occurred_at=opened_at)
         return cycle
 
     @classmethod
@@ -264,7 +264,9 @@ class Cycle(Aggregate):
         if bound is None:
             return
         ended = datetime.fromisoformat(bound)
-        if stage.started_at < ended - rules.stage_clock_tolerance:
+        # The stage began with whichever treatment came first (StageRecord.check's window).
+        started = min(stage.started_at, stage.air.started_at) if stage.air else stage.started_at
+        if started < ended - rules.stage_clock_tolerance:
             raise InvalidField("started_at", code, f"the initial stage starts before {what} ({iso(ended)})",
                                f"首次消毒开始时间早于{what_zh}时间", rule="R8", bound_at=iso(ended))
 

@@ -131,9 +131,12 @@ async def on_trip_completed(env: Envelope, uow: UnitOfWork) -> None:
     assert isinstance(e, tr.TripCompleted)
     if await uow.get(Cycle, cycle_id_for(e.trip_id)) is not None:
         return
+    # R8's bound is the handover, on the crew's clock, but never later than the transfer
+    # service received it: a phone running fast would otherwise refuse a true stage.
+    ended = datetime.fromisoformat(env.occurred_at)
+    bound = min(ended, datetime.fromisoformat(env.recorded_at)) if e.reason == tr.HANDED_OVER else None
     cycle = Cycle.open(e.vehicle_id, e.trip_id, e.transfer_id, "risk trip completed (一车一消)",
-                       opened_at=datetime.fromisoformat(env.occurred_at),
-                       handed_over=e.reason == tr.HANDED_OVER)
+                       opened_at=ended, trip_ended_at=bound)
     uow.add(cycle)
     history = await history_of(uow, e.vehicle_id)
     history.log_cycle(cycle)

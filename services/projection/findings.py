@@ -766,18 +766,26 @@ def _stage_times(data: AuditData, cycle: dict[str, Any], initial: dict[str, Any]
             tuple(_ev(r, t) for r, t in ((initial, "InitialDisinfectionLogged"),
                                          (terminal, "TerminalDisinfectionLogged")) if r),
             transfer_id=cycle.get("transfer_id"), vehicle_id=vid)
-    # Held to the handover only (the crew's clock): a trip dispatch ended is dated when the
-    # transfer service heard of it, which a lagging consumer puts late.
+    # Held to the handover (on the crew's clock, never later than the server received it);
+    # a trip dispatch ended (a takeover) is dated when the transfer service heard of it,
+    # which a lagging consumer puts late: its last step with the patient aboard bounds it.
     trip = data.trips.get(cycle.get("trip_id") or "") or {}
-    end = trip.get("handover")
-    trip_ended, first_started = ts((end or {}).get("at")), ts(first.get("started_at"))
+    end = trip.get("handover") or trip.get("s_at_destination") or trip.get("s_patient_aboard")
+    trip_ended = _earliest((end or {}).get("at"), (end or {}).get("recorded_at"))
+    # The stage began with whichever treatment came first.
+    first_started = _earliest(first.get("started_at"), (first.get("air") or {}).get("started_at"))
     if initial and trip_ended and first_started and first_started < trip_ended - STAGE_CLOCK_TOLERANCE:
         yield Finding(
             "R8", "stage_before_trip_ended", "violation", initial["recorded_at"],
             f"cycle {cid}: initial stage started {first.get('started_at')}, before trip "
-            f"{trip.get('trip_id')} ended ({(end or {}).get('at')})", "首次消毒记录早于该趟转运结束",
-            (_ev(initial, "InitialDisinfectionLogged"), _ev(end, "PatientHandedOver")),
+            f"{trip.get('trip_id')} ended ({trip_ended.isoformat()})", "首次消毒记录早于该趟转运结束",
+            (_ev(initial, "InitialDisinfectionLogged"),
+             _ev(end, "PatientHandedOver" if end is trip.get("handover") else "TripStepReported")),
             transfer_id=cycle.get("transfer_id"), vehicle_id=vid)
+
+
+def _earliest(*times: Any) -> datetime | None:
+    return min(filter(None, map(ts, times)), default=None)
 
 
 def r8_returned_without_terminal(data: AuditData) -> Iterator[Finding]:

@@ -13,7 +13,7 @@ from libs.events.aggregate import UnitOfWork, with_retry
 from libs.events.catalog import dispatch as dsp
 from libs.events.catalog import transfer as tr
 from libs.events.envelope import Envelope
-from libs.events.store import EventStore, Meta
+from libs.events.store import Commit, EventStore, Meta, NewEvent, StreamAppend
 from services.disinfection import contacts, handlers, sla
 from services.disinfection.domain import Cycle, cycle_id_for, redisinfection_id_for
 from services.disinfection.exposure import Exposure
@@ -26,6 +26,7 @@ MakeStore = Callable[[str], Awaitable[EventStore]]
 META = Meta(actor="test", role="system", correlation_id="test")
 NOW = datetime.fromisoformat("2022-11-21T12:00:00+08:00")  # the day after: every time is past
 COLLECTED = datetime.fromisoformat(str(SWAB["collected_at"]))
+HANDED_OVER = datetime.fromisoformat(str(INITIAL["started_at"])) - timedelta(minutes=20)
 T = TypeVar("T")
 
 
@@ -54,8 +55,10 @@ class Vehicle:
                 purpose="outpatient_visit", return_required=True,
                 requested_by={"channel": "console"})], META)
             await self.consume(req, contacts.on_transfer_requested)
-        [done] = await self.transfers.append(f"trip-{trip_id}", 0, [tr.TripCompleted(
-            trip_id=trip_id, transfer_id=transfer_id, vehicle_id=self.vid)], META)
+        # Handed over 20 minutes before the first stage begins (R8: the stages follow it).
+        completed = tr.TripCompleted(trip_id=trip_id, transfer_id=transfer_id, vehicle_id=self.vid)
+        [done] = await self.transfers.commit(Commit(meta=META, appends=[StreamAppend(
+            f"trip-{trip_id}", 0, [NewEvent(completed, occurred_at=HANDED_OVER)])]))
         await self.consume(done, handlers.on_trip_completed)
         return cycle_id_for(trip_id)
 
@@ -164,7 +167,7 @@ async def test_r9_a_second_positive_racing_the_redisinfections_release_keeps_the
         await v.disinfect(c2, f"{v.vid}-S2", hours=1)
         await v.result(f"{v.vid}-S1", "positive", hours=3)
         redo_id = redisinfection_id_for(f"{v.vid}-S1")
-        await v.disinfect(redo_id, f"{v.vid}-SR", hours=4)
+        await v.disinfect(redo_id, f"{v.vid}-SR", hours=8.5)  # after S1's result (18:05)
         await asyncio.gather(v.result(f"{v.vid}-S2", "positive", hours=5),
                              v.result(f"{v.vid}-SR", "negative", hours=5))
 

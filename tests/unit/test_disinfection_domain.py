@@ -49,7 +49,8 @@ def air(start: datetime, minutes: float = 60, **changes: object) -> Treatment:
 
 
 def opened(trip: str = "trip-1", transfer: str = "t-1") -> Cycle:
-    return Cycle.open("v-1", trip, transfer, "test", opened_at=T0 - timedelta(minutes=20), handed_over=True)
+    return Cycle.open("v-1", trip, transfer, "test", opened_at=T0 - timedelta(minutes=20),
+                      trip_ended_at=T0 - timedelta(minutes=20))
 
 
 def disinfected(rules: Rules = DEFAULT_RULES, trip: str = "trip-1", transfer: str = "t-1") -> Cycle:
@@ -179,6 +180,10 @@ def test_r8_the_first_stage_cannot_begin_before_the_trip_ended() -> None:
     assert refused(early) == (422, "stage_before_trip_ended", "started_at")
     assert early.value.extra["bound_at"] == "2022-11-20T09:30:00+08:00"
     assert c.pending()[-1].event.event_type == "CycleOpened"  # nothing recorded
+    with pytest.raises(InvalidField) as aired:  # the air treatment began it, long before
+        opened().log_stage(stage("initial", T0, air=air(T0 - timedelta(minutes=40), 60),
+                                 video_from=T0 - timedelta(minutes=41)))
+    assert refused(aired) == (422, "stage_before_trip_ended", "started_at")
     c.log_stage(stage("initial", T0 - timedelta(minutes=29)))
     assert c.initial is not None
     taken_over = Cycle.open("v-1", "trip-2", "t-2", "test", opened_at=T0 + timedelta(hours=1))

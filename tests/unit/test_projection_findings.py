@@ -601,12 +601,15 @@ def test_r8_the_stages_in_time_after_the_trip_and_one_after_the_other() -> None:
     """Logged in the right order is not enough: a first stage dated before the trip ended
     (85 min before the handover), or a terminal stage begun before the first one ended, is
     no two-stage disinfection after the trip. A few minutes' clock difference is not one."""
-    def stages(initial_start: timedelta, terminal_start: timedelta, handover: bool = True) -> set[str]:
+    def stages(initial_start: timedelta, terminal_start: timedelta, handover: bool = True,
+               air_start: timedelta | None = None) -> set[str]:
         h = History()
         vehicle(h, "v1")
         request(h, "t")
         h.add("transfer", "trip-a", "TripOpened", trip_id="a", transfer_id="t", vehicle_id="v1",
               destination_id="f", origin={}, return_required=True)
+        h.add("transfer", "trip-a", "TripStepReported", trip_id="a", step="patient_aboard",
+              client_event_id="a1", device_at=h.clock.isoformat())
         handed = h.clock + timedelta(minutes=1)
         if handover:
             h.add("transfer", "trip-a", "PatientHandedOver", trip_id="a", transfer_id="t", facility_id="f",
@@ -614,18 +617,27 @@ def test_r8_the_stages_in_time_after_the_trip_and_one_after_the_other() -> None:
         h.add("transfer", "trip-a", "TripCompleted", trip_id="a", transfer_id="t", vehicle_id="v1",
               **({} if handover else {"reason": "vehicle withdrawn"}))
         cycle(h, "c1", "a")
+        first = stage(start=handed + initial_start)
+        if air_start is not None:
+            first["air"] = {"started_at": (handed + air_start).isoformat()}
         h.add("disinfection", "cycle-c1", "InitialDisinfectionLogged", cycle_id="c1", vehicle_id="v1",
-              stage=stage(start=handed + initial_start))
+              stage=first)
         h.add("disinfection", "cycle-c1", "TerminalDisinfectionLogged", cycle_id="c1", vehicle_id="v1",
               stage=stage(start=handed + terminal_start, stage="terminal"))
-        return {f.check for f in h.found() if f.rule == "R8"}
+        return {f.check for f in h.found() if f.rule == "R8" and f.check != "stage_below_protocol"}
 
     assert stages(timedelta(minutes=20), timedelta(minutes=60)) == set()
     assert stages(timedelta(minutes=-5), timedelta(minutes=35)) == set()  # a clock a little off
     assert stages(timedelta(minutes=-120), timedelta(minutes=60)) == {"stage_before_trip_ended"}
     assert stages(timedelta(minutes=20), timedelta(minutes=40)) == {"terminal_overlaps_initial"}
-    # A trip dispatch ended (a takeover) is dated when the transfer service heard: no bound.
-    assert stages(timedelta(minutes=-120), timedelta(minutes=60), handover=False) == set()
+    # The air treatment began the stage, two hours before the handover.
+    assert stages(timedelta(minutes=20), timedelta(minutes=60), air_start=timedelta(minutes=-120)) == {
+        "stage_before_trip_ended"}
+    # A trip dispatch ended (a takeover) is dated when the transfer service heard: its last
+    # step with the patient aboard bounds it instead.
+    early = stages(timedelta(minutes=-120), timedelta(minutes=60), handover=False)
+    assert early == {"stage_before_trip_ended"}
+    assert stages(timedelta(minutes=20), timedelta(minutes=60), handover=False) == set()
 
 
 def test_kpis_and_ledger_count_whole_local_days_a_time_stands_for_its_day() -> None:
