@@ -655,6 +655,30 @@ def test_kpis_and_ledger_count_whole_local_days_a_time_stands_for_its_day() -> N
     assert (reversed_.value.field, reversed_.value.code) == ("to", "empty_range")
 
 
+def test_verify_takes_links_archived_by_the_rule_before_for_what_they_were_not_for_edits() -> None:
+    """Rows archived before links kept only ids (a number's text, an empty id, a long one)
+    are no tampering; a row relinked to another transfer is."""
+    from types import SimpleNamespace
+
+    from services.projection.queries import _unlinked
+
+    env = Envelope(event_id=uuid.uuid4(), type="TripStepReported", schema_version=1, store="transfer",
+                   stream_id="trip-a", stream_version=1, position=1, occurred_at=T0.isoformat(),
+                   recorded_at=T0.isoformat(), actor="crew", role="crew", correlation_id="corr-1",
+                   payload={"transfer_id": 42, "trip_id": "", "vehicle_id": "v" * 250},
+                   prev_hash="0" * 64, hash="0" * 64)
+
+    def row(**links: Any) -> Any:
+        return SimpleNamespace(seq=1, **{"transfer_key": "corr-1", "trip_id": None, "cycle_id": None,
+                                         "vehicle_id": None, **links})
+
+    assert _unlinked("transfer", [row()], [env], {}) is None  # as archived now
+    legacy = row(transfer_key="42", trip_id="", vehicle_id="v" * 250)
+    assert _unlinked("transfer", [legacy], [env], {}) is None
+    edited = _unlinked("transfer", [row(transfer_key="nothing")], [env], {})
+    assert edited is not None and "links" in edited.reason
+
+
 def test_the_ledgers_format_follows_the_accept_headers_preferences() -> None:
     from services.projection.api import XLSX, negotiated
 
