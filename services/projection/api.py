@@ -20,7 +20,7 @@ from libs.auth.privacy import DisclosingRoute, disclose, mask
 from libs.events.aggregate import InvalidField, NotFound, StateConflict, UnitOfWork
 from libs.events.catalog.common import PatientDataDisclosed
 from libs.events.contracts import registry
-from libs.events.envelope import utcnow
+from libs.events.envelope import iso, utcnow
 from libs.events.store import EventStore
 from libs.web.deps import ActorDep, IdempotencyKey, Remember, idempotent, meta_for, store_dep
 from libs.web.fields import FIRST_YEAR, LAST_YEAR, POSITION_MAX, Day, Instant
@@ -32,8 +32,8 @@ from services.projection import queries, verification
 from services.projection import violations as violations_model
 from services.projection.access import DISCLOSURE_READERS
 from services.projection.facts import REGION_TZ
-from services.projection.rebuild import RebuildRunning, being_built, rebuild
-from services.projection.tables import envelope_of_row, next_seq
+from services.projection.rebuild import BUILDING, RebuildRunning, being_built, rebuild, write_tx
+from services.projection.tables import envelope_of_row, lock_archive, meta_table, next_seq, set_meta
 from services.projection.timeline import timeline_view
 
 
@@ -389,18 +389,33 @@ async def start_rebuild(request: Request, store: Store, actor: ActorDep, key: Id
         task: asyncio.Task[Any] | None = getattr(state, "projection_rebuild", None)
         if task is not None and not task.done():
             raise StateConflict("rebuild_running", "a rebuild is running", "重建正在进行中")
-        if not force:
-            async with store.engine.connect() as conn:
-                elsewhere = await being_built(conn)
-            if elsewhere:
+        # Claimed in the database, under the archive lock, before answering: another replica
+        # asked at the same moment finds the claim (the rebuild sets its own marker only
+        # once it runs, after the 202).
+        claim = f"claimed@{iso(utcnow())}"
+        async with write_tx(store) as conn:
+            await lock_archive(conn)
+            elsewhere = await being_built(conn)
+            if elsewhere and not force:
                 raise StateConflict("rebuild_running", f"a rebuild is running: {elsewhere}",
                                     "另一重建正在进行中（若其已中断，可加force=true接管）")
+            await set_meta(conn, BUILDING, claim)
         answer = {"status": "running", "order": order}
         uow = UnitOfWork(store, meta_for(actor, "audit-rebuild"))
         remember(uow, 202, answer)
         await uow.commit()  # the key's answer, before the rebuild starts
-        state.projection_rebuild = asyncio.create_task(rebuild(store, order=order, force=force))
+        state.projection_rebuild = asyncio.create_task(claimed_rebuild(claim))
         return 202, answer
+
+    async def claimed_rebuild(claim: str) -> Any:
+        try:
+            return await rebuild(store, order=order, force=True)  # the claim is its own
+        except BaseException:
+            # A failure before the rebuild put its own marker in place leaves the claim.
+            async with write_tx(store) as conn:
+                await conn.execute(meta_table.delete().where(
+                    (meta_table.c.name == BUILDING) & (meta_table.c.value == claim)))
+            raise
 
     return await idempotent(store, key, f"{actor.subject} audit-rebuild",
                             {"order": order, "force": force}, run)

@@ -403,7 +403,9 @@ async def being_built(conn: AsyncConnection) -> str | None:
     number, _, since = str(building).partition("@")
     if (utcnow() - datetime.fromisoformat(since)).total_seconds() >= STALE_SECONDS:
         return None
-    return f"generation {number} is being built since {since}"
+    # A request's claim (api.start_rebuild) until the rebuild it started numbers its generation.
+    what = f"generation {number} is being built" if number.isdigit() else "a rebuild is starting"
+    return f"{what} since {since}"
 
 
 async def _rebuild(store: EventStore, order: str, page: int, flush_rows: int, force: bool,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from fastapi import FastAPI
 from sqlalchemy import text
 
 from services.projection import queries
+from services.projection.rebuild import BUILDING
 from services.projection.tables import generation
 from services.runtime import create_app
 from services.settings import Settings
@@ -54,7 +56,8 @@ async def rebuilt(c: httpx.AsyncClient, order: str) -> dict[str, Any]:
     return dict(status)
 
 
-async def test_one_rebuild_at_a_time_and_a_key_sent_again_starts_none(client: httpx.AsyncClient) -> None:
+async def test_one_rebuild_at_a_time_and_a_key_sent_again_starts_none(app: FastAPI,
+                                                                      client: httpx.AsyncClient) -> None:
     """Two requests at once: one starts it, the other is told one is running (both were
     started, and the report of the first lost). The started one's Idempotency-Key sent
     again after it finished gets its answer back, and no second rebuild."""
@@ -74,6 +77,12 @@ async def test_one_rebuild_at_a_time_and_a_key_sent_again_starts_none(client: ht
     assert again.status_code == 202 and again.headers.get("idempotent-replayed") == "true", again.text
     after = ok(await client.get(f"{API}/audit/rebuild"))
     assert after["status"] == "done" and after["active_generation"] == status["active_generation"]
+    # Another replica's request has just claimed one (its task not numbered yet): refused here.
+    async with app.state.stores["projection"].engine.begin() as conn:
+        await conn.execute(text("INSERT INTO audit_meta (name, value) VALUES (:n, :v)"),
+                           {"n": BUILDING, "v": f"claimed@{datetime.now(UTC).isoformat()}"})
+    elsewhere = await client.post(f"{API}/audit/rebuild")
+    assert elsewhere.status_code == 409 and "starting" in elsewhere.json()["detail"], elsewhere.text
 
 
 async def test_audit_scenario_views_rebuild_and_tampering(app: FastAPI, client: httpx.AsyncClient,
