@@ -47,6 +47,7 @@ RULE_CHECKS: dict[str, tuple[str | None, str]] = {
     "terminal_before_initial": ("R8", "a terminal stage with no initial stage before it"),
     "stage_logged_twice": ("R8", "a cycle's initial or terminal stage logged twice"),
     "stage_below_protocol": ("R8", "a stage below its protocol, outside its footage, or over the initial"),
+    "stage_before_trip_ended": ("R8", "a first stage begun before its handover or its positive result"),
     "swab_before_terminal": ("R8", "a surface swab before the terminal stage"),
     "released_without_both_stages": ("R8", "released by policy without both stages"),
     "released_without_swab": ("R9", "released by policy with no surface swab"),
@@ -144,6 +145,9 @@ class CycleRec:
     trip_id: str
     initial: Ev | None = None
     initial_ended_at: str | None = None  # where a terminal stage may start
+    # Where the first stage may start: the handover that ended the trip (CycleOpened's
+    # trip_ended_at), or a re-disinfection's positive result (its opened_at).
+    bound: str | None = None
     terminal: Ev | None = None
     swabs: dict[str, SwabRec] = field(default_factory=dict)
     last_sample: str | None = None
@@ -194,6 +198,20 @@ def stage_problem(stage: dict[str, Any], initial_ended_at: str | None = None) ->
     if initial_ended_at and started < datetime.fromisoformat(initial_ended_at):
         return f"the terminal stage starts before the initial stage ended ({initial_ended_at})"
     return None
+
+
+def started_before(stage: dict[str, Any], bound: str | None) -> str | None:
+    """R8 in time: a first stage (its air treatment included) begun before the cycle's bound,
+    beyond the clocks' tolerance the domain allows."""
+    try:
+        starts = [datetime.fromisoformat(stage["started_at"])]
+        if stage.get("air"):
+            starts.append(datetime.fromisoformat(stage["air"]["started_at"]))
+        if bound is None or min(starts) >= datetime.fromisoformat(bound) - Rules().stage_clock_tolerance:
+            return None
+    except (KeyError, TypeError, ValueError):
+        return None  # an incomplete record is stage_below_protocol's to name
+    return f"the first stage starts at {min(starts).isoformat()}, before {bound}"
 
 
 class Fold:
@@ -465,8 +483,10 @@ class Fold:
 
     def _on_CycleOpened(self, ev: Ev) -> None:
         p = ev.payload
-        self.cycles[p["cycle_id"]] = CycleRec(ev.keep("cycle_id"), p.get("kind") or "trip", p["vehicle_id"],
-                                              p["trip_id"])
+        kind = p.get("kind") or "trip"
+        bound = p.get("trip_ended_at") if kind == "trip" else p.get("opened_at")
+        self.cycles[p["cycle_id"]] = CycleRec(ev.keep("cycle_id"), kind, p["vehicle_id"], p["trip_id"],
+                                              bound=bound)
 
     def _cycle(self, ev: Ev, what: str) -> CycleRec | None:
         """The cycle, when it still takes stages or swabs (it is flagged when it does not)."""
@@ -491,6 +511,10 @@ class Fold:
     def _on_InitialDisinfectionLogged(self, ev: Ev) -> None:
         if (c := self._cycle(ev, "stage")) is not None:
             self._stage(ev, c, c.initial, None)
+            early = started_before(ev.payload.get("stage") or {}, c.bound)
+            if early:
+                self.flag("stage_before_trip_ended", f"cycle {ev.payload['cycle_id']}: {early}", c.opened, ev,
+                          cycle_id=ev.payload["cycle_id"], vehicle_id=c.vehicle_id)
             if c.initial is None:
                 c.initial, c.initial_ended_at = ev.keep(), (ev.payload.get("stage") or {}).get("ended_at")
 

@@ -214,6 +214,22 @@ def test_r8_a_stage_below_the_protocol_it_was_held_to_is_named() -> None:
     assert "before the initial stage ended" in overlap.detail
 
 
+def test_r8_a_first_stage_before_the_handover_or_the_positive_result_is_named() -> None:
+    h = History()
+    handed = (T0 + timedelta(hours=1)).isoformat()
+    for cid, opened, stage_at in (("c1", {"trip_ended_at": handed}, T0),  # an hour before: flagged
+                                  ("c2", {"trip_ended_at": handed}, T0 + timedelta(minutes=55)),  # clocks
+                                  ("c3", {}, T0),  # a trip dispatch ended: no bound
+                                  ("c4", {"kind": "redisinfection", "opened_at": handed}, T0)):  # flagged
+        h.commit("disinfection", (f"cycle-{cid}", "CycleOpened", {"cycle_id": cid, "vehicle_id": "v1",
+                                                                  "trip_id": "x", **opened}),
+                 (f"cycle-{cid}", "InitialDisinfectionLogged",
+                  {"cycle_id": cid, "stage": stage("initial", stage_at)}))
+    [check] = findings(h)["R8"]
+    assert check.code == "stage_before_trip_ended"
+    assert [i.context["cycle_id"] for i in check.items] == ["c1", "c4"]
+
+
 def test_r9_a_quarantine_is_not_escaped_by_going_off_duty_and_back() -> None:
     """Dispatch's own fold would let this through (off duty replaces 'quarantined'); the
     checker keeps the quarantine apart until a re-disinfection lifts it."""
