@@ -7,12 +7,12 @@ from typing import Any
 from services.projection.data import AuditData
 from services.projection.findings import (
     carried_patient,
-    ended_carrying,
     exposure_list,
     exposure_window,
     payload,
     positives,
     server_time,
+    unlisted,
 )
 
 
@@ -186,8 +186,7 @@ def exposures(data: AuditData, vehicle_id: str | None = None) -> list[dict[str, 
                              "at": a["recorded_at"], "event_id": a["event_id"]} for a in listed.amended],
                 "status": "acknowledged" if listed.acknowledged_whole else "unacknowledged",
                 # What R9's exposure_list_incomplete reads: trips ended with their patient.
-                "missing": sorted({t["transfer_id"] for t in window.trips
-                                   if ended_carrying(t) and t.get("transfer_id")} - listed.transfers),
+                "missing": unlisted(data, swab, listed),
             },
         })
     return out

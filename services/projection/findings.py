@@ -938,6 +938,21 @@ def exposure_list(data: AuditData, vehicle_id: str, sample_id: str) -> ExposureL
                         [r for r in rows if r["type"] == "ExposureListAmended"])
 
 
+def unlisted(data: AuditData, swab: dict[str, Any], listed: ExposureList) -> list[str]:
+    """The transfers exposed to a positive swab (their trips ended, carrying, in its window)
+    that no exposure list of the same episode names: the vehicle's positive samples since
+    the same negative one. A patient is told once: a trip that ends during a quarantine
+    joins the newest list (the disinfection service amends only that one), and a
+    re-disinfection's positive swab need not list again who an earlier list named."""
+    vid = swab.get("vehicle_id") or ""
+    window = exposure_window(data, swab)
+    exposed = {str(t["transfer_id"]) for t in window.trips if ended_carrying(t) and t.get("transfer_id")}
+    episode = [s for s in positives(data) if s.get("vehicle_id") == vid and s is not swab
+               and exposure_window(data, s).since_sample == window.since_sample]
+    named = listed.transfers.union(*(exposure_list(data, vid, s["sample_id"]).transfers for s in episode))
+    return sorted(exposed - named)
+
+
 def r9_exposure_list(data: AuditData) -> Iterator[Finding]:
     """The disinfection service's exposure list names every transfer the audit finds
     exposed (its trip ended in the exposure window): a second reading of the same events,
@@ -949,9 +964,7 @@ def r9_exposure_list(data: AuditData) -> Iterator[Finding]:
         listed = exposure_list(data, vid, swab["sample_id"])
         if listed.produced is None:
             continue  # no list at all: positive_not_quarantined says what went wrong
-        carried = [t for t in exposure_window(data, swab).trips if ended_carrying(t)]
-        exposed = {t.get("transfer_id") for t in carried} - {None}
-        missing = sorted(str(t) for t in exposed - listed.transfers)
+        missing = unlisted(data, swab, listed)
         if missing:
             produced = listed.produced
             yield Finding(

@@ -1236,6 +1236,35 @@ def test_r9_an_exposure_list_that_leaves_out_an_exposed_patient_is_found() -> No
     assert [a["transfer_id"] for a in view["list"]["amended"]] == ["t9"]
 
 
+def test_r9_a_trip_ending_in_quarantine_on_the_newest_list_answers_for_the_older_ones() -> None:
+    """s2 positive: its list names t2. A trip under way then ends after a second positive
+    (the re-disinfection's): the disinfection service adds it to the newest list only,
+    which is where the dispatcher reads it. The older list is not incomplete for that."""
+    h = full_history()  # s2 of c2: positive
+    list_of = {"vehicle_id": "v1", "last_negative_sample_id": "s1", "bounded_by_sample_id": None}
+    h.add("disinfection", "exposure-v1-s2", "ExposureListProduced", sample_id="s2", cycle_id="c2",
+          transfer_id="t2", transfers=[{"transfer_id": "t2", "relation": "swabbed_trip"}], **list_of)
+    request(h, "t9")
+    h.add("transfer", "trip-late", "TripOpened", trip_id="late", transfer_id="t9", vehicle_id="v1",
+          destination_id="f", origin={}, return_required=False)
+    h.add("disinfection", "cycle-r2", "CycleOpened", cycle_id="r2", vehicle_id="v1", trip_id="trip2",
+          transfer_id="t2", reason="positive swab", kind="redisinfection", after_sample_id="s2")
+    h.add("disinfection", "cycle-r2", "SurfaceSwabCollected", cycle_id="r2", vehicle_id="v1",
+          sample_id="sr2", sites=["a", "b", "c"], collected_by="x", collected_at=h.clock.isoformat())
+    h.add("disinfection", "cycle-r2", "SwabResultRecorded", cycle_id="r2", vehicle_id="v1",
+          sample_id="sr2", result="positive", lab="l", reported_at=h.clock.isoformat())
+    h.add("disinfection", "exposure-v1-sr2", "ExposureListProduced", sample_id="sr2", cycle_id="r2",
+          transfer_id="t2", transfers=[], **list_of)
+    h.add("transfer", "trip-late", "TripCompleted", trip_id="late", transfer_id="t9", vehicle_id="v1")
+    h.add("disinfection", "exposure-v1-sr2", "ExposureListAmended", vehicle_id="v1", sample_id="sr2",
+          transfer={"transfer_id": "t9", "relation": "during_quarantine"})
+    assert not [f for f in h.found() if f.check == "exposure_list_incomplete"]
+    assert all(e["list"]["missing"] == [] for e in exposures(h.data()))
+    # Left off every list, it is found, on the older list.
+    h.events = [e for e in h.events if e.type != "ExposureListAmended"]
+    assert [f.transfer_id for f in h.found() if f.check == "exposure_list_incomplete"] == ["t9", "t9"]
+
+
 def test_r9_a_positive_redisinfection_swab_exposes_only_trips_after_the_last_negative() -> None:
     """Trip a's swab came back positive after trip b's negative one; the re-disinfection of
     a (its cycle names trip a) is positive too. Nothing rode since b's negative swab: the
