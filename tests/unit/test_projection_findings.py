@@ -1236,6 +1236,17 @@ def test_r9_an_exposure_list_that_leaves_out_an_exposed_patient_is_found() -> No
     assert [a["transfer_id"] for a in view["list"]["amended"]] == ["t9"]
 
 
+def positive_redisinfection(h: History, cid: str, trip: str, transfer: str, after: str, sample: str) -> None:
+    """The re-disinfection a positive `after` ordered (its cycle names the trip), whose own
+    swab comes back positive as well."""
+    h.add("disinfection", f"cycle-{cid}", "CycleOpened", cycle_id=cid, vehicle_id="v1", trip_id=trip,
+          transfer_id=transfer, reason="positive swab", kind="redisinfection", after_sample_id=after)
+    h.add("disinfection", f"cycle-{cid}", "SurfaceSwabCollected", cycle_id=cid, vehicle_id="v1",
+          sample_id=sample, sites=["a", "b", "c"], collected_by="x", collected_at=h.clock.isoformat())
+    h.add("disinfection", f"cycle-{cid}", "SwabResultRecorded", cycle_id=cid, vehicle_id="v1",
+          sample_id=sample, result="positive", lab="l", reported_at=h.clock.isoformat())
+
+
 def test_r9_a_trip_ending_in_quarantine_on_the_newest_list_answers_for_the_older_ones() -> None:
     """s2 positive: its list names t2. A trip under way then ends after a second positive
     (the re-disinfection's): the disinfection service adds it to the newest list only,
@@ -1247,12 +1258,7 @@ def test_r9_a_trip_ending_in_quarantine_on_the_newest_list_answers_for_the_older
     request(h, "t9")
     h.add("transfer", "trip-late", "TripOpened", trip_id="late", transfer_id="t9", vehicle_id="v1",
           destination_id="f", origin={}, return_required=False)
-    h.add("disinfection", "cycle-r2", "CycleOpened", cycle_id="r2", vehicle_id="v1", trip_id="trip2",
-          transfer_id="t2", reason="positive swab", kind="redisinfection", after_sample_id="s2")
-    h.add("disinfection", "cycle-r2", "SurfaceSwabCollected", cycle_id="r2", vehicle_id="v1",
-          sample_id="sr2", sites=["a", "b", "c"], collected_by="x", collected_at=h.clock.isoformat())
-    h.add("disinfection", "cycle-r2", "SwabResultRecorded", cycle_id="r2", vehicle_id="v1",
-          sample_id="sr2", result="positive", lab="l", reported_at=h.clock.isoformat())
+    positive_redisinfection(h, "r2", "trip2", "t2", after="s2", sample="sr2")
     h.add("disinfection", "exposure-v1-sr2", "ExposureListProduced", sample_id="sr2", cycle_id="r2",
           transfer_id="t2", transfers=[], **list_of)
     h.add("transfer", "trip-late", "TripCompleted", trip_id="late", transfer_id="t9", vehicle_id="v1")
@@ -1283,12 +1289,7 @@ def test_r9_a_positive_redisinfection_swab_exposes_only_trips_after_the_last_neg
     for sample, result in (("sb", "negative"), ("sa", "positive")):
         h.add("disinfection", f"cycle-c{sample[1]}", "SwabResultRecorded", cycle_id=f"c{sample[1]}",
               vehicle_id="v1", sample_id=sample, result=result, lab="l", reported_at=h.clock.isoformat())
-    h.add("disinfection", "cycle-ra", "CycleOpened", cycle_id="ra", vehicle_id="v1", trip_id="a",
-          transfer_id="t-a", reason="positive swab", kind="redisinfection", after_sample_id="sa")
-    h.add("disinfection", "cycle-ra", "SurfaceSwabCollected", cycle_id="ra", vehicle_id="v1",
-          sample_id="sra", sites=["a", "b", "c"], collected_by="x", collected_at=h.clock.isoformat())
-    h.add("disinfection", "cycle-ra", "SwabResultRecorded", cycle_id="ra", vehicle_id="v1",
-          sample_id="sra", result="positive", lab="l", reported_at=h.clock.isoformat())
+    positive_redisinfection(h, "ra", "a", "t-a", after="sa", sample="sra")
     h.add("disinfection", "cycle-ra", "ExposureListProduced", vehicle_id="v1", sample_id="sra",
           cycle_id="ra", transfer_id="t-a", last_negative_sample_id="sb", bounded_by_sample_id=None,
           transfers=[])
