@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
-from services.projection.data import AuditData
+from services.projection.data import AuditData, ts
 from services.projection.findings import (
+    EPOCH,
     carried_patient,
     exposure_list,
     exposure_window,
@@ -62,6 +64,10 @@ def _cycle_view(data: AuditData, cycle: dict[str, Any]) -> dict[str, Any]:
 _RELEASE = ("policy", "override", "override_reason", "overridden_rules", "missing", "quarantine_lifted")
 
 
+def _began(opened: dict[str, Any] | None, fallback: str | None) -> datetime:
+    return server_time(opened) or ts(fallback) or EPOCH
+
+
 READS = ("vehicles", "vehicle_log", "transfers", "trips", "cycles", "swabs")  # what custody() reads
 # The vehicle's own word on its state, beside the chain: out of service (a breakdown, a
 # quarantine), duty, every return to service (one lifting a quarantine among them).
@@ -82,13 +88,16 @@ def custody(data: AuditData, vehicle_id: str, findings: list[dict[str, Any]]) ->
     trips = data.trips_of_vehicle(vehicle_id)
     if vehicle is None and not trips:
         return None
-    links: list[dict[str, Any]] = []
+    timed: list[tuple[datetime, dict[str, Any]]] = []  # (when it began, by the server, link)
     linked_cycles: set[str] = set()
     for trip in trips:
-        cycles = data.cycles_of_trip(trip["trip_id"])
+        # Its own cycle; a re-disinfection a positive swab ordered answers for the trip too,
+        # but came later: it is a link of its own, in its place in time.
+        cycles = [c for c in data.cycles_of_trip(trip["trip_id"])
+                  if (c.get("opened") or {}).get("kind", "trip") == "trip"]
         linked_cycles |= {c["cycle_id"] for c in cycles}
         handover, aborted, completed = trip.get("handover"), trip.get("aborted"), trip.get("completed")
-        links.append({
+        timed.append((_began(trip.get("opened"), trip.get("opened_at")), {
             "trip_id": trip["trip_id"], "transfer_id": trip.get("transfer_id"),
             "opened": _step(trip.get("opened")),
             "handed_over": {**(_step(handover) or {}), "facility_id": handover.get("facility_id"),
@@ -99,13 +108,14 @@ def custody(data: AuditData, vehicle_id: str, findings: list[dict[str, Any]]) ->
             "awaiting_disinfection": _step(trip.get("awaiting")),
             "cycles": [_cycle_view(data, c) for c in cycles],
             "returned_to_service": _step(trip.get("returned")),
-        })
-    # Cycles with no trip of this vehicle (re-disinfection after a positive swab).
-    for cycle in sorted((c for c in data.cycles.values()
-                         if c.get("vehicle_id") == vehicle_id and c["cycle_id"] not in linked_cycles),
-                        key=lambda c: c.get("opened_at") or ""):
-        links.append({"trip_id": None, "transfer_id": cycle.get("transfer_id"), "opened": None,
-                      "cycles": [_cycle_view(data, cycle)]})
+        }))
+    # Re-disinfections after a positive swab, and cycles with no trip of this vehicle.
+    for cycle in (c for c in data.cycles.values()
+                  if c.get("vehicle_id") == vehicle_id and c["cycle_id"] not in linked_cycles):
+        timed.append((_began(cycle.get("opened"), cycle.get("opened_at")), {
+            "trip_id": None, "for_trip_id": cycle.get("trip_id"), "transfer_id": cycle.get("transfer_id"),
+            "opened": None, "cycles": [_cycle_view(data, cycle)]}))
+    links = [link for _, link in sorted(timed, key=lambda pair: pair[0])]
     mine = [f for f in findings if f.get("vehicle_id") == vehicle_id]
     cycles = [c for link in links for c in link["cycles"]]
     released = {c["cycle_id"] for c in cycles if c["released"]}

@@ -1139,6 +1139,10 @@ def test_custody_follows_a_superseded_redisinfection_and_the_vehicles_own_status
           transfer_id="t2", reason="positive swab", kind="redisinfection", after_sample_id="s9")
     held = custody.custody(h.data(), "v1", [])
     assert held is not None and not held["complete"]
+    # The re-disinfections are links of their own, in their place in time, after trip2's.
+    assert [(link["trip_id"] or link["for_trip_id"], [c["cycle_id"] for c in link["cycles"]])
+            for link in held["links"]] == [("trip0", ["c0"]), ("trip1", ["c1"]), ("trip2", ["c2"]),
+                                           ("trip2", ["r2"]), ("trip2", ["r3"])]
     r2 = next(c for link in held["links"] for c in link["cycles"] if c["cycle_id"] == "r2")
     assert r2["superseded"]["by_cycle_id"] == "r3" and r2["superseded"]["event_id"], r2
     h.add("disinfection", "cycle-r3", "VehicleReleased", cycle_id="r3", vehicle_id="v1", trip_id="trip2",
