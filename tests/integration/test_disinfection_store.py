@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 from libs.events.aggregate import UnitOfWork, with_retry
 from libs.events.catalog import dispatch as dsp
 from libs.events.catalog import transfer as tr
-from libs.events.envelope import Envelope
+from libs.events.envelope import Envelope, iso
 from libs.events.store import Commit, EventStore, Meta, NewEvent, StreamAppend
 from services.disinfection import contacts, handlers, sla
 from services.disinfection.domain import Cycle, cycle_id_for, redisinfection_id_for
@@ -87,6 +87,25 @@ async def setup(make_store: MakeStore, vid: str = "v-1") -> Vehicle:
 
 async def load(store: EventStore, cls: type[Any], ident: str) -> Any:
     return await UnitOfWork.reading(store).require(cls, ident, cls.__name__.lower())
+
+
+async def test_r8_a_handover_on_a_fast_phone_bounds_the_stages_by_its_receipt(make_store: MakeStore) -> None:
+    """The crew's phone runs 40 minutes fast: the handover says 10:30, the transfer service
+    received it at 09:50. The first stage, begun at 10:05 by the washing bay's clock, is
+    after the handover: taken. Bound by the phone's time it was refused. A trip dispatch
+    ended (a takeover) bounds nothing."""
+    v = await setup(make_store)
+    received = datetime.fromisoformat(str(INITIAL["started_at"]))
+    for trip_id, reason in (("fast", tr.HANDED_OVER), ("taken-over", "vehicle withdrawn: breakdown")):
+        completed = tr.TripCompleted(trip_id=trip_id, transfer_id=f"t-{trip_id}", vehicle_id=v.vid,
+                                     reason=reason)
+        [done] = await v.transfers.commit(Commit(meta=META, appends=[StreamAppend(
+            f"trip-{trip_id}", 0, [NewEvent(completed, occurred_at=received + timedelta(minutes=40))])]))
+        await v.consume(done.model_copy(update={"recorded_at": iso(received)}), handlers.on_trip_completed)
+    fast = await load(v.store, Cycle, cycle_id_for("fast"))
+    assert fast.trip_ended_at == iso(received) and fast.opened_at == iso(received + timedelta(minutes=40))
+    assert (await load(v.store, Cycle, cycle_id_for("taken-over"))).trip_ended_at is None
+    await v.disinfect(fast.id, "S-FAST", hours=0.25)  # 10:05: refused if bound by the phone's 10:30
 
 
 async def test_r14_overdue_results_are_flagged_once_by_the_clock(make_store: MakeStore) -> None:
