@@ -34,6 +34,9 @@ async def on_trip_completed(env: Envelope, uow: UnitOfWork) -> None:
     assert isinstance(e, tr.TripCompleted)
     vehicle = await uow.require(Vehicle, e.vehicle_id, "vehicle")
     vehicle.trip_completed(e.trip_id)  # R2: held until disinfection releases it
+    # Unless the release overtook the trip's end on its way here: then the vehicle is free
+    # now, and takes the first queued transfer it may carry (R4), as a release does.
+    await serve_queue(uow, vehicle)
 
 
 async def on_patient_handed_over(env: Envelope, uow: UnitOfWork) -> None:

@@ -143,16 +143,47 @@ class Dispatching(RuleBasedStateMachine):
         v = data.draw(st.sampled_from(waiting))
         payload = {"cycle_id": f"c-{v.awaiting_trips[0]}", "vehicle_id": v.id,
                    "trip_id": v.awaiting_trips[0], "policy": "after_swab_collected"}
+        self.run(self.frees(v.id, consumers.on_vehicle_released,
+                            envelope("VehicleReleased", payload, "disinfection")))
+
+    async def frees(self, vehicle_id: str, consumer: Any, env: Envelope) -> None:
+        """An event that may free the vehicle: whatever it then takes is the first queued
+        transfer it may carry (R4)."""
+        queued = await UnitOfWork.reading(self.store).find(Transfer, status=["queued"])
+        before = await UnitOfWork.reading(self.store).require(Vehicle, vehicle_id, "vehicle")
+        uow = self.uow()
+        await consumer(env, uow)
+        await uow.commit()
+        after = await UnitOfWork.reading(self.store).require(Vehicle, vehicle_id, "vehicle")
+        if after.transfer_id and after.transfer_id != before.transfer_id:
+            self.served.append((vehicle_id, after.transfer_id))
+            await self.check_served(vehicle_id, after.transfer_id, queued)
+
+    @precondition(lambda self: self.n > 0)
+    @rule(data=st.data())
+    def release_overtakes_the_trips_end(self, data: st.DataObject) -> None:
+        """The disinfection release reaches dispatch before the trip's end does (the two
+        come from two services): the vehicle comes back when the end arrives, and serves
+        the queue then (a simulated day left critical patients waiting hours for it)."""
+        assigned = [v for v in self.run(self.all(Vehicle)) if v.status == "assigned"]
+        if not assigned:
+            return
+        v = data.draw(st.sampled_from(assigned))
+        trip = {"trip_id": f"trip-{v.transfer_id}", "transfer_id": v.transfer_id}
+        released = {"cycle_id": f"c-{trip['trip_id']}", "vehicle_id": v.id, "trip_id": trip["trip_id"],
+                    "policy": "after_swab_collected"}
+
+        handover = {**trip, "facility_id": "yc-second", "received_by": "李医生", "confirmed_by": "crew"}
 
         async def go() -> None:
-            queued = await UnitOfWork.reading(self.store).find(Transfer, status=["queued"])
             uow = self.uow()
-            await consumers.on_vehicle_released(envelope("VehicleReleased", payload, "disinfection"), uow)
+            await consumers.on_vehicle_released(envelope("VehicleReleased", released, "disinfection"), uow)
             await uow.commit()
-            after = await UnitOfWork.reading(self.store).require(Vehicle, v.id, "vehicle")
-            if after.transfer_id:
-                self.served.append((v.id, after.transfer_id))
-                await self.check_served(v.id, after.transfer_id, queued)
+            uow = self.uow()
+            await consumers.on_patient_handed_over(envelope("PatientHandedOver", handover, "transfer"), uow)
+            await uow.commit()
+            await self.frees(v.id, consumers.on_trip_completed,
+                             envelope("TripCompleted", {**trip, "vehicle_id": v.id}, "transfer"))
 
         self.run(go())
 
@@ -272,3 +303,30 @@ TestDispatching.settings = settings(
     max_examples=40, stateful_step_count=25, deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
     phases=[Phase.explicit, Phase.reuse, Phase.generate])
+
+
+def test_r4_a_vehicle_whose_release_overtook_its_trips_end_takes_the_queue_when_the_end_comes() -> None:
+    """Found on a simulated day: the release reached dispatch first, the trip's end put the
+    vehicle back in service, and nobody served the queue: a critical patient waited hours
+    while the vehicle went to a newer, less urgent request."""
+    machine = Dispatching()
+    try:
+        machine.add_vehicle("npa")
+        machine.request("fever")  # takes the vehicle
+        machine.request("fever")  # waits
+        [first, waiting] = sorted(machine.run(machine.all(Transfer)), key=lambda t: t.id)
+        assert (first.status, waiting.status) == ("assigned", "queued")
+        vehicle = machine.run(machine.all(Vehicle))[0]
+        trip = {"trip_id": f"trip-{first.id}", "transfer_id": first.id}
+        released = {"cycle_id": "c-1", "vehicle_id": vehicle.id, "trip_id": trip["trip_id"],
+                    "policy": "after_swab_collected"}
+        handover = {**trip, "facility_id": "yc-second", "received_by": "李医生", "confirmed_by": "crew"}
+        machine.run(machine.frees(vehicle.id, consumers.on_vehicle_released,
+                                  envelope("VehicleReleased", released, "disinfection")))
+        machine.run(machine.frees(vehicle.id, consumers.on_patient_handed_over,
+                                  envelope("PatientHandedOver", handover, "transfer")))
+        machine.run(machine.frees(vehicle.id, consumers.on_trip_completed,
+                                  envelope("TripCompleted", {**trip, "vehicle_id": vehicle.id}, "transfer")))
+        assert machine.served == [(vehicle.id, waiting.id)]
+    finally:
+        machine.teardown()
