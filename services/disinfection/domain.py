@@ -64,6 +64,11 @@ class StageRecord:
     def contact_minutes(self) -> float:
         return self.surface.contact_minutes
 
+    @property
+    def begins(self) -> datetime:
+        """The stage began with whichever treatment came first."""
+        return min(self.started_at, self.air.started_at) if self.air else self.started_at
+
     def check(self, rules: Rules = DEFAULT_RULES) -> dict[str, Any]:
         """R8: refuse a stage below its protocols or that the footage does not cover. Returns
         the evidence to record, with the protocol arithmetic."""
@@ -72,7 +77,7 @@ class StageRecord:
         if self.video_to <= self.video_from:
             raise InvalidField("video.to", "video_window_empty", "the video window must end after it starts",
                                "视频时段的结束时间必须晚于开始时间")
-        start = min(self.started_at, self.air.started_at) if self.air else self.started_at
+        start = self.begins
         end = max(self.ended_at, self.air.ended_at) if self.air else self.ended_at
         if self.video_from > start or self.video_to < end:
             raise InvalidField(
@@ -264,9 +269,7 @@ class Cycle(Aggregate):
         if bound is None:
             return
         ended = datetime.fromisoformat(bound)
-        # The stage began with whichever treatment came first (StageRecord.check's window).
-        started = min(stage.started_at, stage.air.started_at) if stage.air else stage.started_at
-        if started < ended - rules.stage_clock_tolerance:
+        if stage.begins < ended - rules.stage_clock_tolerance:
             raise InvalidField("started_at", code, f"the initial stage starts before {what} ({iso(ended)})",
                                f"首次消毒开始时间早于{what_zh}时间", rule="R8", bound_at=iso(ended))
 
