@@ -33,7 +33,9 @@ PHONE_KEYS = frozenset({"phone", "mobile", "contact_phone", "phone_number"})
 # （０９５１）), matched on a folded copy of the text and masked where they stand. A
 # number touching a letter is part of something else (an event id, a hash, a plate) and
 # stays; so does one joined by a dash to a letter or digit before it: a UUID's last group
-# (a cycle's id ending in -075123452105 was masked, and a client could no longer use it).
+# (a cycle's id ending in -075123452105 was masked, and a client could no longer use it),
+# or by a dash to a letter or digit after it: a UUID's first groups (06123456-8217-5bad-...
+# is a landline's two-group shape; listed in clear, a staff member could not act on it).
 # Except behind a word that says what it is (Tel13912345678, ID No.640121...): none of
 # these words is hex, so no hash or UUID holds one.
 _FOLD = {**{0xFF10 + i: 0x30 + i for i in range(10)}, **{0xFF21 + i: 0x41 + i for i in range(26)},
@@ -47,16 +49,16 @@ _MOBILE = r"(?:(?:\+|00)?86[-\s]?)?1[3-9][0-9](?:[-\s]?[0-9]{4}){2}"
 # A local number begins with 2-8: times written as HHMM (0800-1200 1300-1700) are none.
 _LANDLINE = r"(?:\(0[0-9]{2,3}\)|0[0-9]{2,3})[-\s]?(?:[2-8][0-9]{6,7}|[2-8][0-9]{2,3}[-\s][0-9]{4})"
 _AFTER_TOKEN = r"(?<![0-9A-Za-z]-)"
-_ID_IN_TEXT = re.compile(_AFTER_TOKEN + r"(?<![0-9A-Za-z.])" + _ID + r"(?![0-9A-Za-z])")
+_BEFORE_TOKEN = r"(?![0-9A-Za-z]|-[0-9A-Za-z])"
+_ID_IN_TEXT = re.compile(_AFTER_TOKEN + r"(?<![0-9A-Za-z.])" + _ID + _BEFORE_TOKEN)
 _PHONE_IN_TEXT = re.compile(
-    _AFTER_TOKEN + r"(?<![0-9A-Za-z.+])" + _MOBILE + r"(?![0-9A-Za-z])"
-    r"|" + _AFTER_TOKEN + r"(?<![0-9A-Za-z.])" + _LANDLINE + r"(?![0-9A-Za-z])")
+    _AFTER_TOKEN + r"(?<![0-9A-Za-z.+])" + _MOBILE + _BEFORE_TOKEN
+    + r"|" + _AFTER_TOKEN + r"(?<![0-9A-Za-z.])" + _LANDLINE + _BEFORE_TOKEN)
 _LABELLED = re.compile(
     r"(?<![0-9A-Za-z])(?:(?i:tel|phone|mobile|mob|cell|call|contact|idno|id|no|sfz|dh)[.#]?)"
-    r"(?:(?P<id>" + _ID + r")|(?P<phone>" + _MOBILE + r"|" + _LANDLINE + r"))(?![0-9A-Za-z])")
+    r"(?:(?P<id>" + _ID + r")|(?P<phone>" + _MOBILE + r"|" + _LANDLINE + r"))" + _BEFORE_TOKEN)
 # Keys whose values are identifiers, never personal numbers: not scanned as text.
 OPAQUE_KEYS = frozenset({"event_id", "hash", "prev_hash", "head_hash", "correlation_id", "causation_id"})
-
 # Roles that need the numbers for the job at hand; the auditor is not one.
 UNMASK_ROLES = frozenset({"dispatcher", "crew", "hospital", "health_bureau"})
 

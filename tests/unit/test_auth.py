@@ -184,6 +184,12 @@ def test_numbers_typed_as_people_write_them_are_masked_in_free_text() -> None:
             "cycle 40b09cdb-7a3c-55a8-bb4d-075123452105 does not exist, 095*-***4321",
         "trip 9e0c2d1a-0000-4000-8000-139123456780, v-640121198001011231":
             "trip 9e0c2d1a-0000-4000-8000-139123456780, v-640121198001011231",
+        # A UUID whose first two groups are a landline's two-group shape (a simulated day's
+        # cycle was listed as 061*****-8217-..., and its stages were refused 404).
+        "cycle 06123456-8217-5bad-b6e3-461268e2e950 does not exist, 0951-501-2345-":
+            "cycle 06123456-8217-5bad-b6e3-461268e2e950 does not exist, 095*-***-2345-",
+        "/cycles/06123456-8217-5bad-b6e3-461268e2e950/stages":
+            "/cycles/06123456-8217-5bad-b6e3-461268e2e950/stages",
         # Glued to a word that says what it is: masked all the same.
         "Tel13912345678, tel.139-1234-5678, Mobile+8613912345678, ID No.640121198001011231":
             "Tel139****5678, tel.139-****-5678, Mobile+86139****5678, ID No.6401**********1231",
@@ -213,6 +219,14 @@ def test_numbers_typed_as_people_write_them_are_masked_in_free_text() -> None:
     digits = "139123456789012345678"
     view = {"event_id": digits[:15], "hash": digits, "note": digits[:15]}
     assert privacy.mask(view) == {"event_id": digits[:15], "hash": digits, "note": "1391*******9012"}
+
+
+def test_a_uuid_is_shown_as_it_is_wherever_it_stands() -> None:
+    """Ids are masked by their shape only (a resident id typed as a transfer id is one), so
+    a UUID whose groups look like a number must stay whole in a list, as a client acts on it."""
+    uuid = "06123456-8217-5bad-b6e3-461268e2e950"
+    view = [{"id": uuid, "trip_id": uuid.replace("5bad", "5139"), "note": f"0951-5012345 {uuid}"}]
+    assert privacy.mask(view) == [{**view[0], "note": f"095*-***2345 {uuid}"}]
 
 
 def test_only_the_roles_that_need_the_numbers_see_them() -> None:
