@@ -414,6 +414,7 @@ def _row_to_envelope(store: str, row: Any) -> Envelope:
 
 log = logging.getLogger(__name__)
 CHECKPOINT_EVERY_S = 0.5  # SQLite: how often, at most, the WAL is copied back into the database
+CLOSE_WAIT_S = 30.0  # at close: how long commits still under way may take to end
 
 class EventStore:
     """One service's store: its events (the outbox too), state rows and bookkeeping."""
@@ -431,6 +432,7 @@ class EventStore:
         self._append_lock = asyncio.Lock()
         # PostgreSQL: appends queue here for the next group commit (see _queue).
         self._queued: list[tuple[Commit, asyncio.Future[list[Envelope]]]] = []
+        self._committing: set[asyncio.Task[list[Envelope]]] = set()  # see commit()
         self._flusher: asyncio.Task[None] | None = None
         self._appended = asyncio.Condition()
         self._lock_key = zlib.crc32(f"closedloop-store-{name}".encode())
@@ -478,6 +480,8 @@ class EventStore:
                 await conn.run_sync(extra.create_all)
 
     async def close(self) -> None:
+        if self._committing:  # commits whose callers were cancelled end before the engine
+            await asyncio.wait(list(self._committing), timeout=CLOSE_WAIT_S)
         if self._checkpointer is not None:  # closing checkpoints anyway
             self._checkpointer.cancel()
             await asyncio.gather(self._checkpointer, return_exceptions=True)
@@ -533,8 +537,19 @@ class EventStore:
         return _write_turn.get() == (self, asyncio.current_task())
 
     async def commit(self, commit: Commit) -> list[Envelope]:
-        """Append, update states and bookkeeping in one transaction. All or nothing."""
-        if self._turn_held():
+        """Append, update states and bookkeeping in one transaction. All or nothing. Once
+        called, a commit goes ahead in a task of its own even if its caller is cancelled (a
+        request past its deadline, a consumer stopped at shutdown): cancelled inside its
+        transaction, SQLAlchemy closes the connection in a task of its own, and if the loop
+        ends first an SQLite file stays write-locked for as long as the process lives."""
+        task = asyncio.get_running_loop().create_task(self._commit(commit, self._turn_held()))
+        self._committing.add(task)
+        task.add_done_callback(_settled)
+        task.add_done_callback(self._committing.discard)
+        return await asyncio.shield(task)
+
+    async def _commit(self, commit: Commit, turn_held: bool) -> list[Envelope]:
+        if turn_held:
             written = await self._commit_alone(commit)  # the turn keeps the others waiting
         elif commit.appends and not self.is_sqlite:
             written = await self._queue(commit)
@@ -955,6 +970,13 @@ class EventStore:
                 return False
             await self._set_checkpoint(conn, name, position)
             return True
+
+
+def _settled(task: asyncio.Task[Any]) -> None:
+    """A commit whose caller was cancelled: its failure is nobody's to hear (retrieved so
+    asyncio does not log it as lost)."""
+    if not task.cancelled():
+        task.exception()
 
 
 # Which store's write turn (see EventStore.exclusive) the running task holds, if any; the

@@ -444,3 +444,31 @@ async def test_a_wait_cancelled_as_it_times_out_leaves_appends_free(make_store: 
     with pytest.raises(asyncio.CancelledError):
         await waiter
     await asyncio.wait_for(store.append("thing-1", 0, things(1), META), 5)
+
+
+async def test_a_commit_whose_caller_is_cancelled_goes_ahead(make_store: MakeStore) -> None:
+    """A request past its deadline, a consumer stopped at shutdown: once called, a commit
+    is not abandoned halfway (on SQLite that left the file write-locked for good, see
+    test_sqlite_checkpoint); it lands, and the caller is told it was cancelled."""
+    store = await make_store()
+    turn_taken, turn_over = asyncio.Event(), asyncio.Event()
+
+    async def hold_the_turn() -> None:
+        async with store.exclusive():
+            turn_taken.set()
+            await turn_over.wait()
+
+    holder = asyncio.create_task(hold_the_turn())
+    await turn_taken.wait()
+    caller = asyncio.create_task(store.append("thing-c", 0, things(1), META))
+    await asyncio.sleep(0.05)  # the commit waits for the turn
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    turn_over.set()
+    await holder
+    for _ in range(100):
+        if await store.read_stream("thing-c"):
+            break
+        await asyncio.sleep(0.05)
+    assert [e.payload["n"] for e in await store.read_stream("thing-c")] == [1]
