@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import shutil
+import sqlite3
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,9 +118,24 @@ async def seed_world(data_dir: Path) -> None:
     TRIPS.update({t["id"]: t for t in (done_trip, open_trip)})
 
 
+def no_store_left_locked(data_dir: Path) -> None:
+    """The seeding app has stopped: none of its writes may still hold a store (one left
+    write-locked made every later write to it wait 30 s: the ledger's disclosure timed out)."""
+    for db in sorted(data_dir.glob("*.db")):
+        probe = sqlite3.connect(db, timeout=5, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+        except sqlite3.OperationalError as e:
+            raise AssertionError(f"{db.name} is still write-locked after the seeding app stopped") from e
+        finally:
+            probe.close()
+
+
 @pytest.fixture(scope="module", autouse=True)
 def world() -> Iterator[None]:
     asyncio.run(seed_world(DATA_DIR))
+    no_store_left_locked(DATA_DIR)
     yield
     asgi.shutdown_lifespans()
 
