@@ -33,7 +33,7 @@ async def on_trip_completed(env: Envelope, uow: UnitOfWork) -> None:
     e = decode(env)
     assert isinstance(e, tr.TripCompleted)
     vehicle = await uow.require(Vehicle, e.vehicle_id, "vehicle")
-    vehicle.trip_completed(e.trip_id)  # R2: held until disinfection releases it
+    vehicle.trip_completed(e.trip_id, e.transfer_id)  # R2: held until disinfection releases it
     # Unless the release overtook the trip's end on its way here: then the vehicle is free
     # now, and takes the first queued transfer it may carry (R4), as a release does.
     await serve_queue(uow, vehicle)
@@ -55,8 +55,14 @@ async def on_return_requested(env: Envelope, uow: UnitOfWork) -> None:
 async def on_trip_aborted(env: Envelope, uow: UnitOfWork) -> None:
     e = decode(env)
     assert isinstance(e, tr.TripAborted)
-    if e.dispatch_action is not None:  # a crew abort; dispatch's own aborts need nothing more
+    if e.dispatch_action is not None:  # a crew abort
         await crew_aborted(uow, e.transfer_id, e.vehicle_id, e.dispatch_action, e.reason)
+        return
+    # Dispatch's own: a vehicle taken off this transfer is free, the patient never boarded.
+    vehicle = await uow.get(Vehicle, e.vehicle_id)
+    if vehicle is not None and vehicle.trip_end_awaited == e.transfer_id:
+        vehicle.trip_aborted(e.transfer_id)
+        await serve_queue(uow, vehicle)
 
 
 async def on_vehicle_released(env: Envelope, uow: UnitOfWork) -> None:

@@ -295,12 +295,14 @@ async def take_out_of_service(uow: UnitOfWork, vehicle_id: str, cmd: OutOfServic
     """A breakdown. Before pickup its transfer is reassigned at once; after pickup the crew's
     trip decides (a second vehicle takes over, issue 4)."""
     vehicle = await uow.require(Vehicle, vehicle_id, "vehicle")
-    transfer_id = vehicle.transfer_id
-    vehicle.take_out_of_service(cmd.reason)
-    if transfer_id is not None:
-        transfer = await uow.require(Transfer, transfer_id, "transfer")
-        if transfer.withdraw_vehicle(f"vehicle {vehicle_id} out of service: {cmd.reason}"):
-            await auto_assign(uow, transfer)
+    transfer = None
+    if vehicle.transfer_id is not None:
+        transfer = await uow.require(Transfer, vehicle.transfer_id, "transfer")
+        if not transfer.withdraw_vehicle(f"vehicle {vehicle_id} out of service: {cmd.reason}"):
+            transfer = None
+    vehicle.take_out_of_service(cmd.reason, withdrawn_from=transfer.id if transfer else None)
+    if transfer is not None:
+        await auto_assign(uow, transfer)
     return vehicle
 
 
@@ -381,6 +383,7 @@ def vehicle_view(v: Vehicle) -> dict[str, Any]:
         "life_support": v.life_support, "station": v.station, "location": v.location.model_dump(),
         "position_at": v.position_at, "status": v.status, "transfer_id": v.transfer_id,
         "awaiting_disinfection_for": v.awaiting_trips, "out_reason": v.out_reason,
+        "trip_end_awaited_for": v.trip_end_awaited,
     }
 
 

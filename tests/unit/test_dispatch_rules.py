@@ -305,6 +305,45 @@ def test_breakdown_before_pickup_puts_the_transfer_back_for_another_vehicle() ->
     assert t.vehicle_id == "v2"
 
 
+def test_r2_a_vehicle_taken_off_a_trip_is_held_until_the_transfer_service_ends_that_trip() -> None:
+    """A breakdown reported before the crew's patient_aboard step reached dispatch: the
+    patient may be aboard. Repaired before the trip's end arrives, the vehicle used to be
+    assigned again, then the TripCompleted (it carried the patient) came: an R2 violation
+    the system let through (three on a simulated day). Now it waits for that trip's end."""
+    v = vehicle()
+    v.reserve("t-1")
+    v.take_out_of_service("engine failure", withdrawn_from="t-1")
+    v.set_duty(True, "repaired")
+    assert v.status == "awaiting_disinfection" and v.trip_end_awaited == "t-1"
+    with pytest.raises(RuleRefused) as refused:
+        transfer().assign(v, [], "auto", [])
+    assert refused.value.rule == "R2"
+    carried = Vehicle.model_validate_json(v.model_dump_json())
+    carried.trip_completed("trip-1", "t-1")  # the patient was aboard: disinfection first
+    assert (carried.status, carried.trip_end_awaited, carried.awaiting_trips) == (
+        "awaiting_disinfection", None, ["trip-1"])
+    v.trip_aborted("t-1")  # the patient never boarded: free at once
+    assert (v.status, v.trip_end_awaited, v.transfer_id) == ("available", None, None)
+    v.trip_aborted("t-1")  # a redelivery changes nothing
+    assert [p.event.event_type for p in v.pending()][-2:] == ["VehicleDutyChanged", "VehicleStoodDown"]
+
+
+def test_r2_an_earlier_trips_late_end_leaves_the_current_assignment() -> None:
+    """A trip's end that arrives once the vehicle carries another transfer (reached by an
+    R2 override, or a history from before the hold above) used to clear the current
+    assignment: its transfer kept a vehicle that dispatch counted free."""
+    v = vehicle()
+    v.reserve("t-2")
+    v.trip_completed("trip-1", "t-1")
+    assert (v.status, v.transfer_id, v.awaiting_trips) == ("assigned", "t-2", ["trip-1"])
+    v.trip_completed("trip-2", "t-2")
+    assert (v.status, v.transfer_id) == ("awaiting_disinfection", None)
+    v.released("trip-1", "c-1")
+    assert v.status == "awaiting_disinfection"  # trip-2's disinfection is still owed
+    v.released("trip-2", "c-2")
+    assert v.status == "available"
+
+
 def test_duty_and_quarantine() -> None:
     v = vehicle()
     v.set_duty(False, "shift over")

@@ -54,6 +54,7 @@ class VehicleAwaitingDisinfection(Event):
 
     vehicle_id: str
     trip_id: str
+    transfer_id: str | None = None  # the trip's (absent before 2026-11-24)
 
 
 @registry.register
@@ -82,6 +83,9 @@ class VehicleTakenOutOfService(Event):
     vehicle_id: str
     reason: str
     rule: str | None = None
+    # The transfer it was taken off: whether that trip had its patient aboard is the transfer
+    # service's to say (its trip completes or aborts), and until it has, the vehicle is held.
+    withdrawn_from: str | None = None
 
 
 @registry.register

@@ -61,6 +61,10 @@ class Vehicle(Aggregate):
     released_early: list[str] = []
     early_cycle: dict[str, str] = {}
     out_reason: str | None = None
+    # A transfer it was taken off whose trip the transfer service has not ended yet: had the
+    # patient boarded (the crew's step may not have reached dispatch), the vehicle carried
+    # them and needs disinfection, so it is not assigned again until that trip ends (R2).
+    trip_end_awaited: str | None = None
 
     @classmethod
     def register(cls, event: ev.VehicleRegistered) -> Vehicle:
@@ -130,23 +134,42 @@ class Vehicle(Aggregate):
             return
         self.record(ev.VehicleStoodDown(vehicle_id=self.id, transfer_id=transfer_id, reason=reason))
 
-    def _on_VehicleStoodDown(self, e: ev.VehicleStoodDown) -> None:
-        self.transfer_id = None
-        if self.status == "assigned":
-            self.status = "awaiting_disinfection" if self.awaiting_trips else "available"
+    def trip_aborted(self, transfer_id: str) -> None:
+        """The trip of a transfer it was taken off ended without the patient aboard."""
+        if self.trip_end_awaited == transfer_id:
+            self.record(ev.VehicleStoodDown(vehicle_id=self.id, transfer_id=transfer_id,
+                                            reason="its trip ended before the patient was aboard"))
 
-    def trip_completed(self, trip_id: str) -> None:
+    def _on_VehicleStoodDown(self, e: ev.VehicleStoodDown) -> None:
+        if self.transfer_id == e.transfer_id:
+            self.transfer_id = None
+            if self.status == "assigned":
+                self.status = "awaiting_disinfection" if self.awaiting_trips else "available"
+        if self.trip_end_awaited == e.transfer_id:
+            self.trip_end_awaited = None
+            if self.status == "awaiting_disinfection" and not self.awaiting_trips:
+                self.status = "available"
+
+    def trip_completed(self, trip_id: str, transfer_id: str | None = None) -> None:
         if trip_id in self.awaiting_trips:
             return
-        self.record(ev.VehicleAwaitingDisinfection(vehicle_id=self.id, trip_id=trip_id))
+        self.record(ev.VehicleAwaitingDisinfection(vehicle_id=self.id, trip_id=trip_id,
+                                                   transfer_id=transfer_id))
         if trip_id in self.released_early:
             # The release overtook the trip's end on its way here; the cycle is done.
             self.released(trip_id, cycle_id=self.early_cycle.get(trip_id, ""))
 
     def _on_VehicleAwaitingDisinfection(self, e: ev.VehicleAwaitingDisinfection) -> None:
-        if self.status in ("assigned", "available"):
-            self.status = "awaiting_disinfection"
-        self.transfer_id = None
+        # Only the current transfer's trip ends the assignment: an earlier trip's end that
+        # arrives once the vehicle carries another transfer leaves that one assigned, its
+        # disinfection owed after it.
+        earlier = self.status == "assigned" and e.transfer_id not in (None, self.transfer_id)
+        if not earlier:
+            if self.status in ("assigned", "available"):
+                self.status = "awaiting_disinfection"
+            self.transfer_id = None
+        if e.transfer_id is not None and e.transfer_id == self.trip_end_awaited:
+            self.trip_end_awaited = None
         self.awaiting_trips = [*self.awaiting_trips, e.trip_id]
 
     def released(self, trip_id: str, cycle_id: str, quarantine_lifted: bool = False) -> None:
@@ -177,12 +200,16 @@ class Vehicle(Aggregate):
         if not self.awaiting_trips and self.status == "awaiting_disinfection":
             self.status = "available"
 
-    def take_out_of_service(self, reason: str, rule: str | None = None) -> None:
-        self.record(ev.VehicleTakenOutOfService(vehicle_id=self.id, reason=reason, rule=rule))
+    def take_out_of_service(self, reason: str, rule: str | None = None,
+                            withdrawn_from: str | None = None) -> None:
+        self.record(ev.VehicleTakenOutOfService(vehicle_id=self.id, reason=reason, rule=rule,
+                                                withdrawn_from=withdrawn_from))
 
     def _on_VehicleTakenOutOfService(self, e: ev.VehicleTakenOutOfService) -> None:
         self.status = "quarantined" if e.rule == "R9" else "out_of_service"
         self.out_reason = e.reason
+        if e.withdrawn_from is not None:
+            self.trip_end_awaited = e.withdrawn_from
 
     def set_duty(self, on_duty: bool, reason: str) -> None:
         if self.status == "quarantined" and on_duty:
@@ -199,7 +226,8 @@ class Vehicle(Aggregate):
         if not e.on_duty:
             self.status = "off_duty"
         elif self.status in ("off_duty", "out_of_service"):
-            self.status = "awaiting_disinfection" if self.awaiting_trips else "available"
+            held = self.awaiting_trips or self.trip_end_awaited is not None
+            self.status = "awaiting_disinfection" if held else "available"
             self.out_reason = None
 
     def report_position(self, location: Location, at: str) -> None:
