@@ -131,11 +131,15 @@ _FORMULA = ("=", "+", "-", "@", "\t", "\r")
 
 def _cell(value: Any) -> str:
     """A CSV cell Excel shows as text: a name typed as `=HYPERLINK(...)` would otherwise
-    run as a formula on the bureau's machine (OWASP's CSV injection; a leading quote)."""
+    run as a formula on the bureau's machine (OWASP's CSV injection; a leading quote); a
+    number in clear, read as a number, would lose digits (an 18-digit id kept as
+    6.40121E+17, a landline its leading 0), so it leads with a tab, which Excel does not show."""
     if value is None:
         return ""
     text = str(value)
-    return "'" + text if text.startswith(_FORMULA) else text
+    if text.startswith(_FORMULA):
+        return "'" + text
+    return "\t" + text if text.isascii() and text.isdigit() and (len(text) > 11 or text[0] == "0") else text
 
 
 # The columns that are times (local, +08:00) and the day: XLSX cells the bureau can sort

@@ -5,6 +5,7 @@ Masking is tested with the rest of privacy (test_auth.py)."""
 
 from __future__ import annotations
 
+import csv
 import io
 import itertools
 import random
@@ -1051,6 +1052,17 @@ def test_the_ledger_csv_does_not_run_what_was_typed_as_a_formula() -> None:
     text = ledger.to_csv(ledger.rows(h.data())).decode("utf-8-sig")
     assert "'=HYPERLINK" in text and "'+1 楼" in text
     assert ',=' not in text and ',+' not in text
+
+
+def test_the_ledger_csv_keeps_every_digit_of_a_number_in_clear() -> None:
+    """The health bureau reads the ledger in clear: opened in Excel, an 18-digit id was a
+    number (6.40121E+17, its last digits gone) and a landline lost its leading 0."""
+    row = {"id_number": "640121198001011231", "phone": "09515012345", "patient_name": "李四",
+           "trip_id": "13800138000"}
+    [cells] = list(csv.reader(io.StringIO(ledger.to_csv([row]).decode("utf-8-sig"))))[1:]
+    shown = dict(zip([k for k, _ in ledger.COLUMNS], cells, strict=True))
+    assert (shown["id_number"], shown["phone"]) == ("\t640121198001011231", "\t09515012345")
+    assert (shown["patient_name"], shown["trip_id"]) == ("李四", "13800138000")  # 11 digits: exact
 
 
 def test_the_ledger_xlsx_has_its_times_and_days_as_spreadsheet_dates_in_local_time() -> None:
