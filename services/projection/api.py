@@ -36,6 +36,10 @@ from services.projection.rebuild import BUILDING, RebuildRunning, being_built, r
 from services.projection.tables import envelope_of_row, lock_archive, meta_table, next_seq, set_meta
 from services.projection.timeline import timeline_view
 
+# What a browser's request library appends to a GET so that no cache answers it (jQuery's
+# `cache: false`): a console's, never a filter; taken on every view and ignored.
+CACHE_BUSTER = "_"
+
 
 def _known_query(request: Request) -> None:
     """Each query parameter is one the route reads, given once: an auditor's `?date=` on the
@@ -47,6 +51,8 @@ def _known_query(request: Request) -> None:
     known = _query_names(route.dependant)
     seen: set[str] = set()
     for key, _ in request.query_params.multi_items():
+        if key == CACHE_BUSTER:
+            continue
         if key not in known:
             reads = ", ".join(sorted(known)) or "none"
             raise InvalidField(key, "unknown_parameter",
@@ -304,6 +310,7 @@ _SSE_EVENT = {"type": "object", "properties": {
     "text/event-stream": {"itemSchema": _SSE_EVENT, "schema": {"type": "array", "items": _SSE_EVENT}}}}})
 async def stream(request: Request, store: Store,
                  last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+                 last_event_id_query: Annotated[str | None, Query(alias="lastEventId")] = None,
                  after: Annotated[int | None, Query(ge=0, le=POSITION_MAX)] = None, follow: bool = True,
                  from_now: bool = False,
                  heartbeat: Annotated[float, Query(gt=0, le=60)] = 15.0) -> StreamingResponse:
@@ -316,14 +323,18 @@ async def stream(request: Request, store: Store,
 
     The first frame, and every keep-alive, carries an `id` and no data: the position read
     up to. An EventSource keeps it as its last event id, so a console that reconnects before
-    any event came (or after events it may not see) resumes there, not from_now again."""
+    any event came (or after events it may not see) resumes there, not from_now again.
+    An EventSource polyfill that can send a bearer token sends its last event id as the
+    query's `lastEventId` instead: read the same way, the header winning."""
+    given, last_event_id = (("Last-Event-ID", last_event_id) if last_event_id
+                            else ("lastEventId", last_event_id_query))
     if last_event_id:
         # Digits only: int() would also take "1_0", "+5" or " 7 ".
         after = int(last_event_id) if last_event_id.isascii() and last_event_id.isdigit() else -1
         if not 0 <= after <= POSITION_MAX:
-            raise InvalidField("Last-Event-ID", "invalid_last_event_id",
-                               "Last-Event-ID is an event's id (a number from 0)",
-                               "Last-Event-ID须为事件编号（非负整数）")
+            raise InvalidField(given, "invalid_last_event_id",
+                               f"{given} is an event's id (a number from 0)",
+                               f"{given}须为事件编号（非负整数）")
     if after is None and from_now:
         async with store.engine.connect() as conn:
             after = await next_seq(conn) - 1

@@ -287,6 +287,8 @@ async def numbers_out_of_reach(c: httpx.AsyncClient) -> None:
     for garbage in (big, "1_0", "+5", "-0"):  # int() takes all but the first
         problem(await c.get(f"{API}/audit/stream", params={"follow": "false"},
                             headers={**auditor, "Last-Event-ID": garbage}), 422, "Last-Event-ID")
+        problem(await c.get(f"{API}/audit/stream", params={"follow": "false", "lastEventId": garbage},
+                            headers=auditor), 422, "lastEventId")
     await reference_data(c)
     before = await counts(c)
     for raw, field in (('{"lat": NaN, "lon": 106.2}', "origin.location.lat"),

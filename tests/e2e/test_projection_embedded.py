@@ -259,6 +259,15 @@ async def test_a_console_holding_the_stream_sees_what_happens_after_it_connected
     reconnected = await client.get(f"{API}/audit/stream", params={"follow": "false", "from_now": "true"},
                                    headers={**acting.headers("dispatcher"), "Last-Event-ID": str(opened_at)})
     assert "nx-held-2" in reconnected.text
+    # A polyfill that sends its last event id in the query (and jQuery's cache-buster `_`):
+    # the same resumption; the header, when both come, wins.
+    polyfilled = await client.get(f"{API}/audit/stream", params={
+        "follow": "false", "from_now": "true", "lastEventId": str(opened_at), "_": "1764000000000"},
+        headers=acting.headers("dispatcher"))
+    assert polyfilled.status_code == 200 and events(polyfilled.text) == events(reconnected.text)
+    both = await client.get(f"{API}/audit/stream", params={"follow": "false", "lastEventId": "0"},
+                            headers={"Last-Event-ID": str(first - 1)})
+    assert events(both.text)[0] == first
     # Idle, it still says how far it read.
     idle = [f for f in held.text.split("\n\n") if f][-1]
     assert idle.startswith(": keep-alive\nid: ") and int(idle.split("id: ")[1]) >= events(held.text)[-1]
