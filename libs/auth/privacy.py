@@ -32,10 +32,11 @@ PHONE_KEYS = frozenset({"phone", "mobile", "contact_phone", "phone_number"})
 # ASCII or in the full-width forms a Chinese input method types (１３９１２３４５６７８,
 # （０９５１）), matched on a folded copy of the text and masked where they stand. A
 # number touching a letter is part of something else (an event id, a hash, a plate) and
-# stays; so does one joined by a dash to a letter or digit before it: a UUID's last group
-# (a cycle's id ending in -075123452105 was masked, and a client could no longer use it),
-# or by a dash to a letter or digit after it: a UUID's first groups (06123456-8217-5bad-...
-# is a landline's two-group shape; listed in clear, a staff member could not act on it).
+# stays; so does one joined by a dash to a letter before it (v-640121...). A whole UUID is
+# kept first, whatever its groups look like: a cycle's id ending in -075123452105, or one
+# starting 06123456-8217- (a landline's two-group shape), was masked, and a client could no
+# longer use it (the staff's stages for that cycle were refused 404). A number dashed onto
+# a bed, an extension or another number is masked (13912345678-2, 0951-5012345-8).
 # Except behind a word that says what it is (Tel13912345678, ID No.640121...): none of
 # these words is hex, so no hash or UUID holds one.
 _FOLD = {**{0xFF10 + i: 0x30 + i for i in range(10)}, **{0xFF21 + i: 0x41 + i for i in range(26)},
@@ -48,15 +49,15 @@ _ID = r"(?:[0-9]{17}[0-9Xx]|[0-9]{6}[-\s][0-9]{8}[-\s][0-9]{3}[0-9Xx]|[0-9]{15})
 _MOBILE = r"(?:(?:\+|00)?86[-\s]?)?1[3-9][0-9](?:[-\s]?[0-9]{4}){2}"
 # A local number begins with 2-8: times written as HHMM (0800-1200 1300-1700) are none.
 _LANDLINE = r"(?:\(0[0-9]{2,3}\)|0[0-9]{2,3})[-\s]?(?:[2-8][0-9]{6,7}|[2-8][0-9]{2,3}[-\s][0-9]{4})"
-_AFTER_TOKEN = r"(?<![0-9A-Za-z]-)"
-_BEFORE_TOKEN = r"(?![0-9A-Za-z]|-[0-9A-Za-z])"
-_ID_IN_TEXT = re.compile(_AFTER_TOKEN + r"(?<![0-9A-Za-z.])" + _ID + _BEFORE_TOKEN)
+_AFTER_TOKEN = r"(?<![A-Za-z]-)"
+_UUID = re.compile(r"(?<![0-9A-Za-z])[0-9A-Fa-f]{8}(?:-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}(?![0-9A-Za-z])")
+_ID_IN_TEXT = re.compile(_AFTER_TOKEN + r"(?<![0-9A-Za-z.])" + _ID + r"(?![0-9A-Za-z])")
 _PHONE_IN_TEXT = re.compile(
-    _AFTER_TOKEN + r"(?<![0-9A-Za-z.+])" + _MOBILE + _BEFORE_TOKEN
-    + r"|" + _AFTER_TOKEN + r"(?<![0-9A-Za-z.])" + _LANDLINE + _BEFORE_TOKEN)
+    _AFTER_TOKEN + r"(?<![0-9A-Za-z.+])" + _MOBILE + r"(?![0-9A-Za-z])"
+    r"|" + _AFTER_TOKEN + r"(?<![0-9A-Za-z.])" + _LANDLINE + r"(?![0-9A-Za-z])")
 _LABELLED = re.compile(
     r"(?<![0-9A-Za-z])(?:(?i:tel|phone|mobile|mob|cell|call|contact|idno|id|no|sfz|dh)[.#]?)"
-    r"(?:(?P<id>" + _ID + r")|(?P<phone>" + _MOBILE + r"|" + _LANDLINE + r"))" + _BEFORE_TOKEN)
+    r"(?:(?P<id>" + _ID + r")|(?P<phone>" + _MOBILE + r"|" + _LANDLINE + r"))(?![0-9A-Za-z])")
 # Keys whose values are identifiers, never personal numbers: not scanned as text.
 OPAQUE_KEYS = frozenset({"event_id", "hash", "prev_hash", "head_hash", "correlation_id", "causation_id"})
 # Roles that need the numbers for the job at hand; the auditor is not one.
@@ -103,7 +104,8 @@ def mask_text(text: str) -> str:
     if not _DIGITS.search(text):
         return text  # most text (a name, a place) holds no run of digits: nothing to fold
     folded = text.translate(_FOLD)
-    spans: list[tuple[int, int, Any]] = []  # (start, end, how), first match wins
+    # (start, end, how), first match wins; a UUID is kept as it is (how None)
+    spans: list[tuple[int, int, Any]] = [(m.start(), m.end(), None) for m in _UUID.finditer(folded)]
 
     def take(start: int, end: int, how: Any) -> None:
         if all(end <= a or start >= b for a, b, _ in spans):
@@ -118,7 +120,8 @@ def mask_text(text: str) -> str:
         take(m.start(), m.end(), _phone_mask)
     out, last = [], 0
     for start, end, how in sorted(spans, key=lambda s: s[0]):
-        out += [text[last:start], how(text[start:end], folded[start:end])]
+        kept = text[start:end]
+        out += [text[last:start], kept if how is None else how(kept, folded[start:end])]
         last = end
     return "".join(out) + text[last:]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 import time
 from pathlib import Path
 
@@ -188,6 +189,10 @@ def test_numbers_typed_as_people_write_them_are_masked_in_free_text() -> None:
         # cycle was listed as 061*****-8217-..., and its stages were refused 404).
         "cycle 06123456-8217-5bad-b6e3-461268e2e950 does not exist, 0951-501-2345-":
             "cycle 06123456-8217-5bad-b6e3-461268e2e950 does not exist, 095*-***-2345-",
+        # ... but a number dashed onto a bed, an extension or another number is masked.
+        "联系电话13912345678-2，0951-5012345-8，身份证640121198001011231-1，Tel13912345678-2":
+            "联系电话139****5678-2，095*-***2345-8，身份证6401**********1231-1，Tel139****5678-2",
+        "13912345678-13812345678，13912345678－2": "139****5678-138****5678，139****5678－2",
         "/cycles/06123456-8217-5bad-b6e3-461268e2e950/stages":
             "/cycles/06123456-8217-5bad-b6e3-461268e2e950/stages",
         # Glued to a word that says what it is: masked all the same.
@@ -227,6 +232,12 @@ def test_a_uuid_is_shown_as_it_is_wherever_it_stands() -> None:
     uuid = "06123456-8217-5bad-b6e3-461268e2e950"
     view = [{"id": uuid, "trip_id": uuid.replace("5bad", "5139"), "note": f"0951-5012345 {uuid}"}]
     assert privacy.mask(view) == [{**view[0], "note": f"095*-***2345 {uuid}"}]
+    rng = random.Random(20261124)  # UUIDs whose groups are all digits, led by 0 or 1
+    for _ in range(2000):
+        digits = "".join(rng.choice("0123456789") for _ in range(32))
+        u = f"{rng.choice('01')}{digits[1:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"
+        for text in (u, f"周期{u}不存在", f"/cycles/{u}/stages", f"disclosure-{u}"):
+            assert privacy.mask_text(text) == text, text
 
 
 def test_only_the_roles_that_need_the_numbers_see_them() -> None:
