@@ -57,8 +57,8 @@ async def on_trip_aborted(env: Envelope, uow: UnitOfWork) -> None:
     assert isinstance(e, tr.TripAborted)
     if e.dispatch_action is not None:  # a crew abort
         await crew_aborted(uow, e.transfer_id, e.vehicle_id, e.dispatch_action, e.reason)
-        return
-    # Dispatch's own: a vehicle taken off this transfer is free, the patient never boarded.
+    # A vehicle taken off this transfer (dispatch's abort, or the crew's that crossed the
+    # breakdown's report) is free: the patient never boarded.
     vehicle = await uow.get(Vehicle, e.vehicle_id)
     if vehicle is not None and vehicle.trip_end_awaited == e.transfer_id:
         vehicle.trip_aborted(e.transfer_id)

@@ -296,9 +296,11 @@ async def take_out_of_service(uow: UnitOfWork, vehicle_id: str, cmd: OutOfServic
     trip decides (a second vehicle takes over, issue 4)."""
     vehicle = await uow.require(Vehicle, vehicle_id, "vehicle")
     transfer = None
-    if vehicle.transfer_id is not None:
+    if vehicle.status == "assigned" and vehicle.transfer_id is not None:
         transfer = await uow.require(Transfer, vehicle.transfer_id, "transfer")
-        if not transfer.withdraw_vehicle(f"vehicle {vehicle_id} out of service: {cmd.reason}"):
+        # (a breakdown reported twice must not withdraw the vehicle that took over)
+        if transfer.vehicle_id != vehicle_id or not transfer.withdraw_vehicle(
+                f"vehicle {vehicle_id} out of service: {cmd.reason}"):
             transfer = None
     vehicle.take_out_of_service(cmd.reason, withdrawn_from=transfer.id if transfer else None)
     if transfer is not None:

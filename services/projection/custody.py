@@ -72,8 +72,9 @@ READS = ("vehicles", "vehicle_log", "transfers", "trips", "cycles", "swabs")  # 
 # The vehicle's own word on its state, beside the chain: out of service (a breakdown, a
 # quarantine), duty, every return to service (one lifting a quarantine among them).
 STATUS_TYPES = ("VehicleTakenOutOfService", "VehicleDutyChanged", "VehicleReturnedToService",
-                "VehicleStoodDown")
-_STATUS_FIELDS = ("reason", "on_duty", "quarantine_lifted", "trip_id", "cycle_id", "transfer_id")
+                "VehicleStoodDown", "VehicleHoldLifted")
+_STATUS_FIELDS = ("reason", "on_duty", "quarantine_lifted", "trip_id", "cycle_id", "transfer_id",
+                  "withdrawn_from")
 # What exposures() reads: the exposure lists the disinfection service produced, and no
 # vehicle's status (over the whole history when no vehicle is named).
 EXPOSURE_READS = (*(t for t in READS if t != "vehicle_log"), "others")

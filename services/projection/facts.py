@@ -113,7 +113,7 @@ DECISION_TYPES = frozenset({
 VEHICLE_LOG_TYPES = frozenset({
     "VehicleRegistered", "VehicleReserved", "VehicleStoodDown", "VehicleAwaitingDisinfection",
     "VehicleReleaseReceivedEarly", "VehicleReturnedToService", "VehicleTakenOutOfService",
-    "VehicleDutyChanged",
+    "VehicleDutyChanged", "VehicleHoldLifted",
 })
 # Events of the other services that rules read but no fact table models: kept by type.
 OTHER_TYPES = frozenset({"TripAborted", "ReturnRequested", "PatientAdmitted", "LoopClosed",

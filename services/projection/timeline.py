@@ -51,6 +51,7 @@ LABELS_ZH = {
     "LoopClosed": "闭环完成",
     "VehicleReleaseReceivedEarly": "提前放行",
     "VehicleStoodDown": "车辆解除占用",
+    "VehicleHoldLifted": "车辆解除等待（患者未上车）",
     "VehicleTakenOutOfService": "车辆停用",
     "CycleSuperseded": "洗消周期被替代",
     "VehicleCycleLogged": "洗消记录",

@@ -242,7 +242,7 @@ class Dispatching(RuleBasedStateMachine):
     @precondition(lambda self: self.n > 0)
     @rule(data=st.data())
     def breakdown(self, data: st.DataObject) -> None:
-        v = self.pick(data, "available", "assigned")
+        v = self.pick(data, "available", "assigned", "out_of_service")  # reported twice too
         if v is None:
             return
 
@@ -277,22 +277,31 @@ class Dispatching(RuleBasedStateMachine):
         self.run(go())
 
     @precondition(lambda self: self.n > 0)
-    @rule(data=st.data(), aboard=st.booleans())
-    def withdrawn_trip_ends(self, data: st.DataObject, aboard: bool) -> None:
+    @rule(data=st.data(), end=st.sampled_from(["carried", "withdrawn", "crew_requeue", "crew_cancel"]))
+    def withdrawn_trip_ends(self, data: st.DataObject, end: str) -> None:
         """The transfer service ends the trip of a vehicle dispatch took off its transfer:
         completed when the crew had reported the patient aboard (a step dispatch may not
-        have read at the breakdown), aborted when not; before or after the repair."""
+        have read at the breakdown), aborted when not, or aborted by the crew's own report
+        that crossed the breakdown's; before or after the repair."""
         if not self.withdrawn:
             return
         vehicle_id, transfer_id = self.withdrawn.pop(data.draw(st.integers(0, len(self.withdrawn) - 1)))
         trip = {"trip_id": f"trip-{transfer_id}-{vehicle_id}", "transfer_id": transfer_id,
-                "vehicle_id": vehicle_id}
-        if aboard:
-            self.run(self.frees(vehicle_id, consumers.on_trip_completed, envelope(
-                "TripCompleted", {**trip, "reason": f"vehicle {vehicle_id} withdrawn"}, "transfer")))
-        else:
-            self.run(self.frees(vehicle_id, consumers.on_trip_aborted, envelope(
-                "TripAborted", {**trip, "reason": f"vehicle {vehicle_id} withdrawn"}, "transfer")))
+                "vehicle_id": vehicle_id, "reason": f"vehicle {vehicle_id} withdrawn"}
+        if end == "carried":
+            self.run(self.frees(vehicle_id, consumers.on_trip_completed,
+                                envelope("TripCompleted", trip, "transfer")))
+            return
+        crew = {"code": "patient_absent", "aborted_by": "crew",
+                "dispatch_action": end.removeprefix("crew_")} if end.startswith("crew_") else {}
+        self.run(self.frees(vehicle_id, consumers.on_trip_aborted,
+                            envelope("TripAborted", {**trip, **crew}, "transfer")))
+
+    @invariant()
+    def r2_a_held_vehicle_has_its_trips_end_on_the_way(self) -> None:
+        """Held for a trip's end that never comes, a vehicle would wait for good."""
+        held = {(v.id, v.trip_end_awaited) for v in self.run(self.all(Vehicle)) if v.trip_end_awaited}
+        assert held <= set(self.withdrawn), (held, self.withdrawn)
 
     @invariant()
     def r1_one_patient_per_vehicle(self) -> None:
@@ -392,7 +401,7 @@ def test_r2_a_vehicle_repaired_before_its_trips_end_is_not_assigned_again() -> N
         machine.repaired(_Pick(vehicle))  # type: ignore[arg-type]
         held = machine.run(machine.all(Vehicle))[0]
         assert held.status == "awaiting_disinfection" and not machine.served
-        machine.withdrawn_trip_ends(_Pick(0), aboard=True)  # type: ignore[arg-type]
+        machine.withdrawn_trip_ends(_Pick(0), end="carried")  # type: ignore[arg-type]
         machine.r1_one_patient_per_vehicle()
         after = machine.run(machine.all(Vehicle))[0]
         assert (after.status, after.transfer_id) == ("awaiting_disinfection", None)
@@ -408,3 +417,25 @@ class _Pick:
 
     def draw(self, _strategy: Any) -> Any:
         return self.value
+
+
+def test_r2_a_crew_abort_that_crossed_the_breakdown_frees_the_held_vehicle() -> None:
+    """The crew aborts (patient absent) while the dispatcher reports the breakdown: the
+    transfer service's only word on that trip is the crew's abort, which dispatch's
+    crew_aborted passes over (the transfer is no longer that vehicle's). The hold ends
+    with it all the same; before, the repaired vehicle waited for good."""
+    machine = Dispatching()
+    try:
+        machine.add_vehicle("npa")
+        machine.request("fever")
+        vehicle = machine.run(machine.all(Vehicle))[0]
+        machine.breakdown(_Pick(vehicle))  # type: ignore[arg-type]
+        machine.repaired(_Pick(vehicle))  # type: ignore[arg-type]
+        machine.withdrawn_trip_ends(_Pick(0), end="crew_requeue")  # type: ignore[arg-type]
+        machine.r2_a_held_vehicle_has_its_trips_end_on_the_way()
+        freed = machine.run(machine.all(Vehicle))[0]
+        # free, it took the transfer back (the only one waiting), now as a fresh trip
+        assert (freed.status, freed.trip_end_awaited) == ("assigned", None)
+        assert [t.status for t in machine.run(machine.all(Transfer))] == ["assigned"]
+    finally:
+        machine.teardown()

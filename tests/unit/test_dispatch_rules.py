@@ -325,7 +325,26 @@ def test_r2_a_vehicle_taken_off_a_trip_is_held_until_the_transfer_service_ends_t
     v.trip_aborted("t-1")  # the patient never boarded: free at once
     assert (v.status, v.trip_end_awaited, v.transfer_id) == ("available", None, None)
     v.trip_aborted("t-1")  # a redelivery changes nothing
-    assert [p.event.event_type for p in v.pending()][-2:] == ["VehicleDutyChanged", "VehicleStoodDown"]
+    assert [p.event.event_type for p in v.pending()][-2:] == ["VehicleDutyChanged", "VehicleHoldLifted"]
+
+
+@pytest.mark.parametrize("carried", [True, False])
+def test_r1_the_withdrawn_trips_end_leaves_an_overriding_assignment_to_the_same_transfer(
+        carried: bool) -> None:
+    """Held, the vehicle is sent to the same transfer again by a supervisor's R2 override;
+    then the end of the trip it was taken off arrives: that end is the old trip's, and the
+    vehicle stays on the transfer (it was set free, and given to the next request)."""
+    v = vehicle()
+    v.reserve("t-1")
+    v.take_out_of_service("engine failure", withdrawn_from="t-1")
+    v.set_duty(True, "repaired")
+    v.reserve("t-1", overrides=frozenset({"R2"}))
+    if carried:
+        v.trip_completed("trip-1", "t-1")
+    else:
+        v.trip_aborted("t-1")
+    assert (v.status, v.transfer_id, v.trip_end_awaited) == ("assigned", "t-1", None)
+    assert v.awaiting_trips == (["trip-1"] if carried else [])
 
 
 def test_r2_an_earlier_trips_late_end_leaves_the_current_assignment() -> None:

@@ -79,6 +79,16 @@ class VehicleReturnedToService(Event):
 
 
 @registry.register
+class VehicleHoldLifted(Event):
+    """The trip of a transfer it was taken off ended without the patient aboard: nothing of
+    that trip is owed, and the vehicle need not wait for it any longer (R2)."""
+
+    vehicle_id: str
+    transfer_id: str
+    reason: str
+
+
+@registry.register
 class VehicleTakenOutOfService(Event):
     vehicle_id: str
     reason: str

@@ -134,21 +134,21 @@ class Vehicle(Aggregate):
             return
         self.record(ev.VehicleStoodDown(vehicle_id=self.id, transfer_id=transfer_id, reason=reason))
 
+    def _on_VehicleStoodDown(self, e: ev.VehicleStoodDown) -> None:
+        self.transfer_id = None
+        if self.status == "assigned":
+            self.status = "awaiting_disinfection" if self.awaiting_trips else "available"
+
     def trip_aborted(self, transfer_id: str) -> None:
         """The trip of a transfer it was taken off ended without the patient aboard."""
         if self.trip_end_awaited == transfer_id:
-            self.record(ev.VehicleStoodDown(vehicle_id=self.id, transfer_id=transfer_id,
-                                            reason="its trip ended before the patient was aboard"))
+            self.record(ev.VehicleHoldLifted(vehicle_id=self.id, transfer_id=transfer_id,
+                                             reason="its trip ended before the patient was aboard"))
 
-    def _on_VehicleStoodDown(self, e: ev.VehicleStoodDown) -> None:
-        if self.transfer_id == e.transfer_id:
-            self.transfer_id = None
-            if self.status == "assigned":
-                self.status = "awaiting_disinfection" if self.awaiting_trips else "available"
-        if self.trip_end_awaited == e.transfer_id:
-            self.trip_end_awaited = None
-            if self.status == "awaiting_disinfection" and not self.awaiting_trips:
-                self.status = "available"
+    def _on_VehicleHoldLifted(self, e: ev.VehicleHoldLifted) -> None:
+        self.trip_end_awaited = None
+        if self.status == "awaiting_disinfection" and not self.awaiting_trips:
+            self.status = "available"
 
     def trip_completed(self, trip_id: str, transfer_id: str | None = None) -> None:
         if trip_id in self.awaiting_trips:
@@ -160,16 +160,17 @@ class Vehicle(Aggregate):
             self.released(trip_id, cycle_id=self.early_cycle.get(trip_id, ""))
 
     def _on_VehicleAwaitingDisinfection(self, e: ev.VehicleAwaitingDisinfection) -> None:
-        # Only the current transfer's trip ends the assignment: an earlier trip's end that
-        # arrives once the vehicle carries another transfer leaves that one assigned, its
-        # disinfection owed after it.
+        # Only the current transfer's trip ends the assignment. The end of a trip it was
+        # taken off, or of an earlier trip, arriving once it carries a transfer (by an R2
+        # override, even the same one again) leaves that one assigned, its disinfection owed.
+        withdrawn = e.transfer_id is not None and e.transfer_id == self.trip_end_awaited
         earlier = self.status == "assigned" and e.transfer_id not in (None, self.transfer_id)
-        if not earlier:
+        if withdrawn:
+            self.trip_end_awaited = None
+        elif not earlier:
             if self.status in ("assigned", "available"):
                 self.status = "awaiting_disinfection"
             self.transfer_id = None
-        if e.transfer_id is not None and e.transfer_id == self.trip_end_awaited:
-            self.trip_end_awaited = None
         self.awaiting_trips = [*self.awaiting_trips, e.trip_id]
 
     def released(self, trip_id: str, cycle_id: str, quarantine_lifted: bool = False) -> None:
@@ -193,7 +194,7 @@ class Vehicle(Aggregate):
         if e.quarantine_lifted:
             # The re-disinfection was done on the parked vehicle after all its trips.
             self.status, self.awaiting_trips, self.released_early = "available", [], []
-            self.out_reason = None
+            self.out_reason, self.trip_end_awaited = None, None
             return
         self.awaiting_trips = [t for t in self.awaiting_trips if t != e.trip_id]
         self.released_early = [t for t in self.released_early if t != e.trip_id]
@@ -208,8 +209,8 @@ class Vehicle(Aggregate):
     def _on_VehicleTakenOutOfService(self, e: ev.VehicleTakenOutOfService) -> None:
         self.status = "quarantined" if e.rule == "R9" else "out_of_service"
         self.out_reason = e.reason
-        if e.withdrawn_from is not None:
-            self.trip_end_awaited = e.withdrawn_from
+        if e.withdrawn_from is not None:  # off that transfer, waiting for its trip's end
+            self.trip_end_awaited, self.transfer_id = e.withdrawn_from, None
 
     def set_duty(self, on_duty: bool, reason: str) -> None:
         if self.status == "quarantined" and on_duty:
