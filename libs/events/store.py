@@ -542,11 +542,17 @@ class EventStore:
         request past its deadline, a consumer stopped at shutdown): cancelled inside its
         transaction, SQLAlchemy closes the connection in a task of its own, and if the loop
         ends first an SQLite file stays write-locked for as long as the process lives."""
-        task = asyncio.get_running_loop().create_task(self._commit(commit, self._turn_held()))
+        turn_held = self._turn_held()
+        task = asyncio.get_running_loop().create_task(self._commit(commit, turn_held))
         self._committing.add(task)
-        task.add_done_callback(_settled)
         task.add_done_callback(self._committing.discard)
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_unheard)
+            if turn_held:  # the turn is given up only once its commit has ended
+                await _outlast(task)
+            raise
 
     async def _commit(self, commit: Commit, turn_held: bool) -> list[Envelope]:
         if turn_held:
@@ -972,11 +978,17 @@ class EventStore:
             return True
 
 
-def _settled(task: asyncio.Task[Any]) -> None:
-    """A commit whose caller was cancelled: its failure is nobody's to hear (retrieved so
-    asyncio does not log it as lost)."""
-    if not task.cancelled():
-        task.exception()
+def _unheard(task: asyncio.Task[Any]) -> None:
+    """A commit whose caller was cancelled: its failure reaches nobody else."""
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("a commit whose caller was cancelled failed: %r", task.exception())
+
+
+async def _outlast(task: asyncio.Task[Any]) -> None:
+    """Waits for the task to end, through cancellations (an anyio scope repeats them)."""
+    while not task.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait([task])
 
 
 # Which store's write turn (see EventStore.exclusive) the running task holds, if any; the

@@ -472,3 +472,21 @@ async def test_a_commit_whose_caller_is_cancelled_goes_ahead(make_store: MakeSto
             break
         await asyncio.sleep(0.05)
     assert [e.payload["n"] for e in await store.read_stream("thing-c")] == [1]
+
+
+async def test_a_turn_cancelled_mid_commit_is_held_until_that_commit_ends(make_store: MakeStore) -> None:
+    """The turn keeps other writers out until its holder's commits are over, also when the
+    holder is cancelled mid-commit: given up at the cancel, the next writer raced the commit
+    still under way (on SQLite, on the file's lock rather than the turn)."""
+    store = await make_store()
+
+    async def holder() -> None:
+        async with store.exclusive():
+            await store.append("thing-h", 0, things(1), META)
+
+    task = asyncio.create_task(holder())
+    await asyncio.sleep(0)  # in the turn, its commit started
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert [e.payload["n"] for e in await store.read_stream("thing-h")] == [1]
