@@ -192,8 +192,20 @@ def r1_reserved_twice(data: AuditData) -> Iterator[Finding]:
                         (_log_ev(holding), _log_ev(row)), transfer_id=row["transfer_id"],
                         vehicle_id=vehicle_id)
                 holding = row
-            elif row["type"] in RESERVATION_ENDS:
+            elif row["type"] in RESERVATION_ENDS and _ends(row, holding):
                 holding = None
+
+
+def _ends(row: dict[str, Any], holding: dict[str, Any] | None) -> bool:
+    """Whether this end of a reservation ends the one held. An entry that names its
+    transfer (a breakdown: the transfer it withdrew from) ends that one only: an earlier
+    trip's end arriving late leaves the current one held. Entries written before they named
+    it (before 2026-11-24) end whatever the vehicle held."""
+    if holding is None:
+        return True
+    key = "withdrawn_from" if row["type"] == "VehicleTakenOutOfService" else "transfer_id"
+    p = payload(row)
+    return key not in p or p[key] == holding["transfer_id"]
 
 
 def _trip_ends(data: AuditData) -> dict[tuple[str, str], str]:

@@ -101,6 +101,27 @@ def test_r1_two_reservations_without_release() -> None:
     assert len(found[0].evidence) == 2
 
 
+def test_r1_an_earlier_trips_late_end_does_not_end_the_current_reservation() -> None:
+    """Dispatch keeps a vehicle on its transfer when an earlier trip's end arrives late (or
+    a breakdown withdrew it from nothing): reserved for another meanwhile, it carried two.
+    Entries written before they named their transfer end any reservation, as they did."""
+    h = History()
+    vehicle(h, "v1")
+    h.add("dispatch", "vehicle-v1", "VehicleReserved", vehicle_id="v1", transfer_id="t2")
+    h.add("dispatch", "vehicle-v1", "VehicleAwaitingDisinfection", vehicle_id="v1", trip_id="a",
+          transfer_id="t1")
+    h.add("dispatch", "vehicle-v1", "VehicleTakenOutOfService", vehicle_id="v1", reason="R9",
+          rule="R9", withdrawn_from=None)
+    h.add("dispatch", "vehicle-v1", "VehicleReserved", vehicle_id="v1", transfer_id="t3")
+    h.add("dispatch", "vehicle-v1", "VehicleTakenOutOfService", vehicle_id="v1", reason="broke",
+          withdrawn_from="t3")
+    h.add("dispatch", "vehicle-v1", "VehicleReserved", vehicle_id="v1", transfer_id="t4")
+    h.add("dispatch", "vehicle-v1", "VehicleTakenOutOfService", vehicle_id="v1", reason="broke")  # older
+    h.add("dispatch", "vehicle-v1", "VehicleReserved", vehicle_id="v1", transfer_id="t5")
+    found = [(f.check, f.transfer_id) for f in h.found() if f.rule == "R1"]
+    assert found == [("vehicle_reserved_twice", "t3")]
+
+
 def test_r1_two_trips_of_one_vehicle_open_at_once() -> None:
     h = History()
     for trip, tid in (("a", "t1"), ("b", "t2")):
