@@ -5,6 +5,7 @@ fail: missing infrastructure is an error, never a skip."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -44,6 +45,17 @@ async def fresh_pg_schema() -> AsyncIterator[str]:
 async def pg_schema() -> AsyncIterator[str]:
     async with fresh_pg_schema() as schema:
         yield schema
+
+
+def take_write_lock(database: Path, timeout: float) -> None:
+    """Takes an SQLite file's write lock and gives it back: "database is locked" when a
+    writer still holds it after `timeout` seconds."""
+    probe = sqlite3.connect(database, timeout=timeout, isolation_level=None)
+    try:
+        probe.execute("BEGIN IMMEDIATE")
+        probe.execute("ROLLBACK")
+    finally:
+        probe.close()
 
 
 def pg_store(name: str, schema: str) -> EventStore:

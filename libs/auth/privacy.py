@@ -60,6 +60,7 @@ _LABELLED = re.compile(
     r"(?:(?P<id>" + _ID + r")|(?P<phone>" + _MOBILE + r"|" + _LANDLINE + r"))(?![0-9A-Za-z])")
 # Keys whose values are identifiers, never personal numbers: not scanned as text.
 OPAQUE_KEYS = frozenset({"event_id", "hash", "prev_hash", "head_hash", "correlation_id", "causation_id"})
+
 # Roles that need the numbers for the job at hand; the auditor is not one.
 UNMASK_ROLES = frozenset({"dispatcher", "crew", "hospital", "health_bureau"})
 

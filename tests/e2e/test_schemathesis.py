@@ -41,6 +41,7 @@ from libs.auth.tokens import SCOPE_CLAIMS
 from services.runtime import create_app
 from services.settings import Settings
 from tests.actors import Acting, access_rules
+from tests.conftest import take_write_lock
 from tests.scenarios import (
     API,
     INITIAL,
@@ -122,14 +123,10 @@ def no_store_left_locked(data_dir: Path) -> None:
     """The seeding app has stopped: none of its writes may still hold a store (one left
     write-locked made every later write to it wait 30 s: the ledger's disclosure timed out)."""
     for db in sorted(data_dir.glob("*.db")):
-        probe = sqlite3.connect(db, timeout=5, isolation_level=None)
         try:
-            probe.execute("BEGIN IMMEDIATE")
-            probe.execute("ROLLBACK")
+            take_write_lock(db, timeout=5)
         except sqlite3.OperationalError as e:
             raise AssertionError(f"{db.name} is still write-locked after the seeding app stopped") from e
-        finally:
-            probe.close()
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sqlite3
 import time
 from pathlib import Path
 
 from sqlalchemy import text
 
 from libs.events.store import EventStore, Meta
+from tests.conftest import take_write_lock
 from tests.integration.test_store_contract import ThingHappened, things
 
 META = Meta(actor="tester", role="dispatcher", correlation_id="checkpoint")
@@ -62,9 +62,4 @@ def test_a_cancelled_commit_leaves_no_lock_behind_when_the_loop_ends(tmp_path: P
 
     for n in range(60):
         asyncio.run(cancelled_at(rng.uniform(0.001, 0.03), n))
-        probe = sqlite3.connect(database, timeout=0.2, isolation_level=None)
-        try:
-            probe.execute("BEGIN IMMEDIATE")  # raises "database is locked" if one was left
-            probe.execute("ROLLBACK")
-        finally:
-            probe.close()
+        take_write_lock(database, timeout=0.2)  # raises "database is locked" if one was left
