@@ -294,17 +294,29 @@ def r2_reserved_awaiting(data: AuditData) -> Iterator[Finding]:
                     vehicle_id=vehicle_id)
 
 
+def lifts_quarantine(cycle: dict[str, Any]) -> bool:
+    """A release that ends a positive swab's quarantine: the re-disinfection's (R9). It
+    covers every trip the vehicle had completed, as dispatch reads it."""
+    released = cycle.get("released") or {}
+    kind = (cycle.get("opened") or {}).get("kind")
+    return bool(released.get("quarantine_lifted")) or kind == "redisinfection"
+
+
 def r2_trip_before_release(data: AuditData) -> Iterator[Finding]:
     """Across stores: a trip opened after the vehicle's previous trip completed and before
-    disinfection released it."""
+    disinfection released it (its own cycle's release, or a quarantine lifted after it)."""
     for vehicle_id, trips in _trips_by_vehicle(data).items():
         opened_at = [ts(t["opened"]["recorded_at"]) for t in trips]
+        lifts = [c["released"] for c in _vehicle_cycles(data)
+                 if c["vehicle_id"] == vehicle_id and c.get("released") and lifts_quarantine(c)]
         for done in trips:
             completed = done.get("completed")
             if not completed:
                 continue
             releases = [c["released"] for c in data.cycles_of_trip(done["trip_id"])
                         if c.get("released") and c.get("vehicle_id") == vehicle_id]
+            releases += [r for r in lifts if r not in releases
+                         and not _after(completed["recorded_at"], r["recorded_at"])]
             released_at = min((ts(r["recorded_at"]) for r in releases), key=_key, default=None)
             start = bisect.bisect_right(opened_at, ts(completed["recorded_at"]))  # type: ignore[type-var]
             for later in trips[start:]:
@@ -345,8 +357,20 @@ def _decision_ev(d: dict[str, Any]) -> dict[str, Any]:
             "actor": d["actor"], "role": d["role"], "store": "dispatch"}
 
 
-def broken_by_assignment(data: AuditData, transfer_id: str, vehicle_id: str) -> list[tuple[str, str, str]]:
-    """(rule, code, why) for each vehicle rule this assignment breaks."""
+def condition_at(data: AuditData, transfer_id: str, position: int) -> dict[str, Any]:
+    """The patient's condition when dispatch decided at `position` of its store: the latest
+    a redirect recorded before it, else the request's (as dispatch keeps it)."""
+    latest = max(((d["position"], p["condition"]) for d, p in _of_type(data, "TransferRedirected")
+                  if p.get("transfer_id") == transfer_id and d["position"] < position
+                  and isinstance(p.get("condition"), dict)), key=lambda pc: pc[0], default=None)
+    if latest is not None:
+        return latest[1]  # type: ignore[no-any-return]
+    return ((data.transfers.get(transfer_id) or {}).get("request") or {}).get("condition") or {}
+
+
+def broken_by_assignment(data: AuditData, transfer_id: str, vehicle_id: str,
+                         position: int) -> list[tuple[str, str, str]]:
+    """(rule, code, why) for each vehicle rule the assignment at `position` breaks."""
     transfer = data.transfers.get(transfer_id) or {}
     request = transfer.get("request") or {}
     vehicle = data.vehicles.get(vehicle_id)
@@ -356,7 +380,7 @@ def broken_by_assignment(data: AuditData, transfer_id: str, vehicle_id: str) -> 
     if not vehicle.get("dedicated_pool"):
         broken.append(("R3", "vehicle_not_dedicated",
                        f"risk transfer carried by {vehicle_id}, which is not in the dedicated pool"))
-    if needs_negative_pressure(request.get("risk_category"), request.get("condition") or {}) and \
+    if needs_negative_pressure(request.get("risk_category"), condition_at(data, transfer_id, position)) and \
             vehicle.get("kind") != "negative_pressure_ambulance":
         broken.append(("R5", "negative_pressure_required",
                        f"{request.get('risk_category')} patient with fever/COVID-like symptoms carried by "
@@ -366,7 +390,7 @@ def broken_by_assignment(data: AuditData, transfer_id: str, vehicle_id: str) -> 
 
 def r3_r5_vehicle_fit(data: AuditData) -> Iterator[Finding]:
     for d, p in _of_type(data, "VehicleAssigned"):
-        for rule, code, why in broken_by_assignment(data, p["transfer_id"], p["vehicle_id"]):
+        for rule, code, why in broken_by_assignment(data, p["transfer_id"], p["vehicle_id"], d["position"]):
             reason = p.get("override_reason")
             recorded = _overrides(data, rule, p["transfer_id"], p["vehicle_id"]) if reason else []
             yield Finding(
@@ -445,8 +469,10 @@ def early_releases(data: AuditData) -> Iterator[Finding]:
 # -- R4 critical first: a fold in dispatch's store order ----------------------------------
 
 
-def fits(vehicle: dict[str, Any], request: dict[str, Any]) -> bool:
-    condition = request.get("condition") or {}
+def fits(vehicle: dict[str, Any], request: dict[str, Any], condition: dict[str, Any] | None = None) -> bool:
+    """Whether the vehicle may carry the patient (R3, R5, life support for the critical),
+    in `condition` (the latest a redirect recorded) or the request's."""
+    condition = condition if condition is not None else (request.get("condition") or {})
     if not vehicle.get("dedicated_pool"):
         return False
     if needs_negative_pressure(request.get("risk_category"), condition) and \
@@ -456,10 +482,11 @@ def fits(vehicle: dict[str, Any], request: dict[str, Any]) -> bool:
 
 
 R4_TYPES = ("TransferPrioritized", "TransferReprioritized", "TransferQueued", "VehicleAssigned",
-            "TransferCancelled", "TransferHandedOver")
-# Whose requests R4's fold compares: the transfers that waited, and each that got a vehicle
-# (a newer one given a vehicle straight away while an older one of its priority waited).
-R4_REQUESTS = ("TransferQueued", "VehicleAssigned")
+            "TransferCancelled", "TransferHandedOver", "VehicleWithdrawn", "TransferRedirected")
+# Whose requests R4's fold compares: the transfers that waited (queued, or left without a
+# vehicle by a withdrawal), and each that got a vehicle (a newer one given a vehicle
+# straight away while an older one of its priority waited).
+R4_REQUESTS = ("TransferQueued", "VehicleAssigned", "VehicleWithdrawn")
 
 
 @dataclass
@@ -471,14 +498,20 @@ class QueueFold:
 
     position: int = 0
     priority: dict[str, int] = field(default_factory=dict)  # until cancelled or handed over
-    waiting: dict[str, dict[str, Any]] = field(default_factory=dict)  # the TransferQueued decision
+    # The decision that left it without a vehicle: TransferQueued, or VehicleWithdrawn
+    # (dispatch reassigns or queues it in the same commit; a history that does neither
+    # leaves it waiting all the same).
+    waiting: dict[str, dict[str, Any]] = field(default_factory=dict)
+    condition: dict[str, dict[str, Any]] = field(default_factory=dict)  # the latest a redirect recorded
 
     def state(self) -> dict[str, Any]:
-        return {"position": self.position, "priority": self.priority, "waiting": self.waiting}
+        return {"position": self.position, "priority": self.priority, "waiting": self.waiting,
+                "condition": self.condition}
 
     @classmethod
     def of(cls, state: dict[str, Any]) -> QueueFold:
-        return cls(state["position"], dict(state["priority"]), dict(state["waiting"]))
+        return cls(state["position"], dict(state["priority"]), dict(state["waiting"]),
+                   dict(state.get("condition") or {}))
 
     def apply(self, d: dict[str, Any], data: AuditData) -> Iterator[Finding]:
         """One decision (a `decisions` row); `data` holds the vehicles and the requests."""
@@ -487,11 +520,16 @@ class QueueFold:
             priority = payload(d).get("priority")
             if isinstance(priority, int):
                 self.priority[tid] = priority
-        elif t == "TransferQueued":
+        elif t in ("TransferQueued", "VehicleWithdrawn"):
             self.waiting[tid] = _decision_ev(d)
+        elif t == "TransferRedirected":
+            condition = payload(d).get("condition")
+            if isinstance(condition, dict):
+                self.condition[tid] = condition
         elif t in ("TransferCancelled", "TransferHandedOver"):
             self.waiting.pop(tid, None)
             self.priority.pop(tid, None)
+            self.condition.pop(tid, None)
         elif t == "VehicleAssigned":
             self.waiting.pop(tid, None)
             vehicle_id = payload(d).get("vehicle_id") or ""
@@ -504,7 +542,7 @@ class QueueFold:
             for other_id, queued in self.waiting.items():
                 theirs = self.priority.get(other_id)
                 request = (data.transfers.get(other_id) or {}).get("request") or {}
-                if theirs is None or not fits(vehicle, request):
+                if theirs is None or not fits(vehicle, request, self.condition.get(other_id)):
                     continue
                 if theirs < mine:
                     check = "priority_inversion"
@@ -556,7 +594,8 @@ def patient_class(request: dict[str, Any], condition: dict[str, Any] | None = No
     if request.get("risk_category") == "confirmed":
         mild = condition.get("severity") in ("mild", "asymptomatic")
         return "confirmed_mild" if mild else "confirmed_severe"
-    if condition.get("fever") or request.get("risk_category") == "suspected":
+    covid_like = condition.get("fever") or condition.get("covid_symptoms")
+    if covid_like or request.get("risk_category") == "suspected":
         return "fever"
     return "other"
 
@@ -624,11 +663,13 @@ def r7_overflowing_destination(data: AuditData) -> Iterator[Finding]:
     for d, tid, facility_id, request, condition in _destinations(data):
         last = loads.before(facility_id, d["position"])
         facility = data.facilities.get(facility_id) or {}
-        other_wards = set((facility.get("registered") or {}).get("roles") or []) - {
-            "fever_clinic", "backup"}
+        roles = set((facility.get("registered") or {}).get("roles") or []) - {"backup"}
         # R7 is about the fever clinic: a full one does not close the hospital's other wards
-        # (a severe confirmed case still goes to its designated ward), as dispatch reads it.
-        if patient_class(request, condition) != "fever" and other_wards:
+        # that take the patient (a severe confirmed case still goes to its designated ward,
+        # a fever patient to its temporary emergency hospital), as dispatch reads it. For a
+        # class R6 does not name, any other ward may.
+        allowed = R6_ROLES.get(patient_class(request, condition))
+        if not (roles if allowed is None else roles & allowed) <= {"fever_clinic"}:
             continue
         if last is not None and last["overflowing"]:
             yield Finding(
@@ -975,7 +1016,17 @@ def r9_exposure_list(data: AuditData) -> Iterator[Finding]:
             continue
         listed = exposure_list(data, vid, swab["sample_id"])
         if listed.produced is None:
-            continue  # no list at all: positive_not_quarantined says what went wrong
+            # The disinfection service lists them in the commit that records the positive.
+            exposed = sorted({str(t["transfer_id"]) for t in exposure_window(data, swab).trips
+                              if ended_carrying(t) and t.get("transfer_id")})
+            yield Finding(
+                "R9", "exposure_list_missing", "violation", swab["result"]["recorded_at"],
+                f"sample {swab['sample_id']} of vehicle {vid} positive and no exposure list produced"
+                + (f" ({', '.join(exposed)} carried in its exposure window)" if exposed else ""),
+                f"车辆{vid}物表核酸阳性（样本{swab['sample_id']}），未生成密接车次清单",
+                (_ev(swab["result"], "SwabResultRecorded"),),
+                transfer_id=exposed[0] if exposed else None, vehicle_id=vid)
+            continue
         missing = unlisted(data, swab, listed)
         if missing:
             produced = listed.produced
@@ -997,12 +1048,25 @@ def r9_positive_handling(data: AuditData) -> Iterator[Finding]:
         cycle = data.cycles.get(swab.get("cycle_id") or "") or {}
         if cycle.get("vehicle_id") != vid:
             cycle = {}
-        if not cycle.get("quarantined"):
+        quarantined = cycle.get("quarantined")
+        if not quarantined:
             yield Finding(
                 "R9", "positive_not_quarantined", "violation", result["recorded_at"],
                 f"sample {swab['sample_id']} of vehicle {vid} positive, vehicle not quarantined",
                 f"车辆{vid}物表核酸阳性，未停用隔离", (_ev(result, "SwabResultRecorded"),),
                 transfer_id=cycle.get("transfer_id"), vehicle_id=vid)
+        else:
+            # The quarantine names the re-disinfection it ordered, opened in the same commit.
+            redo_id = quarantined.get("redisinfection_cycle_id")
+            redo = data.cycles.get(redo_id or "") or {}
+            if not redo.get("opened") or redo.get("vehicle_id") != vid:
+                yield Finding(
+                    "R9", "redisinfection_not_ordered", "violation", quarantined["recorded_at"],
+                    f"sample {swab['sample_id']} of vehicle {vid} positive and quarantined, and no "
+                    f"re-disinfection cycle opened ({redo_id or 'none named'})",
+                    f"车辆{vid}物表核酸阳性已停用，但未开启重新洗消",
+                    (_ev(result, "SwabResultRecorded"), _ev(quarantined, "VehicleQuarantined")),
+                    transfer_id=cycle.get("transfer_id"), vehicle_id=vid)
         # After a positive, the vehicle carries nobody until a later swab comes back negative.
         cleared = min((s["result"]["recorded_at"] for s in data.swabs.values()
                        if s.get("vehicle_id") == vid and (s.get("result") or {}).get("result") == "negative"
@@ -1019,12 +1083,13 @@ def r9_positive_handling(data: AuditData) -> Iterator[Finding]:
                     f"车辆{vid}物表核酸阳性后未经复检阴性即再次出车",
                     (_ev(result, "SwabResultRecorded"), _ev(opened, "TripOpened")),
                     transfer_id=trip.get("transfer_id"), vehicle_id=vid)
-        # Nor is it released back to service before then (the quarantine lifted on no
-        # negative result), unless a supervisor forced it.
+        # Nor is its quarantine lifted before then (released back to service on no negative
+        # result), unless a supervisor forced it. A trip's own cycle released meanwhile (a
+        # trip under way when the result came) leaves it quarantined.
         for other in _vehicle_cycles(data):
             released = other.get("released")
-            if other["vehicle_id"] != vid or not released or not _after(released["recorded_at"],
-                                                                         result["recorded_at"]):
+            if other["vehicle_id"] != vid or not released or not lifts_quarantine(other) or not _after(
+                    released["recorded_at"], result["recorded_at"]):
                 continue
             if cleared is None or _after(cleared, released["recorded_at"]):
                 kind, why, why_zh = _release_kind(released)
@@ -1265,10 +1330,12 @@ CHECKS: tuple[CheckSpec, ...] = (
     CheckSpec("R9", "released_without_swab", "released with no surface swab",
               frozenset({"VehicleReleased", "SurfaceSwabCollected"}), r9_released_without_swab, VEHICLE),
     CheckSpec("R9", "positive_handling",
-              "a positive not quarantined, the vehicle used or released again before a negative",
-              frozenset({"SwabResultRecorded", "VehicleQuarantined"}), r9_positive_handling, VEHICLE),
+              "a positive not quarantined or with no re-disinfection ordered, the vehicle used or "
+              "released from quarantine before a negative",
+              frozenset({"SwabResultRecorded", "VehicleQuarantined", "CycleOpened"}), r9_positive_handling,
+              VEHICLE),
     CheckSpec("R9", "exposure_list_incomplete",
-              "an exposure list that leaves out a patient the events show exposed",
+              "no exposure list for a positive, or one that leaves out a patient the events show exposed",
               frozenset({"SwabResultRecorded", "ExposureListProduced", "ExposureListAmended"}),
               r9_exposure_list, VEHICLE),
     CheckSpec("R10", "reporting",
@@ -1286,8 +1353,9 @@ CHECKS: tuple[CheckSpec, ...] = (
               frozenset({"SurfaceSwabCollected", "SwabResultRecorded"}), r14_swab_overdue, VEHICLE),
 )
 R4_SPEC = CheckSpec("R4", "priority_inversion",
-                    "a queued transfer passed over for a vehicle it fits by a less urgent one, or by a "
-                    "later one of its priority",
+                    "a waiting transfer (queued, or left without its vehicle) passed over for a vehicle "
+                    "it fits, in its condition then, by a less urgent one, or by a later one of its "
+                    "priority",
                     frozenset({"TransferQueued", "VehicleAssigned", "TransferPrioritized",
                                "TransferReprioritized", "TransferCancelled"}),
                     r4_priority_inversion, DISPATCH)

@@ -891,8 +891,9 @@ def test_clean_history_has_no_findings_and_views_add_up() -> None:
     h = full_history()
     data = h.data()
     found = findings.evaluate(data, h.clock, KNOWN)
-    # Only the positive swab's own consequences: the vehicle was not quarantined.
-    assert codes(found) == {("R9", "positive_not_quarantined")}, codes(found)
+    # Only the positive swab's own consequences: the vehicle was not quarantined, and no
+    # exposure list was produced (R9 asks for both).
+    assert codes(found) == {("R9", "positive_not_quarantined"), ("R9", "exposure_list_missing")}, codes(found)
     ex = exposures(data, "v1")
     assert [t["transfer_id"] for t in ex[0]["transfers"]] == ["t2"] and ex[0]["since_negative_sample"] == "s1"
     k = kpis.indicators(data, h.clock)
@@ -1405,3 +1406,247 @@ def test_a_value_its_column_cannot_hold_makes_the_event_unreadable_not_a_failed_
     buffer.add_event(good._replace(type="FacilityLoadReported", payload={**load, "load_ratio": 1}, raw=None))
     assert buffer.unreadable == 1 and buffer.rows["facility_loads"]  # a whole ratio fits a real column
     assert facts.unfit(("a",), {"priority": True}) == "priority"  # a boolean is no number here
+
+
+# -- what a review of the checks found (2026-11-24): legitimate histories that were flagged,
+# forbidden ones that were not ------------------------------------------------------------
+
+
+class Fleet:
+    """One vehicle's trips and cycles, as the three services write them."""
+
+    def __init__(self) -> None:
+        self.h = History()
+        vehicle(self.h, "v1")
+        self.h.add("dispatch", "facility-f", "FacilityRegistered", facility_id="f", name="f",
+                   roles=["fever_clinic"], location={"lat": 38.0, "lon": 106.0})
+
+    def start(self, trip: str, tid: str) -> None:
+        h = self.h
+        request(h, tid)
+        h.add("dispatch", f"transfer-{tid}", "TransferReported", transfer_id=tid, reported_to="b",
+              reported_by="o")
+        h.add("dispatch", "vehicle-v1", "VehicleReserved", vehicle_id="v1", transfer_id=tid)
+        h.add("dispatch", f"transfer-{tid}", "VehicleAssigned", transfer_id=tid, vehicle_id="v1",
+              destination_id="f", origin={}, return_required=False, reason="r")
+        h.add("transfer", f"trip-{trip}", "TripOpened", trip_id=trip, transfer_id=tid, vehicle_id="v1",
+              destination_id="f", origin={}, return_required=False)
+        for step in ("acknowledged", "en_route", "at_pickup", "patient_aboard", "at_destination"):
+            h.add("transfer", f"trip-{trip}", "TripStepReported", trip_id=trip, step=step,
+                  client_event_id=trip + step, device_at=h.clock.isoformat())
+
+    def finish(self, trip: str, tid: str) -> None:
+        h = self.h
+        h.add("transfer", f"trip-{trip}", "PatientHandedOver", trip_id=trip, transfer_id=tid, facility_id="f",
+              received_by="x", confirmed_by="crew")
+        h.add("transfer", f"trip-{trip}", "TripCompleted", trip_id=trip, transfer_id=tid, vehicle_id="v1")
+        h.add("dispatch", "vehicle-v1", "VehicleAwaitingDisinfection", vehicle_id="v1", trip_id=trip,
+              transfer_id=tid)
+
+    def disinfect(self, cid: str, trip: str, tid: str, sample: str, kind: str = "trip") -> None:
+        """Opened (unless a quarantine opened it), both stages, the swab collected."""
+        h = self.h
+        if kind == "trip":
+            h.add("disinfection", f"cycle-{cid}", "CycleOpened", cycle_id=cid, vehicle_id="v1", trip_id=trip,
+                  transfer_id=tid, reason="r")
+        back = h.clock
+        h.add("disinfection", f"cycle-{cid}", "InitialDisinfectionLogged", cycle_id=cid, vehicle_id="v1",
+              stage=stage(start=back))
+        h.add("disinfection", f"cycle-{cid}", "TerminalDisinfectionLogged", cycle_id=cid, vehicle_id="v1",
+              stage=stage(start=back + timedelta(minutes=40), stage="terminal"))
+        h.clock = back + timedelta(minutes=80)
+        h.add("disinfection", f"cycle-{cid}", "SurfaceSwabCollected", cycle_id=cid, vehicle_id="v1",
+              sample_id=sample, sites=["a", "b", "c"], collected_by="x", collected_at=h.clock.isoformat())
+
+    def result(self, cid: str, sample: str, result: str) -> None:
+        self.h.add("disinfection", f"cycle-{cid}", "SwabResultRecorded", cycle_id=cid, vehicle_id="v1",
+                   sample_id=sample, result=result, lab="l", reported_at=self.h.clock.isoformat())
+
+    def release(self, cid: str, trip: str, lifted: bool = False) -> None:
+        self.h.add("disinfection", f"cycle-{cid}", "VehicleReleased", cycle_id=cid, vehicle_id="v1",
+                   trip_id=trip, policy="after_swab_collected", quarantine_lifted=lifted)
+        self.h.add("dispatch", "vehicle-v1", "VehicleReturnedToService", vehicle_id="v1", trip_id=trip,
+                   cycle_id=cid, quarantine_lifted=lifted)
+
+    def positive(self, cid: str, trip: str, tid: str, sample: str, redo: str, listed: bool = True,
+                 opened: bool = True) -> None:
+        """What the disinfection service writes in one commit for a positive result (R9)."""
+        h = self.h
+        self.result(cid, sample, "positive")
+        h.add("disinfection", f"cycle-{cid}", "VehicleQuarantined", cycle_id=cid, vehicle_id="v1",
+              sample_id=sample, reason="positive", redisinfection_cycle_id=redo)
+        if opened:
+            h.add("disinfection", f"cycle-{redo}", "CycleOpened", cycle_id=redo, vehicle_id="v1",
+                  trip_id=trip, transfer_id=tid, reason="R9", kind="redisinfection", after_sample_id=sample)
+        if listed:
+            h.add("disinfection", f"exposure-{sample}", "ExposureListProduced", vehicle_id="v1",
+                  sample_id=sample, cycle_id=cid, transfer_id=tid, last_negative_sample_id=None,
+                  bounded_by_sample_id=None,
+                  transfers=[{"transfer_id": tid, "trip_id": trip, "cycle_id": cid,
+                              "relation": "swabbed_trip"}])
+        h.add("dispatch", "vehicle-v1", "VehicleTakenOutOfService", vehicle_id="v1", reason="positive",
+              rule="R9", withdrawn_from=None)
+
+
+@pytest.mark.parametrize("trip_cycle_first", [False, True])
+def test_r2_r9_a_trip_under_way_when_the_quarantine_began_is_covered_by_its_lift(
+        trip_cycle_first: bool) -> None:
+    """Trip b was under way when trip a's swab came back positive. Lifting the quarantine
+    (the re-disinfection's release after a negative) covers every trip the vehicle had
+    completed, as dispatch reads it: trip c after it broke neither R2 nor R9. Whether the
+    staff disinfected trip b's own cycle first (released while the vehicle stayed
+    quarantined) or not at all. Both were flagged before."""
+    f = Fleet()
+    f.start("a", "t1")
+    f.finish("a", "t1")
+    f.disinfect("cA", "a", "t1", "sA")
+    f.release("cA", "a")
+    f.start("b", "t2")
+    f.positive("cA", "a", "t1", "sA", redo="rA")
+    f.finish("b", "t2")
+    f.h.add("disinfection", "exposure-sA", "ExposureListAmended", vehicle_id="v1", sample_id="sA",
+            transfer={"transfer_id": "t2", "trip_id": "b", "cycle_id": "cB", "relation": "during_quarantine"})
+    if trip_cycle_first:
+        f.disinfect("cB", "b", "t2", "sB")
+        f.release("cB", "b")  # the vehicle stays quarantined: dispatch keeps it out of service
+    f.disinfect("rA", "a", "t1", "sR", kind="redisinfection")
+    f.result("rA", "sR", "negative")
+    f.release("rA", "a", lifted=True)
+    f.start("c", "t3")
+    assert not {c for c in codes(f.h.found()) if c[0] in ("R2", "R9")}, codes(f.h.found())
+
+    # Trip c before the lift: still R2's (and R9's) finding.
+    early = Fleet()
+    early.start("a", "t1")
+    early.finish("a", "t1")
+    early.disinfect("cA", "a", "t1", "sA")
+    early.release("cA", "a")
+    early.start("b", "t2")
+    early.positive("cA", "a", "t1", "sA", redo="rA")
+    early.finish("b", "t2")
+    early.start("c", "t3")
+    assert {("R2", "trip_before_release"), ("R9", "trip_after_positive")} <= codes(early.h.found())
+
+
+def test_r9_a_positive_without_its_exposure_list_or_re_disinfection_is_found() -> None:
+    """R9 asks for both beside the quarantine; the disinfection service writes all three in
+    one commit. A history with the quarantine alone was not flagged."""
+    def found(listed: bool, opened: bool) -> set[tuple[str, str]]:
+        f = Fleet()
+        f.start("a", "t1")
+        f.finish("a", "t1")
+        f.disinfect("cA", "a", "t1", "sA")
+        f.release("cA", "a")
+        f.positive("cA", "a", "t1", "sA", redo="rA", listed=listed, opened=opened)
+        return {c for c in codes(f.h.found()) if c[0] == "R9"}
+
+    assert found(listed=True, opened=True) == set()
+    assert found(listed=False, opened=True) == {("R9", "exposure_list_missing")}
+    assert found(listed=True, opened=False) == {("R9", "redisinfection_not_ordered")}
+
+
+def queued_pair(h: History) -> None:
+    """t1 and t2 of priority 2 wait for a vehicle, t1 first."""
+    for tid in ("t1", "t2"):
+        request(h, tid)
+        h.add("dispatch", f"transfer-{tid}", "TransferPrioritized", transfer_id=tid, priority=2, reason="r")
+        h.add("dispatch", f"transfer-{tid}", "TransferQueued", transfer_id=tid, reason="no vehicle")
+
+
+def test_r4_reads_the_condition_a_redirect_recorded() -> None:
+    """t1 worsened (a redirect recorded it critical, then a dispatcher raised its priority):
+    it now needs life support, which the freed vehicle lacks, so dispatch gives it to t2.
+    That passes nobody over; a vehicle with life support given to t2 would."""
+    def r4(life_support: bool) -> set[tuple[str, str | None]]:
+        h = History()
+        queued_pair(h)
+        h.add("dispatch", "transfer-t1", "TransferRedirected", transfer_id="t1", from_facility_id="f1",
+              to_facility_id="f2", reason="worsened", candidates=[],
+              condition={"fever": True, "critical": True, "covid_symptoms": False, "kind": "shock"})
+        h.add("dispatch", "transfer-t1", "TransferReprioritized", transfer_id="t1", priority=1, previous=2,
+              reason="worsened")
+        h.add("dispatch", "vehicle-v9", "VehicleRegistered", vehicle_id="v9", plate="p",
+              kind="negative_pressure_ambulance", dedicated_pool=True, life_support=life_support,
+              station="s", location={"lat": 38.0, "lon": 106.0})
+        h.add("dispatch", "transfer-t2", "VehicleAssigned", transfer_id="t2", vehicle_id="v9",
+              destination_id="f1", origin={}, return_required=True,
+              reason="first queued transfer this vehicle may carry (R4)")
+        return {(f.check, f.transfer_id) for f in h.found() if f.rule == "R4"}
+
+    assert r4(life_support=False) == set()
+    assert r4(life_support=True) == {("priority_inversion", "t1")}
+
+
+def test_r4_a_transfer_left_without_its_vehicle_waits_as_a_queued_one_does() -> None:
+    """A withdrawal (a breakdown, a crew abort) puts the transfer back in need of a vehicle;
+    dispatch reassigns or queues it in the same commit. A history that did neither, then
+    gave a vehicle t1 fits to a less urgent transfer, was not flagged."""
+    h = History()
+    vehicle(h, "v1")
+    vehicle(h, "v2")
+    request(h, "t1", critical=True, kind="shock")
+    h.add("dispatch", "transfer-t1", "TransferPrioritized", transfer_id="t1", priority=1, reason="critical")
+    h.add("dispatch", "transfer-t1", "VehicleAssigned", transfer_id="t1", vehicle_id="v1",
+          destination_id=None, origin={}, return_required=False, reason="r")
+    h.add("dispatch", "transfer-t1", "VehicleWithdrawn", transfer_id="t1", vehicle_id="v1",
+          reason="breakdown", patient_aboard=False)
+    request(h, "t2", fever=False)
+    h.add("dispatch", "transfer-t2", "TransferPrioritized", transfer_id="t2", priority=3, reason="other")
+    h.add("dispatch", "transfer-t2", "VehicleAssigned", transfer_id="t2", vehicle_id="v2",
+          destination_id=None, origin={}, return_required=False, reason="r")
+    found = [f for f in h.found() if f.rule == "R4"]
+    assert [(f.check, f.transfer_id, f.vehicle_id) for f in found] == [("priority_inversion", "t1", "v2")]
+    assert [e["type"] for e in found[0].evidence] == ["VehicleWithdrawn", "VehicleAssigned"]
+    # Reassigned at once, as dispatch does: nothing.
+    h = History()
+    vehicle(h, "v1")
+    vehicle(h, "v2")
+    request(h, "t1", critical=True, kind="shock")
+    h.add("dispatch", "transfer-t1", "TransferPrioritized", transfer_id="t1", priority=1, reason="critical")
+    h.add("dispatch", "transfer-t1", "VehicleAssigned", transfer_id="t1", vehicle_id="v1",
+          destination_id=None, origin={}, return_required=False, reason="r")
+    h.add("dispatch", "transfer-t1", "VehicleWithdrawn", transfer_id="t1", vehicle_id="v1",
+          reason="breakdown", patient_aboard=True)
+    h.add("dispatch", "transfer-t1", "VehicleAssigned", transfer_id="t1", vehicle_id="v2",
+          destination_id=None, origin={}, return_required=False, reason="takeover")
+    assert not [f for f in h.found() if f.rule == "R4"]
+
+
+def test_r5_reads_the_condition_a_redirect_recorded() -> None:
+    """A patient from an isolation site who developed a fever (recorded by a redirect)
+    needs a negative-pressure ambulance from then on (R5)."""
+    h = History()
+    vehicle(h, "bus", kind="dedicated_vehicle")
+    request(h, "t", fever=False)
+    h.add("dispatch", "transfer-t", "TransferQueued", transfer_id="t", reason="q")
+    h.add("dispatch", "transfer-t", "TransferRedirected", transfer_id="t", from_facility_id="f",
+          to_facility_id="g", reason="fever now", candidates=[],
+          condition={"fever": True, "critical": False, "covid_symptoms": False})
+    h.add("dispatch", "transfer-t", "VehicleAssigned", transfer_id="t", vehicle_id="bus", destination_id="g",
+          origin={}, return_required=True, reason="r")
+    assert ("R5", "negative_pressure_required") in codes(h.found())
+    assert ("R5", "negative_pressure_required") not in codes(History().found())
+
+
+def test_r6_r7_covid_like_symptoms_route_as_a_fever_and_other_wards_that_take_the_patient_stay_open() -> None:
+    """COVID-like symptoms without a fever are dispatch's fever class (R6). An overflowing
+    fever clinic closes only that: a fever patient may still go to the same hospital's
+    temporary emergency ward (R7, as dispatch routes), not to its designated ward."""
+    def found(roles: list[str], overflowing: bool, **condition: Any) -> set[tuple[str, str]]:
+        h = History()
+        h.add("dispatch", "facility-x", "FacilityRegistered", facility_id="x", name="x", roles=roles,
+              location={"lat": 38.0, "lon": 106.0}, fever_clinic_capacity=10)
+        h.add("dispatch", "facility-x", "FacilityLoadReported", facility_id="x", fever_clinic_occupied=10,
+              reported_at=h.clock.isoformat(), load_ratio=1.0 if overflowing else 0.1,
+              overflowing=overflowing)
+        request(h, "t", **condition)
+        h.add("dispatch", "transfer-t", "DestinationAssigned", transfer_id="t", facility_id="x", reason="r")
+        return {c for c in codes(h.found()) if c[0] in ("R6", "R7")}
+
+    covid = {"fever": False, "covid_symptoms": True}
+    assert found(["county_hospital"], False, **covid) == {("R6", "destination_role_mismatch")}
+    assert found(["fever_clinic", "designated"], True, **covid) == {("R7", "overflowing_destination")}
+    assert found(["fever_clinic", "temporary_emergency"], True) == set()
+    assert found(["fever_clinic", "designated"], True) == {("R7", "overflowing_destination")}
+    assert found(["fever_clinic", "designated"], True, risk="confirmed", severity="severe") == set()
+    assert found(["fever_clinic"], True, fever=False) == {("R7", "overflowing_destination")}
