@@ -4,7 +4,7 @@ queries.py; everything here and in the view modules is free of I/O."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -42,15 +42,20 @@ def seconds(a: str | None, b: str | None) -> float | None:
 
 
 def unit_dispatch(transfer: dict[str, Any], trip: dict[str, Any] | None) -> dict[str, Any] | None:
-    """When the vehicle of this trip was dispatched (a proof): the transfer's first
-    assignment when it went to this trip's vehicle, else the trip's opening (a takeover
-    vehicle given after the first one was withdrawn; the transfer row keeps only the first
-    assignment, and the trip opens as its vehicle is given)."""
+    """When the vehicle of this trip was dispatched (a proof): the assignment the trip opened
+    from, when it is the transfer's first or latest one; else the trip's opening (the
+    transfer row keeps those two assignments, and a trip opens as its vehicle is given).
+    A trip opened before it named its assignment: the first assignment when it went to
+    this trip's vehicle."""
     assigned = transfer.get("assigned")
-    if not trip or (assigned or {}).get("vehicle_id") == trip.get("vehicle_id"):
+    if not trip:
         return assigned
     opened: dict[str, Any] | None = trip.get("opened")
-    return opened
+    source = (opened or {}).get("assignment_event_id")
+    if source:
+        return next((a for a in (assigned, transfer.get("reassigned")) if a and a.get("event_id") == source),
+                    opened)
+    return assigned if (assigned or {}).get("vehicle_id") == trip.get("vehicle_id") else opened
 
 
 @dataclass
@@ -70,20 +75,19 @@ class AuditData:
 
     def trips_of_transfer(self, transfer_id: str) -> list[dict[str, Any]]:
         found = [t for t in self.trips.values() if t.get("transfer_id") == transfer_id]
-        return sorted(found, key=lambda t: (t.get("opened_at") or "", t["trip_id"]))
+        return sorted(found, key=_trip_order)
 
     def trips_of_vehicle(self, vehicle_id: str) -> list[dict[str, Any]]:
         found = [t for t in self.trips.values() if t.get("vehicle_id") == vehicle_id]
-        return sorted(found, key=lambda t: (_recorded(t.get("opened")) or t.get("opened_at") or "",
-                                            t["trip_id"]))
+        return sorted(found, key=_trip_order_by_server)
 
     def cycles_of_trip(self, trip_id: str) -> list[dict[str, Any]]:
         found = [c for c in self.cycles.values() if c.get("trip_id") == trip_id]
-        return sorted(found, key=lambda c: (c.get("opened_at") or "", c["cycle_id"]))
+        return sorted(found, key=_cycle_order)
 
     def swabs_of_cycle(self, cycle_id: str) -> list[dict[str, Any]]:
         found = [s for s in self.swabs.values() if s.get("cycle_id") == cycle_id]
-        return sorted(found, key=lambda s: (s.get("collected_at") or "", s["sample_id"]))
+        return sorted(found, key=_swab_order)
 
     def carrying_trip(self, transfer_id: str) -> dict[str, Any] | None:
         """The trip that took the patient to the destination: the one that handed them
@@ -134,6 +138,38 @@ def _recorded(ref: dict[str, Any] | None) -> str | None:
     return ref.get("recorded_at") if ref else None
 
 
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
+
+
+def instant(value: Any) -> datetime:
+    """An RFC 3339 text as a point in time to sort by: texts with different offsets (a
+    crew phone at +08:00, a lab posting UTC) do not sort as text. Missing or unreadable
+    (a forged payload) comes first."""
+    if not isinstance(value, str) or not value:
+        return _EARLIEST
+    try:
+        at = datetime.fromisoformat(value)
+    except ValueError:
+        return _EARLIEST
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
+def _trip_order(t: dict[str, Any]) -> tuple[datetime, str]:
+    return instant(t.get("opened_at")), t["trip_id"]
+
+
+def _trip_order_by_server(t: dict[str, Any]) -> tuple[datetime, str]:
+    return instant(_recorded(t.get("opened")) or t.get("opened_at")), t["trip_id"]
+
+
+def _cycle_order(c: dict[str, Any]) -> tuple[datetime, str]:
+    return instant(c.get("opened_at")), c["cycle_id"]
+
+
+def _swab_order(s: dict[str, Any]) -> tuple[datetime, str]:
+    return instant(s.get("collected_at")), s["sample_id"]
+
+
 class _Indexed(AuditData):
     def __init__(self, base: AuditData, by_transfer: dict[str, list[dict[str, Any]]],
                  by_vehicle: dict[str, list[dict[str, Any]]],
@@ -151,21 +187,16 @@ class _Indexed(AuditData):
         self._cycles_by_trip, self._swabs_by_cycle = cycles_by_trip, swabs_by_cycle
 
     def trips_of_transfer(self, transfer_id: str) -> list[dict[str, Any]]:
-        found = self._by_transfer.get(transfer_id, [])
-        return sorted(found, key=lambda t: (t.get("opened_at") or "", t["trip_id"]))
+        return sorted(self._by_transfer.get(transfer_id, []), key=_trip_order)
 
     def trips_of_vehicle(self, vehicle_id: str) -> list[dict[str, Any]]:
-        found = self._by_vehicle.get(vehicle_id, [])
-        return sorted(found, key=lambda t: (_recorded(t.get("opened")) or t.get("opened_at") or "",
-                                            t["trip_id"]))
+        return sorted(self._by_vehicle.get(vehicle_id, []), key=_trip_order_by_server)
 
     def cycles_of_trip(self, trip_id: str) -> list[dict[str, Any]]:
-        found = self._cycles_by_trip.get(trip_id, [])
-        return sorted(found, key=lambda c: (c.get("opened_at") or "", c["cycle_id"]))
+        return sorted(self._cycles_by_trip.get(trip_id, []), key=_cycle_order)
 
     def swabs_of_cycle(self, cycle_id: str) -> list[dict[str, Any]]:
-        found = self._swabs_by_cycle.get(cycle_id, [])
-        return sorted(found, key=lambda s: (s.get("collected_at") or "", s["sample_id"]))
+        return sorted(self._swabs_by_cycle.get(cycle_id, []), key=_swab_order)
 
     def indexed(self) -> AuditData:
         return self

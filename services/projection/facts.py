@@ -124,8 +124,10 @@ SPECS: dict[str, TableSpec] = {
         ("transfer_id",),
         ("day", "requested_at", "risk_category", "origin_kind", "channel", "patient_name",
          "destination_id", "vehicle_id", "priority", "return_of", "request", "prioritized",
-         "destination", "queued", "assigned", "reported", "handed_over", "cancelled", "delivery"),
-        last=frozenset({"destination_id", "priority", "prioritized", "destination", "delivery"}),
+         "destination", "queued", "assigned", "reported", "handed_over", "cancelled", "delivery",
+         "reassigned"),
+        last=frozenset({"destination_id", "priority", "prioritized", "destination", "delivery",
+                        "reassigned"}),
     ),
     "decisions": TableSpec(
         ("event_id",),
@@ -172,7 +174,7 @@ JSON_COLUMNS = frozenset({
     "request", "prioritized", "destination", "queued", "assigned", "reported", "handed_over",
     "data", "registered", "opened", *(f"s_{s}" for s in STEPS), "handover", "confirmed",
     "completed", "awaiting", "returned", "initial", "terminal", "released", "quarantined",
-    "collected", "result", "cancelled", "delivery", "aborted", "superseded",
+    "collected", "result", "cancelled", "delivery", "aborted", "superseded", "reassigned",
 })
 _LAST = {name: spec.last for name, spec in SPECS.items()}
 _APPEND_ONLY = frozenset(name for name, spec in SPECS.items() if spec.append_only)
@@ -310,7 +312,10 @@ def _assigned(ev: Ev, p: dict[str, Any], put: Put) -> None:
         "vehicle_id": p.get("vehicle_id"),
         "assigned": _ref(ev, {"vehicle_id": p.get("vehicle_id"), "manual": p.get("manual", False),
                               "override_reason": p.get("override_reason"), "reason": p.get("reason"),
-                              "destination_id": p.get("destination_id")})})
+                              "destination_id": p.get("destination_id")}),
+        # The latest assignment (the first stays in `assigned`): a trip names the one it
+        # opened from, and its vehicle's dispatch is that one's time.
+        "reassigned": _ref(ev, {"vehicle_id": p.get("vehicle_id")})})
     _decision(ev, p, put)
 
 
@@ -389,7 +394,8 @@ def _trip_opened(ev: Ev, p: dict[str, Any], put: Put) -> None:
         "transfer_id": p.get("transfer_id"), "vehicle_id": p.get("vehicle_id"),
         "destination_id": p.get("destination_id"), "opened_at": ev.occurred_at,
         "opened": _ref(ev, {"origin": p.get("origin") or {}, "destination_id": p.get("destination_id"),
-                            "return_required": p.get("return_required")})})
+                            "return_required": p.get("return_required"), "takeover_of": p.get("takeover_of"),
+                            "assignment_event_id": p.get("assignment_event_id")})})
 
 
 _STEP_COLUMNS = {s: f"s_{s}" for s in STEPS}

@@ -63,7 +63,9 @@ def milestones(data: AuditData, transfer_id: str, clock: str = "device") -> dict
     # The first vehicle at the patient: (when, as written) of each trip's arrival.
     arrivals = [(when, a) for x in data.trips_of_transfer(transfer_id)
                 if (when := ts(a := _at(x.get("s_at_pickup"), clock))) is not None]
-    cycles = data.cycles_of_trip(trip.get("trip_id") or "") if trip else []
+    # The trip's own cycle: a re-disinfection after a positive swab names the trip too.
+    cycles = [c for c in data.cycles_of_trip(trip.get("trip_id") or "")
+              if (c.get("opened") or {}).get("kind", "trip") == "trip"] if trip else []
     cycle = cycles[0] if cycles else {}
     swabs = data.swabs_of_cycle(cycle.get("cycle_id") or "") if cycle else []
     swab = swabs[0] if swabs else {}

@@ -42,6 +42,18 @@ def _local(at: str | None) -> str | None:
 
 READS = ("transfers", "trips", "vehicles", "facilities")  # the fact tables rows() reads
 
+
+def _taken_off_aboard(trip: dict[str, Any]) -> bool:
+    """Completed with no handover: dispatch took the vehicle off (a breakdown) with the
+    patient aboard, and another vehicle takes them over (the transfer service completes
+    such a trip, since its vehicle carried the patient and needs disinfection)."""
+    return bool(trip.get("completed")) and not (trip.get("handover") or trip.get("s_handed_over"))
+
+
+def _ended_short(trip: dict[str, Any]) -> bool:
+    """Over without delivering its patient: aborted, or taken off with the patient aboard."""
+    return bool(trip.get("aborted")) or _taken_off_aboard(trip)
+
 def _destination(data: AuditData, t: dict[str, Any], destination: str | None) -> str | None:
     """The destination's name; a return leg's is the outbound transfer's origin."""
     if destination == RETURN_TO_ORIGIN and t.get("return_of"):
@@ -54,7 +66,11 @@ def _destination(data: AuditData, t: dict[str, Any], destination: str | None) ->
 
 def rows(data: AuditData, day_from: str | None = None, day_to: str | None = None) -> list[dict[str, Any]]:
     """One row per trip (a transfer with two vehicles after a breakdown has two), and one
-    per transfer still waiting for a vehicle, so the ledger misses nobody."""
+    per transfer waiting for a vehicle (none yet, or every trip ended without delivering
+    the patient: aborted, or taken off with the patient aboard), so the ledger misses
+    nobody. Status: waiting, assigned, on_trip, handed_over, completed, aborted (ended
+    before pickup), taken_over (the vehicle was taken off with the patient aboard, who goes
+    on in another), cancelled."""
     indexed = data.indexed()
     out: list[dict[str, Any]] = []
     for tid, t in indexed.transfers.items():
@@ -89,10 +105,18 @@ def rows(data: AuditData, day_from: str | None = None, day_to: str | None = None
                 **base, "day": requested_day, "trip_id": None, "vehicle_id": t.get("vehicle_id"),
                 "plate": None, "at_pickup_at": None, "handed_over_at": None, "received_by": None,
                 "status": "cancelled" if cancelled else "assigned" if t.get("assigned") else "waiting"})
+        elif not cancelled and not t.get("handed_over") and all(_ended_short(trip) for trip in trips):
+            rows_of_transfer.append({
+                **base, "day": requested_day, "trip_id": None, "vehicle_id": None, "plate": None,
+                "dispatched_at": None, "at_pickup_at": None, "handed_over_at": None, "received_by": None,
+                "status": "waiting"})
         for trip in trips:
             vehicle = indexed.vehicles.get(trip.get("vehicle_id") or "") or {}
             handover = trip.get("handover") or {}
-            status = ("completed" if trip.get("completed") else
+            taken_off = _taken_off_aboard(trip)  # (or the transfer cancelled with the patient aboard)
+            status = ("cancelled" if taken_off and cancelled else
+                      "taken_over" if taken_off else
+                      "completed" if trip.get("completed") else
                       "handed_over" if handover else
                       "aborted" if trip.get("aborted") else
                       "cancelled" if cancelled else "on_trip")

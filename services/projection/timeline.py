@@ -5,6 +5,7 @@ types this service does not know yet are shown as they are, never dropped."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from libs.events.envelope import Envelope
@@ -113,7 +114,7 @@ def place(env: Envelope, trips: dict[str, tuple[Any, Any]] | None = None) -> Any
         return origin
     if env.type == "TripStepReported" and p.get("step") in AT_DESTINATION:
         return destination
-    return p.get("facility_id") or p.get("destination_id")
+    return p.get("facility_id") or p.get("to_facility_id") or p.get("destination_id")
 
 
 def entry(env: Envelope, return_legs: frozenset[str] = frozenset(),
@@ -167,6 +168,24 @@ def _before_handover(ordered: list[Envelope]) -> str:
     return "on_trip" if status == "assigned" and vehicle in open_trips.values() else status
 
 
+def _trip_places(ordered: list[Envelope], origins: dict[str, Any]) -> Iterator[dict[str, tuple[Any, Any]]]:
+    """For each event in turn, each trip's (origin, destination) as it stood then: a
+    redirect moves the destination of the steps after it; a takeover vehicle meets the
+    patient where the broken-down one stopped, not at the origin."""
+    trips: dict[str, tuple[Any, Any]] = {}
+    for e in ordered:
+        p = e.payload
+        trip_id = str(p.get("trip_id"))
+        if e.type == "TripOpened":
+            takeover = p.get("takeover_of")
+            origin = (f"接替故障车辆{takeover}处 (where {takeover} broke down)" if takeover
+                      else (p.get("origin") or {}).get("name") or origins.get(_transfer_of(e)))
+            trips = {**trips, trip_id: (origin, p.get("destination_id"))}
+        elif e.type == "TripRedirected" and trip_id in trips:
+            trips = {**trips, trip_id: (trips[trip_id][0], p.get("destination_id"))}
+        yield trips
+
+
 def timeline_view(transfer_id: str, events: list[Envelope],
                   return_legs: frozenset[str] = frozenset()) -> dict[str, Any]:
     """`return_legs`: the transfers that bring this one's patient back (their `return_of`
@@ -174,10 +193,8 @@ def timeline_view(transfer_id: str, events: list[Envelope],
     ordered = sorted(events, key=lambda e: (ts(e.recorded_at), e.store, e.position))
     origins = {_transfer_of(e): (e.payload.get("origin") or {}).get("name")
                for e in ordered if e.type == "TransferRequested"}
-    trips = {str(e.payload.get("trip_id")): (
-        (e.payload.get("origin") or {}).get("name") or origins.get(_transfer_of(e)),
-        e.payload.get("destination_id")) for e in ordered if e.type == "TripOpened"}
-    entries = [entry(e, return_legs, trips) for e in ordered]
+    entries = [entry(e, return_legs, trips) for e, trips in zip(ordered, _trip_places(ordered, origins),
+                                                                  strict=True)]
     types = {e.type for e in ordered if _transfer_of(e) not in return_legs}
     back = {e.type for e in ordered if _transfer_of(e) in return_legs}
     notifications = [

@@ -965,8 +965,10 @@ def test_a_failing_check_does_not_hide_the_others() -> None:
 
 def takeover_history(picked_up: bool = False) -> History:
     """A confirmed case from a fever clinic: v1 breaks down on the way (its trip aborts;
-    `picked_up`: after it reached the patient and took them aboard), v2 carries the patient
-    to the designated hospital within the hour."""
+    `picked_up`: after it reached the patient and took them aboard, so its trip completes
+    and v2 takes the patient over), v2 carries the patient to the designated hospital
+    within the hour. As the services write it: each trip names the assignment it opened
+    from, and a takeover the vehicle it takes over from."""
     h = History()
     for vid in ("v1", "v2"):
         vehicle(h, vid)
@@ -975,10 +977,13 @@ def takeover_history(picked_up: bool = False) -> History:
     request(h, "t", risk="confirmed", origin_kind="fever_clinic")
     h.add("dispatch", "transfer-t", "DestinationAssigned", transfer_id="t", facility_id="f", reason="r")
     for n, vid in enumerate(("v1", "v2")):
-        h.add("dispatch", "transfer-t", "VehicleAssigned", transfer_id="t", vehicle_id=vid,
-              destination_id="f", origin={}, return_required=False, reason="r")
+        takeover = "v1" if n == 1 and picked_up else None
+        assigned = h.add("dispatch", "transfer-t", "VehicleAssigned", transfer_id="t", vehicle_id=vid,
+                         destination_id="f", origin={}, return_required=False, reason="r",
+                         takeover_of=takeover)
         h.add("transfer", f"trip-{vid}", "TripOpened", trip_id=vid, transfer_id="t", vehicle_id=vid,
-              destination_id="f", origin={}, return_required=False)
+              destination_id="f", origin={}, return_required=False, takeover_of=takeover,
+              assignment_event_id=assigned.event_id)
         h.add("transfer", f"trip-{vid}", "TripStepReported", trip_id=vid, step="en_route",
               client_event_id=f"{vid}en", device_at=h.clock.isoformat())
         if picked_up or n == 1:
@@ -987,9 +992,9 @@ def takeover_history(picked_up: bool = False) -> History:
                       client_event_id=f"{vid}{step}", device_at=h.clock.isoformat())
         if n == 0:
             h.add("dispatch", "transfer-t", "VehicleWithdrawn", transfer_id="t", vehicle_id=vid,
-                  reason="breakdown")
-            h.add("transfer", f"trip-{vid}", "TripAborted", trip_id=vid, transfer_id="t", vehicle_id=vid,
-                  reason="vehicle withdrawn: breakdown")
+                  reason="breakdown", patient_aboard=picked_up)
+            h.add("transfer", f"trip-{vid}", "TripCompleted" if picked_up else "TripAborted", trip_id=vid,
+                  transfer_id="t", vehicle_id=vid, reason="vehicle withdrawn: breakdown")
     h.add("transfer", "trip-v2", "PatientHandedOver", trip_id="v2", transfer_id="t", facility_id="f",
           received_by="李", confirmed_by="crew")
     h.add("transfer", "trip-v2", "TripCompleted", trip_id="v2", transfer_id="t", vehicle_id="v2")
@@ -1018,8 +1023,12 @@ def test_after_a_takeover_each_segment_is_timed_within_one_vehicle() -> None:
     first, second = data.trips["v1"], data.trips["v2"]
     (row,) = kpis.rows(data)
     m = kpis.milestones(data, "t")
-    assert m["unit_dispatched"] == second["opened"]["at"] and m["en_route"] == second["s_en_route"]["at"]
-    assert row.segments["dispatch_to_en_route"] == 60  # v2: its trip opened, a minute later en route
+    # v2's dispatch is the assignment its trip opened from (not the trip's opening, the
+    # transfer service's clock when it heard of it): two minutes before it went en route.
+    reassigned = data.transfers["t"]["reassigned"]
+    assert second["opened"]["assignment_event_id"] == reassigned["event_id"]
+    assert m["unit_dispatched"] == reassigned["at"] and m["en_route"] == second["s_en_route"]["at"]
+    assert row.segments["dispatch_to_en_route"] == 120
     assert m["first_at_pickup"] == first["s_at_pickup"]["at"]
     assert row.segments["response"] == seconds(m["requested"], first["s_at_pickup"]["at"])
     assert m["dispatched"] == data.transfers["t"]["assigned"]["at"]  # v1's: the 3-minute rate's
@@ -1443,10 +1452,10 @@ class Fleet:
         h.add("dispatch", "vehicle-v1", "VehicleAwaitingDisinfection", vehicle_id="v1", trip_id=trip,
               transfer_id=tid)
 
-    def disinfect(self, cid: str, trip: str, tid: str, sample: str, kind: str = "trip") -> None:
-        """Opened (unless a quarantine opened it), both stages, the swab collected."""
+    def disinfect(self, cid: str, trip: str, tid: str, sample: str, open_cycle: bool = True) -> None:
+        """Opened (unless already: a quarantine opened it), both stages, the swab collected."""
         h = self.h
-        if kind == "trip":
+        if open_cycle:
             h.add("disinfection", f"cycle-{cid}", "CycleOpened", cycle_id=cid, vehicle_id="v1", trip_id=trip,
                   transfer_id=tid, reason="r")
         back = h.clock
@@ -1509,7 +1518,7 @@ def test_r2_r9_a_trip_under_way_when_the_quarantine_began_is_covered_by_its_lift
     if trip_cycle_first:
         f.disinfect("cB", "b", "t2", "sB")
         f.release("cB", "b")  # the vehicle stays quarantined: dispatch keeps it out of service
-    f.disinfect("rA", "a", "t1", "sR", kind="redisinfection")
+    f.disinfect("rA", "a", "t1", "sR", open_cycle=False)
     f.result("rA", "sR", "negative")
     f.release("rA", "a", lifted=True)
     f.start("c", "t3")
@@ -1650,3 +1659,122 @@ def test_r6_r7_covid_like_symptoms_route_as_a_fever_and_other_wards_that_take_th
     assert found(["fever_clinic", "designated"], True) == {("R7", "overflowing_destination")}
     assert found(["fever_clinic", "designated"], True, risk="confirmed", severity="severe") == set()
     assert found(["fever_clinic"], True, fever=False) == {("R7", "overflowing_destination")}
+
+
+# -- what a review of the views found (2026-11-24) ------------------------------------------
+
+
+def test_a_trip_after_a_crew_abort_is_dispatched_at_its_own_assignment() -> None:
+    """The crew found nobody and asked for a requeue; dispatch gave the same vehicle the same
+    transfer an hour later. The second trip's dispatch is the assignment it opened from
+    (KPIs, the ledger's 派车时间), not the first trip's."""
+    h = History()
+    vehicle(h, "v1")
+    h.add("dispatch", "facility-f", "FacilityRegistered", facility_id="f", name="发热门诊",
+          roles=["fever_clinic"], location={"lat": 38.0, "lon": 106.0})
+    request(h, "t")
+
+    def trip(trip_id: str, steps: tuple[str, ...]) -> Ev:
+        assigned = h.add("dispatch", "transfer-t", "VehicleAssigned", transfer_id="t", vehicle_id="v1",
+                         destination_id="f", origin={}, return_required=True, reason="r")
+        h.add("transfer", f"trip-{trip_id}", "TripOpened", trip_id=trip_id, transfer_id="t", vehicle_id="v1",
+              destination_id="f", origin={}, return_required=True, assignment_event_id=assigned.event_id)
+        for step in steps:
+            h.add("transfer", f"trip-{trip_id}", "TripStepReported", trip_id=trip_id, step=step,
+                  client_event_id=trip_id + step, device_at=h.clock.isoformat())
+        return assigned
+
+    first = trip("a", ("acknowledged", "en_route", "at_pickup"))
+    h.clock += timedelta(minutes=60)
+    h.add("transfer", "trip-a", "TripAborted", trip_id="a", transfer_id="t", vehicle_id="v1",
+          reason="patient absent", code="patient_absent")
+    h.add("dispatch", "transfer-t", "VehicleWithdrawn", transfer_id="t", vehicle_id="v1",
+          reason="crew aborted")
+    second = trip("b", ("acknowledged", "en_route", "at_pickup", "patient_aboard", "at_destination"))
+    h.add("transfer", "trip-b", "PatientHandedOver", trip_id="b", transfer_id="t", facility_id="f",
+          received_by="李", confirmed_by="crew")
+    h.add("transfer", "trip-b", "TripCompleted", trip_id="b", transfer_id="t", vehicle_id="v1")
+    data = h.data().indexed()
+    m = kpis.milestones(data, "t")
+    assert m["dispatched"] == first.occurred_at  # the 3-minute rate: the first assignment
+    assert m["unit_dispatched"] == second.occurred_at
+    (row,) = kpis.rows(data)
+    assert row.segments["dispatch_to_en_route"] == 180, row.segments
+    dispatched = {r["trip_id"]: r["dispatched_at"] for r in ledger.rows(data)}
+    assert dispatched == {"a": _cst(first.occurred_at), "b": _cst(second.occurred_at)}, dispatched
+
+
+def _cst(at: str) -> str:
+    return datetime.fromisoformat(at).astimezone(facts.REGION_TZ).isoformat()
+
+
+def test_the_timeline_places_steps_where_the_trip_went_then() -> None:
+    """After a redirect the crew's arrival and handover (sent without a position) are at the
+    new destination, and the redirect names it; a takeover vehicle meets the patient where
+    the broken-down one stopped, not at the origin."""
+    h = History()
+    request(h, "t")
+    h.add("transfer", "trip-a", "TripOpened", trip_id="a", transfer_id="t", vehicle_id="v1",
+          destination_id="f1", origin={"name": "o"}, return_required=True)
+    for step in ("at_pickup", "patient_aboard"):
+        h.add("transfer", "trip-a", "TripStepReported", trip_id="a", step=step, client_event_id=step,
+              device_at=h.clock.isoformat())
+    h.add("dispatch", "transfer-t", "TransferRedirected", transfer_id="t", from_facility_id="f1",
+          to_facility_id="f2", reason="f1 full")
+    h.add("transfer", "trip-a", "TripRedirected", trip_id="a", transfer_id="t", destination_id="f2",
+          reason="f1 full")
+    for step in ("at_destination", "handed_over"):
+        h.add("transfer", "trip-a", "TripStepReported", trip_id="a", step=step, client_event_id=step,
+              device_at=h.clock.isoformat())
+    entries = timeline_view("t", [envelope_of(e) for e in h.events])["entries"]
+    places = [(e["label_zh"], e["place"]) for e in entries]
+    assert places[2:] == [("车组上报：到达接人点", "o"), ("车组上报：患者上车", "o"), ("改派目的地", "f2"),
+                          ("行程改派目的地", "f2"), ("车组上报：到达目的地", "f2"),
+                          ("车组上报：完成交接", "f2")], places
+    taken = takeover_history(picked_up=True)
+    view = timeline_view("t", [envelope_of(e) for e in taken.events])
+    at_pickup = [e["place"] for e in view["entries"] if e["payload"].get("step") == "at_pickup"]
+    assert at_pickup[0] == "o" and "v1" in at_pickup[1], at_pickup
+
+
+def test_the_ledger_says_who_was_taken_over_and_who_still_waits() -> None:
+    """A vehicle taken off with the patient aboard (its trip completes: it needs
+    disinfection) did not deliver them; a transfer whose only trip was aborted, queued
+    again with no vehicle free, still waits: the ledger says both."""
+    data = takeover_history(picked_up=True).data()
+    assert {r["trip_id"]: r["status"] for r in ledger.rows(data)} == {"v1": "taken_over", "v2": "completed"}
+    h = takeover_history()
+    cut = next(i for i, e in enumerate(h.events) if e.type == "TripAborted") + 1
+    h.events = h.events[:cut]
+    h.add("dispatch", "transfer-t", "TransferQueued", transfer_id="t", reason="no fitting vehicle is free")
+    assert {r["trip_id"]: r["status"] for r in ledger.rows(h.data())} == {None: "waiting", "v1": "aborted"}
+    assert timeline_view("t", [envelope_of(e) for e in h.events])["status"] == "queued"
+
+
+def test_turnarounds_are_the_trips_own_cycle_whatever_the_clocks_offsets() -> None:
+    """The crew's phone writes +08:00, the lab UTC. A re-disinfection after a positive swab
+    names the trip too, and opened hours later its time sorted first as text: the vehicle
+    and swab turnarounds were measured on it."""
+    cst = facts.REGION_TZ
+    f = Fleet()
+    f.start("a", "t1")
+    hand = f.h.clock + timedelta(minutes=1)
+    f.h.add("transfer", "trip-a", "PatientHandedOver", trip_id="a", transfer_id="t1", facility_id="f",
+            received_by="x", confirmed_by="crew", at=hand.astimezone(cst))
+    f.h.add("transfer", "trip-a", "TripCompleted", trip_id="a", transfer_id="t1", vehicle_id="v1",
+            at=hand.astimezone(cst))
+    f.h.add("disinfection", "cycle-cA", "CycleOpened", cycle_id="cA", vehicle_id="v1", trip_id="a",
+            transfer_id="t1", reason="r", at=hand.astimezone(cst))
+    f.disinfect("cA", "a", "t1", "sA", open_cycle=False)
+    f.release("cA", "a")
+    released = f.h.events[-2].recorded_at
+    f.h.clock += timedelta(hours=4)
+    f.positive("cA", "a", "t1", "sA", redo="rA")
+    f.disinfect("rA", "a", "t1", "sR", open_cycle=False)
+    f.result("rA", "sR", "negative")
+    f.release("rA", "a", lifted=True)
+    data = f.h.data().indexed()
+    assert [c["cycle_id"] for c in data.cycles_of_trip("a")] == ["cA", "rA"]
+    (row,) = kpis.rows(data)
+    handed = kpis.milestones(data, "t1")["handed_over"]
+    assert row.segments["vehicle_turnaround"] == seconds(handed, released), row.segments
