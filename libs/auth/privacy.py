@@ -159,10 +159,12 @@ def patients_in(view: Any, transfer_id: str | None = None) -> list[dict[str, Any
     if isinstance(view, dict):
         here = view.get("transfer_id") or (view.get("id") if "patient" in view else None)
         here = here if isinstance(here, str) else transfer_id
-        if any(isinstance(view.get(k), str) for k in ID_KEYS | PHONE_KEYS):
-            found.append({"name": view.get("name"), "transfer_id": here,
-                          **{k: mask({k: view[k]})[k] for k in ID_KEYS | PHONE_KEYS
-                             if isinstance(view.get(k), str)}})
+        # Only numbers in clear: an already masked one (the disclosure record itself,
+        # read back) discloses nothing.
+        clear = {k: masked for k in ID_KEYS | PHONE_KEYS
+                 if isinstance(view.get(k), str) and (masked := mask({k: view[k]})[k]) != view[k]}
+        if clear:
+            found.append({"name": view.get("name"), "transfer_id": here, **clear})
         for k, v in view.items():
             if isinstance(v, str) and k not in ID_KEYS | PHONE_KEYS | OPAQUE_KEYS:
                 masked = mask_text(v)

@@ -85,6 +85,14 @@ async def idempotent(
         again = await replay()
         assert again is not None
         return again
+    except StateConflict:
+        # A client's retry racing its own first call, which committed meanwhile: the
+        # state it left refuses this one (a rebuild is running: its own); the first answer
+        # is what the key gets.
+        again = await replay()
+        if again is None:
+            raise
+        return again
     return JSONResponse(response, status_code=status)
 
 

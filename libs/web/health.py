@@ -9,6 +9,7 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from sqlalchemy import text
 
+from libs.auth.privacy import mask_text
 from libs.events.aggregate import NotFound
 from libs.events.store import EventStore
 from libs.web.fields import POSITION_MAX
@@ -109,10 +110,12 @@ async def chain_report(store: EventStore, at: int | None = None) -> dict[str, An
 async def passed_over_report(store: EventStore, latest: int = 10) -> dict[str, Any]:
     """The messages this service's consumers passed over as no event (bus.PassedOver): not
     a break in the store's chain, but something on the bus that no store wrote, which an
-    auditor should see (the value as text, cut at 1,000 characters)."""
+    auditor should see (the value as text, cut at 1,000 characters, its id numbers and
+    phones masked: /chain answers without a token, and a message is whatever was sent)."""
     count, rows = await store.passed_over(latest)
     return {"messages": count, "latest": [
         {"consumer": r["consumer"], "topic": r["topic"], "partition": r["partition"], "offset": r["offset"],
-         "received_at": r["received_at"], "reason": r["reason"][:500],
-         "bytes": len(r["value"] or b""), "value": (r["value"] or b"")[:1000].decode("utf-8", "replace")}
+         "received_at": r["received_at"], "reason": mask_text(r["reason"][:500]),
+         "bytes": len(r["value"] or b""),
+         "value": mask_text((r["value"] or b"")[:1000].decode("utf-8", "replace"))}
         for r in rows]}

@@ -276,11 +276,20 @@ async def ledger(request: Request, store: Store, date: str | None = None,
 
 @router.get("/disclosures")
 async def disclosures(store: Store, actor: str | None = None, limit: Limit = 500,
-                      offset: Offset = 0) -> dict[str, Any]:
+                      offset: Offset = 0, cursor: str | None = None) -> dict[str, Any]:
     """Every read of patients' id numbers or phones in clear: who, in which role, which
-    patients, when, through which route; newest first."""
+    patients, when, through which route; newest first. The next page is `cursor` =
+    `next_cursor`: reads recorded meanwhile (newest first) do not shift it, as they shift
+    an `offset`."""
+    try:
+        after = queries.parse_disclosure_cursor(cursor) if cursor else None
+    except ValueError as exc:
+        raise InvalidField("cursor", "invalid_cursor", "cursor is not one this view gave",
+                           "cursor无效，请使用上一页返回的next_cursor") from exc
     async with store.engine.connect() as conn:
-        return {"disclosures": await queries.disclosures(conn, actor, limit, offset)}
+        found = await queries.disclosures(conn, actor, limit, offset, after)
+    return {"disclosures": found,
+            "next_cursor": queries.disclosure_cursor(found[-1]) if len(found) == limit else None}
 
 
 def _frame(row: Any) -> str:

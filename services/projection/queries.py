@@ -3,6 +3,8 @@ timelines, the feed and verification."""
 
 from __future__ import annotations
 
+import base64
+import re
 from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import date, timedelta
 from functools import lru_cache
@@ -522,10 +524,33 @@ async def feed(conn: AsyncConnection, after: int, limit: int) -> list[Any]:
         select(archive).where(archive.c.seq > after).order_by(archive.c.seq).limit(limit)))
 
 
-async def disclosures(conn: AsyncConnection, actor: str | None, limit: int,
-                      offset: int) -> list[dict[str, Any]]:
+def disclosure_cursor(entry: dict[str, Any]) -> str:
+    """Where a page of disclosures ended: the next page starts after it, wherever new
+    reads (newest first) came in meanwhile."""
+    return base64.urlsafe_b64encode(f"{entry['at']}|{entry['event_id']}".encode()).decode()
+
+
+_DISCLOSURE_AT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?"
+                            r"(Z|[+-][0-9]{2}:[0-9]{2})", re.ASCII)
+_DISCLOSURE_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.ASCII)
+
+
+def parse_disclosure_cursor(cursor: str) -> tuple[str, str]:
+    """(recorded_at, event_id) of the entry a page ended at; ValueError when it is not a
+    cursor this view gave (of that shape strictly: its parts reach the query)."""
+    try:
+        at, sep, event_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError("not a cursor") from exc
+    if not (sep and _DISCLOSURE_AT.fullmatch(at) and _DISCLOSURE_ID.fullmatch(event_id)):
+        raise ValueError("not a cursor")
+    return at, event_id
+
+
+async def disclosures(conn: AsyncConnection, actor: str | None, limit: int, offset: int,
+                      after: tuple[str, str] | None = None) -> list[dict[str, Any]]:
     """Unmasked reads recorded by every service (archived here) and by this one (its own
-    store), newest first."""
+    store), newest first; after `after` (a cursor's entry), else from `offset`."""
     kind = PatientDataDisclosed.__name__
     # Merged and paged in the database: merged here, each source gave its first offset +
     # limit rows, all of them for a far offset (found by review: 700 MB for an empty page).
@@ -535,8 +560,12 @@ async def disclosures(conn: AsyncConnection, actor: str | None, limit: int,
                        table.c.event_id, table.c.payload).where(table.c.type == kind)
         sources.append(query.where(table.c.actor == actor) if actor is not None else query)
     merged = union_all(*sources).subquery()
-    rows = await conn.execute(select(merged).order_by(merged.c.recorded_at.desc(), merged.c.event_id)
-                              .limit(limit).offset(offset))
+    query = select(merged).order_by(merged.c.recorded_at.desc(), merged.c.event_id).limit(limit)
+    if after is not None:
+        at, event_id = after
+        query = query.where(or_(merged.c.recorded_at < at,
+                                and_(merged.c.recorded_at == at, merged.c.event_id > event_id)))
+    rows = await conn.execute(query.offset(offset))
     return [{"at": row.recorded_at, "actor": row.actor, "role": row.role, "store": row.store,
              "event_id": str(row.event_id), **orjson.loads(row.payload)} for row in rows]
 
@@ -566,7 +595,10 @@ async def verify_copy(
         if batch[0].position != after + 1:
             return after, (prev if after else None), ChainBreak(
                 store=store, position=after + 1, event_id="", reason="missing from the projection's copy")
-        broken = verify_chain(batch, prev) or _unlinked(store, rows, batch, last_seq)
+        # Both checks, the earlier break named: an edit to a row's links before a broken
+        # hash further on is the first broken link.
+        found = [b for b in (verify_chain(batch, prev), _unlinked(store, rows, batch, last_seq)) if b]
+        broken = min(found, key=lambda b: b.position) if found else None
         if broken is not None:
             # The links before the broken one hold: counted, and their last hash is the
             # one the store is compared at.

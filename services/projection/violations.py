@@ -441,9 +441,17 @@ async def page(conn: AsyncConnection, gen: Generation | None, *, now: datetime, 
 
 
 async def of_vehicle(conn: AsyncConnection, gen: Generation | None, vehicle_id: str,
-                     now: datetime) -> list[dict[str, Any]]:
-    found, _, _ = await page(conn, gen, now=now, limit=MAX_PAGE, vehicle_id=vehicle_id)
-    return found
+                     now: datetime, limit: int = MAX_PAGE) -> list[dict[str, Any]]:
+    """Every finding of a vehicle whose time has come, over its whole life (custody), a
+    page at a time: not only the first page."""
+    out: list[dict[str, Any]] = []
+    after: tuple[str, str] | None = None
+    while True:
+        found, nxt, _ = await page(conn, gen, now=now, limit=limit, after=after, vehicle_id=vehicle_id)
+        out += found
+        if nxt is None:
+            return out
+        after = parse_cursor(nxt)
 
 
 async def failures(conn: AsyncConnection, gen: Generation | None, limit: int = 50) -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from libs.auth.policy import API_PREFIX
 from libs.auth.privacy import UNMASK_ROLES
 from libs.auth.tokens import ROLES, SCOPE_CLAIMS
+from libs.events.store import PassedOver
 from services.runtime import create_app
 from services.settings import Settings
 from tests.actors import Acting, access_rules, as_
@@ -214,6 +215,21 @@ async def test_every_view_masks_for_those_who_do_not_need_the_numbers(
             assert not any(n in resp.text for n in clear), (grant.role, path)
             checked += 1
     assert checked >= 20
+
+
+async def test_the_open_chain_report_masks_what_the_bus_brought(app: FastAPI) -> None:
+    """/chain answers without a token (the projection's /audit/verify asks every service
+    for it): a message a consumer passed over is shown there as it came, and one with a
+    patient's numbers in it showed them in clear."""
+    message = ('{"type": "TransferRequested", "payload": {"patient": {"name": "张三", '
+               f'"id_number": "{ID_NUMBER}", "phone": "{PHONE}"}}}}}}').encode()
+    await app.state.stores["transfer"].keep_passed_over("transfer-from-dispatch", [
+        PassedOver("dispatch", 0, 41, b"transfer-x", message, "not an envelope")])
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as bare:
+        report = ok(await bare.get("/chain/transfer"))
+    (latest,) = report["passed_over"]["latest"]
+    assert ID_NUMBER not in latest["value"] and PHONE not in latest["value"], latest
+    assert "6401**********1231" in latest["value"] and "张三" in latest["value"]
 
 
 async def test_an_unmasked_read_is_recorded_for_the_auditor(client: httpx.AsyncClient,

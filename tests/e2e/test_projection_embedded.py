@@ -77,6 +77,13 @@ async def test_one_rebuild_at_a_time_and_a_key_sent_again_starts_none(app: FastA
     assert again.status_code == 202 and again.headers.get("idempotent-replayed") == "true", again.text
     after = ok(await client.get(f"{API}/audit/rebuild"))
     assert after["status"] == "done" and after["active_generation"] == status["active_generation"]
+    # A client's retry racing its own first request (one key, both at once): the retry gets
+    # the first answer back, not "a rebuild is running" (its own).
+    twins = await asyncio.gather(*(client.post(f"{API}/audit/rebuild", headers={"Idempotency-Key": "rb-3"})
+                                   for _ in range(2)))
+    assert [a.status_code for a in twins] == [202, 202], [a.text for a in twins]
+    assert sorted(str(a.headers.get("idempotent-replayed")) for a in twins) == ["None", "true"]
+    await eventually(done, "the third rebuild")
     # Another replica's request has just claimed one (its task not numbered yet): refused here.
     async with app.state.stores["projection"].engine.begin() as conn:
         await conn.execute(text("INSERT INTO audit_meta (name, value) VALUES (:n, :v)"),

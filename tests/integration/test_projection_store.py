@@ -255,6 +255,10 @@ async def test_forbidden_histories_appended_into_stores_are_found(stores: dict[s
     assert r4["transfer_id"] == "urgent" and "priority 3" in r4["detail"]
     jumped = {(f["check"], f["transfer_id"]) for f in found if f["rule"] == "R4" and f["vehicle_id"] == "v3"}
     assert ("queue_order", "older") in jumped, jumped
+    # Custody lists every finding of a vehicle, past the first page of them.
+    async with stores["projection"].engine.connect() as conn:
+        of_v1 = await violations.of_vehicle(conn, generation(1), "v1", datetime.now(UTC), limit=2)
+    assert len(of_v1) > 2 and of_v1 == [f for f in found if f["vehicle_id"] == "v1"], of_v1
 
     # On PostgreSQL both ways a rebuild evaluates the findings: over the fact rows it wrote
     # (one process), and over its fold in memory (worker processes).
@@ -575,3 +579,34 @@ async def test_reads_in_clear_are_merged_from_both_sources_and_paged_in_the_data
         mine = await queries.disclosures(conn, "auditor-b", 10, 1)
         assert [d["route"] for d in mine] == ["/audit/p1", "/audit/p0"]
         assert await queries.disclosures(conn, None, 1, 2**62) == []
+    # By cursor: a read recorded between two pages (the newest, first) shifts an offset's
+    # next page back by one, and it repeated an entry; after the cursor it does not.
+    async with stores["projection"].engine.connect() as conn:
+        first = await queries.disclosures(conn, None, 3, 0)
+    await put(stores["projection"], "disclosure-late", read("/audit/late"), actor="auditor-b")
+    await run_projection(stores)
+    async with stores["projection"].engine.connect() as conn:
+        after = queries.parse_disclosure_cursor(queries.disclosure_cursor(first[-1]))
+        rest = await queries.disclosures(conn, None, 100, 0, after)
+        assert first + rest == every, [d["route"] for d in first + rest]
+        shifted = await queries.disclosures(conn, None, 3, 3)
+        assert shifted[0] == first[-1]  # what an offset does: the reason for the cursor
+
+
+async def test_verify_names_the_first_broken_link_of_the_copy_whichever_check_finds_it(
+        stores: dict[str, EventStore]) -> None:
+    """A row's links edited (its transfer key: the event vanishes from its timeline) at
+    position 2, and its actor at position 9, whose hash then fails: the first broken link is
+    position 2. The hash check's break was reported and the edited links before it passed."""
+    for n in range(10):
+        await put(stores["dispatch"], f"transfer-t{n}", dsp.TransferCancelled(transfer_id=f"t{n}", reason="r"))
+    await run_projection(stores)
+    async with stores["projection"].engine.begin() as conn:
+        await conn.execute(text("UPDATE audit_archive SET transfer_key = 'nothing' "
+                                "WHERE store = 'dispatch' AND position = 2"))
+        await conn.execute(text("UPDATE audit_archive SET actor = 'someone else' "
+                                "WHERE store = 'dispatch' AND position = 9"))
+    async with stores["projection"].engine.connect() as conn:
+        good, _, broken = await queries.verify_copy(conn, "dispatch")
+    assert broken is not None and (good, broken.position) == (1, 2), (good, broken)
+    assert "links" in broken.reason

@@ -258,6 +258,17 @@ def test_a_disclosure_names_the_patient_masked_and_the_transfer() -> None:
         {"transfer_id": "t3", "field": "why", "in_text": "家属电话139-****-5678"}]
 
 
+def test_numbers_already_masked_disclose_nothing() -> None:
+    """The record of reads in clear names its patients masked: the health bureau reading it
+    (a role that sees numbers in clear) read nothing in clear, and is not recorded again
+    and again for it."""
+    record = {"disclosures": [{"route": "GET /transfers/{transfer_id}", "patients": [
+        {"name": "张三", "transfer_id": "t1", "id_number": "6401**********1231", "phone": "138****8000"}]}]}
+    assert privacy.patients_in(record) == []
+    half = {"transfer_id": "t1", "id_number": "6401**********1231", "phone": "13800138000"}
+    assert privacy.patients_in(half) == [{"name": None, "transfer_id": "t1", "phone": "138****8000"}]
+
+
 def test_the_write_limiter_allows_a_burst_then_the_rate() -> None:
     limiter = RateLimiter(rate_per_s=2, burst=3)
     for _ in range(3):
