@@ -599,7 +599,8 @@ async def test_verify_names_the_first_broken_link_of_the_copy_whichever_check_fi
     position 2, and its actor at position 9, whose hash then fails: the first broken link is
     position 2. The hash check's break was reported and the edited links before it passed."""
     for n in range(10):
-        await put(stores["dispatch"], f"transfer-t{n}", dsp.TransferCancelled(transfer_id=f"t{n}", reason="r"))
+        await put(stores["dispatch"], f"transfer-t{n}",
+                  dsp.TransferCancelled(transfer_id=f"t{n}", reason="r"))
     await run_projection(stores)
     async with stores["projection"].engine.begin() as conn:
         await conn.execute(text("UPDATE audit_archive SET transfer_key = 'nothing' "
