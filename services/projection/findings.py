@@ -866,6 +866,26 @@ def r8_returned_without_terminal(data: AuditData) -> Iterator[Finding]:
             (_ev(returned, "VehicleReturnedToService"),
              *(_ev(c.get("opened"), "CycleOpened") for c in cycles if c.get("opened"))),
             transfer_id=trip.get("transfer_id"), vehicle_id=vid)
+    # A quarantine's lift returns the vehicle under the positive trip's id, whose row keeps
+    # that trip's first return: each lift is checked on the vehicle's own stream, against
+    # the re-disinfection cycle it names.
+    for row in data.vehicle_log:
+        if row["type"] != "VehicleReturnedToService" or not payload(row).get("quarantine_lifted"):
+            continue
+        vid = row["vehicle_id"]
+        redo = data.cycles.get(row.get("cycle_id") or "") or {}
+        redo = redo if redo.get("vehicle_id") == vid else {}
+        terminal = redo.get("terminal")
+        if terminal and not _after(terminal["recorded_at"], row["recorded_at"]):
+            continue
+        kind, why, why_zh = _release_kind(redo.get("released") or {})
+        yield Finding(
+            "R8", "returned_without_terminal", kind, row["recorded_at"],
+            f"vehicle {vid} returned to service as its quarantine lifted, with no terminal stage of "
+            f"the re-disinfection {row.get('cycle_id')} on record" + why,
+            f"车辆{vid}解除停用恢复可派，但重新洗消无终末消毒记录" + why_zh,
+            (_log_ev(row), *((_ev(redo["opened"], "CycleOpened"),) if redo.get("opened") else ())),
+            transfer_id=redo.get("transfer_id"), vehicle_id=vid)
 
 
 # -- R9 swabs and positives ---------------------------------------------------------------

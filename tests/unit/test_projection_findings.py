@@ -1778,3 +1778,30 @@ def test_turnarounds_are_the_trips_own_cycle_whatever_the_clocks_offsets() -> No
     (row,) = kpis.rows(data)
     handed = kpis.milestones(data, "t1")["handed_over"]
     assert row.segments["vehicle_turnaround"] == seconds(handed, released), row.segments
+
+
+def test_r8_a_quarantine_lifted_without_the_re_disinfections_terminal_stage_is_found() -> None:
+    """The lift returns the vehicle under the positive trip's id, which already had its own
+    return (the trip's row keeps that one): a lift with the re-disinfection's terminal stage
+    missing passed unseen."""
+    def lifted(terminal: bool) -> set[tuple[str, str]]:
+        f = Fleet()
+        f.start("a", "t1")
+        f.finish("a", "t1")
+        f.disinfect("cA", "a", "t1", "sA")
+        f.release("cA", "a")
+        f.positive("cA", "a", "t1", "sA", redo="rA")
+        if terminal:
+            f.disinfect("rA", "a", "t1", "sR", open_cycle=False)
+        else:  # the initial stage only, then the swab
+            f.h.add("disinfection", "cycle-rA", "InitialDisinfectionLogged", cycle_id="rA", vehicle_id="v1",
+                    stage=stage(start=f.h.clock))
+            f.h.add("disinfection", "cycle-rA", "SurfaceSwabCollected", cycle_id="rA", vehicle_id="v1",
+                    sample_id="sR", sites=["a", "b", "c"], collected_by="x",
+                    collected_at=f.h.clock.isoformat())
+        f.result("rA", "sR", "negative")
+        f.release("rA", "a", lifted=True)
+        return {c for c in codes(f.h.found()) if c[0] == "R8"}
+
+    assert lifted(terminal=True) == set()
+    assert ("R8", "returned_without_terminal") in lifted(terminal=False)
