@@ -355,7 +355,10 @@ def _vehicle_registered(ev: Ev, p: dict[str, Any], put: Put) -> None:
     put("vehicles", (p["vehicle_id"],), {
         "plate": p.get("plate"), "kind": p.get("kind"),
         "dedicated_pool": bool(p.get("dedicated_pool")), "life_support": bool(p.get("life_support")),
-        "registered": _ref(ev, {"station": p.get("station"), "location": p.get("location")})})
+        # Its place in dispatch's store: R4's fold judges an assignment by the vehicles
+        # registered before it, however the events were batched.
+        "registered": _ref(ev, {"station": p.get("station"), "location": p.get("location"),
+                                "position": ev.position})})
     _vehicle_log(ev, p, put)
 
 

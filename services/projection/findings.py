@@ -535,7 +535,11 @@ class QueueFold:
             vehicle_id = payload(d).get("vehicle_id") or ""
             vehicle = data.vehicles.get(vehicle_id)
             mine = self.priority.get(tid)
-            if vehicle is None or mine is None:
+            # A vehicle registered only after it was given (a forged or imported history):
+            # not judged here, whether the registration came in the same batch or later.
+            registered_at = ((vehicle or {}).get("registered") or {}).get("position")
+            if vehicle is None or mine is None or (
+                    isinstance(registered_at, int) and registered_at > d["position"]):
                 return
             # Within a priority, request order (the loaders bring the requests of R4_REQUESTS).
             requested = ((data.transfers.get(tid) or {}).get("request") or {}).get("recorded_at")
