@@ -361,11 +361,11 @@ async def violations_pages(store: EventStore, repeat: int = 9) -> tuple[list[Row
         while cursor is not None and depth < total // 200:  # halfway through the findings
             last = cursor
             _, cursor, _ = await violations.page(conn, gen, now=now, limit=100,
-                                                 after=violations.parse_cursor(cursor))
+                                                 after=violations.FINDINGS.parse(cursor))
             depth += 1
         if depth > 1:
             await median_ms(f"page {depth} of {-(-total // 100)}, by cursor",
-                            after=violations.parse_cursor(last))
+                            after=violations.FINDINGS.parse(last))
     return rows, total
 
 

@@ -32,6 +32,7 @@ from services.projection import queries, verification
 from services.projection import violations as violations_model
 from services.projection.access import DISCLOSURE_READERS
 from services.projection.facts import REGION_TZ
+from services.projection.keyset import Keyset
 from services.projection.rebuild import BUILDING, RebuildRunning, being_built, rebuild, write_tx
 from services.projection.tables import envelope_of_row, lock_archive, meta_table, next_seq, set_meta
 from services.projection.timeline import timeline_view
@@ -160,6 +161,15 @@ async def vehicle_custody(vehicle_id: str, store: Store) -> Any:
     return view
 
 
+def _after(keyset: Keyset, cursor: str | None) -> tuple[str, str] | None:
+    """Where the page asked for starts: after the entry `cursor` (a `next_cursor`) names."""
+    try:
+        return keyset.parse(cursor) if cursor else None
+    except ValueError as exc:
+        raise InvalidField("cursor", "invalid_cursor", "cursor is not one this view gave",
+                           "cursor无效，请使用上一页返回的next_cursor") from exc
+
+
 @router.get("/violations")
 async def violations(
     store: Store, rule: str | None = None,
@@ -177,11 +187,7 @@ async def violations(
     if rule is not None and rule not in findings_view.RULE_IDS:
         raise InvalidField("rule", "unknown_rule", f"rule is one of {', '.join(findings_view.RULE_IDS)}",
                            "rule须为R1至R14之一或override")
-    try:
-        after = violations_model.parse_cursor(cursor) if cursor else None
-    except ValueError as exc:
-        raise InvalidField("cursor", "invalid_cursor", "cursor is not one this view gave",
-                           "cursor无效，请使用上一页返回的next_cursor") from exc
+    after = _after(violations_model.FINDINGS, cursor)
     now = utcnow()
     async with store.engine.connect() as conn:
         gen = await queries.current(conn)
@@ -281,15 +287,12 @@ async def disclosures(store: Store, actor: str | None = None, limit: Limit = 500
     patients, when, through which route; newest first. The next page is `cursor` =
     `next_cursor`: reads recorded meanwhile (newest first) do not shift it, as they shift
     an `offset`."""
-    try:
-        after = queries.parse_disclosure_cursor(cursor) if cursor else None
-    except ValueError as exc:
-        raise InvalidField("cursor", "invalid_cursor", "cursor is not one this view gave",
-                           "cursor无效，请使用上一页返回的next_cursor") from exc
+    after = _after(queries.DISCLOSURES, cursor)
     async with store.engine.connect() as conn:
         found = await queries.disclosures(conn, actor, limit, offset, after)
     return {"disclosures": found,
-            "next_cursor": queries.disclosure_cursor(found[-1]) if len(found) == limit else None}
+            "next_cursor": queries.DISCLOSURES.cursor(found[-1]["at"], found[-1]["event_id"])
+            if len(found) == limit else None}
 
 
 def _frame(row: Any) -> str:

@@ -3,7 +3,6 @@ timelines, the feed and verification."""
 
 from __future__ import annotations
 
-import base64
 import re
 from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import date, timedelta
@@ -34,6 +33,7 @@ from services.projection.data import AuditData, PlanSql, parse_json
 from services.projection.facts import JSON_COLUMNS, SPECS, Records, Rows
 from services.projection.facts import dump as canonical
 from services.projection.findings import R4_REQUESTS, R4_TYPES, TRANSFER, VEHICLE, backed_up_by, is_backup
+from services.projection.keyset import Keyset
 from services.projection.tables import (
     NUMERIC_COLUMNS,
     Generation,
@@ -524,27 +524,11 @@ async def feed(conn: AsyncConnection, after: int, limit: int) -> list[Any]:
         select(archive).where(archive.c.seq > after).order_by(archive.c.seq).limit(limit)))
 
 
-def disclosure_cursor(entry: dict[str, Any]) -> str:
-    """Where a page of disclosures ended: the next page starts after it, wherever new
-    reads (newest first) came in meanwhile."""
-    return base64.urlsafe_b64encode(f"{entry['at']}|{entry['event_id']}".encode()).decode()
-
-
-_DISCLOSURE_AT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?"
-                            r"(Z|[+-][0-9]{2}:[0-9]{2})", re.ASCII)
-_DISCLOSURE_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.ASCII)
-
-
-def parse_disclosure_cursor(cursor: str) -> tuple[str, str]:
-    """(recorded_at, event_id) of the entry a page ended at; ValueError when it is not a
-    cursor this view gave (of that shape strictly: its parts reach the query)."""
-    try:
-        at, sep, event_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError("not a cursor") from exc
-    if not (sep and _DISCLOSURE_AT.fullmatch(at) and _DISCLOSURE_ID.fullmatch(event_id)):
-        raise ValueError("not a cursor")
-    return at, event_id
+# A page of disclosures ends at an entry's (recorded_at, event_id).
+DISCLOSURES = Keyset(
+    re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?(Z|[+-][0-9]{2}:[0-9]{2})",
+               re.ASCII),
+    re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.ASCII))
 
 
 async def disclosures(conn: AsyncConnection, actor: str | None, limit: int, offset: int,

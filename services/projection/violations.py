@@ -23,7 +23,6 @@ rebuilt tables). A finding whose `at` (a deadline) is still ahead is kept but no
 
 from __future__ import annotations
 
-import base64
 import logging
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -38,6 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from services.projection import findings as checks
 from services.projection.data import AuditData
 from services.projection.facts import Records, Rows
+from services.projection.keyset import Keyset
 from services.projection.queries import (
     SCOPE_TABLES,
     fetch,
@@ -393,22 +393,9 @@ async def write_rows(conn: AsyncConnection, gen: Generation, rows: list[dict[str
 # -- reading it --------------------------------------------------------------------------
 
 
-def _cursor(at_key: str, id_: str) -> str:
-    return base64.urlsafe_b64encode(f"{at_key}|{id_}".encode()).decode()
-
-
-def parse_cursor(cursor: str) -> tuple[str, str]:
-    """The (at_key, id) a page ends at; ValueError when it is not one of ours."""
-    at_key, sep, id_ = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
-    # Of the shape we write, strictly: anything else (a NUL, which PostgreSQL's text cannot
-    # hold, or text that sorts anywhere) reached the query's comparison.
-    if not (sep and _CURSOR_AT.fullmatch(at_key) and _CURSOR_ID.fullmatch(id_)):
-        raise ValueError("not a cursor")
-    return at_key, id_
-
-
-_CURSOR_AT = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z", re.ASCII)
-_CURSOR_ID = re.compile(r"[0-9a-f]{16}", re.ASCII)
+# A page of findings ends at a finding's (at_key, id).
+FINDINGS = Keyset(re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z", re.ASCII),
+                  re.compile(r"[0-9a-f]{16}", re.ASCII))
 
 
 async def page(conn: AsyncConnection, gen: Generation | None, *, now: datetime, limit: int,
@@ -436,7 +423,7 @@ async def page(conn: AsyncConnection, gen: Generation | None, *, now: datetime, 
                                    .order_by(f.c.at_key, f.c.id).limit(limit + 1)))
     more = len(rows) > limit
     rows = rows[:limit]
-    nxt = _cursor(rows[-1].at_key, rows[-1].id) if more else None
+    nxt = FINDINGS.cursor(rows[-1].at_key, rows[-1].id) if more else None
     return [orjson.loads(r.body) for r in rows], nxt, total
 
 
@@ -451,7 +438,7 @@ async def of_vehicle(conn: AsyncConnection, gen: Generation | None, vehicle_id: 
         out += found
         if nxt is None:
             return out
-        after = parse_cursor(nxt)
+        after = FINDINGS.parse(nxt)
 
 
 async def failures(conn: AsyncConnection, gen: Generation | None, limit: int = 50) -> list[dict[str, Any]]:

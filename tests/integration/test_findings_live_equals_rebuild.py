@@ -13,8 +13,9 @@ batch (consumers.on_events, in one transaction with its tracking rows). A rebuil
 under the archive lock (rebuild(compare=...), both fold orders; on PostgreSQL both ways of
 evaluating the findings) must then find every table, findings included, identical.
 
-The last test pins the discrepancy the property found (R4's fold and a vehicle registered
-after its assignment): it fails until the product is fixed."""
+The last test pins the discrepancy the property found: R4's fold judged an assignment by a
+vehicle registered after it when both came in one batch, not when the registration came in
+a later one, while a rebuild always did."""
 
 from __future__ import annotations
 
@@ -705,15 +706,14 @@ async def live_and_rebuilt(projection: EventStore, batches: list[list[Envelope]]
         await projection.close()
 
 
-async def on_backend(backend: str, batches: list[list[Envelope]]) -> list[tuple[str, Dump, Dump]]:
+async def on_backend(backend: str, batches: list[list[Envelope]],
+                     rebuilds: tuple[tuple[str, int], ...]) -> list[tuple[str, Dump, Dump]]:
     if backend == "sqlite":
         with tempfile.TemporaryDirectory() as where:
             store = EventStore.from_url("projection", f"sqlite+aiosqlite:///{where}/projection.db")
-            return await live_and_rebuilt(store, batches, (("seq", 1), ("store", 1)))
-    # Both ways a rebuild evaluates the findings there: over the rows it wrote, and over
-    # its fold in memory (worker processes).
+            return await live_and_rebuilt(store, batches, rebuilds)
     async with fresh_pg_schema() as schema:
-        return await live_and_rebuilt(pg_store("projection", schema), batches, (("seq", 1), ("store", 2)))
+        return await live_and_rebuilt(pg_store("projection", schema), batches, rebuilds)
 
 
 def differences(live: Dump, built: Dump) -> list[str]:
@@ -732,13 +732,13 @@ def timeline(events: list[Ev]) -> str:
                      f"{ {k: v for k, v in e.payload.items() if k.endswith('_id') and v} }" for e in events)
 
 
-def check(backend: str, data: st.DataObject) -> None:
+def check(backend: str, data: st.DataObject, rebuilds: tuple[tuple[str, int], ...]) -> None:
     """A drawn history and delivery, live then rebuilt: every table the same."""
     h = story(data)
     batches = deliveries(data, h.events)
     note(timeline(h.events))
     note("batches: " + " | ".join(f"{b[0].store}:{','.join(str(e.position) for e in b)}" for b in batches))
-    for how, live, built in asyncio.run(on_backend(backend, batches)):
+    for how, live, built in asyncio.run(on_backend(backend, batches, rebuilds)):
         assert live == built, (how, differences(live, built))
 
 
@@ -749,19 +749,22 @@ QUICK = settings(deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.gener
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-@settings(QUICK, max_examples=30)
+@settings(QUICK, max_examples=40)
 @given(data=st.data())
 def test_findings_kept_live_equal_a_rebuild_whatever_the_batches(data: st.DataObject) -> None:
-    check("sqlite", data)
+    # One rebuild, in either fold order: a live application costs as much as a rebuild,
+    # and more examples find more than a second order of the same one.
+    check("sqlite", data, ((data.draw(st.sampled_from(["seq", "store"]), "fold order"), 1),))
 
 
 @pytest.mark.postgres
-@settings(QUICK, max_examples=8)
+@settings(QUICK, max_examples=6)
 @given(data=st.data())
 def test_findings_kept_live_equal_a_rebuild_whatever_the_batches_on_postgresql(data: st.DataObject) -> None:
-    """The live path loads a batch's scopes with its own SQL there, and a rebuild with
-    worker processes evaluates the findings over its fold in memory (2 s an example)."""
-    check("postgres", data)
+    """The live path loads a batch's scopes with its own SQL there; a rebuild evaluates
+    the findings over the rows it wrote, and with worker processes over its fold in memory
+    (both here: 2 s an example)."""
+    check("postgres", data, (("seq", 1), ("store", 2)))
 
 
 @pytest.mark.parametrize("split", [False, True])
@@ -769,9 +772,9 @@ def test_r4_judges_an_assignment_before_its_vehicle_registered_whatever_the_batc
     """What the property found, pinned. Dispatch's store: q0-0 (priority 1) queued, then
     v1 given to q0-1 (priority 3), then v1 registered (a history dispatch never writes, but
     a forged or imported one; R3 and R5 judge it, touched() re-evaluates those transfers
-    on the registration). Live, R4's fold reads the vehicles registered when it folds the
-    assignment; a rebuild's reads every vehicle: delivered in one batch the two agree (a
-    priority inversion), with the registration in a later batch the live model has none."""
+    on the registration). Live, R4's fold read the vehicles registered by the end of the
+    batch it folded the assignment in, a rebuild's every vehicle: with the registration in
+    a later batch, only the rebuild found the priority inversion."""
     h = Story()
     for name in [*FACILITIES, "v2", "car", "amb"]:
         h.register(name)
@@ -781,5 +784,5 @@ def test_r4_judges_an_assignment_before_its_vehicle_registered_whatever_the_batc
     h.register("v1")
     envelopes = [envelope_of(e) for e in h.events]  # all dispatch's, in position order
     batches = [envelopes[:-1], envelopes[-1:]] if split else [envelopes]
-    for how, live, built in asyncio.run(on_backend("sqlite", batches)):
+    for how, live, built in asyncio.run(on_backend("sqlite", batches, (("seq", 1), ("store", 1)))):
         assert live == built, (how, differences(live, built))

@@ -586,7 +586,7 @@ async def test_reads_in_clear_are_merged_from_both_sources_and_paged_in_the_data
     await put(stores["projection"], "disclosure-late", read("/audit/late"), actor="auditor-b")
     await run_projection(stores)
     async with stores["projection"].engine.connect() as conn:
-        after = queries.parse_disclosure_cursor(queries.disclosure_cursor(first[-1]))
+        after = queries.DISCLOSURES.parse(queries.DISCLOSURES.cursor(first[-1]["at"], first[-1]["event_id"]))
         rest = await queries.disclosures(conn, None, 100, 0, after)
         assert first + rest == every, [d["route"] for d in first + rest]
         shifted = await queries.disclosures(conn, None, 3, 3)
