@@ -22,7 +22,6 @@ from services.invariants.report import Check, EventRef, Item, Report
 from services.invariants.rules import Fold
 from services.projection import queries
 from services.projection.consumers import SOURCES
-from services.projection.facts import SPECS
 from services.projection.rebuild import RebuildRunning, rebuild
 from services.projection.tables import Generation
 from services.projection.tables import metadata as projection_tables
@@ -110,29 +109,29 @@ async def chains(stores: Mapping[str, EventStore], heads: Mapping[str, int]) -> 
     return checks
 
 
-def _key(name: str, row: Any) -> tuple[Any, ...]:
-    return tuple(row._mapping[k] for k in SPECS[name].key)
-
-
 async def _diff(conn: AsyncConnection, live: Generation, built: Generation, check: Check,
                 shown: int = 20) -> None:
-    for name in SPECS:
-        a, b = live[name], built[name]
+    """Every table of the generation: the fact tables and what is kept from them (the
+    findings, the checks that failed, the folds kept between events)."""
+    for name, a in live.tables.items():
+        b = built[name]
+        key = [c.name for c in a.primary_key.columns]
         check.count("rows", int(await conn.scalar(select(func.count()).select_from(a)) or 0))
         only: dict[str, dict[tuple[Any, ...], Any]] = {}
         for side, mine, other in (("live", a, b), ("rebuild", b, a)):
             rows = select(mine).except_(select(other))
             n = int(await conn.scalar(select(func.count()).select_from(rows.subquery())) or 0)
-            only[side] = {_key(name, r): r for r in await conn.execute(rows.limit(shown))} if n else {}
+            shown_rows: list[Any] = list(await conn.execute(rows.limit(shown))) if n else []
+            only[side] = {tuple(r._mapping[k] for k in key): r for r in shown_rows}
             check.count(f"only_{side}", n)
-        for key in dict.fromkeys([*only["live"], *only["rebuild"]]):
-            mine_row, rebuilt = only["live"].get(key), only["rebuild"].get(key)
+        for at in dict.fromkeys([*only["live"], *only["rebuild"]]):
+            mine_row, rebuilt = only["live"].get(at), only["rebuild"].get(at)
             if mine_row is not None and rebuilt is not None:
                 columns = [c for c in mine_row._mapping if mine_row._mapping[c] != rebuilt._mapping[c]]
-                detail = f"{name} {key}: live and rebuilt rows differ in {', '.join(columns)}"
+                detail = f"{name} {at}: live and rebuilt rows differ in {', '.join(columns)}"
             else:
-                detail = f"{name} {key}: only in the {'live read model' if rebuilt is None else 'rebuild'}"
-            check.add(Item("row_differs", detail, (), None, {"table": name, "key": list(key)}))
+                detail = f"{name} {at}: only in the {'live read model' if rebuilt is None else 'rebuild'}"
+            check.add(Item("row_differs", detail, (), None, {"table": name, "key": list(at)}))
 
 
 async def read_models(projection: EventStore) -> Check:

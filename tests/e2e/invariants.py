@@ -91,5 +91,20 @@ async def a_dropped_read_model_row_is_named(settings: Settings) -> None:
     assert not await sql(settings, "projection", f"SELECT 1 FROM {trips} WHERE trip_id = :t", t=trip_id)
 
 
+async def a_forged_finding_is_named(settings: Settings) -> None:
+    """The findings are a read model too: one the history does not support is named."""
+    [(generation,)] = await sql(settings, "projection", "SELECT value FROM audit_meta "
+                                "WHERE name = 'active_generation'")
+    findings = f"g{int(generation)}_findings"
+    await sql(settings, "projection", f"INSERT INTO {findings} (id, scope, rule, \"check\", kind, at_key, "
+              "vehicle_id, body) VALUES ('f0f0f0f0f0f0f0f0', 'vehicle:forged', 'R2', "
+              "'trip_before_release', 'violation', '2022-11-20T00:00:00.000000Z', 'forged', '{}')")
+    report = await check_copy(settings)
+    assert failed(report) == {"read_models.rebuild"}, report.summary()
+    [item] = report.check("read_models.rebuild").items
+    assert item.context == {"table": "findings", "key": ["f0f0f0f0f0f0f0f0"]}
+    assert "only in the live read model" in item.detail
+
+
 OFFLINE_CORRUPTIONS = (a_deleted_tracking_row_is_named, an_edited_payload_is_named,
-                       a_dropped_read_model_row_is_named)
+                       a_dropped_read_model_row_is_named, a_forged_finding_is_named)
