@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from services.projection.data import AuditData, ts
+from services.projection.data import AuditData, received_by, ts
 from services.projection.findings import (
     EPOCH,
     carried_patient,
@@ -102,7 +102,7 @@ def custody(data: AuditData, vehicle_id: str, findings: list[dict[str, Any]]) ->
             "trip_id": trip["trip_id"], "transfer_id": trip.get("transfer_id"),
             "opened": _step(trip.get("opened")),
             "handed_over": {**(_step(handover) or {}), "facility_id": handover.get("facility_id"),
-                            "received_by": handover.get("received_by")} if handover else None,
+                            "received_by": received_by(trip)} if handover else None,
             "completed": {**(_step(completed) or {}), "reason": completed.get("reason")}
             if completed else None,
             "aborted": {**(_step(aborted) or {}), "reason": aborted.get("reason")} if aborted else None,

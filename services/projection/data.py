@@ -41,6 +41,16 @@ def seconds(a: str | None, b: str | None) -> float | None:
     return (tb - ta).total_seconds()
 
 
+def received_by(trip: dict[str, Any]) -> str | None:
+    """Who at the hospital received the patient: the hospital's confirmation names them;
+    the crew's handover step does when the crew knew (it often records none, and the
+    hospital confirms afterwards)."""
+    for column in ("confirmed", "handover"):
+        if name := (trip.get(column) or {}).get("received_by"):
+            return str(name)
+    return None
+
+
 def unit_dispatch(transfer: dict[str, Any], trip: dict[str, Any] | None) -> dict[str, Any] | None:
     """When the vehicle of this trip was dispatched (a proof): the assignment the trip opened
     from, when it is the transfer's first or latest one; else the trip's opening (the

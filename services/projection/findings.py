@@ -1129,6 +1129,18 @@ def r9_positive_handling(data: AuditData) -> Iterator[Finding]:
 # -- R10 报备 -------------------------------------------------------------------------------
 
 
+def report_delay(transfer: dict[str, Any]) -> float | None:
+    """Seconds from the request to its 报备 (server times), when both are on record."""
+    request, reported = transfer.get("request"), transfer.get("reported")
+    return seconds(request["recorded_at"], reported["recorded_at"]) if request and reported else None
+
+
+def reported_late(transfer: dict[str, Any]) -> bool:
+    """Reported, but past R10's deadline."""
+    delay = report_delay(transfer)
+    return delay is not None and delay > REPORT_SLA.total_seconds()
+
+
 def r10_reporting(data: AuditData) -> Iterator[Finding]:
     minutes = int(REPORT_SLA.total_seconds() // 60)
     for tid, t in data.transfers.items():
@@ -1136,8 +1148,8 @@ def r10_reporting(data: AuditData) -> Iterator[Finding]:
         if not request:
             continue
         reported = t.get("reported")
-        late = seconds(request["recorded_at"], reported["recorded_at"]) if reported else None
-        if reported is None or (late is not None and late > REPORT_SLA.total_seconds()):
+        late = report_delay(t)
+        if reported is None or reported_late(t):
             # Not reported by the deadline: a finding from the deadline on, whether the
             # report came later (then it names how late) or never.
             yield Finding(

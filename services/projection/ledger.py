@@ -9,9 +9,9 @@ import io
 from datetime import datetime
 from typing import Any
 
-from services.projection.data import AuditData, unit_dispatch
+from services.projection.data import AuditData, received_by, unit_dispatch
 from services.projection.facts import REGION_TZ, local_day
-from services.projection.findings import RETURN_TO_ORIGIN
+from services.projection.findings import RETURN_TO_ORIGIN, reported_late
 
 # (key, header as the health bureau reads it)
 COLUMNS = (
@@ -92,7 +92,8 @@ def rows(data: AuditData, day_from: str | None = None, day_to: str | None = None
             # Reported is what dispatch decided; whether the bureau's system got it is
             # what the webhook said last (nothing when no webhook is configured).
             "reported": ("未报备" if not reported else
-                         "报备失败" if delivery and not delivery.get("delivered") else "已报备"),
+                         "报备失败" if delivery and not delivery.get("delivered") else
+                         "逾期报备" if reported_late(t) else "已报备"),
             "reported_at": _device(reported), "reported_by": (reported or {}).get("reported_by"),
             "report_delivery": (None if not delivery else
                                 "已送达" if delivery.get("delivered") else "送达失败"),
@@ -133,7 +134,7 @@ def rows(data: AuditData, day_from: str | None = None, day_to: str | None = None
                 "trip_id": trip["trip_id"], "vehicle_id": trip.get("vehicle_id"),
                 "plate": vehicle.get("plate"), "at_pickup_at": _device(trip.get("s_at_pickup")),
                 "handed_over_at": _device(trip.get("handover") or trip.get("s_handed_over")),
-                "received_by": handover.get("received_by"), "status": status,
+                "received_by": received_by(trip), "status": status,
             })
         out += [r for r in rows_of_transfer
                 if not (day_from and r["day"] < day_from) and not (day_to and r["day"] >= day_to)]

@@ -275,6 +275,20 @@ async def test_a_console_holding_the_stream_sees_what_happens_after_it_connected
     both = await client.get(f"{API}/audit/stream", params={"follow": "false", "lastEventId": "0"},
                             headers={"Last-Event-ID": str(first - 1)})
     assert events(both.text)[0] == first
+    # An id past the newest event (a console that saw a database since restored): it
+    # resumes at the newest and gets what comes next, not nothing until the order catches up.
+    beyond = await client.get(f"{API}/audit/stream", params={"follow": "false"},
+                              headers={**acting.headers("dispatcher"), "Last-Event-ID": str(10**9)})
+    newest = int(beyond.text.split("\n\n")[0].split("id: ")[1])
+    assert beyond.status_code == 200 and newest < 10**9 and not events(beyond.text)
+    third = {**scenarios_audit.AMBULANCE, "id": "nx-held-3", "plate": "宁A·H0003"}
+    ok(await client.post(f"{API}/vehicles", json=third), 201)
+
+    async def resumed_beyond() -> bool:
+        again = await client.get(f"{API}/audit/stream", params={"follow": "false"},
+                                 headers={**acting.headers("dispatcher"), "Last-Event-ID": str(newest)})
+        return "nx-held-3" in again.text
+    await eventually(resumed_beyond, "the next event after a resumption past the end")
     # Idle, it still says how far it read.
     idle = [f for f in held.text.split("\n\n") if f][-1]
     assert idle.startswith(": keep-alive\nid: ") and int(idle.split("id: ")[1]) >= events(held.text)[-1]

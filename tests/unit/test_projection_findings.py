@@ -220,6 +220,12 @@ def test_r10_unreported_late_and_direct_call_not_by_120() -> None:
     found = h.found()
     assert {(f.check, f.transfer_id) for f in found if f.rule == "R10"} == {
         ("not_reported", "t1"), ("reported_late", "t2"), ("direct_call_not_reported_by_120", "t2")}
+    # The ledger (R12) says so too: a late 报备 is not an on-time one.
+    request(h, "t3")
+    h.add("dispatch", "transfer-t3", "TransferReported", transfer_id="t3", reported_to="bureau",
+          reported_by="120")
+    status = {r["transfer_id"]: r["reported"] for r in ledger.rows(h.data())}
+    assert status == {"t1": "未报备", "t2": "逾期报备", "t3": "已报备"}, status
 
 
 def test_r3_r5_vehicle_fit_overrides_and_violations() -> None:
@@ -1141,6 +1147,27 @@ def test_a_return_legs_destination_is_where_the_outbound_leg_started() -> None:
           reason="return leg")
     rows = {r["transfer_id"]: r for r in ledger.rows(h.data())}
     assert rows["back"]["destination"] == "o"  # the outbound request's origin name
+
+
+def test_who_received_the_patient_is_the_hospitals_confirmation_when_the_crew_named_nobody() -> None:
+    """The crew's handed_over step records the handover with no receiver; the hospital
+    confirms afterwards and names them: the ledger (R12) and the custody chain show that name."""
+    h = History()
+    request(h, "t")
+    vehicle(h, "v2")
+    h.add("dispatch", "transfer-t", "VehicleAssigned", transfer_id="t", vehicle_id="v2", destination_id="f",
+          origin={}, return_required=False, manual=False, override_reason=None, reason="nearest",
+          candidates=[])
+    h.add("transfer", "trip-v2", "TripOpened", trip_id="v2", transfer_id="t", vehicle_id="v2",
+          destination_id="f", origin={}, return_required=False)
+    h.add("transfer", "trip-v2", "PatientHandedOver", trip_id="v2", transfer_id="t", facility_id="f",
+          received_by="", confirmed_by="crew")
+    h.add("transfer", "trip-v2", "HandoverConfirmed", trip_id="v2", transfer_id="t", facility_id="f",
+          received_by="李医生", confirmed_by="hospital")
+    (row,) = ledger.rows(h.data())
+    assert row["received_by"] == "李医生"
+    chain = custody.custody(h.data(), "v2", [])
+    assert chain is not None and chain["links"][0]["handed_over"]["received_by"] == "李医生"
 
 
 def test_custody_shows_an_aborted_trip_the_swabs_proofs_an_early_release_and_an_open_quarantine() -> None:
