@@ -278,6 +278,11 @@ async def check_views(c: httpx.AsyncClient, ids: dict[str, Any]) -> None:
     assert k["overall"]["segments"]["swab_turnaround"]["n"] == 3
     rate = k["overall"]["dispatch_within_3_min"]
     assert rate["met"] == 5 and rate["meets_target"] is True
+    # 3分钟出车率, per trip from its dispatch to en route: by the server's clock (the crews'
+    # phones here run on the scenario's clock, days before the server's), each left at once.
+    departure = ok(await c.get(f"{API}/audit/kpis", params={"clock": "server"}))["overall"][
+        "departure_within_3_min"]
+    assert departure["counted"] >= 3 and departure["met"] == departure["counted"], departure
     assert set(k["by_facility"]) >= {"yc-second"}
     assert set(k["by_vehicle"]) >= {"nx-120-07", "yn-bus-02", "yc-amb-03"}
     assert "None" not in k["by_vehicle"] and "None" not in k["by_facility"]

@@ -1045,6 +1045,56 @@ def test_after_a_takeover_each_segment_is_timed_within_one_vehicle() -> None:
     assert {r["trip_id"]: r["destination"] for r in ledger.rows(data)} == {"v1": "定点医院", "v2": "定点医院"}
 
 
+def _dispatched(h: History, tid: str, vid: str) -> None:
+    request(h, tid)
+    vehicle(h, vid)
+    h.add("dispatch", f"transfer-{tid}", "VehicleAssigned", transfer_id=tid, vehicle_id=vid,
+          destination_id="f", origin={}, return_required=False, manual=False, override_reason=None,
+          reason="nearest", candidates=[])
+    h.add("transfer", f"trip-{vid}", "TripOpened", trip_id=vid, transfer_id=tid, vehicle_id=vid,
+          destination_id="f", origin={}, return_required=False)
+
+
+def test_the_3_minute_departure_rate_counts_each_trip_from_its_dispatch_to_en_route() -> None:
+    """The national 3分钟出车率: a vehicle on its way within 3 minutes of its dispatch, a count
+    per trip; a crew 14 minutes late is a miss, whatever the wait for a vehicle was (none
+    here: the request-to-dispatch rate is met)."""
+    h = History()
+    _dispatched(h, "slow", "v1")
+    h.clock += timedelta(minutes=14)
+    h.add("transfer", "trip-v1", "TripStepReported", trip_id="v1", step="en_route", client_event_id="e1",
+          device_at=h.clock.isoformat())
+    _dispatched(h, "quick", "v2")
+    h.add("transfer", "trip-v2", "TripStepReported", trip_id="v2", step="en_route", client_event_id="e2",
+          device_at=h.clock.isoformat())
+    _dispatched(h, "stuck", "v3")  # not left, 3 minutes on: a miss
+    _dispatched(h, "called_off", "v4")  # aborted within its 3 minutes: not counted
+    h.add("transfer", "trip-v4", "TripAborted", trip_id="v4", transfer_id="called_off", vehicle_id="v4",
+          reason="transfer cancelled")
+    _dispatched(h, "young", "v5")  # dispatched a minute ago: not counted yet
+    k = kpis.indicators(h.data(), h.clock + timedelta(minutes=1))
+    departure = k["overall"]["departure_within_3_min"]
+    assert (departure["counted"], departure["met"], departure["meets_target"]) == (3, 1, False), departure
+    assert k["overall"]["dispatch_within_3_min"]["rate"] == 1.0  # each given a vehicle at once
+    assert k["by_vehicle"]["v1"]["departure_within_3_min"]["met"] == 0
+    assert k["by_vehicle"]["v5"]["departure_within_3_min"] == {
+        "within_seconds": 180, "target": 0.95, "counted": 0, "met": 0, "negative": 0, "rate": None,
+        "meets_target": None}  # nothing counted is no verdict
+
+
+def test_a_vehicle_that_did_not_finish_a_transfer_has_its_trip_in_its_figures() -> None:
+    """After a takeover, v1 carried the patient for a while and is disinfected: its trip
+    (its departure, its steps) counts for v1, not only v2's for v2."""
+    data = takeover_history(picked_up=True).data()
+    k = kpis.indicators(data, datetime(2030, 1, 1, tzinfo=UTC))
+    assert set(k["by_vehicle"]) == {"v1", "v2"} and k["trips"] == 2
+    v1 = k["by_vehicle"]["v1"]
+    assert v1["transfers"] == 0 and v1["trips"] == 1  # it carried no transfer to the end
+    assert v1["segments"]["dispatch_to_en_route"]["n"] == v1["segments"]["en_route_to_at_pickup"]["n"] == 1
+    assert v1["departure_within_3_min"]["counted"] == 1
+    assert k["overall"]["departure_within_3_min"]["counted"] == 2
+
+
 def test_a_transfer_cancelled_before_the_target_is_not_a_miss_and_the_ledger_says_cancelled() -> None:
     h = History()
     request(h, "early")
