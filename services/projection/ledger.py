@@ -25,6 +25,27 @@ COLUMNS = (
 )
 
 
+# The files are read by the health bureau: codes as it names them (the JSON keeps the codes,
+# for systems). A code not listed (a newer one) is shown as it is.
+LABELS: dict[str, dict[str, str]] = {
+    "risk_category": {
+        "isolation_site": "集中隔离点人员", "sealed_area": "封控区人员", "controlled_area": "管控区人员",
+        "precaution_area": "防范区人员", "home_monitoring": "居家健康监测人员", "confirmed": "确诊病例",
+        "suspected": "疑似病例", "fever_clinic": "发热门诊患者", "fangcang": "方舱医院患者"},
+    "purpose": {
+        "outpatient_visit": "就医", "admission": "住院", "transfer_to_designated": "转定点医院",
+        "scheduled_care": "定期治疗", "emergency": "急救", "return_leg": "返程"},
+    "status": {
+        "waiting": "待派车", "assigned": "已派车", "on_trip": "转运中", "handed_over": "已交接",
+        "completed": "已完成", "aborted": "中途取消出车", "taken_over": "换车接续", "cancelled": "已取消"},
+}
+
+
+def _shown(key: str, value: Any) -> Any:
+    labels = LABELS.get(key)
+    return labels.get(value, value) if labels is not None and isinstance(value, str) else value
+
+
 def _device(ref: dict[str, Any] | None) -> str | None:
     return _local(ref.get("at")) if ref else None
 
@@ -147,7 +168,7 @@ def to_csv(rows_: list[dict[str, Any]]) -> bytes:
     writer = csv.writer(buf)
     writer.writerow([h for _, h in COLUMNS])
     for r in rows_:
-        writer.writerow([_cell(r.get(k)) for k, _ in COLUMNS])
+        writer.writerow([_cell(_shown(k, r.get(k))) for k, _ in COLUMNS])
     return ("\ufeff" + buf.getvalue()).encode()
 
 
@@ -203,7 +224,7 @@ def to_xlsx(rows_: list[dict[str, Any]], title: str = "转运台账") -> bytes:
             sheet.set_column(col, col, 11 if key == "day" else 20)
     for i, r in enumerate(rows_, start=1):
         for col, (key, _) in enumerate(COLUMNS):
-            value = r.get(key)
+            value = _shown(key, r.get(key))
             if value is None:
                 continue
             when = _spreadsheet_time(str(value), key == "day") if key in formats else None

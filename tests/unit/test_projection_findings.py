@@ -1141,6 +1141,21 @@ def test_the_ledger_csv_does_not_run_what_was_typed_as_a_formula() -> None:
     assert ',=' not in text and ',+' not in text
 
 
+def test_the_ledger_files_name_categories_purposes_and_statuses_as_the_bureau_does() -> None:
+    """The CSV and XLSX are read at the health bureau: 集中隔离点人员, not isolation_site; the
+    JSON keeps the codes for systems; a code the labels do not know yet is shown as it is."""
+    row = {"patient_name": "李四", "risk_category": "isolation_site", "purpose": "outpatient_visit",
+           "status": "taken_over", "origin": "on_trip"}
+    [cells] = list(csv.reader(io.StringIO(ledger.to_csv([row]).decode("utf-8-sig"))))[1:]
+    shown = dict(zip([k for k, _ in ledger.COLUMNS], cells, strict=True))
+    labels = (shown["risk_category"], shown["purpose"], shown["status"])
+    assert labels == ("集中隔离点人员", "就医", "换车接续")
+    assert shown["origin"] == "on_trip"  # a place's name is never relabelled
+    with zipfile.ZipFile(io.BytesIO(ledger.to_xlsx([{**row, "status": "a_newer_status"}]))) as book:
+        sheet = book.read("xl/worksheets/sheet1.xml").decode()
+    assert "集中隔离点人员" in sheet and "a_newer_status" in sheet and "isolation_site" not in sheet
+
+
 def test_the_ledger_csv_keeps_every_digit_of_a_number_in_clear() -> None:
     """The health bureau reads the ledger in clear: opened in Excel, an 18-digit id was a
     number (6.40121E+17, its last digits gone) and a landline lost its leading 0."""
