@@ -33,6 +33,7 @@ from typing import Any, Protocol
 from uuid import uuid4
 
 import asyncpg  # type: ignore[import-untyped]
+from pydantic import ValidationError
 from sqlalchemy import (
     BigInteger,
     Column,
@@ -410,6 +411,39 @@ def _row_to_envelope(store: str, row: Any) -> Envelope:
         prev_hash=row.prev_hash,
         hash=row.hash,
     )
+
+
+def readable_rows(store: str, rows: Sequence[Any], parse: Callable[[Any], Envelope]
+                  ) -> tuple[list[Envelope], ChainBreak | None]:
+    """The envelopes of consecutive rows up to the first that cannot be read, and a break
+    at that one (None when all can): an edited row whose payload is not JSON (the one text
+    `parse` decodes) or whose fields the envelope refuses. A position missing just before
+    it is the break instead, as verify_chain names it. `rows`: ordered by position, each
+    with its `position` and `event_id` as stored."""
+    envelopes: list[Envelope] = []
+    for row in rows:
+        try:
+            envelopes.append(parse(row))
+        except (ValueError, TypeError) as exc:  # pydantic's ValidationError and JSON's are ValueErrors
+            expected = envelopes[-1].position + 1 if envelopes else row.position
+            reason = (f"position {expected} is missing" if row.position != expected
+                      else f"unreadable: {unreadable_reason(exc)}")
+            return envelopes, ChainBreak(store=store, position=row.position,
+                                         event_id=str(row.event_id), reason=reason)
+    return envelopes, None
+
+
+def unreadable_reason(exc: Exception, limit: int = 200) -> str:
+    """Why a stored row is not an envelope, in a line: the field and what it breaks."""
+    if isinstance(exc, ValidationError):
+        errors = exc.errors(include_url=False, include_input=False)
+        if errors:
+            where = ".".join(str(part) for part in errors[0]["loc"]) or "row"
+            more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+            return f"{where}: {errors[0]['msg']}{more}"[:limit]
+    if isinstance(exc, json.JSONDecodeError):  # orjson's is one too
+        return f"payload is not JSON ({exc.msg} at character {exc.pos})"[:limit]
+    return f"{type(exc).__name__}: {exc}"[:limit]
 
 
 log = logging.getLogger(__name__)
@@ -803,6 +837,14 @@ class EventStore:
             )
             return [_row_to_envelope(self.name, r) for r in rows]
 
+    async def link(self, position: int) -> tuple[str, str] | None:
+        """(event_id, hash) of the event at a position, as stored: read without parsing the
+        row, so a row edited into what no envelope is still shows its link."""
+        async with self._reader.connect() as conn:
+            row = (await conn.execute(select(events_table.c.event_id, events_table.c.hash)
+                                      .where(events_table.c.position == position))).first()
+            return None if row is None else (str(row.event_id), str(row.hash))
+
     async def head(self) -> int:
         async with self._reader.connect() as conn:
             return int(await conn.scalar(select(func.max(events_table.c.position))) or 0)
@@ -819,16 +861,27 @@ class EventStore:
                     await self._appended.wait()
 
     async def verify(self, page: int = 1000) -> ChainBreak | None:
+        """The first broken link of the store's chain, or None. A row that cannot be read
+        as an envelope (edited into text that is not JSON, a field its column or the
+        envelope refuses) is a break at its position, not an error: the answer names it."""
         prev, after = GENESIS_HASH, 0
         while True:
-            batch = await self.read_all(after, page)
-            if not batch:
+            async with self._reader.connect() as conn:
+                rows = list(await conn.execute(
+                    select(events_table)
+                    .where(events_table.c.position > after)
+                    .order_by(events_table.c.position)
+                    .limit(page)
+                ))
+            if not rows:
                 return None
-            if batch[0].position != after + 1:
-                ev = batch[0]
-                return ChainBreak(store=self.name, position=ev.position,
-                                  event_id=str(ev.event_id), reason=f"position {after + 1} is missing")
-            broken = verify_run(batch, prev)
+            if rows[0].position != after + 1:
+                first = rows[0]
+                return ChainBreak(store=self.name, position=first.position,
+                                  event_id=str(first.event_id), reason=f"position {after + 1} is missing")
+            batch, unreadable = readable_rows(
+                self.name, rows, functools.partial(_row_to_envelope, self.name))
+            broken = verify_run(batch, prev) or unreadable
             if broken is not None:
                 return broken
             prev, after = batch[-1].hash, batch[-1].position

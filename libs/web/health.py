@@ -86,11 +86,10 @@ async def chain_link(store: str, request: Request,
 
 
 async def link_at(store: EventStore, position: int) -> dict[str, Any] | None:
-    found = await store.read_all(position - 1, 1) if position >= 1 else []
-    if not found or found[0].position != position:
+    found = await store.link(position) if position >= 1 else None
+    if found is None:
         return None
-    return {"store": store.name, "position": position, "event_id": str(found[0].event_id),
-            "hash": found[0].hash}
+    return {"store": store.name, "position": position, "event_id": found[0], "hash": found[1]}
 
 
 async def chain_report(store: EventStore, at: int | None = None) -> dict[str, Any]:

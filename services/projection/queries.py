@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.events.catalog.common import PatientDataDisclosed
 from libs.events.envelope import GENESIS_HASH, ChainBreak, Envelope, verify_chain
-from libs.events.store import events_table, tracking_table
+from libs.events.store import events_table, readable_rows, tracking_table
 from services.projection.data import AuditData, PlanSql, parse_json
 from services.projection.facts import JSON_COLUMNS, SPECS, Records, Rows
 from services.projection.facts import dump as canonical
@@ -575,13 +575,16 @@ async def verify_copy(
             .order_by(archive.c.position).limit(page)))
         if not rows:
             return after, (prev if after else None), None
-        batch = [envelope_of_row(r) for r in rows]
-        if batch[0].position != after + 1:
+        if rows[0].position != after + 1:
             return after, (prev if after else None), ChainBreak(
                 store=store, position=after + 1, event_id="", reason="missing from the projection's copy")
-        # Both checks, the earlier break named: an edit to a row's links before a broken
+        # A row that cannot be read (its payload edited into what is not a JSON object, a
+        # field the envelope refuses) is a break at its position: the rows before it checked.
+        batch, unreadable = readable_rows(store, rows, envelope_of_row)
+        # Every check, the earlier break named: an edit to a row's links before a broken
         # hash further on is the first broken link.
-        found = [b for b in (verify_chain(batch, prev), _unlinked(store, rows, batch, last_seq)) if b]
+        found = [b for b in (verify_chain(batch, prev), _unlinked(store, rows[:len(batch)], batch, last_seq),
+                             unreadable) if b]
         broken = min(found, key=lambda b: b.position) if found else None
         if broken is not None:
             # The links before the broken one hold: counted, and their last hash is the

@@ -72,7 +72,14 @@ async def _store(conn: AsyncConnection, name: str, count: int, last_hash: str | 
     if name in hosted:
         report, checked_by = await chain_report(hosted[name], at), "this process"
     else:
-        checked_by = f"{settings.service_url(name)}/chain/{name}"
+        try:
+            base = settings.service_url(name)
+        except KeyError:
+            # A store name in the copy that no service owns (the archive's store column
+            # edited, or a service retired): nobody to ask, so not verified, and said so.
+            return {"events": None, "ok": False, "checked_by": None, "first_break": None,
+                    "error": f"no service owns store {name}"}
+        checked_by = f"{base}/chain/{name}"
         try:
             resp = await client.get(checked_by, params={"at": at} if at else None)
             resp.raise_for_status()

@@ -13,16 +13,17 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import text
+from sqlalchemy import func, select, text
 
 from services.projection import queries
 from services.projection.rebuild import BUILDING
-from services.projection.tables import generation
+from services.projection.tables import archive, generation
 from services.runtime import create_app
 from services.settings import Settings
 from tests import scenarios_audit
 from tests.actors import Acting
 from tests.e2e.invariants import embedded_invariants_hold
+from tests.integration.test_verify_unreadable import cancelled, tamper
 from tests.scenarios import eventually, ok
 
 API = "/api/v1"
@@ -383,3 +384,39 @@ async def test_a_rebuild_elsewhere_is_refused_up_front_and_a_dead_ones_marker_ca
 async def _generation(client: httpx.AsyncClient) -> int | None:
     number: int | None = ok(await client.get(f"{API}/audit/rebuild"))["active_generation"]
     return number
+
+
+async def test_the_route_names_unreadable_rows_and_a_store_no_service_owns(
+        app: FastAPI, client: httpx.AsyncClient) -> None:
+    """The dispatch store's 3rd and last events unreadable, the copy's 5th, and the copy's
+    6th moved to a store named zzz: a 200 that names each, and reports every other store."""
+    dispatch, projection = app.state.stores["dispatch"], app.state.stores["projection"]
+    await cancelled(dispatch, 8)
+
+    async def archived() -> bool:
+        async with projection.engine.connect() as conn:
+            return int(await conn.scalar(select(func.count()).select_from(archive)
+                                         .where(archive.c.store == "dispatch")) or 0) == 8
+
+    await eventually(archived, "the projection's copy of the dispatch store")
+    assert ok(await client.get(f"{API}/audit/verify"))["ok"]
+    await tamper(dispatch, "events", "", "payload = '{not json'", 3)
+    await tamper(dispatch, "events", "", "payload = '{not json'", 8)  # the head: its link is still read
+    await tamper(projection, "audit_archive", "store = 'dispatch' AND", "payload = '[1]'", 5)
+    await tamper(projection, "audit_archive", "store = 'dispatch' AND", "store = 'zzz'", 6)
+
+    verify = ok(await client.get(f"{API}/audit/verify"))
+    chains: dict[str, Any] = verify["chains"]
+    assert not verify["ok"]
+    store = chains["store:dispatch"]
+    assert not store["ok"] and store["first_break"]["position"] == 3, store
+    assert store["first_break"]["reason"].startswith("unreadable: payload is not JSON"), store
+    copy = chains["copy:dispatch"]
+    assert (copy["ok"], copy["events"], copy["first_break"]["position"]) == (False, 4, 5), copy
+    assert copy["first_break"]["reason"].startswith("unreadable: payload"), copy
+    unowned = chains["store:zzz"]
+    assert not unowned["ok"] and unowned["error"] == "no service owns store zzz", unowned
+    assert not chains["copy:zzz"]["ok"]  # its only event is at 6: 1 to 5 missing
+    for name in ("transfer", "disinfection"):
+        assert chains[f"copy:{name}"]["ok"] and chains[f"store:{name}"]["ok"], chains
+    assert verify["own"]["store"]["ok"], verify["own"]
