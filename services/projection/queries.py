@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from libs.events.catalog.common import PatientDataDisclosed
 from libs.events.envelope import GENESIS_HASH, ChainBreak, Envelope, verify_chain
-from libs.events.store import events_table, readable_rows, tracking_table
+from libs.events.store import checkpoints_table, events_table, readable_rows, tracking_table
 from services.projection.data import AuditData, PlanSql, parse_json
 from services.projection.facts import JSON_COLUMNS, SPECS, Records, Rows
 from services.projection.facts import dump as canonical
@@ -634,6 +634,32 @@ async def missing_applied(conn: AsyncConnection) -> tuple[int, str | None]:
         .where(~select(archive.c.seq).where(archive.c.event_id == tracking_table.c.event_id).exists())
         .order_by(tracking_table.c.event_id).limit(1))
     return applied, gone
+
+
+async def seq_gap(conn: AsyncConnection) -> tuple[int, int | None]:
+    """How many events the copy holds, and the first seq missing below its newest: seq is
+    given under the archive lock as the newest + 1, so 1..newest has no hole unless a row
+    was deleted (its store's chain may not show it: the last events of a store look like
+    events not received yet)."""
+    count, newest = (await conn.execute(select(func.count(), func.max(archive.c.seq)))).one()
+    if not newest or count == newest:
+        return int(count or 0), None
+    if not await conn.scalar(select(archive.c.seq).where(archive.c.seq == 1)):
+        return int(count), 1
+    after = archive.alias("after")
+    hole = await conn.scalar(
+        select(func.min(archive.c.seq + 1))
+        .where(archive.c.seq < newest, ~select(after.c.seq).where(after.c.seq == archive.c.seq + 1).exists()))
+    return int(count), None if hole is None else int(hole)
+
+
+async def read_up_to(conn: AsyncConnection, consumer: str) -> dict[str, int]:
+    """Embedded: how far in each store the consumer's subscription read (its checkpoint,
+    committed with each batch's effects). Distributed, the broker keeps the offsets: none."""
+    prefix = f"{consumer}<-"
+    rows = await conn.execute(select(checkpoints_table.c.name, checkpoints_table.c.position)
+                              .where(checkpoints_table.c.name.startswith(prefix)))
+    return {r.name[len(prefix):]: int(r.position) for r in rows}
 
 
 async def copy_hashes(conn: AsyncConnection, store: str, positions: list[int]) -> dict[int, str]:

@@ -14,6 +14,13 @@ simulator count events by), `own`:
 - `applied`: every event the projection applied (its subscriptions' tracking rows) is
   still in the copy. A chain shows an edit and a gap, but not the last events of a store
   deleted from the copy: to the chain that looks like events not yet received.
+- `archived`: the copy's seq runs 1..newest without a hole (seq is the newest + 1, under
+  the archive lock): a deleted row shows here, its tracking row deleted too, unless it was
+  the newest of all.
+- `read` (embedded): each store's copy holds as many events as the subscription's
+  checkpoint says it read; this catches the newest of all deleted too, tracking row and all.
+  Distributed, the broker keeps the offsets: only an anchor outside this database would
+  show the newest events deleted with their tracking rows.
 - `store`: the projection's own store (the record of who read patients' data in clear,
   PatientDataDisclosed), its chain recomputed here.
 
@@ -50,10 +57,27 @@ async def verify_all(conn: AsyncConnection, own: EventStore, hosted: dict[str, E
         results[f"copy:{name}"] = {"events": count, "ok": broken is None,
                                    "first_break": broken.model_dump() if broken else None}
     applied, gone = await queries.missing_applied(conn)
+    archived, hole = await queries.seq_gap(conn)
+    read = await queries.read_up_to(conn, own.name)
+    # A copy already broken is named by its chain; a whole one shorter than what the
+    # subscription read lost its newest events.
+    short = next(((name, upto, results[f"copy:{name}"]["events"]) for name, upto in sorted(read.items())
+                  if f"copy:{name}" in results and results[f"copy:{name}"]["ok"]
+                  and upto > results[f"copy:{name}"]["events"]), None)
     checks: dict[str, Any] = {
         "applied": {"events": applied, "ok": gone is None, "first_break": None if gone is None else {
             "store": "", "position": None, "event_id": gone,
             "reason": "applied by the projection (its tracking row says so) but missing from its copy"}},
+        "archived": {"events": archived, "ok": hole is None, "first_break": None if hole is None else {
+            "store": "", "position": hole, "event_id": "",
+            "reason": f"the copy's seq {hole} is missing, with later ones present: an archived event "
+                      "was deleted"}},
+        # Embedded: the subscription's checkpoint says how far it read each store.
+        "read": {"events": sum(read.values()), "ok": short is None,
+                 "first_break": None if short is None else {
+            "store": short[0], "position": short[2] + 1, "event_id": "",
+            "reason": f"the projection read {short[0]} up to {short[1]} (its checkpoint) but its copy "
+                      f"ends at {short[2]}: its newest events were deleted"}},
     }
     async with httpx.AsyncClient(timeout=timeout) as client:
         for name in names:

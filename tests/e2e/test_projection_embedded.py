@@ -168,12 +168,22 @@ async def test_audit_scenario_views_rebuild_and_tampering(app: FastAPI, client: 
     # The last event of a store deleted from the copy: to its chain that is an event not
     # received yet; the projection's tracking row says it was applied.
     async with projection.engine.begin() as conn:
-        last = (await conn.execute(text("SELECT event_id FROM audit_archive WHERE store = 'disinfection' "
-                                        "ORDER BY position DESC LIMIT 1"))).one()
+        last = (await conn.execute(text("SELECT event_id, seq, position FROM audit_archive "
+                                        "WHERE store = 'disinfection' ORDER BY position DESC LIMIT 1"))).one()
         await conn.execute(text("DELETE FROM audit_archive WHERE event_id = :e"), {"e": last.event_id})
     verify = ok(await client.get(f"{API}/audit/verify"))
     assert verify["chains"]["copy:disinfection"]["ok"]  # what the chain alone cannot show
     assert verify["own"]["applied"]["first_break"]["event_id"] == last.event_id, verify["own"]
+    # Its tracking row deleted too: the hole it left in seq shows (events of other stores
+    # were archived after it), and the subscription's checkpoint says it was read.
+    async with projection.engine.begin() as conn:
+        await conn.execute(text("DELETE FROM tracking WHERE event_id = :e"), {"e": last.event_id})
+        newest = (await conn.execute(text("SELECT max(seq) FROM audit_archive"))).scalar_one()
+    own = ok(await client.get(f"{API}/audit/verify"))["own"]
+    assert own["applied"]["ok"] and last.seq < newest, own
+    assert own["archived"]["first_break"]["position"] == last.seq, own
+    assert (own["read"]["first_break"]["store"], own["read"]["first_break"]["position"]) == (
+        "disinfection", last.position), own
 
     # The projection's own store (who read patients' data in clear) is verified too.
     acting = client.auth
