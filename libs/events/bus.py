@@ -222,6 +222,7 @@ class KafkaSource:
         # their `type` header, unparsed (a crew's six steps per trip are no business of
         # dispatch's, and parsing every envelope was 4% of its CPU).
         self._types = None if types is None else frozenset(types)
+        self._prefix = topic_prefix
         self.unreadable = 0  # messages passed over: not envelopes
         self._passed_over: list[PassedOver] = []
         self._consumer = AIOKafkaConsumer(
@@ -250,10 +251,15 @@ class KafkaSource:
                     self._offsets[tp] = msg.offset + 1
                     if types is None or (kind := _type_header(msg.headers)) is None or kind in types:
                         try:
-                            batch.append(Envelope.from_json(msg.value))
+                            env = Envelope.from_json(msg.value)
+                            if topic_for(env.store, self._prefix) != tp.topic:
+                                # The relay publishes a store's events on its own topic only.
+                                raise ValueError(f"an envelope of store {env.store[:100]!r} on {tp.topic}, "
+                                                 "where no store of that name publishes")
+                            batch.append(env)
                         except (ValueError, TypeError) as exc:  # pydantic's ValidationError too
-                            # Not an envelope any store could have written (garbage, or forged
-                            # at the broker): no event of a store is lost by passing over it,
+                            # Not an envelope this topic's store could have written (garbage, or
+                            # forged at the broker): no event of a store is lost by passing over it,
                             # and raising would redeliver it, and stall the group, forever.
                             # The consumer keeps it as received (passed_over).
                             self.unreadable += 1
