@@ -26,40 +26,58 @@ from libs.events.store import EventStore, Meta
 ID_KEYS = frozenset({"id_number", "resident_id", "id_card"})
 PHONE_KEYS = frozenset({"phone", "mobile", "contact_phone", "phone_number"})
 # And numbers that look like them in free text (a reason typed by a dispatcher, a place's
-# name): resident ids of 18 characters (also in 6-8-4 groups) and the old 15 digits;
-# mobiles bare, with +86 or 0086 or with spaces or dashes (any dash) between the groups;
-# landlines with their area code, bracketed or not, the number whole or in two groups; in
-# ASCII or in the full-width forms a Chinese input method types (１３９１２３４５６７８,
-# （０９５１）), matched on a folded copy of the text and masked where they stand. A
-# number touching a letter is part of something else (an event id, a hash, a plate) and
-# stays; so does one joined by a dash to a letter before it (v-640121...). A whole UUID is
-# kept first, whatever its groups look like: a cycle's id ending in -075123452105, or one
-# starting 06123456-8217- (a landline's two-group shape), was masked, and a client could no
-# longer use it (the staff's stages for that cycle were refused 404). A number dashed onto
-# a bed, an extension or another number is masked (13912345678-2, 0951-5012345-8).
-# Except behind a word that says what it is (Tel13912345678, ID No.640121...): none of
-# these words is hex, so no hash or UUID holds one.
+# name): resident ids of 18 characters (also in 6-8-4 groups or in groups of four) and the
+# old 15 digits; mobiles bare, with +86 or 0086 or with spaces or dashes (any dash) between
+# the groups; landlines with their area code, bracketed or not, the number whole or in two
+# groups; in ASCII or in the full-width forms a Chinese input method types (１３９１２３４５６７８,
+# （０９５１）), matched on a folded copy of the text and masked where they stand. A whole
+# UUID is kept first, whatever its groups look like: a cycle's id ending in -075123452105,
+# or one starting 06123456-8217- (a landline's two-group shape), was masked, and a client
+# could no longer use it (the staff's stages for that cycle were refused 404). A number
+# dashed onto a bed, an extension or another number is masked (13912345678-2, 0951-5012345-8).
 _FOLD = {**{0xFF10 + i: 0x30 + i for i in range(10)}, **{0xFF21 + i: 0x41 + i for i in range(26)},
          **{0xFF41 + i: 0x61 + i for i in range(26)}, 0xFF0B: 0x2B, 0xFF0D: 0x2D, 0xFF0E: 0x2E,
          0xFF08: 0x28, 0xFF09: 0x29, 0x3000: 0x20,
          **dict.fromkeys((0x2010, 0x2011, 0x2012, 0x2013, 0x2014, 0x2212), 0x2D)}
 # (one character for one: a match's place in the copy is its place in the text)
 _DIGITS = re.compile("[0-9\uff10-\uff19]{3}")
-_ID = r"(?:[0-9]{17}[0-9Xx]|[0-9]{6}[-\s][0-9]{8}[-\s][0-9]{3}[0-9Xx]|[0-9]{15})"
+# In groups of four (6401 2119 8001 0112 31) an id must hold its region's first digit and
+# a birth date (19xx or 20xx, month, day): times and amounts are written in fours too.
+_ID_IN_FOURS = (r"[1-8][0-9]{3}[-\s][0-9]{2}(?:19|20)[-\s][0-9]{2}(?:0[1-9]|1[0-2])"
+                r"[-\s](?:0[1-9]|[12][0-9]|3[01])[0-9]{2}[-\s][0-9][0-9Xx]")
+_ID = (r"(?:[0-9]{17}[0-9Xx]|[0-9]{6}[-\s][0-9]{8}[-\s][0-9]{3}[0-9Xx]|" + _ID_IN_FOURS
+       + r"|[0-9]{15})")
 _MOBILE = r"(?:(?:\+|00)?86[-\s]?)?1[3-9][0-9](?:[-\s]?[0-9]{4}){2}"
 # A local number begins with 2-8: times written as HHMM (0800-1200 1300-1700) are none.
 _LANDLINE = r"(?:\(0[0-9]{2,3}\)|0[0-9]{2,3})[-\s]?(?:[2-8][0-9]{6,7}|[2-8][0-9]{2,3}[-\s][0-9]{4})"
-_AFTER_TOKEN = r"(?<![A-Za-z]-)"
+# A number starts where a run of digits does; a '.' after a digit is a decimal point
+# (38.123456789012345 is a coordinate), after anything else a separator (电话.13800138000).
+_START = r"(?<![0-9])(?<![0-9]\.)"
 _UUID = re.compile(r"(?<![0-9A-Za-z])[0-9A-Fa-f]{8}(?:-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}(?![0-9A-Za-z])")
-_ID_IN_TEXT = re.compile(_AFTER_TOKEN + r"(?<![0-9A-Za-z.])" + _ID + r"(?![0-9A-Za-z])")
+_ID_IN_TEXT = re.compile(_START + _ID + r"(?![0-9A-Za-z])")
 _PHONE_IN_TEXT = re.compile(
-    _AFTER_TOKEN + r"(?<![0-9A-Za-z.+])" + _MOBILE + r"(?![0-9A-Za-z])"
-    r"|" + _AFTER_TOKEN + r"(?<![0-9A-Za-z.])" + _LANDLINE + r"(?![0-9A-Za-z])")
-_LABELLED = re.compile(
-    r"(?<![0-9A-Za-z])(?:(?i:tel|phone|mobile|mob|cell|call|contact|idno|id|no|sfz|dh)[.#]?)"
-    r"(?:(?P<id>" + _ID + r")|(?P<phone>" + _MOBILE + r"|" + _LANDLINE + r"))(?![0-9A-Za-z])")
+    _START + r"(?<!\+)" + _MOBILE + r"(?![0-9A-Za-z])" r"|" + _START + _LANDLINE + r"(?![0-9A-Za-z])")
+# A number glued to a word (Dr.Li13912345678, patientId640121..., QQ13800138000), or
+# joined to one by a dash (call-13800138000), is masked unless that word is hex: letters
+# and digits all of 0-9a-f or all of 0-9A-F, as a digest or a UUID's group is written
+# (...4e13912345678, 817e-139123456789). A name, a label or a title has a letter beyond f
+# or mixes cases (Ed, Dad); the run of hex digits around the number would not do, as
+# patientI|d640121198001011231 is one of 19. Left as hex: a word of a-f only in one case.
+_HEX_WORD = re.compile(r"[0-9a-f]*[a-f]|[0-9A-F]*[A-F]")
 # Keys whose values are identifiers, never personal numbers: not scanned as text.
 OPAQUE_KEYS = frozenset({"event_id", "hash", "prev_hash", "head_hash", "correlation_id", "causation_id"})
+
+
+_BARE = re.compile(r"\s*(?:" + _ID + "|" + _MOBILE + "|" + _LANDLINE + r")\s*")
+
+
+def _identifier(key: str, value: str) -> bool:
+    """An identifier's value (`id`, `sample_id`, `trip_id`, ... not `resident_id`) that is
+    not a personal number whole (one typed as a transfer's id is masked): kept as it is.
+    Scanned as text, a sample's barcode (YC202211200001234: a number glued to letters) would
+    be mangled in every view, and no client could act on it."""
+    return (key == "id" or (key.endswith("_id") and key not in ID_KEYS)) and not _BARE.fullmatch(
+        value.translate(_FOLD))
 
 # Roles that need the numbers for the job at hand; the auditor is not one.
 UNMASK_ROLES = frozenset({"dispatcher", "crew", "hospital", "health_bureau"})
@@ -101,6 +119,18 @@ def _phone_mask(text: str, folded: str) -> str:
     return text[:prefix] + _starred(text[prefix:], folded[prefix:], 3, 4)
 
 
+def _in_hex_word(folded: str, start: int, end: int) -> bool:
+    """Whether the number at folded[start:end] ends a hex word (see _HEX_WORD): glued to
+    it, or after a dash that follows a letter. A +86, a bracket or an id's X is no hex."""
+    if not folded[start].isdigit() or folded[end - 1] in "Xx":
+        return False
+    stop = start - 1 if start >= 2 and folded[start - 1] == "-" and folded[start - 2].isalpha() else start
+    begin = stop
+    while begin > 0 and folded[begin - 1].isascii() and folded[begin - 1].isalnum():
+        begin -= 1
+    return begin < stop and _HEX_WORD.fullmatch(folded, begin, stop) is not None
+
+
 def mask_text(text: str) -> str:
     if not _DIGITS.search(text):
         return text  # most text (a name, a place) holds no run of digits: nothing to fold
@@ -112,13 +142,12 @@ def mask_text(text: str) -> str:
         if all(end <= a or start >= b for a, b, _ in spans):
             spans.append((start, end, how))
 
-    for m in _LABELLED.finditer(folded):
-        group = "id" if m.group("id") else "phone"
-        take(m.start(group), m.end(group), _id_mask if group == "id" else _phone_mask)
     for m in _ID_IN_TEXT.finditer(folded):
-        take(m.start(), m.end(), _id_mask)
+        if not _in_hex_word(folded, m.start(), m.end()):
+            take(m.start(), m.end(), _id_mask)
     for m in _PHONE_IN_TEXT.finditer(folded):
-        take(m.start(), m.end(), _phone_mask)
+        if not _in_hex_word(folded, m.start(), m.end()):
+            take(m.start(), m.end(), _phone_mask)
     out, last = [], 0
     for start, end, how in sorted(spans, key=lambda s: s[0]):
         kept = text[start:end]
@@ -136,7 +165,7 @@ def mask(value: Any) -> Any:
                 out[k] = mask_id_number(v)
             elif isinstance(v, str) and k in PHONE_KEYS:
                 out[k] = mask_phone(v)
-            elif k in OPAQUE_KEYS:
+            elif k in OPAQUE_KEYS or (isinstance(v, str) and _identifier(k, v)):
                 out[k] = v
             else:
                 out[k] = mask(v)
@@ -166,7 +195,7 @@ def patients_in(view: Any, transfer_id: str | None = None) -> list[dict[str, Any
         if clear:
             found.append({"name": view.get("name"), "transfer_id": here, **clear})
         for k, v in view.items():
-            if isinstance(v, str) and k not in ID_KEYS | PHONE_KEYS | OPAQUE_KEYS:
+            if isinstance(v, str) and k not in ID_KEYS | PHONE_KEYS | OPAQUE_KEYS and not _identifier(k, v):
                 masked = mask_text(v)
                 if masked != v:  # a number typed into free text, read in clear too
                     found.append({"transfer_id": here, "field": k, "in_text": masked})

@@ -183,8 +183,9 @@ def test_numbers_typed_as_people_write_them_are_masked_in_free_text() -> None:
         # A UUID whose last group is all digits: a landline's shape, but an id.
         "cycle 40b09cdb-7a3c-55a8-bb4d-075123452105 does not exist, 0951-7654321":
             "cycle 40b09cdb-7a3c-55a8-bb4d-075123452105 does not exist, 095*-***4321",
+        # (a word that is not hex, dashed onto the number, does not hide it)
         "trip 9e0c2d1a-0000-4000-8000-139123456780, v-640121198001011231":
-            "trip 9e0c2d1a-0000-4000-8000-139123456780, v-640121198001011231",
+            "trip 9e0c2d1a-0000-4000-8000-139123456780, v-6401**********1231",
         # A UUID whose first two groups are a landline's two-group shape (a simulated day's
         # cycle was listed as 061*****-8217-..., and its stages were refused 404).
         "cycle 06123456-8217-5bad-b6e3-461268e2e950 does not exist, 0951-501-2345-":
@@ -214,9 +215,9 @@ def test_numbers_typed_as_people_write_them_are_masked_in_free_text() -> None:
         # Times written as HHMM are no landline (a local number begins with 2-8).
         "时段 0800-1200 1300-1700，班次 0730 0800 1600 1630，20221120 0930 1030 1130":
             "时段 0800-1200 1300-1700，班次 0730 0800 1600 1630，20221120 0930 1030 1130",
-        # A word that says nothing, or a hex run (a hash): left alone.
+        # A hex word (a hash's tail) keeps its digits; any other word glued on does not.
         "v13912345678 ab13912345678 f13912345678 RTel13912345678":
-            "v13912345678 ab13912345678 f13912345678 RTel13912345678",
+            "v139****5678 ab13912345678 f13912345678 RTel139****5678",
     }
     for typed, shown in cases.items():
         assert privacy.mask_text(typed) == shown, typed
@@ -224,6 +225,92 @@ def test_numbers_typed_as_people_write_them_are_masked_in_free_text() -> None:
     digits = "139123456789012345678"
     view = {"event_id": digits[:15], "hash": digits, "note": digits[:15]}
     assert privacy.mask(view) == {"event_id": digits[:15], "hash": digits, "note": "1391*******9012"}
+
+
+def test_a_number_typed_right_after_a_word_or_a_separator_is_masked() -> None:
+    """A name, a title or a label glued to the number, or a '.' or '-' between them, is no
+    identifier: the number is masked in every view (a handover's receiver was listed as
+    Dr.Li13912345678 in the timeline, the ledger and its CSV and XLSX)."""
+    cases = {
+        "Dr.Li13912345678": "Dr.Li139****5678",
+        "Mr.Wang13800138000": "Mr.Wang138****8000",
+        "patientId640121198001011231": "patientId6401**********1231",
+        "Zhangsan640121198001011231": "Zhangsan6401**********1231",
+        "QQ13800138000": "QQ138****8000",
+        "电话.13800138000": "电话.138****8000",
+        "call-13800138000": "call-138****8000",
+        "v-13800138000, Ed13800138000": "v-138****8000, Ed138****8000",  # Ed: hex letters, two cases
+        "患者.640121198001011231，Li-64012119800101123X": "患者.6401**********1231，Li-6401**********123X",
+        "cafe6401211980010112X3": "cafe6401211980010112X3",  # 22 characters: no id
+        "abc64012119800101123X": "abc6401**********123X",  # an X is no hex
+        "Tel:+8613912345678 Mobile+86 139 1234 5678": "Tel:+86139****5678 Mobile+86 139 **** 5678",
+    }
+    for typed, shown in cases.items():
+        assert privacy.mask_text(typed) == shown, typed
+        assert privacy.mask_text(shown) == shown  # masking twice changes nothing
+    view = {"transfer_id": "t5", "handover": {"received_by": "Dr.Li13912345678"}}
+    assert privacy.mask(view) == {"transfer_id": "t5", "handover": {"received_by": "Dr.Li139****5678"}}
+
+
+def test_an_id_number_in_groups_of_four_is_masked() -> None:
+    cases = {
+        "6401 2119 8001 0112 31": "6401 **** **** **12 31",
+        "证件6401-2119-8001-0112-3X。": "证件6401-****-****-**12-3X。",
+        "ID 6401 2119 8001 0112 31 / ６４０１ ２１１９ ８００１ ０１１２ ３１":
+            "ID 6401 **** **** **12 31 / ６４０１ **** **** **１２ ３１",
+    }
+    for typed, shown in cases.items():
+        assert privacy.mask_text(typed) == shown, typed
+        assert privacy.mask_text(shown) == shown
+    # A card number in groups of four is longer, a date and times are not of this shape.
+    for kept in ("6222 6212 3456 7890 123", "6222 6212 3456 7890", "0800 1200 1300 1700 30 min",
+                 "1200 1300 1400 1500 16", "2022 1120 0930 1030 11"):
+        assert privacy.mask_text(kept) == kept, kept
+
+
+def test_hex_tokens_and_numbers_that_are_no_personal_number_stay_unmasked() -> None:
+    """Only a word all of hex digits (one case), as a digest or a UUID's group is written,
+    keeps a number glued to it; the rest of what is no phone or id stays as typed."""
+    hashes = ["9f" * 20 + "c" + "640121198001011231" + "aaaaa", "3b" * 26 + "e13912345678",
+              "4" * 45 + "d640121198001011231", "0" * 40 + "c13912345678" + "0" * 12]
+    assert all(len(h) == 64 for h in hashes)
+    hashes += [h.upper() for h in hashes]
+    kept = [*hashes,
+            "72bc70d5-3e4b-49a6-817e-139123456789", "disclosure-06123456-8217-5bad-b6e3-461268e2e950",
+            "817e-13912345678 a-640121198001011231 f13912345678 ab13912345678",
+            "at 2022-11-20T08:00:00+08:00 to 2022-11-20T09:30:00.123456+08:00, 20221120T0950",
+            "position 13, seq 139123, stream_position 4012, version 64012",
+            "宁A12345 宁A13912 京B6401",
+            "38.27, 106.13912345678, 38.123456789012345, 106.640121198001011231",
+            "PT15M, 900 s, 1500 ms, 45 min, 139 秒",
+            "139123456789 and 6401211980010112312, 1391234567890123",
+            "nvr://yc2/wash/cam-03/20221120T0950", "yc-amb-03, cam-1, lk-12"]
+    for text in kept:
+        assert privacy.mask_text(text) == text, text
+    view = {"note": hashes[1], "event": {"ref": "817e-13912345678"}}
+    assert privacy.mask(view) == view
+    assert privacy.patients_in(view) == []
+
+
+def test_a_disclosure_counts_numbers_masked_after_a_word() -> None:
+    view = {"transfer_id": "t5", "handover": {"received_by": "Dr.Li13912345678"},
+            "entries": [{"why": "call-13800138000 or patientId640121198001011231"},
+                        {"why": "6401 2119 8001 0112 31"}, {"why": "f13912345678"}]}
+    assert privacy.patients_in(view) == [
+        {"transfer_id": "t5", "field": "received_by", "in_text": "Dr.Li139****5678"},
+        {"transfer_id": "t5", "field": "why", "in_text": "call-138****8000 or patientId6401**********1231"},
+        {"transfer_id": "t5", "field": "why", "in_text": "6401 **** **** **12 31"}]
+
+
+def test_an_identifier_glued_to_letters_is_kept_and_a_personal_number_typed_as_one_is_not() -> None:
+    """A sample's barcode, a trip's id: a client acts on them, so they are shown as they are;
+    text around them still masks a number glued to a word; a resident id typed as an id is
+    masked (a refusal must not echo it)."""
+    view = {"sample_id": "YC202211200001234", "trip_id": "SN640121198001011231", "id": "v13912345678",
+            "transfer_id": "640121198001011231", "note": "barcode YC202211200001234"}
+    assert privacy.mask(view) == {**view, "transfer_id": "6401**********1231",
+                                  "note": "barcode YC2022*******1234"}
+    assert [p.get("field") for p in privacy.patients_in(view)] == ["transfer_id", "note"]
 
 
 def test_a_uuid_is_shown_as_it_is_wherever_it_stands() -> None:
