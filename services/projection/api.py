@@ -404,8 +404,8 @@ async def start_rebuild(request: Request, store: Store, actor: ActorDep, key: Id
     """Rebuild every read model beside the live one, then switch (no downtime). Refused
     while another rebuild (here, in another process, or the command's) is building;
     `force` takes over the marker of one that died without clearing it (it goes stale by
-    itself after an hour). An Idempotency-Key sent again gets the first answer back and
-    starts nothing."""
+    itself two minutes after its last renewal). An Idempotency-Key sent again gets the
+    first answer back and starts nothing."""
     state = request.app.state
     # One request at a time decides: two that both found none running started two (found
     # by review), the second failing as the first's report was lost.
@@ -440,7 +440,9 @@ async def start_rebuild(request: Request, store: Store, actor: ActorDep, key: Id
 
     async def claimed_rebuild(claim: str) -> Any:
         try:
-            return await rebuild(store, order=order, force=True)  # the claim is its own
+            # Its own claim is no other rebuild's marker; `force` also drops what a rebuild
+            # that died left half built.
+            return await rebuild(store, order=order, claim=claim, force=force)
         except BaseException:
             # A failure before the rebuild put its own marker in place leaves the claim.
             async with write_tx(store) as conn:

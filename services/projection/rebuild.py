@@ -83,7 +83,8 @@ from services.projection.tables import (
 log = logging.getLogger(__name__)
 
 BUILDING = "building_generation"
-STALE_SECONDS = 3600
+HEARTBEAT_SECONDS = 20.0  # a rebuild renews its marker this often while it builds
+STALE_SECONDS = 120  # a marker not renewed for this long was left by a rebuild that died
 
 Compare = Callable[[AsyncConnection, Generation], Awaitable[None]]
 T = TypeVar("T")
@@ -241,10 +242,11 @@ async def _write_fresh(store: EventStore, gen: Generation, part: Buffer) -> None
 
 
 async def _fold_part(store: EventStore, part: Part, page: int, buffer: Buffer, writer: _AppendWriter,
-                     spill: Callable[[], Awaitable[None]]) -> None:
+                     spill: Callable[[], Awaitable[None]], go_on: Callable[[], None]) -> None:
     current = current_versions()
     async with store.engine.connect() as rconn:
         async for rows in _pages(_Reader(rconn), part, page):
+            go_on()
             add = buffer.add_event
             for row in rows:
                 add(ev_of_row(row, current))
@@ -294,24 +296,38 @@ class _Workers:
         return result
 
     async def fold(self, conn: AsyncConnection, gen: Generation, order: str, upto: int, page: int,
-                   listed: Records) -> Buffer:
+                   listed: Records, stop: asyncio.Event) -> Buffer:
         """The keyed rows of every slice, merged; the append-only rows (written by the
-        workers) into `listed`."""
+        workers) into `listed`. Asked to stop, the workers are killed (each job then ends as
+        its reply is cut short) and _Stopped is raised."""
         versions = current_versions()
         futures = [asyncio.ensure_future(self.run("fold_slice", gen.number, part, page, versions))
                    for part in await _plan(conn, order, upto, self.count * 2)]
+        stopping = asyncio.ensure_future(stop.wait())
         merged = Buffer()
         try:
             for future in futures:  # merged in the parts' order
-                rows, records, events, unreadable = await future
+                await asyncio.wait((future, stopping), return_when=asyncio.FIRST_COMPLETED)
+                if stop.is_set():
+                    self.kill()
+                    raise _Stopped()
+                rows, records, events, unreadable = future.result()
                 merged.merge(Buffer(rows, events, unreadable))
                 for name, part in records.items():
                     listed.setdefault(name, []).extend(part)
         finally:
+            stopping.cancel()
             await asyncio.gather(*futures, return_exceptions=True)
         return merged
 
+    def kill(self) -> None:
+        for proc in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+
     async def close(self) -> None:
+        """Workers asked to end (their input closed), killed if they do not within 10 s; a
+        killed worker's wait is bounded too (a pipe left unread can keep it pending)."""
         for proc in self.procs:
             if proc.stdin is not None:
                 proc.stdin.close()
@@ -319,8 +335,10 @@ class _Workers:
             try:
                 await asyncio.wait_for(proc.wait(), 10)
             except TimeoutError:
-                proc.kill()
-                await proc.wait()
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(proc.wait(), 5)
 
 
 async def forked(fn: Callable[..., T], *args: Any) -> T:
@@ -372,13 +390,21 @@ def default_workers(store: EventStore) -> int:
 
 async def rebuild(store: EventStore, *, order: str = "seq", page: int = 10_000,
                   flush_rows: int = 500_000, force: bool = False, workers: int | None = None,
-                  compare: Compare | None = None) -> Report:
+                  compare: Compare | None = None, claim: str | None = None) -> Report:
     """Pages of events are folded in memory (facts.Buffer). Append-only tables (one row per
     event) are written as they fill; keyed rows (a transfer, a trip, ...) gather facts from
     many events, so they are kept until the end and written once. With worker processes
     (PostgreSQL), each folds a slice of the archive and the keyed rows are merged here;
     in this process alone, keyed rows are merged into the table by upsert whenever more
-    than `flush_rows` of them are held."""
+    than `flush_rows` of them are held.
+
+    Refused (RebuildRunning) while another rebuild's marker is fresh, unless it is `claim`
+    (the caller's own, set before it called) or `force` (take over one that died).
+
+    Cancelled, it stops at its next step between two writes, cleans up (its generation and
+    its marker dropped) and then raises: a cancellation landing inside a write transaction
+    left an SQLite file write-locked for good (the cleanup waited 30 s on it and gave up,
+    leaving the marker), and a worker's reply half read hung the rebuild forever."""
     if order not in ("seq", "store"):
         raise ValueError("order is seq or store")
     collecting = gc.isenabled()
@@ -386,19 +412,77 @@ async def rebuild(store: EventStore, *, order: str = "seq", page: int = 10_000,
     # collector would rescan them again and again (it doubled the time of the findings
     # pass). Reference counting still frees what is dropped.
     gc.disable()
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(_rebuild(store, order, page, flush_rows, force,
+                                          default_workers(store) if workers is None else workers,
+                                          compare, claim, stop))
     try:
-        return await _rebuild(store, order, page, flush_rows, force,
-                              default_workers(store) if workers is None else workers, compare)
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        stop.set()
+        await _outlast(task)
+        raise
     finally:
         if collecting:
             gc.enable()
 
 
-async def being_built(conn: AsyncConnection) -> str | None:
+class _Marker:
+    """The building marker this rebuild holds ("<generation>@<renewed at>"), renewed every
+    HEARTBEAT_SECONDS until stopped, so that one left by a rebuild that died goes stale in
+    minutes rather than blocking every other rebuild (the upgrade at start too) for an hour.
+    Stopped, never cancelled: a renewal is a write transaction."""
+
+    def __init__(self, store: EventStore, number: int, value: str) -> None:
+        self.store, self.number, self.value = store, number, value
+        self.done = asyncio.Event()
+        self.task = asyncio.ensure_future(self._renew())
+
+    async def _renew(self) -> None:
+        while not self.done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.done.wait(), HEARTBEAT_SECONDS)
+                return
+            renewed = f"{self.number}@{iso(utcnow())}"
+            try:
+                async with write_tx(self.store) as conn:
+                    result = await conn.execute(meta_table.update().values(value=renewed).where(
+                        (meta_table.c.name == BUILDING) & (meta_table.c.value == self.value)))
+                    if result.rowcount:
+                        self.value = renewed
+            except Exception:
+                log.warning("rebuild: renewing the building marker failed; trying again", exc_info=True)
+
+    async def stop(self) -> None:
+        self.done.set()
+        await _outlast(self.task)
+
+    async def release(self, conn: AsyncConnection) -> None:
+        """Deletes the marker if it is still this rebuild's (a forced one may have taken over)."""
+        await conn.execute(meta_table.delete().where(
+            (meta_table.c.name == BUILDING) & (meta_table.c.value == self.value)))
+
+
+class _Stopped(Exception):
+    """The rebuild was asked to stop (its caller was cancelled)."""
+
+
+async def _outlast(task: asyncio.Future[Any]) -> None:
+    """Waits for the task to end, through repeated cancellations; what it ended with is
+    not this caller's (it raises its own cancellation)."""
+    while not task.done():
+        with contextlib.suppress(BaseException):
+            await asyncio.shield(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: no "exception was never retrieved" at exit
+
+
+async def being_built(conn: AsyncConnection, mine: str | None = None) -> str | None:
     """What another rebuild (this process's, another's, the command's) is building, when
-    its marker is younger than STALE_SECONDS (an older one was left by a rebuild that died)."""
+    its marker is younger than STALE_SECONDS (an older one was left by a rebuild that died)
+    and is not `mine` (a claim the caller set for itself)."""
     building = await conn.scalar(select(meta_table.c.value).where(meta_table.c.name == BUILDING))
-    if not building:
+    if not building or building == mine:
         return None
     number, _, since = str(building).partition("@")
     if (utcnow() - datetime.fromisoformat(since)).total_seconds() >= STALE_SECONDS:
@@ -409,12 +493,19 @@ async def being_built(conn: AsyncConnection) -> str | None:
 
 
 async def _rebuild(store: EventStore, order: str, page: int, flush_rows: int, force: bool,
-                   workers: int, compare: Compare | None) -> Report:
+                   workers: int, compare: Compare | None, claim: str | None, stop: asyncio.Event) -> Report:
     started = time.perf_counter()
+
+    def go_on() -> None:
+        """Between two steps: where a stop asked for is taken, no transaction open."""
+        if stop.is_set():
+            raise _Stopped()
+
+    go_on()
     async with write_tx(store) as conn:
         await lock_archive(conn)
         active = (await ensure_active(conn)).number
-        building = await being_built(conn)
+        building = await being_built(conn, claim)
         if building and not force:
             raise RebuildRunning(building)
         present = await generations_present(conn)
@@ -424,8 +515,10 @@ async def _rebuild(store: EventStore, order: str, page: int, flush_rows: int, fo
             if old < active - 1 or old > active:
                 await drop_generation(conn, old)
         gen = await create_generation(conn, number, indexes=False)
-        await set_meta(conn, BUILDING, f"{number}@{iso(utcnow())}")
+        marker = f"{number}@{iso(utcnow())}"
+        await set_meta(conn, BUILDING, marker)
         upto = int(await conn.scalar(select(func.max(archive.c.seq))) or 0)
+    held = _Marker(store, number, marker)
     report = Report(generation=number, previous=active, order=order, workers=workers)
     mark = started
 
@@ -434,8 +527,9 @@ async def _rebuild(store: EventStore, order: str, page: int, flush_rows: int, fo
         now = time.perf_counter()
         report.phases[phase] = round(now - mark, 3)
         mark = now
+        if phase != "switch":  # switched, it is done
+            go_on()
 
-    lap("setup")
     known = registry_types()
     current = current_versions()
     written: set[str] = set()  # keyed tables already holding rows: later writes must merge
@@ -475,16 +569,17 @@ async def _rebuild(store: EventStore, order: str, page: int, flush_rows: int, fo
     width = 1 if store.is_sqlite else workers  # connections writing side by side
     evaluation: asyncio.Future[tuple[violations.Evaluated, violations.Evaluated]] | None = None
     try:
+        lap("setup")
         if pool is not None and listed is not None:
             async with store.engine.connect() as pconn:
                 await pool.start(pconn)
                 lap("workers started")
-                buffer = await pool.fold(pconn, gen, order, upto, page, listed)
+                buffer = await pool.fold(pconn, gen, order, upto, page, listed, stop)
         else:
             async with store.engine.connect() as pconn:
                 parts = await _plan(pconn, order, upto, 1)
             for part in parts:
-                await _fold_part(store, part, page, buffer, writer, spill)
+                await _fold_part(store, part, page, buffer, writer, spill, go_on)
         report.events = buffer.events
         lap("fold")
         async with store.engine.connect() as rconn:
@@ -492,6 +587,7 @@ async def _rebuild(store: EventStore, order: str, page: int, flush_rows: int, fo
             reader = _Reader(rconn)
             last = upto
             while rows := await reader.by_seq(last, None, page):
+                go_on()
                 fold(rows)
                 report.caught_up += len(rows)
                 last = rows[-1][0]
@@ -527,6 +623,7 @@ async def _rebuild(store: EventStore, order: str, page: int, flush_rows: int, fo
         # The switch: live appends wait on the archive lock; whatever they archived since
         # the last read is folded here, with the findings it touches, as the live path
         # does, so the new generation misses nothing.
+        await held.stop()
         async with write_tx(store) as conn:
             await lock_archive(conn)
             reader = _Reader(conn)
@@ -544,12 +641,13 @@ async def _rebuild(store: EventStore, order: str, page: int, flush_rows: int, fo
                 await set_meta(conn, MODEL, model_digest())
             else:
                 await compare(conn, gen)
-            await conn.execute(meta_table.delete().where(meta_table.c.name == BUILDING))
+            await held.release(conn)
         if compare is not None:
             async with write_tx(store) as conn:
                 await drop_generation(conn, number)
         lap("switch")
     except BaseException:
+        await held.stop()
         await writer.abandon()
         if evaluation is not None:
             evaluation.cancel()  # the children are killed
@@ -557,7 +655,7 @@ async def _rebuild(store: EventStore, order: str, page: int, flush_rows: int, fo
         if pool is not None:
             await pool.close()
         async with write_tx(store) as conn:
-            await conn.execute(meta_table.delete().where(meta_table.c.name == BUILDING))
+            await held.release(conn)
             if await active_generation(conn) != number:
                 await drop_generation(conn, number)
         raise
@@ -580,12 +678,21 @@ async def upgrade(store: EventStore, stop: asyncio.Event) -> None:
     log.warning("projection: the read models were built by older code; rebuilding them")
     while not stop.is_set():
         try:
-            report = await rebuild(store, force=True)
+            # Not forced: another replica upgrading at the same moment is let finish (forced,
+            # each dropped the generation the other was building, again and again); one
+            # that died leaves a marker that goes stale within STALE_SECONDS.
+            report = await rebuild(store)
             log.info("projection: rebuilt as generation %d (%d events)", report.generation, report.events)
             return
+        except RebuildRunning as running:
+            log.info("projection: upgrade waits, %s", running)
         except Exception:
             log.exception("projection: the upgrade rebuild failed; trying again")
-            await asyncio.sleep(5)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 5)
+        async with store.engine.connect() as conn:
+            if await active_model(conn) == model_digest():
+                return  # the other replica's rebuild switched to this code's model
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ from services.projection.tables import (
     model_digest,
 )
 from services.projection.timeline import timeline_view
-from tests.conftest import fresh_pg_schema, pg_store
+from tests.conftest import fresh_pg_schema, pg_store, take_write_lock
 
 LOC = {"lat": 38.0, "lon": 106.0}
 T0 = datetime(2022, 11, 20, 1, 0, tzinfo=UTC)
@@ -466,6 +466,69 @@ async def test_read_models_built_by_older_code_are_rebuilt_at_start(stores: dict
     async with proj.engine.connect() as conn:
         assert await active_generation(conn) == 3 and await active_model(conn) == model_digest()
         assert await queries.dump(conn, generation(3)) == before
+
+
+async def test_a_rebuild_cancelled_inside_a_write_ends_it_then_cleans_up(
+        stores: dict[str, EventStore], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A shutdown (or a cancelled request) while the rebuild writes: the write ends, then the
+    half-built generation and the marker are dropped, and the caller is told it was
+    cancelled. Cancelled inside the transaction, the SQLite file stayed write-locked (the
+    live path and the cleanup waited 30 s on it and failed) and the marker blocked every
+    rebuild for an hour."""
+    await forbidden_histories(stores)
+    await run_projection(stores)
+    proj = stores["projection"]
+    async with proj.engine.connect() as conn:
+        before = await queries.dump(conn, generation(1))
+    real, inside = rebuild_module.bulk_insert, asyncio.Event()
+
+    async def slow(conn: AsyncConnection, gen: Generation, buffer: Buffer) -> None:
+        await real(conn, gen, buffer)
+        if "trips" in buffer.rows:
+            inside.set()  # its rows written, its transaction still open, a statement running
+            await conn.execute(text("SELECT pg_sleep(0.5)") if conn.dialect.name == "postgresql" else text(
+                "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < 3000000) "
+                "SELECT count(*) FROM c"))
+
+    monkeypatch.setattr(rebuild_module, "bulk_insert", slow)
+    task = asyncio.create_task(rebuild(proj))
+    await asyncio.wait_for(inside.wait(), 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 30)
+    if proj.is_sqlite:
+        take_write_lock(tmp_path / "projection.db", timeout=1)  # "database is locked" if one was left
+    async with proj.engine.connect() as conn:
+        assert await active_generation(conn) == 1 and await generations_present(conn) == [1]
+        assert await conn.scalar(select(meta_table.c.value).where(meta_table.c.name == BUILDING)) is None
+    monkeypatch.setattr(rebuild_module, "bulk_insert", real)
+    report = await asyncio.wait_for(rebuild(proj), 60)  # not refused: no marker left behind
+    async with proj.engine.connect() as conn:
+        assert await queries.dump(conn, generation(report.generation)) == before
+
+
+async def test_two_replicas_upgrading_at_once_both_end_on_one_rebuild(
+        stores: dict[str, EventStore], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every replica upgrades at start. Forced, each dropped the generation the other was
+    building, again and again (a deploy could stay on the old read models for good); now
+    the second waits for the first's marker, sees the switch to this code's model and ends."""
+    await forbidden_histories(stores)
+    await run_projection(stores)
+    proj = stores["projection"]
+    async with proj.engine.begin() as conn:
+        await conn.execute(meta_table.update().where(meta_table.c.name == MODEL).values(value="older code"))
+    real = rebuild_module.largest_first
+
+    async def slow(conn: AsyncConnection, tables: list[Any]) -> list[Any]:
+        await asyncio.sleep(1)  # as a large archive's fold would take
+        return await real(conn, tables)
+
+    monkeypatch.setattr(rebuild_module, "largest_first", slow)
+    stop = asyncio.Event()
+    await asyncio.wait_for(asyncio.gather(upgrade(proj, stop), upgrade(proj, stop)), 60)
+    async with proj.engine.connect() as conn:
+        assert await active_generation(conn) == 2 and await active_model(conn) == model_digest()
+        assert await conn.scalar(select(meta_table.c.value).where(meta_table.c.name == BUILDING)) is None
 
 
 async def test_a_rebuild_that_fails_midway_leaves_the_live_generation_alone(
