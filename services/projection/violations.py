@@ -267,7 +267,8 @@ async def build(conn: AsyncConnection, gen: Generation, known: set[str], upto_se
         upto = await contiguous(conn, DISPATCH_STORE, 0, upto_seq)
         fold, queued = _fold_queue(await load_queue(conn, gen, upto), upto)
         rows += queued
-        await _save_fold(conn, gen, fold, fresh=True)
+        if fold.position:  # as the live path keeps it: once it has folded something
+            await _save_fold(conn, gen, fold, fresh=True)
     await write_rows(conn, gen, rows)
     if failures:
         await conn.execute(insert(gen["check_failures"]), failures)
@@ -328,7 +329,8 @@ async def write_evaluated(conn: AsyncConnection, gen: Generation, evaluated: dic
     for one in evaluated.values():
         if one.queue is not None:
             rows += one.queued
-            await _save_fold(conn, gen, one.queue, fresh=True)
+            if one.queue.position:  # as the live path keeps it: once it has folded something
+                await _save_fold(conn, gen, one.queue, fresh=True)
     await write_rows(conn, gen, rows)
     if failures:
         await conn.execute(insert(gen["check_failures"]), failures)
