@@ -6,6 +6,7 @@ the registry applies them in a chain when an event is read back (store or bus).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
@@ -58,6 +59,10 @@ class Registry:
         cls = self._types.get(event_type)
         if cls is None:
             raise UnknownEventType(event_type)
+        if version < cls.schema_version:
+            # A step that edits its payload in place must not edit the caller's: what was read
+            # (and its stored text, which the projection keeps beside it) stays as it was.
+            payload = copy.deepcopy(payload)
         while version < cls.schema_version:
             step = self._upcasters.get((event_type, version))
             if step is None:

@@ -122,6 +122,29 @@ def test_upcasters_chain_old_versions_to_the_current_one() -> None:
     assert current.collected_by == "赵六"  # type: ignore[attr-defined]
 
 
+def test_an_upcaster_that_edits_in_place_leaves_what_was_read_as_it_was() -> None:
+    """The projection keeps an event's stored text beside its payload when no upcaster
+    changed it (`payload is` the one read): an upcaster editing in place made the two
+    disagree, the fold's proofs showing the old text under the new payload."""
+    reg = Registry()
+
+    @reg.register
+    class Counted(Event):
+        schema_version = 2
+        n: int
+        unit: str
+
+    @reg.upcaster("Counted", 1)
+    def v1_to_v2(p: dict[str, object]) -> dict[str, object]:
+        p["unit"] = "trips"
+        return p
+
+    read = {"n": 3}
+    version, upcast = reg.upcast("Counted", 1, read)
+    assert (version, upcast) == (2, {"n": 3, "unit": "trips"}) and upcast is not read
+    assert read == {"n": 3}
+
+
 def test_a_missing_upcaster_is_an_error_not_a_guess() -> None:
     reg = Registry()
 
