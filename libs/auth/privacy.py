@@ -8,6 +8,7 @@ own transfers), so "the crew of that trip" and "the receiving hospital" are the 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import uuid
@@ -217,13 +218,24 @@ async def record_disclosure(store: EventStore, principal: Principal, route: str,
                             correlation_id=str(uuid.uuid4())))
 
 
-async def disclose(request: Request, view: Any) -> Any:
+# JSON answers larger than this are parsed, masked and written again in a thread: a year's
+# ledger (20,000 trips) is seconds of CPU, which on the loop held every other request
+# (embedded: dispatch's and the crews' too).
+LARGE = 256 * 1024
+
+
+async def _maybe_in_thread(large: bool, fn: Callable[..., Any], *args: Any) -> Any:
+    return await asyncio.to_thread(fn, *args) if large else fn(*args)
+
+
+async def disclose(request: Request, view: Any, large: bool = False) -> Any:
     """What this caller gets of a view: masked, or in clear and recorded. Routes that
-    answer with a file (the ledger's CSV) call it; JSON answers get it from DisclosingRoute."""
+    answer with a file (the ledger's CSV) call it; JSON answers get it from DisclosingRoute.
+    `large`: the work is done in a thread, not on the loop."""
     principal: Principal | None = getattr(request.state, "principal", None)
     if principal is None or not may_unmask(principal):
-        return mask(view)
-    patients = patients_in(view)
+        return await _maybe_in_thread(large, mask, view)
+    patients = await _maybe_in_thread(large, patients_in, view)
     if patients:
         route = getattr(request.scope.get("route"), "path", request.url.path)
         store: EventStore = request.app.state.stores[request.state.service]
@@ -245,12 +257,14 @@ class DisclosingRoute(APIRoute):
             media = (response.media_type or "").split(";")[0]
             if media not in JSON_TYPES or not response.body:
                 return response  # streams and files disclose in their routes
-            view = json.loads(bytes(response.body))
-            shown = await disclose(request, view)
+            large = len(response.body) > LARGE
+            view = await _maybe_in_thread(large, json.loads, bytes(response.body))
+            shown = await disclose(request, view, large)
             if shown is view:
                 return response
             headers = {k: v for k, v in response.headers.items() if k != "content-length"}
-            return Response(json.dumps(shown, ensure_ascii=False).encode(),
+            body = await _maybe_in_thread(large, lambda: json.dumps(shown, ensure_ascii=False).encode())
+            return Response(body,
                             status_code=response.status_code, headers=headers,
                             media_type=response.media_type)
 

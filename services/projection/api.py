@@ -271,7 +271,7 @@ async def ledger(request: Request, store: Store, date: str | None = None,
     name = "ledger-" + ("all" if not (day_from or day_to) else
                         f"{day_from or 'start'}" + (f"_{day_to}" if day_to and not date else ""))
     if format != "json":
-        rows = await disclose(request, rows)
+        rows = await disclose(request, rows, large=len(rows) > 1000)
     if format == "csv":
         return Response(await asyncio.to_thread(ledger_view.to_csv, rows),
                         media_type="text/csv; charset=utf-8",

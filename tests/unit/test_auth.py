@@ -7,6 +7,7 @@ import json
 import random
 import time
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
@@ -365,3 +366,35 @@ def test_the_write_limiter_allows_a_burst_then_the_rate() -> None:
     assert refused.value.extra["retry_after_s"] == 1
     limiter.take("someone-else", now=100.0)  # per client
     limiter.take("crew-li", now=100.5)  # one token back after half a second at 2/s
+
+
+@pytest.mark.parametrize("rows", [3, 2000])
+def test_every_json_answer_is_masked_small_or_large(rows: int) -> None:
+    """DisclosingRoute masks every JSON answer; one over LARGE (a year's ledger) is parsed,
+    masked and written again in a thread rather than on the loop, to the same effect."""
+    import asyncio
+
+    import httpx
+    from fastapi import APIRouter, FastAPI
+
+    router = APIRouter(route_class=privacy.DisclosingRoute)
+
+    @router.get("/rows")
+    async def many() -> dict[str, Any]:
+        return {"rows": [{"n": n, "phone": "13800138000", "note": f"call 13912345678 {'x' * 150}"}
+                         for n in range(rows)]}
+
+    app = FastAPI()
+    app.include_router(router)
+
+    async def get() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return await c.get("/rows")
+
+    resp = asyncio.run(get())
+    assert (len(resp.content) > privacy.LARGE) == (rows == 2000)
+    body = resp.json()
+    assert len(body["rows"]) == rows and "13800138000" not in resp.text and "13912345678" not in resp.text
+    last = {"n": rows - 1, "phone": "138****8000", "note": f"call 139****5678 {'x' * 150}"}
+    assert body["rows"][-1] == last
+
