@@ -585,7 +585,7 @@ class EventStore:
         except asyncio.CancelledError:
             task.add_done_callback(_unheard)
             if turn_held:  # the turn is given up only once its commit has ended
-                await _outlast(task)
+                await outlast(task)
             raise
 
     async def _commit(self, commit: Commit, turn_held: bool) -> list[Envelope]:
@@ -1037,11 +1037,14 @@ def _unheard(task: asyncio.Task[Any]) -> None:
         log.warning("a commit whose caller was cancelled failed: %r", task.exception())
 
 
-async def _outlast(task: asyncio.Task[Any]) -> None:
-    """Waits for the task to end, through cancellations (an anyio scope repeats them)."""
+async def outlast(task: asyncio.Future[Any]) -> None:
+    """Waits for the task to end, through cancellations (an anyio scope repeats them); what
+    it ended with is not the caller's to raise (the caller raises its own cancellation)."""
     while not task.done():
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait([task])
+    if not task.cancelled():
+        task.exception()  # retrieved: no "exception was never retrieved" at exit
 
 
 # Which store's write turn (see EventStore.exclusive) the running task holds, if any; the

@@ -93,7 +93,22 @@ def trip_milestones(data: AuditData, transfer: dict[str, Any], trip: dict[str, A
     }
 
 
-def milestones(data: AuditData, transfer_id: str, clock: str = "device") -> dict[str, str | None]:
+Memo = dict[str, dict[str, str | None]]  # a trip's milestones by its id, within one computation
+
+
+def _of_trip(data: AuditData, t: dict[str, Any], trip: dict[str, Any], clock: str,
+             memo: Memo | None) -> dict[str, str | None]:
+    """trip_milestones, once per trip when a memo is given (a transfer's row and its trips'
+    rows read the carrying trip's alike)."""
+    if memo is None:
+        return trip_milestones(data, t, trip, clock)
+    if (found := memo.get(trip["trip_id"])) is None:
+        found = memo[trip["trip_id"]] = trip_milestones(data, t, trip, clock)
+    return found
+
+
+def milestones(data: AuditData, transfer_id: str, clock: str = "device",
+               memo: Memo | None = None) -> dict[str, str | None]:
     """A transfer's milestones. The crew's steps are those of the trip that carried the
     patient to the destination, each segment within one vehicle (NEMSIS times a responding
     unit): after a breakdown and a takeover, the takeover vehicle's steps are timed from
@@ -104,7 +119,7 @@ def milestones(data: AuditData, transfer_id: str, clock: str = "device") -> dict
     # The first vehicle at the patient: (when, as written) of each trip's arrival.
     arrivals = [(when, a) for x in data.trips_of_transfer(transfer_id)
                 if (when := ts(a := _at(x.get("s_at_pickup"), clock))) is not None]
-    own = trip_milestones(data, t, trip, clock) if trip else dict.fromkeys(TRIP_MILESTONES)
+    own = _of_trip(data, t, trip, clock, memo) if trip else dict.fromkeys(TRIP_MILESTONES)
     return {
         "requested": _at(t.get("request"), clock),
         "dispatched": _at(t.get("assigned"), clock),
@@ -125,9 +140,8 @@ class Row:
 
 @dataclass(frozen=True)
 class TripRow:
-    """One trip of a selected transfer: what its vehicle did. `departure` is dispatch to en
-    route (None while it has not left); `dispatched` and `ended_short` say whether its
-    3 minutes have run out without it leaving."""
+    """One trip of a selected transfer: what its vehicle did. `dispatched` and `ended_short`
+    say whether its 3 minutes have run out without it leaving (departure_rate)."""
 
     trip_id: str
     transfer_id: str
@@ -138,7 +152,7 @@ class TripRow:
 
 
 def rows(data: AuditData, clock: str = "device", day_from: str | None = None,
-         day_to: str | None = None) -> list[Row]:
+         day_to: str | None = None, memo: Memo | None = None) -> list[Row]:
     """One row per transfer requested in [day_from, day_to) (local days)."""
     out = []
     for tid, t in data.transfers.items():
@@ -147,21 +161,22 @@ def rows(data: AuditData, clock: str = "device", day_from: str | None = None,
         day = t.get("day") or local_day(t["request"]["at"])
         if (day_from and day < day_from) or (day_to and day >= day_to):
             continue
-        m = milestones(data, tid, clock)
+        m = milestones(data, tid, clock, memo)
         segs = {name: seconds(m[a], m[b]) for name, a, b in SEGMENTS}
         carried = (data.carrying_trip(tid) or {}).get("vehicle_id")
         out.append(Row(tid, day, t.get("destination_id"), carried or t.get("vehicle_id"), segs))
     return out
 
 
-def trip_rows(data: AuditData, selected: list[Row], clock: str = "device") -> list[TripRow]:
+def trip_rows(data: AuditData, selected: list[Row], clock: str = "device",
+              memo: Memo | None = None) -> list[TripRow]:
     """Every trip of these transfers, the ones that did not carry the patient to the end
     too (aborted before pickup, taken off after it): each counts for its own vehicle."""
     out = []
     for r in selected:
         t = data.transfers[r.transfer_id]
         for trip in data.trips_of_transfer(r.transfer_id):
-            m = trip_milestones(data, t, trip, clock)
+            m = _of_trip(data, t, trip, clock, memo)
             out.append(TripRow(trip["trip_id"], r.transfer_id, trip.get("vehicle_id"),
                                {name: seconds(m[a], m[b]) for name, a, b in TRIP_SEGMENTS},
                                m["unit_dispatched"], m["ended_short"]))
@@ -225,8 +240,9 @@ def indicators(data: AuditData, now: datetime, clock: str = "device", day_from: 
     every trip it made (its own dispatch, crew steps, turnaround and swab), taken over or
     aborted ones too."""
     indexed = data.indexed()
-    selected = rows(indexed, clock, day_from, day_to)
-    trips = trip_rows(indexed, selected, clock)
+    memo: Memo = {}
+    selected = rows(indexed, clock, day_from, day_to, memo)
+    trips = trip_rows(indexed, selected, clock, memo)
 
     def name_of(value: str | None) -> str:
         # A transfer with no vehicle or destination yet, and a return leg's destination

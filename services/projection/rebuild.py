@@ -53,7 +53,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 import services
 from libs.events.envelope import iso, utcnow
-from libs.events.store import EventStore
+from libs.events.store import EventStore, outlast
 from services.projection import violations
 from services.projection.facts import ARCHIVE_COLUMNS, Buffer, Ev, Records, current_versions, ev_of_row
 from services.projection.findings import TRANSFER, VEHICLE, registry_types
@@ -420,7 +420,7 @@ async def rebuild(store: EventStore, *, order: str = "seq", page: int = 10_000,
         return await asyncio.shield(task)
     except asyncio.CancelledError:
         stop.set()
-        await _outlast(task)
+        await outlast(task)
         raise
     finally:
         if collecting:
@@ -455,7 +455,7 @@ class _Marker:
 
     async def stop(self) -> None:
         self.done.set()
-        await _outlast(self.task)
+        await outlast(self.task)
 
     async def release(self, conn: AsyncConnection) -> None:
         """Deletes the marker if it is still this rebuild's (a forced one may have taken over)."""
@@ -465,16 +465,6 @@ class _Marker:
 
 class _Stopped(Exception):
     """The rebuild was asked to stop (its caller was cancelled)."""
-
-
-async def _outlast(task: asyncio.Future[Any]) -> None:
-    """Waits for the task to end, through repeated cancellations; what it ended with is
-    not this caller's (it raises its own cancellation)."""
-    while not task.done():
-        with contextlib.suppress(BaseException):
-            await asyncio.shield(task)
-    if not task.cancelled():
-        task.exception()  # retrieved: no "exception was never retrieved" at exit
 
 
 async def being_built(conn: AsyncConnection, mine: str | None = None) -> str | None:
@@ -672,9 +662,12 @@ async def upgrade(store: EventStore, stop: asyncio.Event) -> None:
     columns, another fold, other checks: tables.model_digest), rebuild it with this code's.
     Until the switch, reads go on; the subscription's writes go on into the active
     generation, or, when its tables differ, fail and are retried."""
-    async with store.engine.connect() as conn:
-        if await active_generation(conn) is None or await active_model(conn) == model_digest():
-            return
+    async def current() -> bool:
+        async with store.engine.connect() as conn:
+            return await active_generation(conn) is None or await active_model(conn) == model_digest()
+
+    if await current():
+        return
     log.warning("projection: the read models were built by older code; rebuilding them")
     while not stop.is_set():
         try:
@@ -690,9 +683,8 @@ async def upgrade(store: EventStore, stop: asyncio.Event) -> None:
             log.exception("projection: the upgrade rebuild failed; trying again")
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 5)
-        async with store.engine.connect() as conn:
-            if await active_model(conn) == model_digest():
-                return  # the other replica's rebuild switched to this code's model
+        if await current():
+            return  # the other replica's rebuild switched to this code's model
 
 
 def main() -> None:
